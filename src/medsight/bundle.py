@@ -1,0 +1,117 @@
+"""A trained model is a bundle folder, and inference rebuilds everything from it:
+
+    config.yaml     the resolved run configuration
+    model.pt        best weights (chosen on validation)
+    bundle.json     model spec, task, classes, preprocessing recipe, input shape, threshold, temperature
+    history.csv     one row per epoch
+    metrics.json    per split, each metric's value (and CI where computed)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medsight import __version__
+from medsight.errors import MedsightError
+from medsight.models import create_model
+from medsight.tasks import Task
+from medsight.utils import atomic_torch_save, write_json
+
+FORMAT = "medsight-bundle/1"
+
+
+@dataclass
+class Bundle:
+    path: Path
+    meta: dict
+    model: nn.Module
+
+    @property
+    def task(self) -> Task:
+        return Task(self.meta["task"], len(self.meta["classes"]))
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def threshold(self) -> float | list[float] | None:
+        return self.meta.get("threshold")
+
+    @property
+    def temperature(self) -> float:
+        return float(self.meta.get("temperature") or 1.0)
+
+    @property
+    def recipe(self) -> dict:
+        return self.meta["preprocessing"]
+
+    def save_meta(self) -> None:
+        write_json(self.path / "bundle.json", self.meta)
+
+
+def make_meta(*, model_spec: dict, task: str, classes: list[str], recipe: dict, data_name: str,
+              best_epoch: int, monitor: str, threshold=None, temperature: float = 1.0, extra: dict | None = None) -> dict:
+    return {
+        "format": FORMAT,
+        "medsight_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model_spec,
+        "task": task,
+        "classes": list(classes),
+        "input": {"spatial_dims": model_spec["spatial_dims"], "channels": model_spec["in_channels"],
+                  "size": model_spec["input_size"]},
+        "preprocessing": recipe,
+        "threshold": threshold,
+        "threshold_rule": None,
+        "temperature": temperature,
+        "data": data_name,
+        "best_epoch": best_epoch,
+        "monitor": monitor,
+        **(extra or {}),
+    }
+
+
+def save_bundle(out_dir: str | Path, model: nn.Module, meta: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    m = model.module if hasattr(model, "module") else model
+    atomic_torch_save({k: v.detach().cpu() for k, v in m.state_dict().items()}, out / "model.pt")
+    write_json(out / "bundle.json", meta)
+    return out
+
+
+def build_from_spec(spec: dict) -> nn.Module:
+    return create_model(spec["name"], spatial_dims=spec["spatial_dims"], in_channels=spec["in_channels"],
+                        num_outputs=spec["num_outputs"], input_size=tuple(spec["input_size"]),
+                        stem=spec.get("stem", "auto"), width=spec.get("width", 1.0), dropout=spec.get("dropout", 0.0))
+
+
+def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    p = Path(path)
+    meta_path = p / "bundle.json"
+    if not meta_path.is_file():
+        raise MedsightError(f"{p} is not a medsight bundle: {meta_path.name} not found (train one with `medsight train`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise MedsightError(f"{meta_path} is not valid JSON: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise MedsightError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    weights = p / "model.pt"
+    if not weights.is_file():
+        raise MedsightError(f"{p} has no model.pt: the run did not finish; resume it with --resume")
+    model = build_from_spec(meta["model"])
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as e:
+        raise MedsightError(f"cannot load weights {weights}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    model.to(device).eval()
+    return Bundle(path=p, meta=meta, model=model)

@@ -1,0 +1,127 @@
+"""Run configuration: pydantic models; YAML sets defaults, flags override, the resolved config is saved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medsight.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    name: str = Field("breastmnist", description="MedMNIST name, an .npz path, a class-per-folder tree or a CSV manifest")
+    size: int = Field(28, gt=0, description="input side in pixels (MedMNIST: 28, 64, 128 or 224)")
+    root: Optional[str] = Field(None, description="where MedMNIST files live; default $MEDSIGHT_DATA_DIR or ~/.medsight/data")
+    download: bool = True
+    task: Optional[Literal["binary", "multiclass", "multilabel", "ordinal"]] = None
+    window: Optional[str] = Field(None, description="CT window for DICOM: lung, bone, soft_tissue, brain, or 'C,W'")
+
+
+class ModelConfig(_Strict):
+    name: str = "simple_cnn"
+    stem: Literal["auto", "small", "standard"] = "auto"
+    width: float = Field(1.0, gt=0, le=8)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class AugmentConfig(_Strict):
+    enabled: bool = Field(False, description="off by default: short runs on small sets do better without (see README)")
+    rotate: float = Field(10.0, ge=0, le=180, description="max rotation in degrees")
+    scale: float = Field(0.10, ge=0, lt=1, description="zoom in [1-scale, 1+scale]")
+    translate: float = Field(0.05, ge=0, lt=0.5, description="shift as a fraction of the side")
+    flip: list[int] = Field(default_factory=lambda: [1], description="spatial axes (1-based) flipped with p=0.5; e.g. [1] = left-right for 2D")
+    brightness: float = Field(0.10, ge=0, le=1)
+    contrast: float = Field(0.10, ge=0, le=1)
+    gamma: float = Field(0.0, ge=0, le=1)
+    noise: float = Field(0.02, ge=0, le=1, description="std of additive Gaussian noise")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(30, ge=1, le=10000)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    step_milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="fractions of epochs for 'step'")
+    warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    class_weights: Literal["none", "balanced"] = "none"
+    monitor: Literal["auc", "loss", "accuracy", "balanced_accuracy", "f1"] = "auc"
+    patience: Optional[int] = Field(None, ge=1, description="early stopping: epochs without improvement")
+    ema: float = Field(0.0, ge=0, lt=1, description="EMA decay of weights (0 = off)")
+    seed: int = 0
+    amp: Literal["auto", "on", "off"] = "auto"
+    threads: Optional[int] = Field(None, ge=1)
+    device: Optional[str] = None
+    eval_batch_size: int = Field(512, ge=1)
+
+
+class RunConfig(_Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def _format_validation_error(e: ValidationError, source: str) -> str:
+    parts = []
+    for err in e.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"])
+        got = err.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{loc}: {err['msg']}{got_s}")
+    return f"invalid config in {source}: " + "; ".join(parts)
+
+
+def _deep_update(base: dict, upd: dict) -> dict:
+    out = dict(base)
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_update(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- overrides (dotted keys like ``train.epochs``). Errors are one-line ConfigErrors."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node: dict = {}
+        cur = node
+        parts = key.split(".")
+        for part in parts[:-1]:
+            cur = cur.setdefault(part, {})
+        cur[parts[-1]] = value
+        raw = _deep_update(raw, node)
+        source = f"{source} + options" if "options" not in source else source
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from e
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

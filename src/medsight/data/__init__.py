@@ -1,0 +1,1 @@
+"""Data: readers (io), sources (MedMNIST, folders, manifests), splits, quality checks, de-identification."""

@@ -1,0 +1,230 @@
+"""Where samples come from. Everything here returns a :class:`Dataset`: in-memory arrays per split.
+
+Images are held as ``(N, C, *spatial)`` arrays: uint8 (MedMNIST, scaled by 1/255 on the device) or float32
+already in [0, 1] (user files after the reader's intensity normalisation). ``recipe`` says how a raw file is
+turned into such an array at prediction time, and is saved in the model bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medsight.data.medmnist import INFO, MedMNISTInfo
+from medsight.errors import DataError, choices_message
+
+SPLITS = ("train", "val", "test")
+NPZ_KEYS = tuple(f"{s}_{k}" for s in SPLITS for k in ("images", "labels"))
+
+
+@dataclass
+class Split:
+    images: np.ndarray
+    labels: np.ndarray
+    ids: list[str] | None = None
+    clinical: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+@dataclass
+class Dataset:
+    name: str
+    task: str
+    classes: list[str]
+    spatial_dims: int
+    splits: dict[str, Split]
+    recipe: dict = field(default_factory=dict)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.splits["train"].images.shape[1])
+
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.splits["train"].images.shape[2:])
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raise DataError(choices_message(f"split of {self.name}", name, self.splits))
+        return self.splits[name]
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("MEDSIGHT_DATA_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".medsight" / "data"
+
+
+def md5sum(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0) -> Path:
+    """Download to ``dest`` atomically (temp file + rename), verifying the MD5 before the rename."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            shutil.copyfileobj(resp, out, length=1 << 20)
+        if md5 is not None and (got := md5sum(Path(tmp))) != md5:
+            raise DataError(f"downloaded {url} has MD5 {got}, expected {md5}; refusing it")
+        os.replace(tmp, dest)
+    except OSError as e:
+        raise DataError(f"cannot download {url} to {dest}: {e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def medmnist_path(name: str, size: int = 28, root: str | Path | None = None, download_missing: bool = True) -> Path:
+    """Find (or download) the official file for a MedMNIST set and check its published MD5."""
+    info = medmnist_info(name)
+    if size not in info.md5:
+        raise DataError(f"{name} is released at sizes {', '.join(map(str, info.sizes))}, not {size}")
+    root = Path(root).expanduser() if root else default_data_dir()
+    path = root / info.filename(size)
+    expected = info.md5[size]
+    if not path.exists():
+        if not download_missing:
+            raise DataError(f"{path} not found and downloading is off; fetch {info.url(size)} (MD5 {expected})")
+        try:
+            download(info.url(size), path, expected)
+        except DataError as e:
+            raise DataError(f"{name} (size {size}) is not in {root} and could not be downloaded: {e}") from e
+    got = md5sum(path)
+    if got != expected:
+        raise DataError(f"{path} has MD5 {got}, but the official {info.filename(size)} has {expected}; "
+                        "the file is corrupt or not the official release (delete it to re-download)")
+    return path
+
+
+def medmnist_info(name: str) -> MedMNISTInfo:
+    key = name.lower()
+    if key not in INFO:
+        raise DataError(choices_message("MedMNIST dataset", name, INFO))
+    return INFO[key]
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a MedMNIST-layout .npz; refuses missing keys or mismatched lengths with a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in NPZ_KEYS if k not in z.files]
+            if missing:
+                raise DataError(f"{path} lacks keys {', '.join(missing)}; an .npz needs {', '.join(NPZ_KEYS)} "
+                                f"(found {', '.join(z.files) or 'none'})")
+            arrays = {k: z[k] for k in NPZ_KEYS}
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"cannot read {path}: not a valid .npz archive ({type(e).__name__}: {e})") from e
+    for s in SPLITS:
+        ni, nl = len(arrays[f"{s}_images"]), len(arrays[f"{s}_labels"])
+        if ni != nl:
+            raise DataError(f"{path}: {s}_images has {ni} items but {s}_labels has {nl}")
+        if ni == 0:
+            raise DataError(f"{path}: split {s} is empty")
+    return arrays
+
+
+def _channel_first(images: np.ndarray, spatial_dims: int, path: Path) -> np.ndarray:
+    """(N, *spatial) or (N, *spatial, C) -> (N, C, *spatial)."""
+    if images.ndim == spatial_dims + 1:
+        return images[:, None]
+    if images.ndim == spatial_dims + 2 and images.shape[-1] in (1, 3, 4):
+        return np.ascontiguousarray(np.moveaxis(images, -1, 1))
+    raise DataError(f"{path}: images of shape {images.shape[1:]} are not {spatial_dims}D gray or RGB")
+
+
+def dataset_from_npz(path: str | Path, *, name: str | None = None, task: str | None = None,
+                     classes: list[str] | None = None, spatial_dims: int | None = None) -> Dataset:
+    path = Path(path)
+    arrays = read_npz(path)
+    img = arrays["train_images"]
+    if spatial_dims is None:
+        # (N,H,W) gray 2D, (N,H,W,3) RGB 2D, (N,D,H,W) gray 3D
+        spatial_dims = 2 if img.ndim == 3 or (img.ndim == 4 and img.shape[-1] in (1, 3, 4)) else 3
+    labels = {s: arrays[f"{s}_labels"] for s in SPLITS}
+    lab = labels["train"]
+    if task is None:
+        multi = lab.ndim == 2 and lab.shape[1] > 1
+        n = int(max(np.max(v) for v in labels.values())) + 1
+        task = "multilabel" if multi else ("binary" if n <= 2 else "multiclass")
+    if classes is None:
+        k = lab.shape[1] if task == "multilabel" else int(max(np.max(v) for v in labels.values())) + 1
+        classes = [str(i) for i in range(max(k, 2 if task == "binary" else 1))]
+    splits = {}
+    for s in SPLITS:
+        images = _channel_first(arrays[f"{s}_images"], spatial_dims, path)
+        if images.dtype != np.uint8:
+            images = images.astype(np.float32)
+            lo, hi = float(images.min()), float(images.max())
+            if lo < 0 or hi > 1:
+                raise DataError(f"{path}: {s}_images must be uint8 or float in [0, 1], got range [{lo:g}, {hi:g}]")
+        y = labels[s]
+        y = y.reshape(len(y), -1).astype(np.float32) if task == "multilabel" else y.reshape(-1).astype(np.int64)
+        if task != "multilabel" and (y.min() < 0 or y.max() >= len(classes)):
+            raise DataError(f"{path}: {s}_labels outside 0..{len(classes) - 1}")
+        splits[s] = Split(images=images, labels=y, ids=[f"{s}-{i}" for i in range(len(y))])
+    channels = splits["train"].images.shape[1]
+    recipe = {
+        "spatial_dims": spatial_dims, "channels": int(channels),
+        "size": [int(v) for v in splits["train"].images.shape[2:]],
+        "intensity": {"mode": "range", "min": 0.0, "max": 255.0} if img.dtype == np.uint8 else {"mode": "range", "min": 0.0, "max": 1.0},
+    }
+    return Dataset(name=name or path.stem, task=task, classes=list(classes), spatial_dims=spatial_dims,
+                   splits=splits, recipe=recipe)
+
+
+def load_medmnist(name: str, size: int = 28, root: str | Path | None = None, download_missing: bool = True) -> Dataset:
+    info = medmnist_info(name)
+    path = medmnist_path(info.name, size, root, download_missing)
+    ds = dataset_from_npz(path, name=info.name if size == 28 else f"{info.name}_{size}", task=info.task,
+                          classes=list(info.classes), spatial_dims=info.spatial_dims)
+    ds.recipe["source"] = {"medmnist": info.name, "size": size}
+    return ds
+
+
+def load_dataset(spec: str, *, size: int = 28, root: str | Path | None = None, download_missing: bool = True,
+                 task: str | None = None, window: str | None = None) -> Dataset:
+    """Resolve ``--data``: a MedMNIST name, an .npz path, a class-per-folder tree or a CSV manifest."""
+    p = Path(spec).expanduser()
+    if spec.lower() in INFO:
+        return load_medmnist(spec, size, root, download_missing)
+    if p.suffix == ".npz":
+        return dataset_from_npz(p, task=task)
+    if p.exists():
+        from medsight.data import folders
+
+        return folders.load_user_dataset(p, size=size, task=task, window=window)
+    raise DataError(f"--data {spec!r} is neither a MedMNIST name ({', '.join(sorted(INFO))}), "
+                    "nor an existing .npz, folder or CSV manifest")
+
+
+def local_status(root: str | Path | None = None) -> list[dict]:
+    """One row per MedMNIST set and size: whether its file is present in the data dir."""
+    root = Path(root).expanduser() if root else default_data_dir()
+    rows = []
+    for info in INFO.values():
+        for size in info.sizes:
+            f = root / info.filename(size)
+            rows.append({"name": info.name, "size": size, "task": info.task, "dims": info.spatial_dims,
+                         "classes": len(info.classes), "present": f.exists(), "path": str(f)})
+    return rows

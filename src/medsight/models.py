@@ -1,0 +1,213 @@
+"""Model registry: register by decorator, create by name (timm's pattern).
+
+Every factory takes ``spatial_dims`` (2 or 3), ``in_channels``, ``num_outputs``, ``input_size`` and ``stem``:
+``stem='small'`` swaps the ImageNet stem (7x7 stride-2 conv + max-pool) for a 3x3 stride-1 conv, which is what
+28-64 px inputs need; ``'auto'`` picks it when the smallest input side is at most 64.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from medsight.errors import ConfigError, choices_message
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+
+
+def register_model(name: str, description: str = ""):
+    def deco(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = fn
+        _DESCRIPTIONS[name] = description or (fn.__doc__ or "").strip().splitlines()[0]
+        return fn
+
+    return deco
+
+
+def list_models() -> dict[str, str]:
+    return dict(sorted(_DESCRIPTIONS.items()))
+
+
+def _resolve_stem(stem: str, input_size: tuple[int, ...]) -> bool:
+    if stem not in ("auto", "small", "standard"):
+        raise ConfigError(choices_message("stem", stem, ["auto", "small", "standard"]))
+    if stem == "auto":
+        return min(input_size) <= 64
+    return stem == "small"
+
+
+def create_model(
+    name: str,
+    *,
+    spatial_dims: int = 2,
+    in_channels: int = 1,
+    num_outputs: int = 1,
+    input_size: int | tuple[int, ...] = 28,
+    stem: str = "auto",
+    width: float = 1.0,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Build a registered model by name; an unknown name lists the valid ones."""
+    if name not in _REGISTRY:
+        raise ConfigError(choices_message("model", name, _REGISTRY))
+    if spatial_dims not in (2, 3):
+        raise ConfigError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if isinstance(input_size, int):
+        input_size = (input_size,) * spatial_dims
+    input_size = tuple(int(s) for s in input_size)
+    if len(input_size) != spatial_dims:
+        raise ConfigError(f"input_size {input_size} does not match spatial_dims={spatial_dims}")
+    if in_channels < 1 or num_outputs < 1:
+        raise ConfigError(f"in_channels and num_outputs must be >= 1, got {in_channels}, {num_outputs}")
+    if width <= 0:
+        raise ConfigError(f"model width must be > 0, got {width}")
+    small = _resolve_stem(stem, input_size)
+    net = _REGISTRY[name](
+        spatial_dims=spatial_dims, in_channels=in_channels, num_outputs=num_outputs, input_size=input_size,
+        small_stem=small, width=width, dropout=dropout,
+    )
+    return Classifier(net, in_channels, spatial_dims)
+
+
+def _conv(d):
+    return nn.Conv2d if d == 2 else nn.Conv3d
+
+
+def _pool(d):
+    return nn.MaxPool2d if d == 2 else nn.MaxPool3d
+
+
+class SimpleCNN(nn.Sequential):
+    """Conv(32,3x3)+ReLU, MaxPool 2, Conv(64,3x3)+ReLU, MaxPool 2, Flatten, Dense(64)+ReLU, Dense(out)."""
+
+    def __init__(self, spatial_dims, in_channels, num_outputs, input_size, width=1.0, dropout=0.0):
+        c1, c2, hidden = max(1, round(32 * width)), max(1, round(64 * width)), max(1, round(64 * width))
+        out = [((s - 2) // 2 - 2) // 2 for s in input_size]
+        if min(out) < 1:
+            raise ConfigError(f"simple_cnn needs inputs of at least 10 px per side, got {input_size}")
+        flat = c2 * int(torch.tensor(out).prod())
+        conv, pool = _conv(spatial_dims), _pool(spatial_dims)
+        layers = [
+            conv(in_channels, c1, 3), nn.ReLU(inplace=True), pool(2),
+            conv(c1, c2, 3), nn.ReLU(inplace=True), pool(2),
+            nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(inplace=True),
+        ]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(hidden, num_outputs))
+        super().__init__(*layers)
+
+
+@register_model("simple_cnn", "baseline: Conv32-Pool-Conv64-Pool-Dense64-Dense, 2D/3D")
+def simple_cnn(*, spatial_dims, in_channels, num_outputs, input_size, small_stem, width, dropout):
+    return SimpleCNN(spatial_dims, in_channels, num_outputs, input_size, width=width, dropout=dropout)
+
+
+def _monai_resnet(layers, block, *, spatial_dims, in_channels, num_outputs, small_stem, width, dropout, **_):
+    from monai.networks.nets import ResNet
+
+    net = ResNet(
+        block=block, layers=layers, block_inplanes=[int(c * width) for c in (64, 128, 256, 512)],
+        spatial_dims=spatial_dims, n_input_channels=in_channels,
+        conv1_t_size=3 if small_stem else 7, conv1_t_stride=1 if small_stem else 2, no_max_pool=small_stem,
+        num_classes=num_outputs,
+    )
+    if dropout > 0:
+        net.fc = nn.Sequential(nn.Dropout(dropout), net.fc)
+    return net
+
+
+@register_model("resnet18", "MONAI ResNet-18 (basic blocks), 2D/3D, small or ImageNet stem")
+def resnet18(**kw):
+    return _monai_resnet([2, 2, 2, 2], "basic", **kw)
+
+
+@register_model("resnet34", "MONAI ResNet-34 (basic blocks), 2D/3D")
+def resnet34(**kw):
+    return _monai_resnet([3, 4, 6, 3], "basic", **kw)
+
+
+@register_model("resnet50", "MONAI ResNet-50 (bottleneck blocks), 2D/3D")
+def resnet50(**kw):
+    return _monai_resnet([3, 4, 6, 3], "bottleneck", **kw)
+
+
+@register_model("densenet121", "MONAI DenseNet-121, 2D/3D")
+def densenet121(*, spatial_dims, in_channels, num_outputs, small_stem, width, dropout, **_):
+    from monai.networks.nets import DenseNet
+
+    net = DenseNet(
+        spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_outputs,
+        init_features=max(8, int(64 * width)), growth_rate=max(4, int(32 * width)), block_config=(6, 12, 24, 16),
+        dropout_prob=dropout,
+    )
+    if small_stem:
+        net.features.conv0 = _conv(spatial_dims)(in_channels, net.features.conv0.out_channels, 3, 1, 1, bias=False)
+        net.features.pool0 = nn.Identity()
+    return net
+
+
+# EfficientNet-B0 block specification (Tan & Le 2019, Table 1), in MONAI's string format.
+_B0_BLOCKS = [
+    "r1_k3_s11_e1_i32_o16_se0.25", "r2_k3_s22_e6_i16_o24_se0.25", "r2_k5_s22_e6_i24_o40_se0.25",
+    "r3_k3_s22_e6_i40_o80_se0.25", "r3_k5_s11_e6_i80_o112_se0.25", "r4_k5_s22_e6_i112_o192_se0.25",
+    "r1_k3_s11_e6_i192_o320_se0.25",
+]
+
+
+@register_model("efficientnet_b0", "MONAI EfficientNet-B0, 2D/3D, 'same' padding sized for the input")
+def efficientnet_b0(*, spatial_dims, in_channels, num_outputs, input_size, small_stem, width, dropout):
+    from monai.networks.nets.efficientnet import EfficientNet, _make_same_padder
+
+    size = max(input_size)
+    net = EfficientNet(
+        _B0_BLOCKS, spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_outputs,
+        width_coefficient=width, depth_coefficient=1.0, dropout_rate=dropout or 0.2,
+        image_size=size * 2 if small_stem else size,
+    )
+    if small_stem:  # stride-1 stem: later blocks were sized for size*2/2 == size
+        net._conv_stem.stride = (1,) * spatial_dims
+        net._conv_stem_padding = _make_same_padder(net._conv_stem, [size] * spatial_dims)
+    return net
+
+
+class Standardize(nn.Module):
+    """Fixed per-channel input standardisation, (x - mean) / std, with statistics from the training split.
+
+    It lives inside the model, so the bundle's weights, ONNX export and Grad-CAM all carry it."""
+
+    def __init__(self, channels: int, spatial_dims: int):
+        super().__init__()
+        shape = (1, channels) + (1,) * spatial_dims
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("std", torch.ones(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """``net(standardize(x))``: every registered network is wrapped so inputs in [0, 1] are standardised."""
+
+    def __init__(self, net: nn.Module, channels: int, spatial_dims: int):
+        super().__init__()
+        self.standardize = Standardize(channels, spatial_dims)
+        self.net = net
+
+    def set_input_stats(self, mean, std) -> None:
+        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(self.standardize.mean.shape)
+        std = torch.as_tensor(std, dtype=torch.float32).reshape(self.standardize.std.shape).clamp_min(1e-3)
+        self.standardize.mean.copy_(mean)
+        self.standardize.std.copy_(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.standardize(x))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

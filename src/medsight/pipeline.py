@@ -1,0 +1,56 @@
+"""The main job as a library call: data -> fit -> bundle -> metrics. The CLI, tests and benchmarks share it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medsight.bundle import Bundle, load_bundle, make_meta, save_bundle
+from medsight.config import RunConfig, dump_config
+from medsight.data.sources import Dataset, load_dataset
+from medsight.evaluate import evaluate_split
+from medsight.train import Callback, FitResult, fit, write_history
+from medsight.utils import atomic_write_text, write_json
+
+
+def load_data_for(cfg: RunConfig) -> Dataset:
+    d = cfg.data
+    data = load_dataset(d.name, size=d.size, root=d.root, download_missing=d.download, task=d.task, window=d.window)
+    if d.task is not None and d.task != data.task:
+        data.task = d.task
+    return data
+
+
+def evaluate_and_store(bundle: Bundle, data: Dataset, splits=("val", "test"), *, n_boot: int = 0) -> dict:
+    """Metrics per split into ``metrics.json`` (merged with what is there, so other splits are kept)."""
+    import json
+
+    path = bundle.path / "metrics.json"
+    existing = json.loads(path.read_text()) if path.is_file() else {}
+    for s in splits:
+        if s in data.splits:
+            existing[s] = evaluate_split(bundle, data, s, n_boot=n_boot)
+    write_json(path, existing)
+    return existing
+
+
+def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = None, resume: bool = False,
+                 callback: Callback | None = None, evaluate: bool = True) -> tuple[Path, FitResult, dict]:
+    out = Path(out_dir)
+    data = data or load_data_for(cfg)
+    from medsight.train import init_distributed
+
+    dinfo = init_distributed()
+    if dinfo.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+    result = fit(cfg, data, out, resume=resume, callback=callback)
+    metrics: dict = {}
+    if dinfo.is_main:
+        meta = make_meta(model_spec=result.model_spec, task=data.task, classes=data.classes, recipe=data.recipe,
+                         data_name=data.name, best_epoch=result.best_epoch, monitor=cfg.train.monitor,
+                         extra={"train_seconds": round(result.seconds, 2)})
+        save_bundle(out, result.model, meta)
+        write_history(out / "history.csv", result.history)
+        if evaluate:
+            metrics = evaluate_and_store(load_bundle(out), data)
+    return out, result, metrics

@@ -1,0 +1,354 @@
+"""Training in a few named stages (torchvision's reference layout):
+
+``prepare`` (device, seed, model, optimiser, schedule) -> per epoch ``train_one_epoch`` + ``evaluate_logits`` on
+validation -> early stopping / best-epoch selection on validation only -> atomic checkpoints every epoch ->
+bundle with the best weights. Data lives on the device as uint8 tensors; batches are index slices, augmented as
+a batch. Determinism: the permutation, augmentation and dropout of epoch ``e`` come from seed ``(seed, e)``, so
+a run resumed from the checkpoint of epoch ``e-1`` continues exactly as an uninterrupted one.
+
+Distributed: under ``torchrun`` (WORLD_SIZE > 1) each rank takes its share of every global batch, gradients are
+averaged by DDP (gloo on CPU, NCCL on GPU), and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import io
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from medsight.config import RunConfig
+from medsight.data.sources import Dataset
+from medsight.errors import ConfigError, MedsightError
+from medsight.models import create_model
+from medsight.tasks import Task
+from medsight.transforms import BatchAugment, to_float
+from medsight.utils import atomic_torch_save, atomic_write_text, pick_device, seed_everything
+
+Callback = Callable[[str, dict], None]
+
+
+# --------------------------------------------------------------------------------------------- distributed
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device | None = None) -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if (device is not None and device.type == "cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank, world, local)
+
+
+# --------------------------------------------------------------------------------------------- building blocks
+def build_model(cfg: RunConfig, task: Task, spatial_dims: int, in_channels: int, input_size) -> nn.Module:
+    return create_model(cfg.model.name, spatial_dims=spatial_dims, in_channels=in_channels,
+                        num_outputs=task.num_outputs, input_size=input_size, stem=cfg.model.stem,
+                        width=cfg.model.width, dropout=cfg.model.dropout)
+
+
+def model_spec(cfg: RunConfig, task: Task, data: Dataset) -> dict:
+    return {"name": cfg.model.name, "spatial_dims": data.spatial_dims, "in_channels": data.in_channels,
+            "num_outputs": task.num_outputs, "input_size": list(data.input_size), "stem": cfg.model.stem,
+            "width": cfg.model.width, "dropout": cfg.model.dropout}
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
+
+
+def build_schedule(cfg: RunConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
+    t = cfg.train
+    total = t.epochs * steps_per_epoch
+    warm = t.warmup_epochs * steps_per_epoch
+    milestones = [int(m * total) for m in t.step_milestones]
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if t.schedule == "cosine":
+            prog = (step - warm) / max(1, total - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+        if t.schedule == "step":
+            return 0.1 ** sum(step >= m for m in milestones)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def autocast_ctx(device: torch.device, amp: str):
+    on = amp == "on" or (amp == "auto" and device.type == "cuda")
+    if not on:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.inference_mode()
+def evaluate_logits(model: nn.Module, images, *, device: torch.device, batch_size: int = 512,
+                    amp: str = "auto") -> torch.Tensor:
+    """Logits for an array or tensor of stored images (uint8 or float in [0, 1]); returns float32 on the CPU."""
+    model.eval()
+    x_all = torch.as_tensor(images)
+    outs = []
+    for i in range(0, len(x_all), batch_size):
+        x = to_float(x_all[i:i + batch_size].to(device, non_blocking=True))
+        with autocast_ctx(device, amp):
+            outs.append(model(x).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def input_stats(images) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of stored training images, after scaling to [0, 1]."""
+    x = torch.as_tensor(images)
+    dims = [0] + list(range(2, x.dim()))
+    mean = torch.zeros(x.shape[1], dtype=torch.float64)
+    sq = torch.zeros_like(mean)
+    n = 0
+    for i in range(0, len(x), 4096):
+        xf = to_float(x[i:i + 4096]).double()
+        mean += xf.sum(dims)
+        sq += (xf * xf).sum(dims)
+        n += xf.numel() // x.shape[1]
+    mean /= n
+    std = (sq / n - mean * mean).clamp_min(0).sqrt()
+    return mean.float(), std.float()
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def train_one_epoch(model, opt, sched, task: Task, augment: BatchAugment, x_train: torch.Tensor,
+                    y_train: torch.Tensor, *, cfg: RunConfig, epoch: int, device: torch.device,
+                    class_weights: torch.Tensor | None, dinfo: DistInfo, ema=None,
+                    on_step: Callable[[int, int, float], None] | None = None) -> float:
+    model.train()
+    t = cfg.train
+    gen = epoch_generator(t.seed, epoch)
+    torch.manual_seed(t.seed * 1_000_003 + epoch)  # dropout etc.
+    n = len(x_train)
+    perm = torch.randperm(n, generator=gen)
+    steps = math.ceil(n / t.batch_size)
+    total, count = torch.zeros((), device=device), 0
+    for step in range(steps):
+        idx = perm[step * t.batch_size:(step + 1) * t.batch_size]
+        b = len(idx)
+        aug_params = augment.sample(b, gen) if augment.cfg.enabled else None
+        if dinfo.world > 1:  # this rank's share of the global batch, with the params a single process would use
+            sel = torch.arange(dinfo.rank, b, dinfo.world)
+            idx = idx[sel]
+            if aug_params is not None:
+                aug_params = {k: v[sel] if v.dim() and len(v) == b else v for k, v in aug_params.items()}
+        idx_dev = idx.to(device)
+        x = to_float(x_train.index_select(0, idx_dev))
+        if aug_params is not None:
+            x = augment.apply(x, aug_params)
+        y = y_train.index_select(0, idx_dev)
+        with autocast_ctx(device, t.amp):
+            logits = model(x)
+        loss = task.loss(logits, y, class_weights=class_weights, label_smoothing=t.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        total += loss.detach() * len(idx)
+        count += len(idx)
+        if on_step is not None:
+            on_step(step + 1, steps, loss.item())
+    return float(total) / max(1, count)
+
+
+# --------------------------------------------------------------------------------------------- fit
+@dataclass
+class FitResult:
+    model: nn.Module
+    history: list[dict]
+    best_epoch: int
+    best_value: float
+    model_spec: dict
+    stopped_early: bool = False
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def _monitor_value(name: str, metrics: dict, val_loss: float) -> float:
+    if name == "loss":
+        return -val_loss
+    v = metrics.get(name, float("nan"))
+    return float(v) if v is not None else float("nan")
+
+
+def _state_dict(model: nn.Module) -> dict:
+    m = model.module if hasattr(model, "module") else model
+    return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+
+
+def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, resume: bool = False,
+        callback: Callback | None = None) -> FitResult:
+    """Train ``cfg`` on ``data``; checkpoints go to ``out_dir/checkpoints`` (rank 0 only)."""
+    from medsight.metrics import compute_metrics
+
+    t = cfg.train
+    emit = callback or (lambda event, info: None)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = pick_device(t.device)
+    dinfo = init_distributed(device)
+    if device.type == "cuda" and dinfo.world > 1:
+        device = torch.device("cuda", dinfo.local_rank)
+    if t.batch_size % dinfo.world:
+        raise ConfigError(f"train.batch_size {t.batch_size} must be divisible by the {dinfo.world} processes")
+    seed_everything(t.seed)
+    task = Task(data.task, len(data.classes))
+    if "val" not in data.splits:
+        raise MedsightError(f"dataset {data.name} has no validation split; model selection needs one")
+
+    train_split, val_split = data.splits["train"], data.splits["val"]
+    x_train = torch.as_tensor(train_split.images).to(device)
+    y_train = task.targets(train_split.labels).to(device)
+    class_weights = task.class_weights(train_split.labels).to(device) if t.class_weights == "balanced" else None
+
+    torch.manual_seed(t.seed)
+    model = build_model(cfg, task, data.spatial_dims, data.in_channels, data.input_size)
+    model.set_input_stats(*input_stats(train_split.images))
+    model = model.to(device)
+    spec = model_spec(cfg, task, data)
+    train_model = model
+    if dinfo.world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = build_optimizer(cfg, model)
+    steps_per_epoch = math.ceil(len(x_train) / t.batch_size)
+    sched = build_schedule(cfg, opt, steps_per_epoch)
+    ema = None
+    if t.ema > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema), use_buffers=True)
+    augment = BatchAugment(cfg.augment, data.spatial_dims)
+
+    out = Path(out_dir) if out_dir else None
+    ckpt_dir = out / "checkpoints" if out else None
+    history: list[dict] = []
+    best_value, best_epoch, best_state, bad_epochs, start_epoch = -math.inf, -1, None, 0, 0
+    if resume:
+        last = ckpt_dir / "last.pt" if ckpt_dir else None
+        if last is None or not last.is_file():
+            raise MedsightError(f"--resume: no checkpoint at {last}")
+        try:
+            ck = torch.load(last, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise MedsightError(f"--resume: checkpoint {last} is unreadable ({type(e).__name__}: {e})") from e
+        if ck.get("model_spec") != spec:
+            raise MedsightError(f"--resume: checkpoint {last} was made for model {ck.get('model_spec')}, "
+                                f"not {spec}")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if ema is not None and ck.get("ema") is not None:
+            ema.load_state_dict(ck["ema"])
+        history, best_value, best_epoch = ck["history"], ck["best_value"], ck["best_epoch"]
+        best_state, bad_epochs, start_epoch = ck["best_state"], ck["bad_epochs"], ck["epoch"] + 1
+        emit("resumed", {"epoch": start_epoch})
+
+    t0 = time.perf_counter()
+    stopped = False
+    emit("start", {"epochs": t.epochs, "steps": steps_per_epoch, "device": str(device), "start_epoch": start_epoch})
+    for epoch in range(start_epoch, t.epochs):
+        te = time.perf_counter()
+        train_loss = train_one_epoch(
+            train_model, opt, sched, task, augment, x_train, y_train, cfg=cfg, epoch=epoch, device=device,
+            class_weights=class_weights, dinfo=dinfo, ema=ema,
+            on_step=lambda s, n, l: emit("step", {"epoch": epoch, "step": s, "steps": n, "loss": l}))
+        if dinfo.world > 1:
+            tl = torch.tensor([train_loss], device=device)
+            dist.all_reduce(tl)
+            train_loss = float(tl) / dinfo.world
+        train_seconds = time.perf_counter() - te
+        eval_model = ema.module if ema is not None else model
+        logits = evaluate_logits(eval_model, val_split.images, device=device, batch_size=t.eval_batch_size,
+                                 amp=t.amp)
+        y_val = task.targets(val_split.labels)
+        val_loss = float(task.loss(logits, y_val))
+        probs = task.probabilities(logits).numpy()
+        val_metrics = compute_metrics(task.name, val_split.labels, probs)
+        value = _monitor_value(t.monitor, val_metrics, val_loss)
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+               **{f"val_{k}": v for k, v in val_metrics.items() if isinstance(v, (int, float))},
+               "lr": opt.param_groups[0]["lr"], "seconds": round(train_seconds, 3)}
+        history.append(row)
+        improved = value > best_value or best_epoch < 0
+        if improved:
+            best_value, best_epoch, best_state, bad_epochs = value, epoch + 1, _state_dict(eval_model), 0
+        else:
+            bad_epochs += 1
+        if ckpt_dir is not None and dinfo.is_main:
+            atomic_torch_save({
+                "epoch": epoch, "model": _state_dict(model), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                "history": history, "best_value": best_value, "best_epoch": best_epoch, "best_state": best_state,
+                "bad_epochs": bad_epochs, "model_spec": spec, "config": cfg.model_dump(mode="json"),
+            }, ckpt_dir / "last.pt")
+        emit("epoch", {**row, "best_epoch": best_epoch, "improved": improved})
+        if t.patience is not None and bad_epochs >= t.patience:
+            stopped = True
+            emit("early_stop", {"epoch": epoch + 1, "best_epoch": best_epoch})
+            break
+    final = copy.deepcopy(ema.module if ema is not None else model).cpu()
+    if best_state is not None:
+        final.load_state_dict(best_state)
+    final.eval()
+    return FitResult(model=final, history=history, best_epoch=best_epoch, best_value=best_value, model_spec=spec,
+                     stopped_early=stopped, seconds=time.perf_counter() - t0,
+                     extra={"device": str(device), "world": dinfo.world, "rank": dinfo.rank})
+
+
+def history_csv(history: list[dict]) -> str:
+    if not history:
+        return ""
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for row in history:
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    atomic_write_text(path, history_csv(history))
+
+
+def to_numpy_probs(task: Task, logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
+    return task.probabilities(logits, temperature).numpy()

@@ -1,0 +1,112 @@
+"""Preprocessing and augmentation on batched tensors.
+
+Augmentation runs on whole batches on the training device (one ``affine_grid`` + ``grid_sample`` per batch for
+rotation, zoom, shift and flips; vectorised intensity and noise), so the hot loop does no per-sample Python work.
+As in TorchIO, the random transform first *samples* its parameters (from an explicit ``torch.Generator``, so a
+resumed run sees the same randomness), then calls the fixed transform with them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from medsight.config import AugmentConfig
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """Stored images -> float32 in [0, 1]: uint8 is divided by 255, float is taken as already normalised."""
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
+    return x.float()
+
+
+def _rotation_matrices(angles: torch.Tensor, dims: int) -> torch.Tensor:
+    """angles: (B,) for 2D or (B,3) for 3D (radians) -> (B, d, d)."""
+    if dims == 2:
+        c, s = torch.cos(angles), torch.sin(angles)
+        return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    mats = []
+    for axis in range(3):
+        a = angles[:, axis]
+        c, s = torch.cos(a), torch.sin(a)
+        o, z = torch.ones_like(a), torch.zeros_like(a)
+        i, j = [k for k in range(3) if k != axis]
+        m = torch.stack([o, z, z, z, o, z, z, z, o], -1).reshape(-1, 3, 3).clone()
+        m[:, i, i], m[:, i, j], m[:, j, i], m[:, j, j] = c, -s, s, c
+        mats.append(m)
+    return mats[0] @ mats[1] @ mats[2]
+
+
+class BatchAugment:
+    """Random affine (rotation, zoom, shift, flips) + brightness/contrast/gamma + Gaussian noise, 2D or 3D."""
+
+    def __init__(self, cfg: AugmentConfig, spatial_dims: int):
+        self.cfg = cfg
+        self.dims = spatial_dims
+        for ax in cfg.flip:
+            if not 1 <= ax <= spatial_dims:
+                from medsight.errors import ConfigError
+
+                raise ConfigError(f"augment.flip axis {ax} is out of range 1..{spatial_dims}")
+
+    def sample(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        cfg, d = self.cfg, self.dims
+
+        def u(*shape):  # uniform in [-1, 1]
+            return torch.rand(*shape, generator=generator) * 2 - 1
+
+        n_angles = 1 if d == 2 else 3
+        return {
+            "angles": u(batch, n_angles).squeeze(-1) * math.radians(cfg.rotate),
+            "scale": 1 + u(batch) * cfg.scale,
+            "shift": u(batch, d) * cfg.translate * 2,  # grid coordinates span [-1, 1]
+            "flip": (torch.rand(batch, d, generator=generator) < 0.5)
+            & torch.tensor([(i + 1) in cfg.flip for i in range(d)]),
+            "brightness": u(batch) * cfg.brightness,
+            "contrast": 1 + u(batch) * cfg.contrast,
+            "gamma": torch.exp(u(batch) * cfg.gamma),
+            "noise_seed": torch.randint(0, 2**31 - 1, (1,), generator=generator),
+        }
+
+    def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The fixed transform: x (B, C, *spatial) float in [0, 1]."""
+        cfg, d = self.cfg, self.dims
+        B = x.shape[0]
+        dev = x.device
+        p = {k: v.to(dev) for k, v in p.items()}
+        if cfg.rotate or cfg.scale or cfg.translate or cfg.flip:
+            rot = _rotation_matrices(p["angles"], d)
+            # grid_sample's coordinate order is (x, y[, z]) = reversed spatial axes; flip axis i -> coord d-1-i
+            flips = torch.where(p["flip"].flip(-1), -1.0, 1.0)
+            theta = rot / p["scale"][:, None, None] * flips[:, None, :]
+            theta = torch.cat([theta, p["shift"][:, :, None]], dim=2)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        view = (B,) + (1,) * (x.dim() - 1)
+        if cfg.gamma:
+            x = x.clamp(0, 1).pow(p["gamma"].view(view))
+        if cfg.contrast or cfg.brightness:
+            mean = x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
+            x = (x - mean) * p["contrast"].view(view) + mean + p["brightness"].view(view)
+        if cfg.noise:
+            g = torch.Generator(device=dev).manual_seed(int(p["noise_seed"]))
+            x = x + torch.randn(x.shape, generator=g, device=dev) * cfg.noise
+        return x.clamp_(0, 1)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if not self.cfg.enabled:
+            return x
+        return self.apply(x, self.sample(x.shape[0], generator))
+
+
+def resize(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Resize a (B, C, *spatial) float batch; area for downsampling, (bi/tri)linear for upsampling."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    down = all(s <= t for s, t in zip(size, x.shape[2:]))
+    mode = "area" if down else ("bilinear" if len(size) == 2 else "trilinear")
+    kw = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(x, size=tuple(size), mode=mode, **kw)

@@ -1,0 +1,94 @@
+"""CLI behaviour: one-line errors with exit code 2 and no traceback; datasets and models listings."""
+
+import subprocess
+import sys
+
+import pytest
+
+from medsight.cli import main
+from tests.conftest import make_npz
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "medsight", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def _one_line_error(res, *needles):
+    assert res.returncode == 2, res.stderr + res.stdout
+    err = res.stderr.strip()
+    assert "Traceback" not in err and "Traceback" not in res.stdout
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_unknown_model(tmp_path, tiny_npz):
+    res = run_cli("train", "--data", str(tiny_npz), "--model", "vgg99", "--epochs", "1", "--out", str(tmp_path / "r"))
+    _one_line_error(res, "vgg99", "resnet18")
+
+
+def test_unknown_dataset(tmp_path):
+    res = run_cli("train", "--data", "cifar10", "--out", str(tmp_path / "r"))
+    _one_line_error(res, "cifar10", "MedMNIST")
+
+
+def test_missing_dataset_no_download(tmp_path):
+    import os
+
+    env = {**os.environ, "MEDSIGHT_DATA_DIR": str(tmp_path)}
+    res = run_cli("train", "--data", "breastmnist", "--set", "data.download=false", "--out", str(tmp_path / "r"), env=env)
+    _one_line_error(res, "breastmnist.npz", "not found")
+
+
+def test_wrong_md5(tmp_path):
+    import os
+
+    make_npz(tmp_path / "breastmnist.npz")
+    env = {**os.environ, "MEDSIGHT_DATA_DIR": str(tmp_path)}
+    res = run_cli("train", "--data", "breastmnist", "--out", str(tmp_path / "r"), env=env)
+    _one_line_error(res, "MD5", "750601b1f35ba3300ea97c75c52ff8f6")
+
+
+def test_corrupt_and_wrong_keys(tmp_path, tiny_npz):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(tiny_npz.read_bytes()[:200])
+    _one_line_error(run_cli("train", "--data", str(bad), "--out", str(tmp_path / "r")), "bad.npz")
+    keys = make_npz(tmp_path / "keys.npz", test_images=None)
+    _one_line_error(run_cli("train", "--data", str(keys), "--out", str(tmp_path / "r")), "test_images")
+
+
+def test_invalid_config_value_and_task(tmp_path, tiny_npz):
+    _one_line_error(run_cli("train", "--data", str(tiny_npz), "--lr", "-1", "--out", str(tmp_path / "r")), "train.lr")
+    _one_line_error(run_cli("train", "--data", str(tiny_npz), "--task", "regression", "--out", str(tmp_path / "r")),
+                    "data.task")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  schedule: wiggly\n")
+    _one_line_error(run_cli("train", "--config", str(cfg), "--data", str(tiny_npz), "--out", str(tmp_path / "r")),
+                    "train.schedule", "cosine")
+
+
+def test_evaluate_not_a_bundle(tmp_path):
+    _one_line_error(run_cli("evaluate", str(tmp_path)), "not a medsight bundle")
+
+
+def test_datasets_lists_presence(medmnist_dir, capsys):
+    assert main(["datasets", "--root", str(medmnist_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "breastmnist" in out and "pneumoniamnist" in out and "yes" in out
+
+
+def test_models_listing(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("simple_cnn", "resnet18", "resnet50", "densenet121", "efficientnet_b0"):
+        assert name in out
+
+
+def test_tiny_train_and_evaluate_in_process(tmp_path, tiny_npz, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_npz), "--epochs", "2", "--batch-size", "8", "--out", str(out),
+                 "--no-progress"]) == 0
+    for f in ("config.yaml", "model.pt", "bundle.json", "history.csv", "metrics.json"):
+        assert (out / f).is_file(), f
+    assert main(["evaluate", str(out), "--data", str(tiny_npz), "--split", "test", "--n-boot", "0"]) == 0
+    assert "accuracy" in capsys.readouterr().out
