@@ -34,10 +34,10 @@ class _Progress:
     def __init__(self, enabled: bool = True):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.enabled = enabled and _is_main_process()
+        self.enabled = _is_main_process()  # epoch lines are printed either way; the bar only when asked
         self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                                 disable=not self.enabled, transient=False)
+                                 disable=not (enabled and self.enabled), transient=False)
         self.task = None
 
     def __enter__(self):
@@ -56,14 +56,15 @@ class _Progress:
         elif event == "step" and self.task is not None:
             self.progress.update(self.task, completed=info["step"], total=info["steps"],
                                  epoch=f"{info['epoch'] + 1}/{self.total}", info=f"loss {info['loss']:.4f}")
-        elif event == "epoch" and self.task is not None:
+        elif event == "epoch":
             auc = info.get("val_auc")
             line = (f"epoch {info['epoch']:>3}  train_loss {info['train_loss']:.4f}  val_loss {info['val_loss']:.4f}"
                     + (f"  val_auc {auc:.4f}" if auc is not None else "")
                     + (f"  val_acc {info['val_accuracy']:.4f}" if "val_accuracy" in info else "")
                     + ("  *" if info.get("improved") else ""))
             self.progress.console.print(line)
-            self.progress.reset(self.task)
+            if self.task is not None:
+                self.progress.reset(self.task)
         elif event == "early_stop":
             self.progress.console.print(f"early stop at epoch {info['epoch']} (best epoch {info['best_epoch']})")
         elif event == "resumed":
