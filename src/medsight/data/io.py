@@ -538,7 +538,9 @@ def _read_dicom(src, name, *, window, max_elements) -> tuple[np.ndarray, dict]:
     ds = _dcmread(src, name)
     if len(ds) == 0 or ("SOPClassUID" not in ds and "Rows" not in ds and not _has_pixels(ds)):
         raise _fail(name, "not a DICOM image (no SOP Class, no image attributes)")
-    return _dicom_to_array(ds, name, window=window, max_elements=max_elements)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns on invalid values; we refuse or read them
+        return _dicom_to_array(ds, name, window=window, max_elements=max_elements)
 
 
 def list_dicom_series(directory: str | os.PathLike) -> dict[str, list[Path]]:
@@ -629,7 +631,9 @@ def read_dicom_series(
         raise DataError(f"cannot read {d}: series has {len(slices) * shape0[0] * shape0[1]} voxels, above the limit of {cap}")
     arrays, metas = [], []
     for f, ds in slices:
-        a, m = _dicom_to_array(ds, f, window=win, max_elements=max_elements)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a, m = _dicom_to_array(ds, f, window=win, max_elements=max_elements)
         arrays.append(a)
         metas.append(m)
     chans = {a.shape[0] for a in arrays}
