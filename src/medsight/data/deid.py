@@ -332,7 +332,8 @@ _DUMMY_BY_VR = {
     "DS": "0",
 }
 
-DEID_METHOD = "medsight: PS3.15 Basic Application Level Confidentiality Profile; Retain Longitudinal Temporal Information with Modified Dates"
+#: DeidentificationMethod (LO, at most 64 characters per value).
+DEID_METHOD = ["medsight PS3.15 Basic Application Confidentiality Profile", "Retain Longitudinal Temporal Information Modified Dates"]
 
 
 class _Context:
