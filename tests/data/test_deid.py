@@ -210,7 +210,8 @@ def test_deterministic_per_secret_and_mapping(study, tmp_path):
     u2 = pydicom.dcmread(tmp_path / "o2" / "series" / "a.dcm").StudyInstanceUID
     u3 = pydicom.dcmread(tmp_path / "o3" / "series" / "a.dcm").StudyInstanceUID
     assert u1 == u2 != u3
-    rows = list(csv.DictReader(open(tmp_path / "map.csv")))
+    with open(tmp_path / "map.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
     assert {"kind", "original", "new"} == set(rows[0])
     assert any(r["kind"] == "uid" and r["original"] == STUDY_UID and r["new"] == u3 for r in rows)
     assert any(r["kind"] == "patient" and r["original"] == "PID-777" for r in rows)

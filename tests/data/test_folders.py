@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,7 +185,7 @@ def test_load_records_mixed_channels(tmp_path, class_tree):
     # inference replays the exact same recipe on one file (path or bytes)
     one, _ = load_one(recs[0]["path"], recipe)
     np.testing.assert_array_equal(one, images[0])
-    raw = open(recs[0]["path"], "rb").read()
+    raw = Path(recs[0]["path"]).read_bytes()
     one_b, _ = load_one(raw, recipe, name="upload.png")
     np.testing.assert_array_equal(one_b, images[0])
 
