@@ -421,3 +421,43 @@ def test_sniff_format():
     assert sniff_format(b"\xff\xd8\xff\xe0") == "jpeg"
     assert sniff_format(b"\x1f\x8b\x08") == "gzip"
     assert sniff_format(b"hello", "a.txt") is None
+
+
+# ----------------------------------------------------------------------------- synthetic NIfTI
+
+
+def _nifti(path, data, zooms=(1.0, 2.0, 3.0), affine=None):
+    import nibabel as nib
+
+    aff = np.diag([*zooms[:3], 1.0]) if affine is None else affine
+    img = nib.Nifti1Image(data, aff)
+    img.header.set_zooms(tuple(zooms) + (1.0,) * (data.ndim - len(zooms)))
+    nib.save(img, str(path))
+    return path
+
+
+def test_nifti_4d_channels_flip_and_bytes(tmp_path):
+    data = np.random.default_rng(0).random((5, 6, 7, 2)).astype(np.float32)
+    arr, meta = read_image(_nifti(tmp_path / "v.nii.gz", data))
+    assert arr.shape == (2, 5, 6, 7) and meta["spacing"] == pytest.approx((1.0, 2.0, 3.0))
+    np.testing.assert_allclose(arr[1], data[..., 1])
+    # an LAS image is flipped to RAS
+    aff = np.diag([-1.0, 2.0, 3.0, 1.0])
+    vol = np.random.default_rng(1).random((4, 5, 6)).astype(np.float32)
+    arr, meta = read_image(_nifti(tmp_path / "las.nii", vol, affine=aff))
+    assert meta["orientation"] == "RAS"
+    np.testing.assert_allclose(arr[0], vol[::-1])
+    b, _ = read_image_bytes((tmp_path / "v.nii.gz").read_bytes(), "v")
+    assert b.shape == (2, 5, 6, 7)
+
+
+def test_nifti_nan_and_bomb_refused(tmp_path):
+    data = np.ones((4, 4, 4), np.float32)
+    data[1, 1, 1] = np.nan
+    with pytest.raises(DataError, match="nan.nii: pixel values contain NaN"):
+        read_image(_nifti(tmp_path / "nan.nii", data))
+    ok = _nifti(tmp_path / "ok.nii", np.ones((4, 4, 4), np.float32))
+    with pytest.raises(DataError, match="ok.nii: image has 64 elements, above the limit of 10"):
+        read_image(ok, max_elements=10)
+    with pytest.raises(DataError, match="ok.nii: window='dicom' only applies to DICOM"):
+        read_image(ok, window="dicom")
