@@ -92,3 +92,21 @@ def test_tiny_train_and_evaluate_in_process(tmp_path, tiny_npz, capsys):
         assert (out / f).is_file(), f
     assert main(["evaluate", str(out), "--data", str(tiny_npz), "--split", "test", "--n-boot", "0"]) == 0
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_qc_on_real_medmnist_and_deid(tmp_path, medmnist_dir, capsys):
+    import json
+
+    from tests.data.conftest import make_dicom
+    import numpy as np
+
+    rc = main(["qc", "breastmnist", "--json", str(tmp_path / "qc.json")])
+    report = json.loads((tmp_path / "qc.json").read_text())
+    assert rc in (0, 1) and "class" in capsys.readouterr().out.lower()
+    assert report["n_records"] == 780
+    src = tmp_path / "in"
+    src.mkdir()
+    make_dicom(src / "a.dcm", np.zeros((8, 8), np.uint8))
+    assert main(["deid", str(src), str(tmp_path / "out")]) == 0
+    assert "de-identified 1 files" in capsys.readouterr().out
+    assert main(["deid", str(src), str(tmp_path / "out2"), "--secret-env", "NOPE_NOT_SET"]) == 2

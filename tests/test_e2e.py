@@ -20,7 +20,7 @@ def test_train_bundle_reload_same_probabilities(tmp_path, breast):
     meta = json.loads((out / "bundle.json").read_text())
     assert meta["task"] == "binary" and meta["classes"] == ["malignant", "normal, benign"]
     assert meta["input"] == {"spatial_dims": 2, "channels": 1, "size": [28, 28]}
-    assert meta["preprocessing"]["intensity"]["max"] == 255.0
+    assert meta["preprocessing"]["range"] == [0.0, 255.0]
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"] and "val_auc" in rows[0]
     saved = json.loads((out / "metrics.json").read_text())

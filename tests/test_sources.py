@@ -73,7 +73,7 @@ def test_unknown_name_and_size():
 def test_npz_path(tiny_npz):
     ds = load_dataset(str(tiny_npz))
     assert ds.task == "binary" and ds.splits["train"].images.shape == (24, 1, 16, 16)
-    assert ds.recipe["intensity"] == {"mode": "range", "min": 0.0, "max": 255.0}
+    assert ds.recipe["intensity"] == "range" and ds.recipe["range"] == [0.0, 255.0]
 
 
 def test_npz_wrong_keys(tmp_path):

@@ -194,6 +194,58 @@ def models():
     out_console.print(table)
 
 
+@app.command()
+def qc(
+    data: str = typer.Argument(..., help="class-per-folder tree, CSV manifest, .npz, or a MedMNIST name"),
+    near_dup: int = typer.Option(4, help="max perceptual-hash Hamming distance for near duplicates"),
+    size: int = typer.Option(28, help="MedMNIST size when DATA is a name"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON"),
+):
+    """Data quality report: unreadable files, duplicates within/across splits, balance, outliers, missing labels."""
+    from medsight.data.medmnist import INFO
+    from medsight.data.quality import render_qc, run_qc
+    from medsight.data.sources import medmnist_path
+    from medsight.utils import write_json
+
+    source = str(medmnist_path(data, size)) if data.lower() in INFO else data
+    report = run_qc(source, near_dup_threshold=near_dup)
+    out_console.print(render_qc(report))
+    if json_path:
+        write_json(json_path, report)
+    if not report.get("ok", True):
+        raise typer.Exit(1)
+
+
+@app.command()
+def deid(
+    in_dir: Path = typer.Argument(..., help="folder of DICOM files (never modified)"),
+    out_dir: Path = typer.Argument(..., help="where de-identified copies are written"),
+    mapping: Optional[Path] = typer.Option(None, help="write an old->new identifier mapping CSV here (keep it safe)"),
+    secret_env: Optional[str] = typer.Option(None, help="environment variable holding the secret for reproducible pseudonyms"),
+    keep_private: bool = typer.Option(False, help="keep private tags (the profile removes them)"),
+):
+    """De-identify DICOM files (PS3.15 Annex E Basic Profile): UIDs remapped, dates shifted, private tags removed."""
+    import os
+
+    from medsight.data.deid import deidentify
+
+    secret = None
+    if secret_env:
+        secret = os.environ.get(secret_env)
+        if secret is None:
+            raise MedsightError(f"--secret-env {secret_env}: that environment variable is not set")
+    summary = deidentify(in_dir, out_dir, mapping_csv=mapping, secret=secret, keep_private=keep_private)
+    errors = summary.get("errors") or []
+    out_console.print(f"de-identified {summary.get('written', 0)} files into {out_dir} "
+                      f"({len(summary.get('skipped') or [])} skipped, {len(errors)} errors)")
+    for e in errors:
+        out_console.print(f"  error: {e}")
+    for p in summary.get("burned_in_annotation") or []:
+        out_console.print(f"  burned-in annotation (pixels not cleaned): {p}")
+    if errors:
+        raise typer.Exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)

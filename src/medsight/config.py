@@ -21,7 +21,10 @@ class DataConfig(_Strict):
     root: Optional[str] = Field(None, description="where MedMNIST files live; default $MEDSIGHT_DATA_DIR or ~/.medsight/data")
     download: bool = True
     task: Optional[Literal["binary", "multiclass", "multilabel", "ordinal"]] = None
-    window: Optional[str] = Field(None, description="CT window for DICOM: lung, bone, soft_tissue, brain, or 'C,W'")
+    window: Optional[str] = Field(None, description="CT window: lung, bone, soft_tissue, brain, dicom (the file's own), or 'C,W'")
+    intensity: Literal["auto", "range", "minmax", "percentile", "none"] = "auto"
+    label_columns: Optional[list[str]] = Field(None, description="manifest label column(s); several = multi-label")
+    clinical_columns: Optional[list[str]] = Field(None, description="manifest clinical columns (fusion)")
 
 
 class ModelConfig(_Strict):

@@ -14,7 +14,9 @@ from medsight.utils import atomic_write_text, write_json
 
 def load_data_for(cfg: RunConfig) -> Dataset:
     d = cfg.data
-    data = load_dataset(d.name, size=d.size, root=d.root, download_missing=d.download, task=d.task, window=d.window)
+    data = load_dataset(d.name, size=d.size, root=d.root, download_missing=d.download, task=d.task, window=d.window,
+                        label_columns=d.label_columns, clinical_columns=d.clinical_columns, intensity=d.intensity,
+                        seed=cfg.train.seed)
     if d.task is not None and d.task != data.task:
         data.task = d.task
     return data

@@ -1,97 +1,180 @@
 """The deterministic preprocessing recipe that travels in a bundle: raw reader output -> model input.
 
-A recipe is a JSON-serialisable dict::
+A recipe is a JSON-serialisable dict made by :func:`make_recipe`::
 
-    {"spatial_dims": 2, "channels": 1, "size": [28, 28],
-     "intensity": {"mode": "range", "min": 0, "max": 255}}        # fixed range -> [0, 1]
-                  {"mode": "window", "center": 40, "width": 400}   # CT window -> [0, 1]
-                  {"mode": "minmax"}                               # per image
-                  {"mode": "percentile", "low": 0.5, "high": 99.5} # per image, robust
+    {"version": 1, "spatial_dims": 2, "size": [28, 28], "channels": 1,
+     "intensity": "auto" | "range" | "minmax" | "percentile" | "none",
+     "range": [0, 255] (for "range"), "window": None | "dicom" | [center, width], "percentiles": [0.5, 99.5]}
 
-``apply_recipe`` is the only function that turns a read image into a model input; training on user files and
-every inference path (predict, explain, serve) call it, so they cannot drift apart.
+``auto`` uses the reader's ``value_range`` (e.g. 0..255 for 8-bit PNG, 0..65535 for 16-bit) and per-image
+percentiles where none is known (CT/MR); ``range`` is a fixed range (MedMNIST archives: 0..255), so a
+MedMNIST image written as PNG or DICOM preprocesses to exactly what the model saw in training.
+
+:func:`apply_recipe` is the only function that turns a read image into a model input; training on user files
+(``data.folders.load_records``) and every inference path (predict, explain, serve) call it.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Iterable
+
 import numpy as np
-import torch
 
+from medsight.data.io import FILE_WINDOW, apply_window, read_image, read_image_bytes, resolve_window
 from medsight.errors import DataError, choices_message
-from medsight.transforms import resize
 
-INTENSITY_MODES = ("range", "window", "minmax", "percentile")
-WINDOWS = {"lung": (-600.0, 1500.0), "bone": (400.0, 1800.0), "soft_tissue": (40.0, 400.0),
-           "abdomen": (40.0, 400.0), "brain": (40.0, 80.0), "mediastinum": (50.0, 350.0)}
+INTENSITY_MODES = ("auto", "range", "minmax", "percentile", "none")
+RECIPE_VERSION = 1
 
 
-def parse_window(spec: str | tuple | list | None) -> tuple[float, float] | None:
-    """'lung' | 'C,W' | (C, W) -> (center, width)."""
-    if spec is None:
-        return None
-    if isinstance(spec, (tuple, list)) and len(spec) == 2:
-        c, w = float(spec[0]), float(spec[1])
-    elif isinstance(spec, str) and spec.lower() in WINDOWS:
-        c, w = WINDOWS[spec.lower()]
-    else:
-        try:
-            c, w = (float(v) for v in str(spec).split(","))
-        except ValueError:
-            raise DataError(f"window {spec!r} is not one of {', '.join(WINDOWS)} or 'center,width'") from None
-    if w <= 0:
-        raise DataError(f"window width must be > 0, got {w:g}")
-    return c, w
+def make_recipe(
+    *,
+    size: Iterable[int],
+    spatial_dims: int | None = None,
+    channels: int = 1,
+    intensity: str = "auto",
+    window: str | tuple[float, float] | None = None,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+    value_range: tuple[float, float] | None = None,
+) -> dict:
+    """A JSON-serialisable preprocessing recipe (saved in the model bundle, replayed at inference)."""
+    if intensity == "range" and (value_range is None or float(value_range[1]) <= float(value_range[0])):
+        raise DataError(f"intensity 'range' needs value_range=(low, high) with low < high, got {value_range}")
+    size = [int(s) for s in size]
+    dims = spatial_dims or len(size)
+    if dims not in (2, 3) or len(size) != dims or any(s <= 0 for s in size):
+        raise DataError(f"invalid size {size} for spatial_dims={dims}; expected {dims} positive integers")
+    if intensity not in INTENSITY_MODES:
+        raise DataError(choices_message("intensity mode", intensity, INTENSITY_MODES))
+    if channels not in (1, 3):
+        raise DataError(f"invalid channels {channels}; allowed: 1, 3")
+    w = resolve_window(window)
+    lo, hi = (float(v) for v in percentiles)
+    if not 0 <= lo < hi <= 100:
+        raise DataError(f"invalid percentiles {percentiles}; expected 0 <= low < high <= 100")
+    return {
+        "version": RECIPE_VERSION,
+        "spatial_dims": dims,
+        "size": size,
+        "channels": int(channels),
+        "intensity": intensity,
+        "window": w if w is None or isinstance(w, str) else [float(w[0]), float(w[1])],
+        "percentiles": [lo, hi],
+        "range": None if value_range is None else [float(value_range[0]), float(value_range[1])],
+        "resize": "area" if dims == 2 else "trilinear",
+    }
 
 
-def normalise_intensity(x: np.ndarray, intensity: dict) -> np.ndarray:
-    mode = intensity.get("mode", "minmax")
-    x = x.astype(np.float32, copy=False)
-    if mode == "range":
-        lo, hi = float(intensity["min"]), float(intensity["max"])
-    elif mode == "window":
-        c, w = float(intensity["center"]), float(intensity["width"])
-        lo, hi = c - w / 2, c + w / 2
-    elif mode == "minmax":
-        lo, hi = float(x.min()), float(x.max())
-    elif mode == "percentile":
-        lo, hi = (float(v) for v in np.percentile(x, [intensity.get("low", 0.5), intensity.get("high", 99.5)]))
-    else:
-        raise DataError(choices_message("intensity mode", mode, INTENSITY_MODES))
+def _normalise(arr: np.ndarray, meta: dict, intensity: str, percentiles, value_range=None) -> np.ndarray:
+    if intensity not in INTENSITY_MODES:
+        raise DataError(choices_message("intensity mode", intensity, INTENSITY_MODES))
+    if meta.get("window") is not None or intensity == "none":
+        return np.clip(arr, 0.0, 1.0)
+    vr = meta.get("value_range")
+    if intensity == "range":
+        lo, hi = float(value_range[0]), float(value_range[1])
+    elif intensity == "auto" and vr is not None and vr[1] > vr[0]:
+        lo, hi = float(vr[0]), float(vr[1])
+    elif intensity == "minmax":
+        lo, hi = float(arr.min()), float(arr.max())
+    else:  # percentile, or auto without a known range
+        lo, hi = (float(v) for v in np.percentile(arr, list(percentiles)))
     if hi <= lo:
-        return np.zeros_like(x)
-    return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+        return np.zeros_like(arr, dtype=np.float32)
+    out = (arr.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
-def match_channels(x: np.ndarray, channels: int, name: str = "image") -> np.ndarray:
-    c = x.shape[0]
-    if c == channels:
-        return x
-    if channels == 1 and c in (3, 4):  # RGB(A) -> luminance (ITU-R BT.601)
-        return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
-    if c == 1:
-        return np.repeat(x, channels, axis=0)
-    if c == 4 and channels == 3:
-        return x[:3]
-    raise DataError(f"{name} has {c} channels; the model expects {channels}")
+def convert_channels(arr: np.ndarray, channels: int | None, name: object) -> np.ndarray:
+    c = arr.shape[0]
+    if channels is None or c == channels:
+        return arr
+    if c == 1 and channels == 3:
+        return np.repeat(arr, 3, axis=0)
+    if c == 3 and channels == 1:
+        w = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape((3,) + (1,) * (arr.ndim - 1))
+        return (arr * w).sum(axis=0, keepdims=True)
+    raise DataError(f"cannot convert {name}: it has {c} channels, the recipe expects {channels}")
 
 
-def apply_recipe(array: np.ndarray, recipe: dict, *, name: str = "image") -> np.ndarray:
-    """(C, *spatial) raw array from the reader -> float32 (channels, *size) in [0, 1]."""
-    dims = int(recipe["spatial_dims"])
-    x = np.asarray(array)
-    if x.ndim == dims:  # no channel axis
-        x = x[None]
-    if x.ndim == dims + 2 and x.shape[1] == 1 and dims == 2:  # (C, 1, H, W): a one-slice volume
-        x = x[:, 0]
-    if dims == 2 and x.ndim == 4 and x.shape[0] == 1:  # (1, D, H, W) volume given to a 2D model: middle slice
-        x = x[:, x.shape[1] // 2]
-    if x.ndim != dims + 1:
-        raise DataError(f"{name} has shape {tuple(np.shape(array))}; the model expects a {dims}D image "
-                        f"(channels first, {dims} spatial axes)")
-    if not np.isfinite(x).all():
-        raise DataError(f"{name} contains NaN or infinite values")
-    x = normalise_intensity(x, recipe["intensity"])
-    x = match_channels(x, int(recipe["channels"]), name)
-    size = tuple(int(s) for s in recipe["size"])
-    t = resize(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None], size)[0]
-    return t.clamp_(0, 1).numpy()
+def _resize(arr: np.ndarray, size: list[int]) -> np.ndarray:
+    import torch
+
+    from medsight.transforms import resize
+
+    if list(arr.shape[1:]) == list(size):
+        return arr
+    return resize(torch.from_numpy(np.ascontiguousarray(arr))[None], tuple(size))[0].numpy()
+
+
+def preprocess_array(
+    array: np.ndarray,
+    meta: dict,
+    *,
+    size: Iterable[int],
+    channels: int | None = None,
+    intensity: str = "auto",
+    window: str | tuple[float, float] | list | None = None,
+    percentiles: Iterable[float] = (0.5, 99.5),
+    value_range: Iterable[float] | None = None,
+    name: object = "image",
+) -> np.ndarray:
+    """Window/normalise to [0, 1], convert channels, resize: the one deterministic preprocessing step.
+
+    ``array``/``meta`` are what :func:`medsight.data.io.read_image` returned. Returns float32
+    ``(channels, *size)``.
+    """
+    size = [int(s) for s in size]
+    arr = np.asarray(array, dtype=np.float32)
+    dims = len(size)
+    if arr.ndim == dims + 2 and dims == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]  # single-slice volume used as a 2D image
+    if arr.ndim != dims + 1:
+        kind = "a 3D volume" if arr.ndim == 4 else "a 2D image" if arr.ndim == 3 else f"an array of shape {arr.shape}"
+        raise DataError(f"cannot preprocess {name}: it is {kind} (shape {tuple(arr.shape)}) but the recipe expects {dims}D images")
+    meta = dict(meta)
+    w = resolve_window(window)
+    if w is not None and meta.get("window") is None:
+        if w == FILE_WINDOW:
+            raise DataError(f"cannot preprocess {name}: window 'dicom' must be applied when reading the file")
+        if meta.get("photometric") != "RGB":
+            arr = apply_window(arr, *w)
+            meta["window"] = tuple(w)
+    if not np.isfinite(arr).all():
+        raise DataError(f"cannot preprocess {name}: it contains NaN or infinite values")
+    arr = _normalise(arr, meta, intensity, tuple(percentiles), value_range)
+    arr = _resize(arr, size)
+    arr = convert_channels(arr, channels, name)
+    return np.ascontiguousarray(np.clip(arr, 0.0, 1.0), dtype=np.float32)
+
+
+def apply_recipe(array: np.ndarray, meta: dict, recipe: dict, *, name: object = "image") -> np.ndarray:
+    """:func:`preprocess_array` with the settings from a recipe dict."""
+    try:
+        return preprocess_array(
+            array,
+            meta,
+            size=recipe["size"],
+            channels=recipe.get("channels"),
+            intensity=recipe.get("intensity", "auto"),
+            window=recipe.get("window"),
+            percentiles=recipe.get("percentiles", (0.5, 99.5)),
+            value_range=recipe.get("range"),
+            name=name,
+        )
+    except KeyError as e:
+        raise DataError(f"invalid preprocessing recipe: missing key {e.args[0]!r}") from e
+
+
+def load_one(source: str | os.PathLike | bytes, recipe: dict, *, name: str | None = None) -> tuple[np.ndarray, dict]:
+    """Read one file (path, or bytes + ``name``) and apply a recipe: what predict / serve call."""
+    window = recipe.get("window")
+    read_window = tuple(window) if isinstance(window, list) else window
+    if isinstance(source, (bytes, bytearray)):
+        arr, meta = read_image_bytes(source, name or "upload", window=read_window)
+    else:
+        arr, meta = read_image(source, window=read_window)
+    return apply_recipe(arr, meta, recipe, name=name or source), meta
+
+

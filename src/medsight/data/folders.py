@@ -22,14 +22,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from medsight.data.io import DICOM_SUFFIXES, IMAGE_SUFFIXES, FILE_WINDOW, apply_window, read_image, read_image_bytes, resolve_window
+from medsight.data.io import DICOM_SUFFIXES, IMAGE_SUFFIXES, read_image, resolve_window
+from medsight.preprocess import INTENSITY_MODES, convert_channels, make_recipe, preprocess_array
 from medsight.errors import DataError, choices_message
 
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test", "testing": "test"}
-INTENSITY_MODES = ("auto", "minmax", "percentile", "none")
-RECIPE_VERSION = 1
 
 
 def _is_image_file(p: Path) -> bool:
@@ -199,155 +198,6 @@ def read_manifest(
     return records
 
 
-# ----------------------------------------------------------------------------- preprocessing recipe
-
-
-def make_recipe(
-    *,
-    size: Iterable[int],
-    spatial_dims: int | None = None,
-    channels: int = 1,
-    intensity: str = "auto",
-    window: str | tuple[float, float] | None = None,
-    percentiles: tuple[float, float] = (0.5, 99.5),
-) -> dict:
-    """A JSON-serialisable preprocessing recipe (saved in the model bundle, replayed at inference)."""
-    size = [int(s) for s in size]
-    dims = spatial_dims or len(size)
-    if dims not in (2, 3) or len(size) != dims or any(s <= 0 for s in size):
-        raise DataError(f"invalid size {size} for spatial_dims={dims}; expected {dims} positive integers")
-    if intensity not in INTENSITY_MODES:
-        raise DataError(choices_message("intensity mode", intensity, INTENSITY_MODES))
-    if channels not in (1, 3):
-        raise DataError(f"invalid channels {channels}; allowed: 1, 3")
-    w = resolve_window(window)
-    lo, hi = (float(v) for v in percentiles)
-    if not 0 <= lo < hi <= 100:
-        raise DataError(f"invalid percentiles {percentiles}; expected 0 <= low < high <= 100")
-    return {
-        "version": RECIPE_VERSION,
-        "spatial_dims": dims,
-        "size": size,
-        "channels": int(channels),
-        "intensity": intensity,
-        "window": w if w is None or isinstance(w, str) else [float(w[0]), float(w[1])],
-        "percentiles": [lo, hi],
-        "resize": "area" if dims == 2 else "trilinear",
-    }
-
-
-def _normalise(arr: np.ndarray, meta: dict, intensity: str, percentiles) -> np.ndarray:
-    if intensity not in INTENSITY_MODES:
-        raise DataError(choices_message("intensity mode", intensity, INTENSITY_MODES))
-    if meta.get("window") is not None or intensity == "none":
-        return np.clip(arr, 0.0, 1.0)
-    vr = meta.get("value_range")
-    if intensity == "auto" and vr is not None and vr[1] > vr[0]:
-        lo, hi = float(vr[0]), float(vr[1])
-    elif intensity == "minmax":
-        lo, hi = float(arr.min()), float(arr.max())
-    else:  # percentile, or auto without a known range
-        lo, hi = (float(v) for v in np.percentile(arr, list(percentiles)))
-    if hi <= lo:
-        return np.zeros_like(arr, dtype=np.float32)
-    out = (arr.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)
-    return np.clip(out, 0.0, 1.0, out=out)
-
-
-def _convert_channels(arr: np.ndarray, channels: int | None, name: object) -> np.ndarray:
-    c = arr.shape[0]
-    if channels is None or c == channels:
-        return arr
-    if c == 1 and channels == 3:
-        return np.repeat(arr, 3, axis=0)
-    if c == 3 and channels == 1:
-        w = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape((3,) + (1,) * (arr.ndim - 1))
-        return (arr * w).sum(axis=0, keepdims=True)
-    raise DataError(f"cannot convert {name}: it has {c} channels, the recipe expects {channels}")
-
-
-def _resize(arr: np.ndarray, size: list[int]) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
-
-    if list(arr.shape[1:]) == list(size):
-        return arr
-    t = torch.from_numpy(np.ascontiguousarray(arr))[None]
-    if len(size) == 3:
-        out = F.interpolate(t, size=size, mode="trilinear", align_corners=False)
-    elif all(s <= a for s, a in zip(size, arr.shape[1:])):
-        out = F.interpolate(t, size=size, mode="area")
-    else:
-        out = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
-    return out[0].numpy()
-
-
-def preprocess_array(
-    array: np.ndarray,
-    meta: dict,
-    *,
-    size: Iterable[int],
-    channels: int | None = None,
-    intensity: str = "auto",
-    window: str | tuple[float, float] | list | None = None,
-    percentiles: Iterable[float] = (0.5, 99.5),
-    name: object = "image",
-) -> np.ndarray:
-    """Window/normalise to [0, 1], convert channels, resize: the one deterministic preprocessing step.
-
-    ``array``/``meta`` are what :func:`medsight.data.io.read_image` returned. Returns float32
-    ``(channels, *size)``.
-    """
-    size = [int(s) for s in size]
-    arr = np.asarray(array, dtype=np.float32)
-    dims = len(size)
-    if arr.ndim == dims + 2 and dims == 2 and arr.shape[1] == 1:
-        arr = arr[:, 0]  # single-slice volume used as a 2D image
-    if arr.ndim != dims + 1:
-        kind = "a 3D volume" if arr.ndim == 4 else "a 2D image" if arr.ndim == 3 else f"an array of shape {arr.shape}"
-        raise DataError(f"cannot preprocess {name}: it is {kind} (shape {tuple(arr.shape)}) but the recipe expects {dims}D images")
-    meta = dict(meta)
-    w = resolve_window(window)
-    if w is not None and meta.get("window") is None:
-        if w == FILE_WINDOW:
-            raise DataError(f"cannot preprocess {name}: window 'dicom' must be applied when reading the file")
-        if meta.get("photometric") != "RGB":
-            arr = apply_window(arr, *w)
-            meta["window"] = tuple(w)
-    arr = _normalise(arr, meta, intensity, tuple(percentiles))
-    arr = _resize(arr, size)
-    arr = _convert_channels(arr, channels, name)
-    return np.ascontiguousarray(np.clip(arr, 0.0, 1.0), dtype=np.float32)
-
-
-def apply_recipe(array: np.ndarray, meta: dict, recipe: dict, *, name: object = "image") -> np.ndarray:
-    """:func:`preprocess_array` with the settings from a recipe dict."""
-    try:
-        return preprocess_array(
-            array,
-            meta,
-            size=recipe["size"],
-            channels=recipe.get("channels"),
-            intensity=recipe.get("intensity", "auto"),
-            window=recipe.get("window"),
-            percentiles=recipe.get("percentiles", (0.5, 99.5)),
-            name=name,
-        )
-    except KeyError as e:
-        raise DataError(f"invalid preprocessing recipe: missing key {e.args[0]!r}") from e
-
-
-def load_one(source: str | os.PathLike | bytes, recipe: dict, *, name: str | None = None) -> tuple[np.ndarray, dict]:
-    """Read one file (path, or bytes + ``name``) and apply a recipe: what predict / serve call."""
-    window = recipe.get("window")
-    read_window = tuple(window) if isinstance(window, list) else window
-    if isinstance(source, (bytes, bytearray)):
-        arr, meta = read_image_bytes(source, name or "upload", window=read_window)
-    else:
-        arr, meta = read_image(source, window=read_window)
-    return apply_recipe(arr, meta, recipe, name=name or source), meta
-
-
 def load_records(
     records: list[dict],
     *,
@@ -393,7 +243,7 @@ def load_records(
     if channels is None:
         chans = {a.shape[0] for a in arrays}
         channels = 3 if 3 in chans else 1
-    arrays = [_convert_channels(a, channels, m["path"]) for a, m in zip(arrays, metas)]
+    arrays = [convert_channels(a, channels, m["path"]) for a, m in zip(arrays, metas)]
     images = np.stack(arrays).astype(np.float32) if arrays else np.zeros((0, channels, *size), np.float32)
     recipe = make_recipe(size=size, spatial_dims=dims, channels=channels, intensity=intensity, window=w, percentiles=percentiles)
     for m in metas:
@@ -401,3 +251,100 @@ def load_records(
     if on_error == "collect":
         return images, metas, errors
     return images, metas
+
+
+# ----------------------------------------------------------------------------- records -> Dataset
+
+PATIENT_COLUMNS = ("patient_id", "patientid", "patient", "subject_id", "subject")
+SPLIT_COLUMNS = ("split", "set", "fold")
+
+
+def _manifest_columns(csv_path: Path) -> list[str]:
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+        first = fh.readline()
+    try:
+        dialect = csv.Sniffer().sniff(first, delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    return [c.strip() for c in next(csv.reader([first], dialect=dialect), [])]
+
+
+def records_from(path: str | os.PathLike, *, label_cols=None, clinical_cols=None) -> list[dict]:
+    """Records from a class-per-folder tree or a CSV manifest (patient / split columns found by name)."""
+    p = Path(path)
+    if p.is_dir():
+        return scan_class_folders(p)
+    if p.suffix.lower() in (".csv", ".tsv", ".txt"):
+        if not p.is_file():
+            raise DataError(f"cannot read manifest {p}: file not found")
+        cols = _manifest_columns(p)
+        lower = {c.lower(): c for c in cols}
+        patient = next((lower[c] for c in PATIENT_COLUMNS if c in lower), None)
+        split = next((lower[c] for c in SPLIT_COLUMNS if c in lower), None)
+        return read_manifest(p, label_cols=label_cols, patient_col=patient, split_col=split,
+                             clinical_cols=clinical_cols)
+    raise DataError(f"{p} is neither a folder of class sub-folders nor a CSV manifest")
+
+
+def load_user_dataset(path: str | os.PathLike, *, size: int = 28, task: str | None = None, window=None,
+                      label_cols=None, clinical_cols=None, seed: int = 0, intensity: str = "auto"):
+    """A class-per-folder tree or CSV manifest -> :class:`medsight.data.sources.Dataset`.
+
+    Splits come from the tree / manifest when given (all or none), else a stratified patient-level split
+    (70/15/15, seeded); a leakage check refuses splits that share patients or identical images.
+    """
+    from medsight.data.sources import Dataset, Split
+    from medsight.data.splits import check_leakage, hashed_id, patient_split
+
+    src = Path(path)
+    records = records_from(src, label_cols=label_cols, clinical_cols=clinical_cols)
+    if not records:
+        raise DataError(f"{src} holds no readable image files")
+    missing = [r for r in records if r.get("label") is None]
+    if missing:
+        raise DataError(f"{src}: {len(missing)} sample(s) have no label, e.g. {missing[0]['path']}")
+    given = [r.get("split") for r in records]
+    if all(given):
+        unknown = sorted({s for s in given if s not in ("train", "val", "test")})
+        if unknown:
+            raise DataError(f"{src}: unknown split name(s) {', '.join(unknown)}; allowed: train, val, test")
+    elif any(given):
+        raise DataError(f"{src}: some samples have a split and some do not; give all or none")
+    else:
+        records = patient_split(records, seed=seed)
+    # read one image to learn whether these are 2D images or volumes
+    first, _ = read_image(records[0]["path"], window=resolve_window(window))
+    dims = 3 if first.ndim == 4 and first.shape[1] > 1 else 2
+    images, metas = load_records(records, size=[size] * dims, spatial_dims=dims, window=window, intensity=intensity)
+    check_leakage(records, images)
+    multilabel = isinstance(records[0]["label"], list)
+    if multilabel:
+        classes = list(records[0].get("label_names") or [str(i) for i in range(len(records[0]["label"]))])
+        labels = np.asarray([r["label"] for r in records], dtype=np.float32)
+    else:
+        classes = sorted({str(r["label"]) for r in records}, key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0, c))
+        index = {c: i for i, c in enumerate(classes)}
+        labels = np.asarray([index[str(r["label"])] for r in records], dtype=np.int64)
+    if task is None:
+        task = "multilabel" if multilabel else ("binary" if len(classes) == 2 else "multiclass")
+    if not multilabel and len(classes) < 2:
+        raise DataError(f"{src}: found only one class ({classes[0]}); a classifier needs at least two")
+    clinical = None
+    if clinical_cols:
+        clinical = [r.get("clinical", {}) for r in records]
+    splits = {}
+    for s in ("train", "val", "test"):
+        idx = [i for i, r in enumerate(records) if r["split"] == s]
+        if not idx:
+            continue
+        splits[s] = Split(images=images[idx], labels=labels[idx],
+                          ids=[os.path.relpath(records[i]["path"], src if src.is_dir() else src.parent) for i in idx],
+                          clinical=None if clinical is None else [clinical[i] for i in idx],
+                          patients=[hashed_id(records[i]["patient_id"]) if records[i].get("patient_id") else None
+                                    for i in idx])
+    if "train" not in splits or "val" not in splits:
+        raise DataError(f"{src}: needs train and val samples (found splits: {', '.join(splits) or 'none'})")
+    recipe = dict(metas[0]["recipe"])
+    recipe["source"] = {"kind": "folder" if src.is_dir() else "manifest"}
+    return Dataset(name=src.stem if src.is_file() else src.name, task=task, classes=classes, spatial_dims=dims,
+                   splits=splits, recipe=recipe)

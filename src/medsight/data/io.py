@@ -92,7 +92,10 @@ def resolve_window(window: Any) -> tuple[float, float] | str | None:
             return FILE_WINDOW
         if key in WINDOWS:
             return WINDOWS[key]
-        raise DataError(choices_message("window", window, [*WINDOWS, FILE_WINDOW]))
+        if "," in key:
+            window = key.split(",")
+        else:
+            raise DataError(choices_message("window", window, [*WINDOWS, FILE_WINDOW, "'center,width'"]))
     try:
         center, width = (float(v) for v in window)
     except (TypeError, ValueError) as e:

@@ -30,7 +30,8 @@ class Split:
     images: np.ndarray
     labels: np.ndarray
     ids: list[str] | None = None
-    clinical: np.ndarray | None = None
+    clinical: list[dict] | None = None
+    patients: list[str | None] | None = None  # hashed patient ids, never the raw ones
 
     def __len__(self) -> int:
         return len(self.images)
@@ -183,12 +184,11 @@ def dataset_from_npz(path: str | Path, *, name: str | None = None, task: str | N
         if task != "multilabel" and (y.min() < 0 or y.max() >= len(classes)):
             raise DataError(f"{path}: {s}_labels outside 0..{len(classes) - 1}")
         splits[s] = Split(images=images, labels=y, ids=[f"{s}-{i}" for i in range(len(y))])
-    channels = splits["train"].images.shape[1]
-    recipe = {
-        "spatial_dims": spatial_dims, "channels": int(channels),
-        "size": [int(v) for v in splits["train"].images.shape[2:]],
-        "intensity": {"mode": "range", "min": 0.0, "max": 255.0} if img.dtype == np.uint8 else {"mode": "range", "min": 0.0, "max": 1.0},
-    }
+    from medsight.preprocess import make_recipe
+
+    recipe = make_recipe(size=splits["train"].images.shape[2:], spatial_dims=spatial_dims,
+                         channels=int(splits["train"].images.shape[1]), intensity="range",
+                         value_range=(0.0, 255.0) if img.dtype == np.uint8 else (0.0, 1.0))
     return Dataset(name=name or path.stem, task=task, classes=list(classes), spatial_dims=spatial_dims,
                    splits=splits, recipe=recipe)
 
@@ -203,7 +203,8 @@ def load_medmnist(name: str, size: int = 28, root: str | Path | None = None, dow
 
 
 def load_dataset(spec: str, *, size: int = 28, root: str | Path | None = None, download_missing: bool = True,
-                 task: str | None = None, window: str | None = None) -> Dataset:
+                 task: str | None = None, window: str | None = None, label_columns=None, clinical_columns=None,
+                 intensity: str = "auto", seed: int = 0) -> Dataset:
     """Resolve ``--data``: a MedMNIST name, an .npz path, a class-per-folder tree or a CSV manifest."""
     p = Path(spec).expanduser()
     if spec.lower() in INFO:
@@ -213,7 +214,8 @@ def load_dataset(spec: str, *, size: int = 28, root: str | Path | None = None, d
     if p.exists():
         from medsight.data import folders
 
-        return folders.load_user_dataset(p, size=size, task=task, window=window)
+        return folders.load_user_dataset(p, size=size, task=task, window=window, label_cols=label_columns,
+                                         clinical_cols=clinical_columns, intensity=intensity, seed=seed)
     raise DataError(f"--data {spec!r} is neither a MedMNIST name ({', '.join(sorted(INFO))}), "
                     "nor an existing .npz, folder or CSV manifest")
 
