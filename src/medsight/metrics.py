@@ -36,7 +36,7 @@ import re
 from typing import Any, Mapping
 
 import numpy as np
-from scipy import optimize, special, stats
+from scipy import optimize, special
 
 from .errors import ConfigError, DataError, choices_message
 
@@ -147,33 +147,48 @@ def _nanmean(a, axis=-1):
     return _div(s, cnt)
 
 
-def _auc_batch(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """ROC AUC of each row via the Mann-Whitney rank formula (ties get half credit).
+def _auc_ap_batch(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC AUC and average precision of each row from one descending sort.
 
-    scores, labels: (B, N). Returns (B,) with nan where a row has one class only.
+    scores, labels: (B, N). AUC is the Mann-Whitney statistic (a tied positive/negative pair
+    counts one half), identical to ``sklearn.roc_auc_score``; AP is sklearn's
+    ``average_precision_score`` (precision at each distinct threshold weighted by the recall
+    increment). Rows with one class only give nan AUC (and nan AP when no positive).
     """
-    ranks = stats.rankdata(scores, axis=1)  # average ranks for ties
-    pos = labels.astype(bool)
-    n_pos = pos.sum(axis=1).astype(np.float64)
-    n_neg = labels.shape[1] - n_pos
-    r_pos = np.where(pos, ranks, 0.0).sum(axis=1)
-    return _div(r_pos - n_pos * (n_pos + 1) / 2.0, n_pos * n_neg)
-
-
-def _ap_batch(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Average precision of each row, same definition as sklearn.average_precision_score."""
     b, n = scores.shape
     order = np.argsort(-scores, axis=1, kind="stable")
     s = np.take_along_axis(scores, order, axis=1)
     y = np.take_along_axis(labels, order, axis=1).astype(np.float64)
     tp = np.cumsum(y, axis=1)
-    prec = tp / np.arange(1, n + 1)
-    is_last = np.ones_like(s, dtype=bool)
+    fp = np.arange(1, n + 1) - tp
+    ar = np.arange(n)
+    # tie groups: every position looks up the cumulative counts at its group's end / before its start
+    is_last = np.ones((b, n), dtype=bool)
     is_last[:, :-1] = s[:, :-1] != s[:, 1:]
-    ends = np.where(is_last, np.arange(n), n - 1)
-    group_end = np.minimum.accumulate(ends[:, ::-1], axis=1)[:, ::-1]
-    prec_end = np.take_along_axis(prec, group_end, axis=1)
-    return _div((y * prec_end).sum(axis=1), tp[:, -1])
+    is_first = np.ones((b, n), dtype=bool)
+    is_first[:, 1:] = is_last[:, :-1]
+    group_end = np.minimum.accumulate(np.where(is_last, ar, n - 1)[:, ::-1], axis=1)[:, ::-1]
+    group_start = np.maximum.accumulate(np.where(is_first, ar, 0), axis=1)
+    fp_end = np.take_along_axis(fp, group_end, axis=1)
+    fp_before = np.where(group_start > 0, np.take_along_axis(fp, np.maximum(group_start - 1, 0), axis=1), 0.0)
+    n_pos = tp[:, -1]
+    n_neg = n - n_pos
+    # each positive beats the negatives below its group and ties half of those inside it
+    wins = (y * (n_neg[:, None] - 0.5 * (fp_end + fp_before))).sum(axis=1)
+    auc = _div(wins, n_pos * n_neg)
+    prec_end = np.take_along_axis(tp, group_end, axis=1) / (group_end + 1)
+    ap = _div((y * prec_end).sum(axis=1), n_pos)
+    return auc, ap
+
+
+def _auc_batch(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row (see :func:`_auc_ap_batch`)."""
+    return _auc_ap_batch(scores, labels)[0]
+
+
+def _ap_batch(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Average precision of each row (see :func:`_auc_ap_batch`)."""
+    return _auc_ap_batch(scores, labels)[1]
 
 
 def _confusion_batch(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
@@ -200,10 +215,11 @@ def _binary_batch(y, p, thr) -> dict[str, np.ndarray]:
     cm = _confusion_batch(y, pred, 2)
     tn, fp, fn, tp = cm[:, 0, 0], cm[:, 0, 1], cm[:, 1, 0], cm[:, 1, 1]
     r = _rates(tp, fp, tn, fn)
+    auc, ap = _auc_ap_batch(p, y)
     return {
         "accuracy": _div(tp + tn, y.shape[1] * np.ones_like(tp)),
-        "auc": _auc_batch(p, y),
-        "pr_auc": _ap_batch(p, y),
+        "auc": auc,
+        "pr_auc": ap,
         "sensitivity": r["sens"],
         "specificity": r["spec"],
         "ppv": r["ppv"],
@@ -229,8 +245,7 @@ def _multiclass_batch(y, p, k, ordinal: bool) -> dict[str, np.ndarray]:
     pred = np.argmax(p, axis=2)
     cm = _confusion_batch(y, pred, k)
     pc = _per_class_from_cm(cm)
-    aucs = np.stack([_auc_batch(p[:, :, c], (y == c)) for c in range(k)], axis=1)
-    aps = np.stack([_ap_batch(p[:, :, c], (y == c)) for c in range(k)], axis=1)
+    aucs, aps = (np.stack(a, axis=1) for a in zip(*(_auc_ap_batch(p[:, :, c], y == c) for c in range(k))))
     pc["auc"] = aucs
     out = {
         "accuracy": (pred == y).mean(axis=1),
@@ -272,8 +287,7 @@ def _multilabel_batch(y, p, thr) -> dict[str, np.ndarray]:
     fn = ((pred == 0) & (y == 1)).sum(axis=1)
     tn = n - tp - fp - fn
     pc = _rates(tp, fp, tn, fn)
-    aucs = np.stack([_auc_batch(p[:, :, c], y[:, :, c]) for c in range(k)], axis=1)
-    aps = np.stack([_ap_batch(p[:, :, c], y[:, :, c]) for c in range(k)], axis=1)
+    aucs, aps = (np.stack(a, axis=1) for a in zip(*(_auc_ap_batch(p[:, :, c], y[:, :, c]) for c in range(k))))
     pc["auc"] = aucs
     cm = np.stack([np.stack([tn, fp], -1), np.stack([fn, tp], -1)], -2)  # (B, K, 2, 2)
     return {
@@ -392,7 +406,7 @@ def bootstrap_ci(
 
     Vectorised: one (n_boot, N) matrix of resampled indices, confusion matrices by ``bincount``,
     AUC by the Mann-Whitney rank formula and average precision by sorted cumulative sums, all over
-    the whole matrix at once. ``stratified`` resamples each class separately (so every resample
+    the whole matrix at once (one row-wise sort serves both). ``stratified`` resamples each class separately (so every resample
     keeps the class counts; not applicable to multilabel, whose rows are resampled as wholes).
     Resamples where a metric is undefined are dropped from that metric's interval. With
     ``per_class=True`` also returns ``per_class: {class: {metric: (low, high)}}``.
