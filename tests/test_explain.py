@@ -240,3 +240,26 @@ def test_overlay_and_slices(tmp_path):
     np.testing.assert_array_equal(np.load(out3[0]["heatmap"]).shape, (6, 7, 8))
     with pytest.raises(DataError, match="names"):
         save_explanations(tmp_path, ["a"], rng.random((2, 1, 8, 8)), rng.random((2, 8, 8)))
+
+
+def test_receptive_field_geometry_and_peak():
+    from monai.networks.nets import resnet10
+
+    from medsight.explain import _chain_geometry, _get_module, _upsample
+
+    m = baseline_cnn(2, size=28).eval()
+    x = torch.rand(1, 1, 28, 28)
+    # 3x3 valid conv, 2x2 pool, 3x3 valid conv: feature i is centred on input 2 i + 3.5
+    assert _chain_geometry(m, x, _get_module(m, "4")) == [(2.0, 3.5), (2.0, 3.5)]
+    res = resnet10(spatial_dims=2, n_input_channels=1, num_classes=2).eval()
+    assert _chain_geometry(res, torch.rand(1, 1, 32, 32), _get_module(res, "layer4")) is None  # branches
+    fmap = torch.zeros(1, 1, 11, 11)
+    fmap[0, 0, 5, 2] = 1
+    up = _upsample(fmap, (28, 28), [(2.0, 3.5), (2.0, 3.5)])[0, 0].numpy()
+    r, c = np.unravel_index(up.argmax(), up.shape)
+    assert abs(r - 13.5) <= 0.5 and abs(c - 7.5) <= 0.5
+    h = np.zeros((9, 9))
+    h[0:5, 0] = 1.0  # flat maximum along the border: its centre, not its first element
+    assert heatmap_peak(h) == (2, 0)
+    h[6, 6] = 2.0
+    assert heatmap_peak(h) == (6, 6)
