@@ -1,17 +1,698 @@
-"""Placeholder replaced on merge by the full metrics module (CIs, operating points, calibration)."""
+"""Clinical metrics with bootstrap confidence intervals, operating points and calibration.
+
+Pure numpy / scipy / scikit-learn; no torch. Task types are plain strings:
+
+``binary``
+    ``y_true`` (N,) in {0, 1}; ``probs`` (N,) = P(class 1), or (N, 1), or (N, 2) softmax.
+``multiclass``
+    ``y_true`` (N,) ints in 0..K-1; ``probs`` (N, K) softmax.
+``multilabel``
+    ``y_true`` (N, K) 0/1; ``probs`` (N, K) sigmoid.
+``ordinal``
+    ``y_true`` (N,) ints in 0..K-1; ``probs`` (N, K) class probabilities; adds ``mae`` and
+    ``qwk`` (quadratic weighted kappa).
+
+Decision rules: binary and multilabel predict positive when ``prob >= threshold`` (default 0.5,
+per class for multilabel); multiclass and ordinal predict ``argmax``.
+
+Conventions:
+
+* A value that is undefined for the data (AUC with one class present, PPV with no positive
+  predictions, ...) is ``nan``, never an exception. :func:`to_jsonable` turns ``nan`` into
+  ``None`` (JSON ``null``).
+* Macro averages (multiclass / multilabel) are ``nanmean`` over the classes where the value is
+  defined, and ``nan`` when it is defined for none.
+* Every metric is computed from the same vectorised code path that the bootstrap uses, so a
+  point estimate and its interval can never disagree on definitions.
+* Operating points (:func:`choose_threshold`) and temperatures (:func:`fit_temperature`) must be
+  chosen on the **validation** split only and then applied unchanged to the test split; that is
+  the caller's responsibility.
+"""
 
 from __future__ import annotations
 
+import math
+import re
+from typing import Any, Mapping
+
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from scipy import optimize, special
+
+from .errors import ConfigError, DataError, choices_message
+
+TASKS = ("binary", "multiclass", "multilabel", "ordinal")
+
+#: scalar metrics shared by every task (macro averages for multiclass / multilabel / ordinal)
+BASE_METRICS = (
+    "accuracy",
+    "auc",
+    "pr_auc",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "f1",
+    "balanced_accuracy",
+)
+PER_CLASS_METRICS = ("sens", "spec", "ppv", "npv", "f1", "auc")
+
+OPERATING_POINT_HELP = "allowed: youden, f1, sens=<0..1>, spec=<0..1>, or a number in (0,1)"
 
 
-def compute_metrics(task, y_true, probs, *, threshold=None):
-    y_true = np.asarray(y_true)
-    probs = np.asarray(probs)
-    out = {}
+# --------------------------------------------------------------------------------------------
+# input checking
+# --------------------------------------------------------------------------------------------
+
+
+def _check_task(task: str) -> str:
+    if task not in TASKS:
+        raise ConfigError(choices_message("task", task, TASKS))
+    return task
+
+
+def _prepare(task: str, y_true, probs) -> tuple[np.ndarray, np.ndarray, int]:
+    """Validate shapes; return (y, p, K). Binary: p is (N,) P(class 1), K=2."""
+    _check_task(task)
+    y = np.asarray(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    if y.shape[0] != p.shape[0]:
+        raise DataError(f"y_true has {y.shape[0]} samples but probs has {p.shape[0]}")
+    if y.shape[0] == 0:
+        raise DataError("cannot compute metrics on 0 samples")
+    if not np.all(np.isfinite(p)):
+        raise DataError("probs contain nan or inf")
     if task == "binary":
-        pred = (probs >= (0.5 if threshold is None else threshold)).astype(int)
-        out["accuracy"] = float((pred == y_true).mean())
-        out["auc"] = float(roc_auc_score(y_true, probs)) if len(np.unique(y_true)) > 1 else float("nan")
+        p = binary_positive_probs(p)
+        y = y.reshape(-1)
+        if not np.isin(y, (0, 1)).all():
+            raise DataError(f"binary y_true must be 0/1, got values {np.unique(y)[:10].tolist()}")
+        return y.astype(np.int64), p, 2
+    if p.ndim != 2:
+        raise DataError(f"{task} probs must be (N, K), got shape {p.shape}")
+    k = p.shape[1]
+    if task == "multilabel":
+        if y.shape != p.shape:
+            raise DataError(f"multilabel y_true must have the shape of probs {p.shape}, got {y.shape}")
+        if not np.isin(y, (0, 1)).all():
+            raise DataError("multilabel y_true must be 0/1")
+        return y.astype(np.int64), p, k
+    y = y.reshape(-1)
+    if y.shape[0] != p.shape[0] or (y.size and (y.min() < 0 or y.max() >= k)):
+        raise DataError(f"{task} y_true must be ints in 0..{k - 1}, got values {np.unique(y)[:10].tolist()}")
+    return y.astype(np.int64), p, k
+
+
+def binary_positive_probs(probs) -> np.ndarray:
+    """(N,), (N, 1) or (N, 2) binary probabilities -> (N,) P(class 1)."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim == 1:
+        return p
+    if p.ndim == 2 and p.shape[1] == 1:
+        return p[:, 0]
+    if p.ndim == 2 and p.shape[1] == 2:
+        return p[:, 1]
+    raise DataError(f"binary probs must be (N,), (N, 1) or (N, 2), got shape {p.shape}")
+
+
+def _check_threshold(threshold, task: str, k: int):
+    if threshold is None:
+        return 0.5
+    if task in ("multiclass", "ordinal"):
+        raise ConfigError(f"a threshold applies to binary and multilabel tasks, not {task} (argmax is used)")
+    t = np.asarray(threshold, dtype=np.float64)
+    if task == "binary" and t.ndim != 0:
+        raise ConfigError(f"binary threshold must be one number, got shape {t.shape}")
+    if task == "multilabel" and (t.ndim > 1 or (t.ndim == 1 and t.shape[0] != k)):
+        raise ConfigError(f"multilabel threshold must be one number or {k} numbers, got shape {t.shape}")
+    if not np.all((t > 0) & (t < 1)):
+        raise ConfigError(f"threshold must be in (0,1), got {threshold!r}")
+    return float(t) if t.ndim == 0 else t
+
+
+# --------------------------------------------------------------------------------------------
+# vectorised core: everything takes a (B, N) matrix of resampled rows
+# --------------------------------------------------------------------------------------------
+
+
+def _div(a, b):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.asarray(a, dtype=np.float64) / np.asarray(b, dtype=np.float64)
+    return np.where(np.asarray(b) == 0, np.nan, out)
+
+
+def _nanmean(a, axis=-1):
+    a = np.asarray(a, dtype=np.float64)
+    cnt = np.sum(~np.isnan(a), axis=axis)
+    s = np.nansum(a, axis=axis)
+    return _div(s, cnt)
+
+
+def _auc_ap_batch(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC AUC and average precision of each row from one descending sort.
+
+    scores, labels: (B, N). AUC is the Mann-Whitney statistic (a tied positive/negative pair
+    counts one half), identical to ``sklearn.roc_auc_score``; AP is sklearn's
+    ``average_precision_score`` (precision at each distinct threshold weighted by the recall
+    increment). Rows with one class only give nan AUC (and nan AP when no positive).
+    """
+    b, n = scores.shape
+    order = np.argsort(-scores, axis=1, kind="stable")
+    s = np.take_along_axis(scores, order, axis=1)
+    y = np.take_along_axis(labels, order, axis=1).astype(np.float64)
+    tp = np.cumsum(y, axis=1)
+    fp = np.arange(1, n + 1) - tp
+    ar = np.arange(n)
+    # tie groups: every position looks up the cumulative counts at its group's end / before its start
+    is_last = np.ones((b, n), dtype=bool)
+    is_last[:, :-1] = s[:, :-1] != s[:, 1:]
+    is_first = np.ones((b, n), dtype=bool)
+    is_first[:, 1:] = is_last[:, :-1]
+    group_end = np.minimum.accumulate(np.where(is_last, ar, n - 1)[:, ::-1], axis=1)[:, ::-1]
+    group_start = np.maximum.accumulate(np.where(is_first, ar, 0), axis=1)
+    fp_end = np.take_along_axis(fp, group_end, axis=1)
+    fp_before = np.where(group_start > 0, np.take_along_axis(fp, np.maximum(group_start - 1, 0), axis=1), 0.0)
+    n_pos = tp[:, -1]
+    n_neg = n - n_pos
+    # each positive beats the negatives below its group and ties half of those inside it
+    wins = (y * (n_neg[:, None] - 0.5 * (fp_end + fp_before))).sum(axis=1)
+    auc = _div(wins, n_pos * n_neg)
+    prec_end = np.take_along_axis(tp, group_end, axis=1) / (group_end + 1)
+    ap = _div((y * prec_end).sum(axis=1), n_pos)
+    return auc, ap
+
+
+def _auc_batch(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row (see :func:`_auc_ap_batch`)."""
+    return _auc_ap_batch(scores, labels)[0]
+
+
+def _ap_batch(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Average precision of each row (see :func:`_auc_ap_batch`)."""
+    return _auc_ap_batch(scores, labels)[1]
+
+
+def _confusion_batch(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """(B, N) true and predicted labels -> (B, K, K) confusion matrices (rows = truth)."""
+    b = y.shape[0]
+    flat = (np.arange(b)[:, None] * k * k + y * k + pred).ravel()
+    return np.bincount(flat, minlength=b * k * k).reshape(b, k, k)
+
+
+def _rates(tp, fp, tn, fn) -> dict[str, np.ndarray]:
+    sens = _div(tp, tp + fn)
+    spec = _div(tn, tn + fp)
+    return {
+        "sens": sens,
+        "spec": spec,
+        "ppv": _div(tp, tp + fp),
+        "npv": _div(tn, tn + fn),
+        "f1": _div(2 * tp, 2 * tp + fp + fn),
+    }
+
+
+def _binary_batch(y, p, thr) -> dict[str, np.ndarray]:
+    pred = (p >= thr).astype(np.int64)
+    cm = _confusion_batch(y, pred, 2)
+    tn, fp, fn, tp = cm[:, 0, 0], cm[:, 0, 1], cm[:, 1, 0], cm[:, 1, 1]
+    r = _rates(tp, fp, tn, fn)
+    auc, ap = _auc_ap_batch(p, y)
+    return {
+        "accuracy": _div(tp + tn, y.shape[1] * np.ones_like(tp)),
+        "auc": auc,
+        "pr_auc": ap,
+        "sensitivity": r["sens"],
+        "specificity": r["spec"],
+        "ppv": r["ppv"],
+        "npv": r["npv"],
+        "f1": r["f1"],
+        "balanced_accuracy": (r["sens"] + r["spec"]) / 2.0,
+        "_cm": cm,
+    }
+
+
+def _per_class_from_cm(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """(B, K, K) -> one-vs-rest rates, each (B, K)."""
+    n = cm.sum(axis=(1, 2))[:, None]
+    tp = np.diagonal(cm, axis1=1, axis2=2)
+    fn = cm.sum(axis=2) - tp
+    fp = cm.sum(axis=1) - tp
+    tn = n - tp - fn - fp
+    return _rates(tp, fp, tn, fn)
+
+
+def _multiclass_batch(y, p, k, ordinal: bool) -> dict[str, np.ndarray]:
+    # y: (B, N) ints, p: (B, N, K)
+    pred = np.argmax(p, axis=2)
+    cm = _confusion_batch(y, pred, k)
+    pc = _per_class_from_cm(cm)
+    aucs, aps = (np.stack(a, axis=1) for a in zip(*(_auc_ap_batch(p[:, :, c], y == c) for c in range(k))))
+    pc["auc"] = aucs
+    out = {
+        "accuracy": (pred == y).mean(axis=1),
+        "auc": _nanmean(aucs),
+        "pr_auc": _nanmean(aps),
+        "sensitivity": _nanmean(pc["sens"]),
+        "specificity": _nanmean(pc["spec"]),
+        "ppv": _nanmean(pc["ppv"]),
+        "npv": _nanmean(pc["npv"]),
+        "f1": _nanmean(pc["f1"]),
+        "balanced_accuracy": _nanmean(pc["sens"]),
+        "_cm": cm,
+        "_per_class": pc,
+    }
+    if ordinal:
+        out["mae"] = np.abs(pred - y).mean(axis=1).astype(np.float64)
+        out["qwk"] = _qwk_from_cm(cm)
     return out
+
+
+def _qwk_from_cm(cm: np.ndarray) -> np.ndarray:
+    """Quadratic weighted Cohen's kappa from (B, K, K) confusion matrices."""
+    k = cm.shape[1]
+    cm = cm.astype(np.float64)
+    n = cm.sum(axis=(1, 2))
+    i = np.arange(k)
+    w = (i[:, None] - i[None, :]) ** 2 / max((k - 1) ** 2, 1)
+    expected = cm.sum(axis=2)[:, :, None] * cm.sum(axis=1)[:, None, :] / n[:, None, None]
+    return 1.0 - _div((w * cm).sum(axis=(1, 2)), (w * expected).sum(axis=(1, 2)))
+
+
+def _multilabel_batch(y, p, thr) -> dict[str, np.ndarray]:
+    # y, p: (B, N, K)
+    b, n, k = p.shape
+    thr = np.broadcast_to(np.asarray(thr, dtype=np.float64), (k,))
+    pred = (p >= thr).astype(np.int64)
+    tp = ((pred == 1) & (y == 1)).sum(axis=1)
+    fp = ((pred == 1) & (y == 0)).sum(axis=1)
+    fn = ((pred == 0) & (y == 1)).sum(axis=1)
+    tn = n - tp - fp - fn
+    pc = _rates(tp, fp, tn, fn)
+    aucs, aps = (np.stack(a, axis=1) for a in zip(*(_auc_ap_batch(p[:, :, c], y[:, :, c]) for c in range(k))))
+    pc["auc"] = aucs
+    cm = np.stack([np.stack([tn, fp], -1), np.stack([fn, tp], -1)], -2)  # (B, K, 2, 2)
+    return {
+        "accuracy": (pred == y).mean(axis=(1, 2)),
+        "subset_accuracy": (pred == y).all(axis=2).mean(axis=1),
+        "auc": _nanmean(aucs),
+        "pr_auc": _nanmean(aps),
+        "sensitivity": _nanmean(pc["sens"]),
+        "specificity": _nanmean(pc["spec"]),
+        "ppv": _nanmean(pc["ppv"]),
+        "npv": _nanmean(pc["npv"]),
+        "f1": _nanmean(pc["f1"]),
+        "balanced_accuracy": _nanmean((pc["sens"] + pc["spec"]) / 2.0),
+        "_cm": cm,
+        "_per_class": pc,
+    }
+
+
+def _batch_metrics(task: str, y: np.ndarray, p: np.ndarray, k: int, thr, idx: np.ndarray):
+    """Metrics for each row of the (B, N) index matrix ``idx``."""
+    yb = y[idx]
+    pb = p[idx]
+    if task == "binary":
+        return _binary_batch(yb, pb, thr)
+    if task == "multilabel":
+        return _multilabel_batch(yb, pb, thr)
+    return _multiclass_batch(yb, pb, k, ordinal=(task == "ordinal"))
+
+
+def _scalar_names(task: str) -> tuple[str, ...]:
+    extra = {"ordinal": ("mae", "qwk"), "multilabel": ("subset_accuracy",)}.get(task, ())
+    return BASE_METRICS + extra
+
+
+# --------------------------------------------------------------------------------------------
+# public API: point estimates, intervals, metrics.json format
+# --------------------------------------------------------------------------------------------
+
+
+def compute_metrics(task: str, y_true, probs, *, threshold=None) -> dict[str, Any]:
+    """Point estimates of every metric for ``task``.
+
+    Returns a dict of floats (``nan`` where undefined) plus ``confusion_matrix`` (list of lists,
+    rows = truth; for multilabel a list of K 2x2 matrices ``[[tn, fp], [fn, tp]]``) and, for
+    multiclass / multilabel / ordinal, ``per_class``: ``{class_index: {sens, spec, ppv, npv, f1,
+    auc}}``. ``threshold`` (binary / multilabel only, default 0.5; per class allowed for
+    multilabel) is the decision cut-off: positive when ``prob >= threshold``.
+    """
+    y, p, k = _prepare(task, y_true, probs)
+    thr = _check_threshold(threshold, task, k)
+    res = _batch_metrics(task, y, p, k, thr, np.arange(y.shape[0])[None, :])
+    out: dict[str, Any] = {name: float(res[name][0]) for name in _scalar_names(task)}
+    out["confusion_matrix"] = res["_cm"][0].tolist()
+    if "_per_class" in res:
+        pc = res["_per_class"]
+        out["per_class"] = {c: {m: float(pc[m][0, c]) for m in PER_CLASS_METRICS} for c in range(k)}
+    return out
+
+
+def _resample_indices(task: str, y: np.ndarray, n_boot: int, rng: np.random.Generator, stratified: bool):
+    n = y.shape[0]
+    if not stratified or task == "multilabel":
+        # multilabel rows carry several labels at once: there is no single stratum, resample rows
+        return rng.integers(0, n, size=(n_boot, n))
+    cols = []
+    for cls in np.unique(y):
+        members = np.flatnonzero(y == cls)
+        cols.append(members[rng.integers(0, members.size, size=(n_boot, members.size))])
+    return np.concatenate(cols, axis=1)
+
+
+def _bootstrap_arrays(task, y, p, k, thr, n_boot, seed, stratified, chunk=None):
+    rng = np.random.default_rng(seed)
+    idx = _resample_indices(task, y, n_boot, rng, stratified)
+    # keep the working set around ~50M elements for big N x K
+    per_row = idx.shape[1] * max(k, 1)
+    chunk = chunk or max(1, int(5e7 // max(per_row, 1)))
+    parts = [_batch_metrics(task, y, p, k, thr, idx[s : s + chunk]) for s in range(0, n_boot, chunk)]
+    merged: dict[str, Any] = {}
+    for key in parts[0]:
+        if key == "_per_class":
+            merged[key] = {m: np.concatenate([q[key][m] for q in parts]) for m in parts[0][key]}
+        else:
+            merged[key] = np.concatenate([q[key] for q in parts])
+    return merged
+
+
+def _percentile(a: np.ndarray, alpha: float) -> tuple[float, float]:
+    a = a[~np.isnan(a)]
+    if a.size == 0:
+        return (math.nan, math.nan)
+    lo, hi = np.percentile(a, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return (float(lo), float(hi))
+
+
+def _check_boot_args(n_boot, alpha):
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ConfigError(f"n_boot must be a positive integer, got {n_boot!r}")
+    if not 0 < alpha < 1:
+        raise ConfigError(f"alpha must be in (0,1), got {alpha!r}")
+
+
+def bootstrap_ci(
+    task: str,
+    y_true,
+    probs,
+    *,
+    threshold=None,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    stratified: bool = True,
+    per_class: bool = False,
+) -> dict[str, Any]:
+    """Percentile bootstrap intervals ``{metric: (low, high)}`` for every scalar metric.
+
+    Vectorised: one (n_boot, N) matrix of resampled indices, confusion matrices by ``bincount``,
+    AUC by the Mann-Whitney rank formula and average precision by sorted cumulative sums, all over
+    the whole matrix at once (one row-wise sort serves both). ``stratified`` resamples each class separately (so every resample
+    keeps the class counts; not applicable to multilabel, whose rows are resampled as wholes).
+    Resamples where a metric is undefined are dropped from that metric's interval. With
+    ``per_class=True`` also returns ``per_class: {class: {metric: (low, high)}}``.
+    """
+    _check_boot_args(n_boot, alpha)
+    y, p, k = _prepare(task, y_true, probs)
+    thr = _check_threshold(threshold, task, k)
+    res = _bootstrap_arrays(task, y, p, k, thr, n_boot, seed, stratified)
+    out: dict[str, Any] = {name: _percentile(res[name], alpha) for name in _scalar_names(task)}
+    if per_class and "_per_class" in res:
+        pc = res["_per_class"]
+        out["per_class"] = {c: {m: _percentile(pc[m][:, c], alpha) for m in PER_CLASS_METRICS} for c in range(k)}
+    return out
+
+
+def evaluate_predictions(
+    task: str,
+    y_true,
+    probs,
+    *,
+    threshold=None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """Point estimates with bootstrap CIs, in the format stored in ``metrics.json``.
+
+    ``{metric: {"value": v, "ci": [lo, hi]}}`` for each scalar metric, plus
+    ``"confusion_matrix": {"value": [[...]], "ci": None}`` and, for multi-class style tasks,
+    ``"per_class": {"<k>": {metric: {"value": v, "ci": [lo, hi]}}}``. ``n_boot=0`` skips the
+    bootstrap (every ``ci`` is ``[nan, nan]``). Pass through :func:`to_jsonable` before dumping.
+    """
+    point = compute_metrics(task, y_true, probs, threshold=threshold)
+    if n_boot:
+        ci = bootstrap_ci(task, y_true, probs, threshold=threshold, n_boot=n_boot, alpha=alpha, seed=seed, per_class=True)
+    else:
+        nan2 = (math.nan, math.nan)
+        ci = {name: nan2 for name in _scalar_names(task)}
+        if "per_class" in point:
+            ci["per_class"] = {c: {m: nan2 for m in PER_CLASS_METRICS} for c in point["per_class"]}
+    out: dict[str, Any] = {
+        name: {"value": point[name], "ci": list(ci[name])} for name in _scalar_names(task)
+    }
+    out["confusion_matrix"] = {"value": point["confusion_matrix"], "ci": None}
+    if "per_class" in point:
+        out["per_class"] = {
+            str(c): {m: {"value": v, "ci": list(ci["per_class"][c][m])} for m, v in d.items()}
+            for c, d in point["per_class"].items()
+        }
+    return out
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Recursively convert numpy scalars/arrays and tuples to plain JSON types; nan/inf -> None."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# operating points
+# --------------------------------------------------------------------------------------------
+
+
+def parse_operating_point(spec) -> tuple[str, float | None]:
+    """Parse an operating-point rule.
+
+    ``'youden'`` -> ``('youden', None)``; ``'f1'`` -> ``('f1', None)``; ``'sens=0.95'`` ->
+    ``('sens', 0.95)``; ``'spec=0.9'`` -> ``('spec', 0.9)``; ``0.3`` or ``'0.3'`` ->
+    ``('fixed', 0.3)``. Anything else raises :class:`ConfigError`.
+    """
+    if isinstance(spec, tuple) and len(spec) == 2:
+        spec = spec[0] if spec[1] is None else (spec[1] if spec[0] == "fixed" else f"{spec[0]}={spec[1]}")
+    if isinstance(spec, bool):
+        raise ConfigError(f"bad operating point {spec!r}; {OPERATING_POINT_HELP}")
+    if isinstance(spec, (int, float, np.floating, np.integer)):
+        v = float(spec)
+        if not 0 < v < 1:
+            raise ConfigError(f"bad operating point {spec!r}: a fixed threshold must be in (0,1); {OPERATING_POINT_HELP}")
+        return ("fixed", v)
+    if not isinstance(spec, str):
+        raise ConfigError(f"bad operating point {spec!r}; {OPERATING_POINT_HELP}")
+    s = spec.strip().lower().replace(" ", "")
+    if s in ("youden", "f1"):
+        return (s, None)
+    m = re.fullmatch(r"(sens|spec)=(.+)", s)
+    if m:
+        try:
+            v = float(m.group(2))
+        except ValueError:
+            raise ConfigError(f"bad operating point {spec!r}; {OPERATING_POINT_HELP}") from None
+        if not 0 < v <= 1:
+            raise ConfigError(f"bad operating point {spec!r}: the target must be in (0,1]; {OPERATING_POINT_HELP}")
+        return (m.group(1), v)
+    try:
+        v = float(s)
+    except ValueError:
+        raise ConfigError(f"bad operating point {spec!r}; {OPERATING_POINT_HELP}") from None
+    return parse_operating_point(v)
+
+
+def _threshold_one(y: np.ndarray, p: np.ndarray, rule: str, target: float | None) -> float:
+    if rule == "fixed":
+        return float(target)
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == y.size:
+        raise DataError("choosing an operating point needs both classes in the validation labels")
+    # candidate thresholds: distinct scores, decision is p >= t
+    order = np.argsort(-p, kind="stable")
+    ps, ys = p[order], y[order]
+    last = np.r_[ps[:-1] != ps[1:], True]
+    tp = np.cumsum(ys)[last].astype(np.float64)
+    fp = np.cumsum(1 - ys)[last].astype(np.float64)
+    thr = ps[last]
+    n_neg = y.size - n_pos
+    tpr, fpr = tp / n_pos, fp / n_neg
+    if rule == "youden":
+        i = int(np.argmax(tpr - fpr))
+    elif rule == "f1":
+        i = int(np.argmax(2 * tp / (tp + fp + n_pos)))
+    elif rule == "sens":
+        # highest threshold (best specificity) that reaches the target sensitivity
+        i = int(np.argmax(tpr >= target - 1e-12))
+    elif rule == "spec":
+        ok = np.flatnonzero(1 - fpr >= target - 1e-12)
+        if ok.size == 0:  # even the highest score is too many false positives: predict none
+            return float(np.nextafter(thr[0], np.inf))
+        i = int(ok[-1])  # lowest threshold (best sensitivity) that keeps the target specificity
+    else:  # pragma: no cover - parse_operating_point guards this
+        raise ConfigError(f"bad operating point {rule!r}; {OPERATING_POINT_HELP}")
+    return float(thr[i])
+
+
+def choose_threshold(y_true, probs, rule="youden"):
+    """Decision threshold for binary (float) or multilabel (one per class, ndarray) predictions.
+
+    ``rule``: ``'youden'`` (max sens + spec - 1), ``'f1'`` (max F1), ``'sens=0.95'`` (highest
+    threshold with sensitivity >= 0.95, i.e. the best specificity there), ``'spec=0.90'``
+    (lowest threshold with specificity >= 0.90, i.e. the best sensitivity there), or a fixed
+    number in (0,1). Decisions are ``prob >= threshold``.
+
+    Choose it on the **validation** split only and apply it unchanged to the test split; choosing
+    it on the test split inflates every threshold-dependent metric.
+    """
+    kind, target = parse_operating_point(rule)
+    y = np.asarray(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    if y.ndim == 2 and y.shape[1] > 1:  # multilabel
+        if p.shape != y.shape:
+            raise DataError(f"multilabel y_true {y.shape} and probs {p.shape} must have the same shape")
+        return np.array([_threshold_one(y[:, c].astype(np.int64), p[:, c], kind, target) for c in range(y.shape[1])])
+    y = y.reshape(-1)
+    if p.ndim == 2 and p.shape[1] > 2:
+        raise ConfigError("operating points apply to binary and multilabel tasks; multiclass uses argmax")
+    p = binary_positive_probs(p)
+    if y.shape[0] != p.shape[0]:
+        raise DataError(f"y_true has {y.shape[0]} samples but probs has {p.shape[0]}")
+    if not np.isin(y, (0, 1)).all():
+        raise DataError("binary y_true must be 0/1")
+    return _threshold_one(y.astype(np.int64), p, kind, target)
+
+
+# --------------------------------------------------------------------------------------------
+# calibration
+# --------------------------------------------------------------------------------------------
+
+
+def _calibration_pairs(task: str, y_true, probs) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, outcome) pairs that a reliability diagram bins.
+
+    binary: P(class 1) vs y; multilabel: every (sample, label) probability vs its 0/1 label;
+    multiclass / ordinal: top-label confidence vs whether the argmax is correct.
+    """
+    y, p, k = _prepare(task, y_true, probs)
+    if task == "binary":
+        return p, y.astype(np.float64)
+    if task == "multilabel":
+        return p.ravel(), y.ravel().astype(np.float64)
+    pred = p.argmax(axis=1)
+    return p.max(axis=1), (pred == y).astype(np.float64)
+
+
+def reliability_curve(task: str, y_true, probs, n_bins: int = 15) -> dict[str, list]:
+    """Equal-width reliability bins: ``edges`` (n_bins+1), and per bin ``accuracy`` (observed
+    frequency), ``confidence`` (mean predicted probability) and ``count``; empty bins are nan."""
+    if not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ConfigError(f"n_bins must be a positive integer, got {n_bins!r}")
+    conf, outcome = _calibration_pairs(task, y_true, probs)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    b = np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, n_bins - 1)
+    count = np.bincount(b, minlength=n_bins)
+    acc = _div(np.bincount(b, weights=outcome, minlength=n_bins), count)
+    cf = _div(np.bincount(b, weights=conf, minlength=n_bins), count)
+    return {"edges": edges.tolist(), "accuracy": acc.tolist(), "confidence": cf.tolist(), "count": count.tolist()}
+
+
+def expected_calibration_error(task: str, y_true, probs, n_bins: int = 15) -> float:
+    """ECE = sum over bins of (bin share) * |observed frequency - mean confidence|."""
+    rc = reliability_curve(task, y_true, probs, n_bins=n_bins)
+    count = np.asarray(rc["count"], dtype=np.float64)
+    gap = np.abs(np.asarray(rc["accuracy"]) - np.asarray(rc["confidence"]))
+    return float(np.sum(np.where(count > 0, gap * count, 0.0)) / count.sum())
+
+
+def _logits_layout(logits, task: str) -> tuple[np.ndarray, str]:
+    """Return (z, kind) where kind is 'sigmoid' (z (N,) or (N,K)) or 'softmax' (z (N,K))."""
+    _check_task(task)
+    z = np.asarray(logits, dtype=np.float64)
+    if task == "binary":
+        if z.ndim == 1:
+            return z, "sigmoid"
+        if z.ndim == 2 and z.shape[1] == 1:
+            return z[:, 0], "sigmoid"
+        if z.ndim == 2 and z.shape[1] == 2:
+            return z, "softmax"
+        raise DataError(f"binary logits must be (N,), (N, 1) or (N, 2), got shape {z.shape}")
+    if z.ndim != 2:
+        raise DataError(f"{task} logits must be (N, K), got shape {z.shape}")
+    return z, ("sigmoid" if task == "multilabel" else "softmax")
+
+
+def apply_temperature(logits, T: float, task: str) -> np.ndarray:
+    """Probabilities from logits / T: binary single logit -> (N,) P(class 1); binary (N, 2),
+    multiclass and ordinal -> softmax (N, K); multilabel -> sigmoid (N, K)."""
+    if not (isinstance(T, (int, float, np.floating)) and T > 0 and math.isfinite(T)):
+        raise ConfigError(f"temperature must be a positive number, got {T!r}")
+    z, kind = _logits_layout(logits, task)
+    if kind == "sigmoid":
+        return special.expit(z / T)
+    return special.softmax(z / T, axis=1)
+
+
+def _nll(z: np.ndarray, y: np.ndarray, kind: str, t: float) -> float:
+    zt = z / t
+    if kind == "sigmoid":
+        # BCE with logits, stable: log(1+e^z) - y z
+        return float(np.mean(np.logaddexp(0.0, zt) - y * zt))
+    logp = special.log_softmax(zt, axis=1)
+    return float(-np.mean(logp[np.arange(z.shape[0]), y]))
+
+
+def fit_temperature(logits, y_true, task: str) -> float:
+    """Temperature T > 0 minimising the NLL of ``logits / T`` (bounded 1-D search on log T).
+
+    Fit on the validation split; store T with the model and apply it with
+    :func:`apply_temperature` everywhere probabilities are shown.
+    """
+    z, kind = _logits_layout(logits, task)
+    y = np.asarray(y_true)
+    if y.shape[0] != z.shape[0]:
+        raise DataError(f"y_true has {y.shape[0]} samples but logits has {z.shape[0]}")
+    if kind == "sigmoid":
+        y = y.reshape(z.shape).astype(np.float64)
+    else:
+        y = y.reshape(-1).astype(np.int64)
+        if y.min() < 0 or y.max() >= z.shape[1]:
+            raise DataError(f"{task} y_true must be ints in 0..{z.shape[1] - 1}")
+    res = optimize.minimize_scalar(
+        lambda lt: _nll(z, y, kind, math.exp(lt)), bounds=(math.log(0.05), math.log(20.0)), method="bounded",
+        options={"xatol": 1e-5},
+    )
+    return float(math.exp(res.x))
+
+
+__all__ = [
+    "TASKS",
+    "apply_temperature",
+    "binary_positive_probs",
+    "bootstrap_ci",
+    "choose_threshold",
+    "compute_metrics",
+    "evaluate_predictions",
+    "expected_calibration_error",
+    "fit_temperature",
+    "parse_operating_point",
+    "reliability_curve",
+    "to_jsonable",
+]
