@@ -71,6 +71,14 @@ class _Progress:
             self.progress.console.print(f"resuming at epoch {info['epoch'] + 1}")
 
 
+def b_thr(path) -> str:
+    import json as _json
+
+    meta = _json.loads((Path(path) / "bundle.json").read_text())
+    t = meta.get("threshold")
+    return "argmax" if t is None else f"{t} by {meta.get('threshold_rule')} on val, T={meta.get('temperature', 1.0):.2f}"
+
+
 def metrics_table(metrics: dict, title: str = "metrics") -> Table:
     """Rows = metrics, columns = splits; values with their 95% CI when present."""
     splits = [s for s in metrics if isinstance(metrics[s], dict)]
@@ -109,6 +117,7 @@ def train(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints/last.pt"),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="turn augmentation on or off"),
+    operating_point: Optional[str] = typer.Option(None, help="threshold rule on val: youden, f1, sens=0.95, spec=0.9, or a number"),
     set_: List[str] = typer.Option([], "--set", help="any config value, e.g. --set train.schedule=step"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
@@ -118,7 +127,7 @@ def train(
 
     overrides = {"data.name": data, "model.name": model, "train.epochs": epochs, "train.seed": seed,
                  "data.size": size, "train.batch_size": batch_size, "train.lr": lr, "data.task": task,
-                 "train.device": device}
+                 "train.device": device, "train.operating_point": operating_point}
     if augment is not None:
         overrides["augment.enabled"] = augment
     for item in set_:
@@ -134,7 +143,7 @@ def train(
     if _is_main_process():
         out_console.print(metrics_table(metrics, title=f"{cfg.model.name} on {cfg.data.name} "
                                                        f"(best epoch {result.best_epoch}, {result.seconds:.1f}s)"))
-        out_console.print(f"bundle written to {out_path}")
+        out_console.print(f"bundle written to {out_path} (threshold {b_thr(out_path)})")
 
 
 @app.command()
@@ -143,27 +152,78 @@ def evaluate(
     data: Optional[str] = typer.Option(None, help="dataset (default: the one the bundle was trained on)"),
     split: List[str] = typer.Option(["test"], help="split(s) to evaluate"),
     size: Optional[int] = typer.Option(None),
+    operating_point: Optional[str] = typer.Option(
+        None, help="re-choose the threshold on the val split: youden, f1, sens=0.95, spec=0.9, or a number"),
     n_boot: int = typer.Option(1000, help="bootstrap resamples for 95% CIs (0 = none)"),
+    report: bool = typer.Option(True, help="write report.html into the bundle"),
     json_out: bool = typer.Option(False, "--json", help="print metrics as JSON"),
 ):
-    """Evaluate a bundle on a split; prints a metrics table and writes metrics.json in the bundle."""
+    """Evaluate a bundle: metrics with 95% CIs per split into metrics.json, and a self-contained report.html."""
     from medsight.bundle import load_bundle
-    from medsight.data.sources import load_dataset
-    from medsight.pipeline import evaluate_and_store
+    from medsight.evaluate import calibrate_bundle, write_bundle_report
+    from medsight.metrics import parse_operating_point
+    from medsight.pipeline import evaluate_and_store, load_data_for_bundle
 
     b = load_bundle(bundle)
-    src = b.meta["preprocessing"].get("source", {})
-    name = data or src.get("medmnist") or b.meta["data"]
-    sz = size or src.get("size") or b.meta["input"]["size"][0]
-    ds = load_dataset(name, size=sz)
-    metrics = evaluate_and_store(b, ds, splits=tuple(split), n_boot=n_boot)
+    ds = load_data_for_bundle(b, data, size)
+    if operating_point is not None:
+        parse_operating_point(operating_point)
+        calibrate_bundle(b, ds, operating_point=operating_point,
+                         calibrate=(b.meta.get("calibration") or {}).get("temperature", 1.0) != 1.0)
+    splits = tuple(dict.fromkeys(["val", *split]))
+    metrics = evaluate_and_store(b, ds, splits=splits, n_boot=n_boot)
     shown = {s: metrics[s] for s in split}
     if json_out:
         from medsight.utils import json_safe
 
         out_console.print_json(json.dumps(json_safe(shown)))
     else:
-        out_console.print(metrics_table(shown, title=f"{bundle} on {name}"))
+        thr = b.threshold
+        out_console.print(metrics_table(shown, title=f"{bundle} on {ds.name} (threshold {thr if thr is not None else 'argmax'}"
+                                                     f"{', ' + b.meta['threshold_rule'] if b.meta.get('threshold_rule') else ''};"
+                                                     f" T={b.temperature:.2f})"))
+    if report:
+        path = write_bundle_report(b, ds, metrics, splits=splits)
+        out_console.print(f"report written to {path}")
+
+
+@app.command()
+def explain(
+    bundle: Path = typer.Argument(..., help="bundle folder"),
+    files: List[Path] = typer.Argument(..., help="images, DICOM files or series folders, NIfTI volumes"),
+    out: Path = typer.Option(Path("explanations"), help="folder for <name>_heatmap.npy and <name>_overlay.png"),
+    method: str = typer.Option("gradcam", help="gradcam or occlusion"),
+    class_idx: Optional[int] = typer.Option(None, help="class to explain (default: the predicted one)"),
+):
+    """Heatmaps (Grad-CAM or occlusion) over each input, as arrays and PNG overlays (3D: three orthogonal slices)."""
+    import numpy as np
+    import torch
+
+    from medsight.bundle import load_bundle
+    from medsight.evaluate import explain_images, overlay
+    from medsight.preprocess import load_one
+    from medsight.utils import atomic_write_bytes
+
+    b = load_bundle(bundle)
+    out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for f in files:
+        try:
+            x, _ = load_one(f, b.recipe)
+        except MedsightError as e:
+            console.print(f"[red]error:[/red] {e}", highlight=False)
+            failures += 1
+            continue
+        xt = torch.from_numpy(x)[None]
+        heat = explain_images(b, xt, class_idx=class_idx, method=method)[0]
+        probs = b.task.probabilities(b.model(xt).detach(), b.temperature).numpy()[0]
+        name = Path(f).name.split(".")[0] or "input"
+        np.save(out / f"{name}_heatmap.npy", heat.astype(np.float32))
+        atomic_write_bytes(out / f"{name}_overlay.png", overlay(x, heat))
+        p = float(probs) if np.ndim(probs) == 0 else float(np.max(probs))
+        out_console.print(f"{f}: p={p:.3f} -> {out / (name + '_overlay.png')}")
+    if failures:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -248,7 +308,9 @@ def deid(
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int):
+            return rc
     except MedsightError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         return 2

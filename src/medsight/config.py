@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medsight.errors import ConfigError
 
@@ -65,6 +65,21 @@ class TrainConfig(_Strict):
     threads: Optional[int] = Field(None, ge=1)
     device: Optional[str] = None
     eval_batch_size: int = Field(512, ge=1)
+    operating_point: str = Field("0.5", description="threshold chosen on val: youden, f1, sens=0.95, spec=0.9, or a number")
+    calibrate: bool = Field(True, description="fit a temperature on the validation split")
+    n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the 95% CIs in metrics.json")
+
+    @field_validator("operating_point", mode="before")
+    @classmethod
+    def _check_operating_point(cls, v):
+        from medsight.metrics import parse_operating_point
+
+        v = str(v)
+        try:
+            parse_operating_point(v)
+        except Exception as e:  # ConfigError -> ValueError so pydantic names the field
+            raise ValueError(str(e)) from None
+        return v
 
 
 class RunConfig(_Strict):

@@ -1,14 +1,27 @@
-"""Evaluate a bundle on dataset splits: probabilities at the bundle's temperature, decisions at its threshold."""
+"""Evaluate a bundle like a clinician would.
+
+- ``calibrate_bundle``: on the **validation** split only, fit the temperature and choose the operating point
+  (Youden / target sensitivity or specificity / F1 / fixed); both are stored in ``bundle.json`` and used by every
+  later prediction.
+- ``evaluate_split``: metrics with bootstrap 95% CIs at the bundle's temperature and threshold.
+- ``write_bundle_report``: the self-contained ``report.html`` (curves, confusion matrix, reliability, training
+  curves, per-class table, gallery of correct and wrong cases with Grad-CAM overlays).
+"""
 
 from __future__ import annotations
+
+import csv
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from medsight import metrics as M
 from medsight.bundle import Bundle
 from medsight.data.sources import Dataset
 from medsight.errors import MedsightError
 from medsight.train import evaluate_logits
+from medsight.transforms import to_float
 
 
 def check_compatible(bundle: Bundle, data: Dataset) -> None:
@@ -27,20 +40,146 @@ def split_logits(bundle: Bundle, data: Dataset, split: str, *, device="cpu", bat
     return evaluate_logits(bundle.model.to(device), s.images, device=torch.device(device), batch_size=batch_size)
 
 
-def evaluate_split(bundle: Bundle, data: Dataset, split: str, *, device="cpu", n_boot: int = 0,
-                   seed: int = 0) -> dict:
-    from medsight import metrics
+def split_probs(bundle: Bundle, data: Dataset, split: str, *, temperature: float | None = None) -> np.ndarray:
+    t = bundle.temperature if temperature is None else temperature
+    return bundle.task.probabilities(split_logits(bundle, data, split), t).numpy()
 
+
+def calibrate_bundle(bundle: Bundle, data: Dataset, *, operating_point: str | float | None = "0.5",
+                     calibrate: bool = True) -> dict:
+    """Fit temperature and threshold on the validation split; store them in the bundle; return a summary."""
     check_compatible(bundle, data)
-    logits = split_logits(bundle, data, split, device=device)
-    probs = bundle.task.probabilities(logits, bundle.temperature).numpy()
+    task = bundle.task
+    val = data.split("val")
+    logits = split_logits(bundle, data, "val")
+    summary: dict = {"split": "val"}
+    temperature = 1.0
+    probs_before = task.probabilities(logits).numpy()
+    if calibrate and task.name != "ordinal":  # ordinal heads are cumulative logits: left uncalibrated
+        temperature = float(M.fit_temperature(logits.numpy(), val.labels, task.name))
+    probs = task.probabilities(logits, temperature).numpy()
+    summary.update(temperature=temperature,
+                   ece_before=M.expected_calibration_error(task.name, val.labels, probs_before),
+                   ece_after=M.expected_calibration_error(task.name, val.labels, probs))
+    threshold = None
+    rule = None
+    if task.name in ("binary", "multilabel") and operating_point is not None:
+        rule = str(operating_point)
+        thr = M.choose_threshold(val.labels, probs, rule)
+        threshold = [float(v) for v in np.atleast_1d(thr)] if task.name == "multilabel" else float(thr)
+    bundle.meta.update(temperature=temperature, threshold=threshold, threshold_rule=rule,
+                       calibration={k: v for k, v in summary.items()})
+    bundle.save_meta()
+    return summary
+
+
+def evaluate_split(bundle: Bundle, data: Dataset, split: str, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    check_compatible(bundle, data)
+    probs = split_probs(bundle, data, split)
     y = data.split(split).labels
-    if n_boot and hasattr(metrics, "evaluate_predictions"):
-        return metrics.evaluate_predictions(bundle.task.name, y, probs, threshold=bundle.threshold,
-                                            n_boot=n_boot, seed=seed)
-    return {k: {"value": v} for k, v in metrics.compute_metrics(bundle.task.name, y, probs,
-                                                                 threshold=bundle.threshold).items()}
+    return M.evaluate_predictions(bundle.task.name, y, probs, threshold=bundle.threshold, n_boot=n_boot, seed=seed)
+
+
+def calibration_report(bundle: Bundle, data: Dataset, splits=("val", "test")) -> dict:
+    """ECE before / after temperature scaling and reliability curves, per split."""
+    task = bundle.task.name
+    out: dict = {"temperature": bundle.temperature, "curves": {}}
+    for s in splits:
+        if s not in data.splits:
+            continue
+        y = data.split(s).labels
+        logits = split_logits(bundle, data, s)
+        before = bundle.task.probabilities(logits).numpy()
+        after = bundle.task.probabilities(logits, bundle.temperature).numpy()
+        out[f"ece_before_{s}"] = M.expected_calibration_error(task, y, before)
+        out[f"ece_after_{s}"] = M.expected_calibration_error(task, y, after)
+        out["curves"][f"{s} uncalibrated"] = M.reliability_curve(task, y, before)
+        out["curves"][f"{s} T={bundle.temperature:.2f}"] = M.reliability_curve(task, y, after)
+    first = next((s for s in splits if f"ece_before_{s}" in out), None)
+    if first:
+        out["ece_before"], out["ece_after"] = out[f"ece_before_{first}"], out[f"ece_after_{first}"]
+    return out
+
+
+def read_history(bundle: Bundle) -> list[dict]:
+    p = bundle.path / "history.csv"
+    if not p.is_file():
+        return []
+    rows = []
+    for r in csv.DictReader(p.open()):
+        rows.append({k: (float(v) if v not in ("", None) else None) for k, v in r.items()})
+    return rows
+
+
+def explain_images(bundle: Bundle, x: torch.Tensor, class_idx=None, method: str = "gradcam") -> np.ndarray:
+    """Heatmaps in [0, 1] for a float batch already preprocessed; Grad-CAM or occlusion."""
+    from medsight import explain
+
+    if method == "gradcam":
+        return explain.gradcam(bundle.model, x, class_idx=class_idx)
+    if method == "occlusion":
+        patch = max(2, min(x.shape[2:]) // 4)
+        return explain.occlusion(bundle.model, x, class_idx=class_idx, patch=patch)
+    raise MedsightError(f"unknown explanation method {method!r}; allowed: gradcam, occlusion")
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray) -> bytes:
+    from medsight import explain
+
+    if heatmap.ndim == 3:
+        return explain.orthogonal_slices(image, heatmap)
+    return explain.overlay_png(image, heatmap)
+
+
+def gallery(bundle: Bundle, data: Dataset, split: str, probs: np.ndarray, n: int = 4) -> list[dict]:
+    """Up to ``n`` correct and ``n`` wrong cases of ``split`` with Grad-CAM overlays (most confident first)."""
+    task = bundle.task
+    y = data.split(split).labels
+    pred = task.decide(probs, bundle.threshold)
+    if task.name == "multilabel":
+        correct = (pred == y).all(axis=1)
+        conf = np.abs(probs - 0.5).mean(axis=1)
+    else:
+        correct = pred == y.reshape(-1)
+        conf = probs if probs.ndim == 1 else probs.max(axis=1)
+        conf = np.abs(conf - 0.5) if probs.ndim == 1 else conf
+    picks = []
+    for want in (True, False):
+        idx = np.where(correct == want)[0]
+        picks += [(i, want) for i in idx[np.argsort(-conf[idx])][:n]]
+    if not picks:
+        return []
+    images = to_float(torch.as_tensor(data.split(split).images[[i for i, _ in picks]]))
+    heat = explain_images(bundle, images)
+    items = []
+    for (i, ok), img, h in zip(picks, images.numpy(), heat):
+        p = probs[i]
+        truth = bundle.classes[int(y[i])] if task.name != "multilabel" else str(y[i].astype(int).tolist())
+        shown = bundle.classes[int(pred[i])] if task.name != "multilabel" else str(pred[i].tolist())
+        pv = float(p) if np.ndim(p) == 0 else float(np.max(p))
+        items.append({"png": overlay(img, h), "correct": bool(ok),
+                      "caption": f"#{i}: true {truth}, predicted {shown} (p={pv:.2f})"})
+    return items
+
+
+def write_bundle_report(bundle: Bundle, data: Dataset, results: dict, splits=("val", "test"),
+                        extra_sections=None, path: Path | None = None) -> Path:
+    from medsight.report import build_report, write_report
+
+    split_data = {}
+    for s in splits:
+        if s in data.splits and s in results:
+            split_data[s] = {"y_true": data.split(s).labels, "probs": split_probs(bundle, data, s),
+                             "metrics": results[s]}
+    last = list(split_data)[-1]
+    html = build_report(
+        title=f"{bundle.meta['model']['name']} on {bundle.meta['data']} - {bundle.path.name}",
+        task=bundle.task.name, class_names=bundle.classes, splits=split_data, threshold=bundle.threshold,
+        history=read_history(bundle), calibration=calibration_report(bundle, data, tuple(split_data)),
+        gallery=gallery(bundle, data, last, split_data[last]["probs"]), extra_sections=extra_sections)
+    return write_report(path or bundle.path / "report.html", html)
 
 
 def scalar_metrics(result: dict) -> dict[str, float]:
-    return {k: v["value"] for k, v in result.items() if isinstance(v, dict) and isinstance(v.get("value"), (int, float, np.floating))}
+    return {k: v["value"] for k, v in result.items()
+            if isinstance(v, dict) and isinstance(v.get("value"), (int, float, np.floating))}

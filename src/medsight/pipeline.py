@@ -7,7 +7,7 @@ from pathlib import Path
 from medsight.bundle import Bundle, load_bundle, make_meta, save_bundle
 from medsight.config import RunConfig, dump_config
 from medsight.data.sources import Dataset, load_dataset
-from medsight.evaluate import evaluate_split
+from medsight.evaluate import calibrate_bundle, evaluate_split
 from medsight.train import Callback, FitResult, fit, write_history
 from medsight.utils import atomic_write_text, write_json
 
@@ -22,7 +22,7 @@ def load_data_for(cfg: RunConfig) -> Dataset:
     return data
 
 
-def evaluate_and_store(bundle: Bundle, data: Dataset, splits=("val", "test"), *, n_boot: int = 0) -> dict:
+def evaluate_and_store(bundle: Bundle, data: Dataset, splits=("val", "test"), *, n_boot: int = 1000) -> dict:
     """Metrics per split into ``metrics.json`` (merged with what is there, so other splits are kept)."""
     import json
 
@@ -53,6 +53,23 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
                          extra={"train_seconds": round(result.seconds, 2)})
         save_bundle(out, result.model, meta)
         write_history(out / "history.csv", result.history)
+        bundle = load_bundle(out)
+        calibrate_bundle(bundle, data, operating_point=cfg.train.operating_point, calibrate=cfg.train.calibrate)
         if evaluate:
-            metrics = evaluate_and_store(load_bundle(out), data)
+            metrics = evaluate_and_store(bundle, data, n_boot=cfg.train.n_boot)
     return out, result, metrics
+
+
+def load_data_for_bundle(bundle: Bundle, data: str | None = None, size: int | None = None) -> Dataset:
+    """The dataset a bundle was trained on (or ``data``), with the bundle's own settings."""
+    import yaml
+
+    from medsight.config import RunConfig
+
+    cfg_path = bundle.path / "config.yaml"
+    cfg = RunConfig.model_validate(yaml.safe_load(cfg_path.read_text())) if cfg_path.is_file() else RunConfig()
+    if data is not None:
+        cfg.data.name = data
+    if size is not None:
+        cfg.data.size = size
+    return load_data_for(cfg)

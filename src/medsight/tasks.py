@@ -4,7 +4,7 @@
 - multiclass: K logits, cross-entropy; softmax; decision argmax.
 - multilabel: K logits, BCE per label; sigmoid; decision ``p_k >= threshold`` per label.
 - ordinal: K-1 cumulative logits (CORAL-style, P(y > k)); class probabilities from the cumulative ones;
-  decision = number of cumulative probabilities >= 0.5.
+  decision = argmax of the class probabilities (as metrics.py scores it).
 """
 
 from __future__ import annotations
@@ -102,11 +102,7 @@ class Task:
         if self.name == "multilabel":
             thr = 0.5 if threshold is None else np.asarray(threshold)
             return (probs >= thr).astype(np.int64)
-        if self.name == "ordinal":
-            # median of the predictive distribution == number of cumulative probs >= 0.5
-            cum = 1.0 - np.cumsum(probs, axis=1)[:, :-1]
-            return (cum >= 0.5).sum(axis=1).astype(np.int64)
-        return probs.argmax(axis=1).astype(np.int64)
+        return probs.argmax(axis=1).astype(np.int64)  # multiclass and ordinal (class probabilities)
 
     def class_weights(self, labels: np.ndarray) -> torch.Tensor:
         """'balanced' weights: n / (k * count_c); for multilabel, pos_weight = neg/pos per label."""
