@@ -13,7 +13,7 @@ from torch import nn
 from medsight.config import load_config
 from medsight.errors import ConfigError, DataError
 from medsight.fusion import (FUSION_MODES, FusionClassifier, TabularEncoder, encode_tabular, fit_fusion, fit_tabular,
-                             fusion_logits, model_with_tab)
+                             fusion_logits, fusion_meta, model_with_tab)
 from medsight.models import create_model
 from medsight.tasks import Task
 
@@ -183,3 +183,22 @@ def test_fusion_beats_each_single_modality_on_synthetic_data():
     assert single < 0.65, auc
     for mode in ("concat", "film", "gated"):
         assert auc[mode] > 0.9 and auc[mode] > single + 0.2, auc
+
+
+def test_fusion_meta_rebuilds_the_same_model():
+    enc = TabularEncoder.fit(ROWS, numeric=["age"], categorical=["sex"])
+    torch.manual_seed(0)
+    m = FusionClassifier(_image_model(), enc.n_features, 1, "film", hidden=16, dropout=0.1).eval()
+    meta = json.loads(json.dumps(fusion_meta(m, enc)))
+    assert meta["columns"] == ["age", "sex"] and meta["mode"] == "film"
+    from medsight.fusion import build_fusion
+
+    back = build_fusion(meta, _image_model())
+    back.load_state_dict(m.state_dict())
+    back.eval()
+    x, tab = torch.rand(2, 1, 16, 16), torch.as_tensor(encode_tabular(ROWS[:2], meta["tabular"]))
+    assert torch.allclose(back(x, tab), m(x, tab))
+    with pytest.raises(DataError, match="fusion metadata is malformed"):
+        build_fusion({"mode": "concat"}, _image_model())
+    with pytest.raises(ConfigError, match="encoder yields 5 features, the fusion model expects 3"):
+        fusion_meta(FusionClassifier(_image_model(), 3, 1), enc)

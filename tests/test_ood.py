@@ -157,3 +157,13 @@ def test_pneumonia_model_flags_breast_ultrasound(medmnist_dir):
     z_in, z_out = ind["logits"], out["logits"]
     energy_auroc = roc_auc_score(y, np.r_[ood.energy_score(z_in), ood.energy_score(z_out)])
     assert energy_auroc < auroc
+
+
+def test_with_features_gives_logits_and_the_mahalanobis_features():
+    m = _tiny().eval()
+    x = torch.rand(5, 1, 4, 4)
+    logits, feats = ood.WithFeatures(m)(x)
+    ref_logits, ref_feats = ood.logits_and_features(m, x)
+    assert torch.allclose(logits, ref_logits) and torch.allclose(feats, ref_feats)
+    with pytest.raises(ConfigError, match="no layer 'head'"):
+        ood.WithFeatures(m, layer="head")

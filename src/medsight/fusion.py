@@ -261,6 +261,7 @@ class FusionClassifier(nn.Module):
         if mode != "tabular" and image_model is None:
             raise ConfigError(f"fusion mode {mode!r} needs an image model")
         self.mode, self.n_tab, self.num_outputs = mode, int(n_tab), int(num_outputs)
+        self.hidden, self.dropout = int(hidden), float(dropout)
         self.image = None
         d = 0
         if mode != "tabular":
@@ -334,6 +335,25 @@ class TabBound(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tab = self.tab if len(self.tab) == len(x) else self.tab[:1].expand(len(x), -1)
         return self.fusion(x, tab.to(x.device))
+
+
+def fusion_meta(model: FusionClassifier, encoder: TabularEncoder | dict) -> dict:
+    """What a bundle needs to rebuild ``model`` (next to ``bundle.json``'s image ``model`` spec): JSON-able."""
+    enc = encoder if isinstance(encoder, TabularEncoder) else TabularEncoder.from_dict(encoder)
+    if enc.n_features != model.n_tab and model.mode != "image":
+        raise ConfigError(f"encoder yields {enc.n_features} features, the fusion model expects {model.n_tab}")
+    return {"mode": model.mode, "n_tab": model.n_tab, "num_outputs": model.num_outputs, "hidden": model.hidden,
+            "dropout": model.dropout, "columns": enc.columns, "tabular": enc.to_dict()}
+
+
+def build_fusion(meta: dict, image_model: nn.Module | None) -> FusionClassifier:
+    """Rebuild an (untrained) :class:`FusionClassifier` from :func:`fusion_meta`; then ``load_state_dict``.
+    ``image_model``: ``medsight.bundle.build_from_spec(bundle_meta["model"])`` (``None`` for 'tabular')."""
+    try:
+        return FusionClassifier(image_model, int(meta["n_tab"]), int(meta["num_outputs"]), meta["mode"],
+                                hidden=int(meta.get("hidden", 32)), dropout=float(meta.get("dropout", 0.0)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"fusion metadata is malformed: {type(e).__name__}: {e}") from e
 
 
 def model_with_tab(model: FusionClassifier, tab) -> TabBound:

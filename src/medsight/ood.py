@@ -122,6 +122,29 @@ def logits_and_features(model: nn.Module, images, *, batch_size: int = 256,
     return torch.cat(logits), torch.cat(feats)
 
 
+class WithFeatures(nn.Module):
+    """``forward(x) -> (logits, features)``: the model plus its penultimate features as a second output, for an
+    ONNX export whose runtime must compute the Mahalanobis score without PyTorch hooks."""
+
+    def __init__(self, model: nn.Module, layer: str | None = None):
+        super().__init__()
+        self.model = model
+        self.layer = layer if layer is not None else last_linear(model)[0]
+        modules = dict(model.named_modules())
+        if self.layer not in modules:
+            raise ConfigError(f"model has no layer {self.layer!r} for OOD features")
+        self._tap = modules[self.layer]
+
+    def forward(self, x: torch.Tensor):
+        box: list[torch.Tensor] = []
+        h = self._tap.register_forward_hook(lambda m, inp, out: box.append(inp[0].flatten(1)))
+        try:
+            logits = self.model(x)
+        finally:
+            h.remove()
+        return logits, box[0]
+
+
 # --------------------------------------------------------------------------------------------- Mahalanobis
 def fit_mahalanobis(model: nn.Module, train_images, labels=None, *, batch_size: int = 256,
                     device: str | torch.device | None = None, shrinkage: float = 1e-3) -> dict:
