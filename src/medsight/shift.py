@@ -341,10 +341,7 @@ def _check_result(result: dict) -> None:
 def plot_shift(result: dict, *, title: str | None = None) -> bytes:
     """PNG bytes: the primary metric (AUC) against severity, one line per corruption, severity 0 = clean."""
     _check_result(result)
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot: the global backend is left alone
 
     primary = result["primary"]
     clean = result["clean"].get(primary, float("nan"))
@@ -356,9 +353,10 @@ def plot_shift(result: dict, *, title: str | None = None) -> bytes:
         ax.plot(xs, ys, marker="o", label=name)
     ax.axhline(clean, color="black", linestyle="--", linewidth=0.8)
     ax.set_xlabel("severity (0 = clean)")
-    ax.set_ylabel(primary.upper() if primary == "auc" else primary)
+    ax.set_ylabel("AUC" if primary == "auc" else primary)
     ax.set_xticks([0] + list(result["severities"]))
-    ax.set_title(title or f"{primary} under distribution shift (n={result.get('n')})")
+    label = "AUC" if primary == "auc" else primary
+    ax.set_title(title or f"{label} under distribution shift (n={result.get('n')})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left", ncol=2)
     fig.tight_layout()
