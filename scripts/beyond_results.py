@@ -8,7 +8,6 @@ Writes shift.json / shift.png / shift.html / ood.npz / results.json into --out a
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

@@ -127,6 +127,12 @@ def test_fusion_model_errors():
         m(torch.rand(2, 1, 16, 16), torch.rand(2, 4))
     with pytest.raises(DataError, match="tabular vector must have 3 features"):
         m.model_with_tab(np.zeros(4))
+    with pytest.raises(DataError, match="bound tabular input has 2 rows; the image batch has 3"):
+        m.model_with_tab(np.zeros((2, 3)))(torch.rand(3, 1, 16, 16))
+    with pytest.raises(DataError, match="needs images"):
+        fusion_logits(m, None, np.zeros((2, 3)))
+    with pytest.raises(DataError, match="needs the encoded tabular rows"):
+        fusion_logits(m, np.zeros((2, 1, 16, 16), np.uint8), None)
     task = Task("binary", 2)
     x, t, y = np.zeros((4, 1, 16, 16), np.uint8), np.zeros((4, 3), np.float32), np.array([0, 1, 0, 1])
     with pytest.raises(ConfigError, match="needs a medsight.tasks.Task"):

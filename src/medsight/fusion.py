@@ -333,7 +333,13 @@ class TabBound(nn.Module):
         self.register_buffer("tab", t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tab = self.tab if len(self.tab) == len(x) else self.tab[:1].expand(len(x), -1)
+        if len(self.tab) == len(x):
+            tab = self.tab
+        elif len(self.tab) == 1:
+            tab = self.tab.expand(len(x), -1)
+        else:
+            raise DataError(f"bound tabular input has {len(self.tab)} rows; the image batch has {len(x)} "
+                            "(bind one row to use it for any batch)")
         return self.fusion(x, tab.to(x.device))
 
 
@@ -368,6 +374,10 @@ def fusion_logits(model: FusionClassifier, images, tab, *, batch_size: int = 512
     """Logits for stored images (uint8 or float in [0, 1]) + encoded tabular rows; float32 on the CPU."""
     from medsight.transforms import to_float
 
+    if images is None and model.mode != "tabular":
+        raise DataError(f"fusion mode {model.mode!r} needs images")
+    if tab is None and model.mode != "image":
+        raise DataError(f"fusion mode {model.mode!r} needs the encoded tabular rows")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     tab_all = torch.as_tensor(np.asarray(tab, dtype=np.float32)) if tab is not None else None
