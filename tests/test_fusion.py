@@ -1,0 +1,210 @@
+"""Image + clinical fusion: the tabular encoder (imputation, indicators, one-hot + unknown, errors naming the
+column), the fusion model (modes, Grad-CAM reachability, bound tabular vector), and a synthetic task where the
+label needs BOTH modalities, on which fusion must beat image-only and tabular-only models."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from medsight.config import load_config
+from medsight.errors import ConfigError, DataError
+from medsight.fusion import (FUSION_MODES, FusionClassifier, TabularEncoder, encode_tabular, fit_fusion, fit_tabular,
+                             fusion_logits, fusion_meta, model_with_tab)
+from medsight.models import create_model
+from medsight.tasks import Task
+
+ROWS = [{"age": 50, "sex": "F", "smoker": 1}, {"age": "70", "sex": "M", "smoker": 0},
+        {"age": None, "sex": "F", "smoker": 1}, {"age": 90.0, "sex": None, "smoker": 0}]
+
+
+def test_encoder_imputes_standardises_and_one_hots():
+    enc = TabularEncoder.fit(ROWS, numeric=["age"], categorical=["sex", "smoker"])
+    assert enc.numeric[0]["median"] == 70 and enc.numeric[0]["mean"] == pytest.approx(70)
+    assert enc.feature_names == ["age", "age__missing", "sex=F", "sex=M", "sex=unknown", "smoker=0", "smoker=1",
+                                 "smoker=unknown"]
+    x = enc.transform(ROWS + [{"age": "", "sex": "X", "smoker": "2"}])
+    std = np.std([50, 70, 90])
+    np.testing.assert_allclose(x[:, 0], [(50 - 70) / std, 0, 0, (90 - 70) / std, 0], rtol=1e-6)
+    assert x[:, 1].tolist() == [0, 0, 1, 0, 1]  # missing indicators
+    assert x[3, 2:5].tolist() == [0, 0, 1] and x[4, 2:5].tolist() == [0, 0, 1]  # missing / unseen -> unknown
+    assert x[4, 5:8].tolist() == [0, 0, 1]
+    assert x.dtype == np.float32 and x.shape == (5, enc.n_features)
+
+
+def test_rows_and_columns_agree_and_spec_roundtrips_through_json():
+    spec = fit_tabular(ROWS, numeric=["age"], categorical=["sex"])
+    spec = json.loads(json.dumps(spec))
+    cols = {"age": [r["age"] for r in ROWS], "sex": [r["sex"] for r in ROWS], "unused": [1, 2, 3, 4]}
+    np.testing.assert_array_equal(encode_tabular(ROWS, spec), encode_tabular(cols, spec))
+    enc = TabularEncoder.from_dict(spec)
+    np.testing.assert_array_equal(encode_tabular(ROWS, enc), encode_tabular(ROWS, spec))
+    assert spec["feature_names"] == enc.feature_names
+
+
+def test_encoder_errors_name_the_column():
+    enc = TabularEncoder.fit(ROWS, numeric=["age"], categorical=["sex"])
+    with pytest.raises(DataError, match=r"column 'age': expected a number, got 'abc' \(row 1\)"):
+        enc.transform([{"age": 3, "sex": "F"}, {"age": "abc", "sex": "F"}])
+    with pytest.raises(DataError, match="column 'age': expected a number, got True"):
+        enc.transform([{"age": True, "sex": "F"}])
+    with pytest.raises(DataError, match="column 'age': expected a finite number"):
+        enc.transform([{"age": float("inf"), "sex": "F"}])
+    with pytest.raises(DataError, match="column 'age': expected a number, got list"):
+        enc.transform([{"age": [1], "sex": "F"}])
+    with pytest.raises(DataError, match="column 'sex': expected a category"):
+        enc.transform([{"age": 1, "sex": 2.5}])
+    with pytest.raises(DataError, match=r"column 'sex' is missing in row 0 \(required: age, sex\)"):
+        enc.transform([{"age": 1}])
+    with pytest.raises(DataError, match=r"column 'sex' is missing \(required: age, sex\)"):
+        enc.transform({"age": [1]})
+    with pytest.raises(DataError, match="column 'sex' has 2 values, but column 'age' has 1"):
+        enc.transform({"age": [1], "sex": ["F", "M"]})
+    with pytest.raises(DataError, match="column 'age': expected a list of values, got str"):
+        enc.transform({"age": "12", "sex": ["F"]})
+    with pytest.raises(DataError, match="row 0: expected a dict"):
+        enc.transform([[1, "F"]])
+    with pytest.raises(DataError, match="list of row dicts or a dict of columns"):
+        enc.transform("age=1")
+    with pytest.raises(DataError, match="column 'age' has no numeric values"):
+        TabularEncoder.fit([{"age": None}], numeric=["age"])
+    with pytest.raises(DataError, match="no training rows"):
+        TabularEncoder.fit([], numeric=["age"])
+    with pytest.raises(ConfigError, match="at least one numeric or categorical column"):
+        TabularEncoder.fit(ROWS)
+    with pytest.raises(ConfigError, match="listed twice: age"):
+        TabularEncoder.fit(ROWS, numeric=["age"], categorical=["age"])
+    with pytest.raises(DataError, match="not a tabular encoder spec"):
+        encode_tabular(ROWS, {"numeric": []})
+    with pytest.raises(DataError, match="spec is malformed"):
+        TabularEncoder.from_dict({"format": "medsight-tabular/1", "numeric": [{"name": "age"}]})
+
+
+def _image_model(width=0.5, side=16):
+    return create_model("simple_cnn", input_size=side, num_outputs=1, width=width)
+
+
+@pytest.mark.parametrize("mode", FUSION_MODES)
+def test_fusion_modes_forward_and_gradcam_reachability(mode):
+    torch.manual_seed(0)
+    m = FusionClassifier(None if mode == "tabular" else _image_model(), 5, 3, mode)
+    x, tab = torch.rand(4, 1, 16, 16), torch.randn(4, 5)
+    assert m(x, tab).shape == (4, 3)
+    if mode == "tabular":
+        return
+    convs = [mod for mod in m.image.modules() if isinstance(mod, nn.Conv2d)]
+    assert convs and not isinstance(list(m.image.modules())[-1], nn.Linear)  # last Linear became Identity
+    bound = m.model_with_tab(tab[0].numpy())
+    np.testing.assert_allclose(bound(x).detach(), m(x, tab[:1].expand(4, -1)).detach(), atol=1e-6)
+    np.testing.assert_allclose(model_with_tab(m, tab).forward(x).detach(), m(x, tab).detach(), atol=1e-6)
+    # Grad-CAM: the last conv is reachable through the bound, image-only callable, and gradients reach it
+    last_conv = [mod for mod in bound.modules() if isinstance(mod, nn.Conv2d)][-1]
+    acts = []
+    h = last_conv.register_forward_hook(lambda mod, i, o: acts.append(o.shape))
+    bound.zero_grad()
+    bound(x)[:, 0].sum().backward()
+    h.remove()
+    assert acts == [(4, last_conv.out_channels, 5, 5)]  # 16 -> conv 14 -> pool 7 -> conv 5
+    assert last_conv.weight.grad is not None and last_conv.weight.grad.abs().sum() > 0
+
+
+def test_fusion_model_errors():
+    with pytest.raises(ConfigError, match="unknown fusion mode 'sum'"):
+        FusionClassifier(_image_model(), 3, 1, "sum")
+    with pytest.raises(ConfigError, match="needs n_tab >= 1"):
+        FusionClassifier(_image_model(), 0, 1, "concat")
+    with pytest.raises(ConfigError, match="needs an image model"):
+        FusionClassifier(None, 3, 1, "film")
+    with pytest.raises(ConfigError, match="no final nn.Linear"):
+        FusionClassifier(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), 3, 1)
+    with pytest.raises(ConfigError, match="num_outputs and hidden"):
+        FusionClassifier(_image_model(), 3, 0)
+    m = FusionClassifier(_image_model(), 3, 1)
+    with pytest.raises(DataError, match=r"tabular input must have shape \(N, 3\)"):
+        m(torch.rand(2, 1, 16, 16), torch.rand(2, 4))
+    with pytest.raises(DataError, match="tabular vector must have 3 features"):
+        m.model_with_tab(np.zeros(4))
+    with pytest.raises(DataError, match="bound tabular input has 2 rows; the image batch has 3"):
+        m.model_with_tab(np.zeros((2, 3)))(torch.rand(3, 1, 16, 16))
+    with pytest.raises(DataError, match="needs images"):
+        fusion_logits(m, None, np.zeros((2, 3)))
+    with pytest.raises(DataError, match="needs the encoded tabular rows"):
+        fusion_logits(m, np.zeros((2, 1, 16, 16), np.uint8), None)
+    task = Task("binary", 2)
+    x, t, y = np.zeros((4, 1, 16, 16), np.uint8), np.zeros((4, 3), np.float32), np.array([0, 1, 0, 1])
+    with pytest.raises(ConfigError, match="needs a medsight.tasks.Task"):
+        fit_fusion(m, "binary", (x, t, y), (x, t, y))
+    with pytest.raises(ConfigError, match="needs 3 outputs, the model has 1"):
+        fit_fusion(m, Task("multiclass", 3), (x, t, y), (x, t, y))
+    with pytest.raises(DataError, match="train: 3 images but 4 labels"):
+        fit_fusion(m, task, (x[:3], t, y), (x, t, y))
+    with pytest.raises(DataError, match="val: 2 tabular rows but 4 labels"):
+        fit_fusion(m, task, (x, t, y), (x, t[:2], y))
+    with pytest.raises(DataError, match=r"tabular array must be \(N, 3\)"):
+        fit_fusion(m, task, (x, t[:, :2], y), (x, t, y))
+
+
+def make_xor(n, seed, side=16):
+    """Label = (bright blob in the image) XOR (age > 60), with 5 % label noise; sex and bmi are irrelevant and
+    5 % of ages are missing. Either modality alone carries no information about the label."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(0.35, 0.08, size=(n, 1, side, side))
+    blob = rng.random(n) < 0.5
+    yy, xx = np.mgrid[:side, :side]
+    for i in np.where(blob)[0]:
+        cy, cx = rng.integers(4, side - 4, 2)
+        img[i, 0] += 0.45 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 1.5 ** 2))
+    img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    age = rng.uniform(30, 90, n)
+    y = (blob ^ (age > 60)).astype(np.int64)
+    flip = rng.random(n) < 0.05
+    y[flip] = 1 - y[flip]
+    rows = [{"age": None if rng.random() < 0.05 else round(float(a), 1), "sex": str(rng.choice(["F", "M"])),
+             "bmi": float(rng.normal(25, 4))} for a in age]
+    return img, rows, y
+
+
+def test_fusion_beats_each_single_modality_on_synthetic_data():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tr, va, te = make_xor(1200, 0), make_xor(300, 1), make_xor(500, 2)
+        enc = TabularEncoder.fit(tr[1], numeric=["age", "bmi"], categorical=["sex"])
+        tabs = [encode_tabular(s[1], enc.to_dict()) for s in (tr, va, te)]
+        cfg = load_config(None, {"train.epochs": 12, "train.batch_size": 64, "train.lr": 3e-3, "train.seed": 0,
+                                 "train.device": "cpu"})
+        auc = {}
+        for mode in ("tabular", "image", "concat", "film", "gated"):
+            torch.manual_seed(0)
+            m = FusionClassifier(None if mode == "tabular" else _image_model(), enc.n_features, 1, mode)
+            r = fit_fusion(m, Task("binary", 2), (tr[0], tabs[0], tr[2]), (va[0], tabs[1], va[2]), cfg=cfg)
+            assert len(r.history) == 12 and 1 <= r.best_epoch <= 12
+            auc[mode] = roc_auc_score(te[2], fusion_logits(r.model, te[0], tabs[2]).reshape(-1).numpy())
+    finally:
+        torch.set_num_threads(threads)
+    single = max(auc["image"], auc["tabular"])
+    assert single < 0.65, auc
+    for mode in ("concat", "film", "gated"):
+        assert auc[mode] > 0.9 and auc[mode] > single + 0.2, auc
+
+
+def test_fusion_meta_rebuilds_the_same_model():
+    enc = TabularEncoder.fit(ROWS, numeric=["age"], categorical=["sex"])
+    torch.manual_seed(0)
+    m = FusionClassifier(_image_model(), enc.n_features, 1, "film", hidden=16, dropout=0.1).eval()
+    meta = json.loads(json.dumps(fusion_meta(m, enc)))
+    assert meta["columns"] == ["age", "sex"] and meta["mode"] == "film"
+    from medsight.fusion import build_fusion
+
+    back = build_fusion(meta, _image_model())
+    back.load_state_dict(m.state_dict())
+    back.eval()
+    x, tab = torch.rand(2, 1, 16, 16), torch.as_tensor(encode_tabular(ROWS[:2], meta["tabular"]))
+    assert torch.allclose(back(x, tab), m(x, tab))
+    with pytest.raises(DataError, match="fusion metadata is malformed"):
+        build_fusion({"mode": "concat"}, _image_model())
+    with pytest.raises(ConfigError, match="encoder yields 5 features, the fusion model expects 3"):
+        fusion_meta(FusionClassifier(_image_model(), 3, 1), enc)
