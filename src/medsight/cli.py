@@ -156,6 +156,10 @@ def evaluate(
         None, help="re-choose the threshold on the val split: youden, f1, sens=0.95, spec=0.9, or a number"),
     n_boot: int = typer.Option(1000, help="bootstrap resamples for 95% CIs (0 = none)"),
     report: bool = typer.Option(True, help="write report.html into the bundle"),
+    shift: bool = typer.Option(False, help="also run the seeded corruption battery (robustness to distribution shift)"),
+    shift_severities: str = typer.Option("1,3,5", help="severities 1..5, comma separated"),
+    shift_corruptions: Optional[str] = typer.Option(None, help="comma-separated corruption names (default: all)"),
+    tta: bool = typer.Option(False, help="flip test-time augmentation in the shift battery"),
     json_out: bool = typer.Option(False, "--json", help="print metrics as JSON"),
 ):
     """Evaluate a bundle: metrics with 95% CIs per split into metrics.json, and a self-contained report.html."""
@@ -182,9 +186,49 @@ def evaluate(
         out_console.print(metrics_table(shown, title=f"{bundle} on {ds.name} (threshold {thr if thr is not None else 'argmax'}"
                                                      f"{', ' + b.meta['threshold_rule'] if b.meta.get('threshold_rule') else ''};"
                                                      f" T={b.temperature:.2f})"))
+    extra = []
+    if shift:
+        extra.append(_run_shift(b, ds, split[-1], shift_severities, shift_corruptions, tta))
     if report:
-        path = write_bundle_report(b, ds, metrics, splits=splits)
+        path = write_bundle_report(b, ds, metrics, splits=splits, extra_sections=extra)
         out_console.print(f"report written to {path}")
+
+
+def _run_shift(b, ds, split_name: str, severities: str, corruptions: Optional[str], tta: bool) -> tuple[str, str]:
+    """The shift battery on one split: shift_<split>.json/.png in the bundle, a table, and a report section."""
+    import base64
+
+    from medsight.shift import CORRUPTIONS, evaluate_shift, plot_shift, shift_table_html
+    from medsight.utils import atomic_write_bytes, write_json
+
+    try:
+        sev = tuple(int(v) for v in severities.split(","))
+    except ValueError:
+        raise MedsightError(f"--shift-severities {severities!r}: expected integers 1..5 like 1,3,5") from None
+    names = [c.strip() for c in corruptions.split(",")] if corruptions else None
+    for n in names or []:
+        if n not in CORRUPTIONS:
+            from medsight.errors import choices_message
+
+            raise MedsightError(choices_message("corruption", n, CORRUPTIONS))
+    s = ds.split(split_name)
+    flips = [(), (-1,)] if tta else None
+    res = evaluate_shift(b.model, b.task, s.images, s.labels, corruptions=names, severities=sev, seed=0,
+                         temperature=b.temperature, threshold=b.threshold, tta_flips=flips)
+    write_json(b.path / f"shift_{split_name}.json", res)
+    png = plot_shift(res)
+    atomic_write_bytes(b.path / f"shift_{split_name}.png", png)
+    key = res["primary"]
+    table = Table(title=f"{key} under corruption ({split_name}; clean {res['clean'][key]:.3f})")
+    table.add_column("corruption")
+    for v in sev:
+        table.add_column(f"severity {v}", justify="right")
+    for name, rows in res["corruptions"].items():
+        table.add_row(name, *[f"{r['metrics'][key]:.3f} ({-r['drop'][key]:+.3f})" for r in rows])
+    out_console.print(table)
+    img = base64.b64encode(png).decode()
+    return ("Robustness to distribution shift",
+            f'<img src="data:image/png;base64,{img}" alt="shift">' + shift_table_html(res))
 
 
 @app.command()

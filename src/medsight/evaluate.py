@@ -57,6 +57,10 @@ def calibrate_bundle(bundle: Bundle, data: Dataset, *, operating_point: str | fl
     probs_before = task.probabilities(logits).numpy()
     if calibrate and task.name != "ordinal":  # ordinal heads are cumulative logits: left uncalibrated
         temperature = float(M.fit_temperature(logits.numpy(), val.labels, task.name))
+        # NLL-optimal T does not always lower ECE; keep it only when it does on the validation split
+        ece_t = M.expected_calibration_error(task.name, val.labels, task.probabilities(logits, temperature).numpy())
+        if not ece_t < M.expected_calibration_error(task.name, val.labels, probs_before):
+            temperature = 1.0
     probs = task.probabilities(logits, temperature).numpy()
     summary.update(temperature=temperature,
                    ece_before=M.expected_calibration_error(task.name, val.labels, probs_before),

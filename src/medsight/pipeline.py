@@ -51,6 +51,15 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
         meta = make_meta(model_spec=result.model_spec, task=data.task, classes=data.classes, recipe=data.recipe,
                          data_name=data.name, best_epoch=result.best_epoch, monitor=cfg.train.monitor,
                          extra={"train_seconds": round(result.seconds, 2)})
+        if cfg.train.ood:
+            from medsight.ood import fit_ood_detector, save_ood
+
+            tr, va = data.splits["train"], data.splits["val"]
+            det = fit_ood_detector(result.model, tr.images, tr.labels if data.task != "multilabel" else None,
+                                   va.images)
+            save_ood(out / "ood.npz", det)
+            meta["ood"] = {"file": "ood.npz", "score": det["score"], "quantile": det["quantile"],
+                           "threshold": float(det["threshold"])}
         save_bundle(out, result.model, meta)
         write_history(out / "history.csv", result.history)
         bundle = load_bundle(out)
