@@ -49,6 +49,10 @@ class Bundle:
         return float(self.meta.get("temperature") or 1.0)
 
     @property
+    def fusion(self) -> dict | None:
+        return self.meta.get("fusion")
+
+    @property
     def recipe(self) -> dict:
         return self.meta["preprocessing"]
 
@@ -108,6 +112,10 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     if not weights.is_file():
         raise MedsightError(f"{p} has no model.pt: the run did not finish; resume it with --resume")
     model = build_from_spec(meta["model"])
+    if meta.get("fusion"):
+        from medsight.fusion import build_fusion
+
+        model = build_fusion(meta["fusion"], None if meta["fusion"]["mode"] == "tabular" else model)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)

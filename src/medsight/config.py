@@ -24,11 +24,14 @@ class DataConfig(_Strict):
     window: Optional[str] = Field(None, description="CT window: lung, bone, soft_tissue, brain, dicom (the file's own), or 'C,W'")
     intensity: Literal["auto", "range", "minmax", "percentile", "none"] = "auto"
     label_columns: Optional[list[str]] = Field(None, description="manifest label column(s); several = multi-label")
-    clinical_columns: Optional[list[str]] = Field(None, description="manifest clinical columns (fusion)")
+    clinical_columns: Optional[list[str]] = Field(None, description="manifest clinical columns: image + clinical fusion")
+    categorical_columns: Optional[list[str]] = Field(None, description="which clinical columns are categorical (else inferred)")
 
 
 class ModelConfig(_Strict):
     name: str = "simple_cnn"
+    fusion: Literal["concat", "film", "gated", "image", "tabular"] = Field(
+        "concat", description="how clinical columns join the image features (used when data.clinical_columns is set)")
     stem: Literal["auto", "small", "standard"] = "auto"
     width: float = Field(1.0, gt=0, le=8)
     dropout: float = Field(0.0, ge=0, lt=1)

@@ -37,6 +37,14 @@ def check_compatible(bundle: Bundle, data: Dataset) -> None:
 
 def split_logits(bundle: Bundle, data: Dataset, split: str, *, device="cpu", batch_size: int = 512) -> torch.Tensor:
     s = data.split(split)
+    if bundle.fusion:
+        from medsight.fusion import encode_tabular, fusion_logits
+
+        if s.clinical is None:
+            raise MedsightError(f"the model in {bundle.path} needs clinical columns "
+                                f"{', '.join(bundle.fusion['columns'])}; {data.name} has none")
+        tab = encode_tabular(s.clinical, bundle.fusion["tabular"])
+        return fusion_logits(bundle.model, s.images, tab, batch_size=batch_size, device=device)
     return evaluate_logits(bundle.model.to(device), s.images, device=torch.device(device), batch_size=batch_size)
 
 
@@ -180,7 +188,8 @@ def write_bundle_report(bundle: Bundle, data: Dataset, results: dict, splits=("v
         title=f"{bundle.meta['model']['name']} on {bundle.meta['data']} - {bundle.path.name}",
         task=bundle.task.name, class_names=bundle.classes, splits=split_data, threshold=bundle.threshold,
         history=read_history(bundle), calibration=calibration_report(bundle, data, tuple(split_data)),
-        gallery=gallery(bundle, data, last, split_data[last]["probs"]), extra_sections=extra_sections)
+        gallery=None if bundle.fusion else gallery(bundle, data, last, split_data[last]["probs"]),
+        extra_sections=extra_sections)
     return write_report(path or bundle.path / "report.html", html)
 
 

@@ -45,13 +45,19 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
     if dinfo.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
-    result = fit(cfg, data, out, resume=resume, callback=callback)
+    fusion = None
+    if cfg.data.clinical_columns:
+        result, fusion = _fit_fusion(cfg, data, callback)
+    else:
+        result = fit(cfg, data, out, resume=resume, callback=callback)
     metrics: dict = {}
     if dinfo.is_main:
         meta = make_meta(model_spec=result.model_spec, task=data.task, classes=data.classes, recipe=data.recipe,
                          data_name=data.name, best_epoch=result.best_epoch, monitor=cfg.train.monitor,
                          extra={"train_seconds": round(result.seconds, 2)})
-        if cfg.train.ood:
+        if fusion is not None:
+            meta["fusion"] = fusion
+        if cfg.train.ood and fusion is None:
             from medsight.ood import fit_ood_detector, save_ood
 
             tr, va = data.splits["train"], data.splits["val"]
@@ -82,3 +88,50 @@ def load_data_for_bundle(bundle: Bundle, data: str | None = None, size: int | No
     if size is not None:
         cfg.data.size = size
     return load_data_for(cfg)
+
+
+def infer_categorical(rows: list[dict], columns: list[str]) -> list[str]:
+    """Columns whose non-missing values are not all numbers are categorical."""
+    from medsight.fusion import _is_missing
+
+    cats = []
+    for c in columns:
+        for r in rows:
+            v = r.get(c)
+            if _is_missing(v):
+                continue
+            try:
+                float(v)
+            except (TypeError, ValueError):
+                cats.append(c)
+                break
+    return cats
+
+
+def _fit_fusion(cfg: RunConfig, data: Dataset, callback=None):
+    """Image + clinical columns: a FusionClassifier over the registered image model, trained by fit_fusion."""
+    from medsight.errors import ConfigError
+    from medsight.fusion import FusionClassifier, TabularEncoder, encode_tabular, fit_fusion, fusion_meta
+    from medsight.tasks import Task
+    from medsight.train import build_model, model_spec
+
+    train, val = data.splits["train"], data.splits["val"]
+    if train.clinical is None:
+        raise ConfigError(f"data.clinical_columns is set but {data.name} carries no clinical values "
+                          "(use a CSV manifest with those columns)")
+    cols = list(cfg.data.clinical_columns)
+    cats = cfg.data.categorical_columns or infer_categorical(train.clinical, cols)
+    unknown = sorted(set(cats) - set(cols))
+    if unknown:
+        raise ConfigError(f"data.categorical_columns {unknown} are not among data.clinical_columns {cols}")
+    enc = TabularEncoder.fit(train.clinical, numeric=[c for c in cols if c not in cats], categorical=cats)
+    task = Task(data.task, len(data.classes))
+    image_model = build_model(cfg, task, data.spatial_dims, data.in_channels, data.input_size)
+    model = FusionClassifier(image_model, enc.n_features, task.num_outputs, cfg.model.fusion)
+    res = fit_fusion(model, task, (train.images, encode_tabular(train.clinical, enc), train.labels),
+                     (val.images, encode_tabular(val.clinical, enc), val.labels), cfg=cfg, callback=callback)
+    from medsight.train import FitResult
+
+    result = FitResult(model=res.model, history=res.history, best_epoch=res.best_epoch, best_value=res.best_value,
+                       model_spec=model_spec(cfg, task, data), seconds=res.seconds)
+    return result, fusion_meta(res.model, enc)
