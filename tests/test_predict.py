@@ -152,3 +152,18 @@ def test_cli_predict_csv_json_table(served_bundle, breast_files, tmp_path, capsy
     assert any(c in shown for c in classes) and "error" in shown
     assert main(["predict", str(served_bundle), str(breast_files["png"][0]), "--out", str(tmp_path / "x.xlsx")]) == 2
     assert main(["predict", str(tmp_path), str(breast_files["png"][0])]) == 2
+
+
+def test_stale_onnx_is_reexported(tmp_path):
+    import os
+
+    from test_export import make_bundle
+
+    b = make_bundle(tmp_path / "b")
+    Predictor(b, backend="onnx")
+    onnx_file = b / "model.onnx"
+    os.utime(onnx_file, (1, 1))  # older than model.pt
+    p = Predictor(b, backend="onnx")
+    assert onnx_file.stat().st_mtime > 1
+    x = np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32)
+    np.testing.assert_allclose(p.logits(x), Predictor(b).logits(x), atol=1e-4)

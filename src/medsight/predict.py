@@ -130,7 +130,9 @@ class Predictor:
     def _make_session(self, onnx_path, threads: int):
         ort = optional_import("onnxruntime")
         path = Path(onnx_path) if onnx_path else self.bundle.path / "model.onnx"
-        if not path.is_file():
+        weights = self.bundle.path / "model.pt"
+        stale = onnx_path is None and path.is_file() and path.stat().st_mtime < weights.stat().st_mtime
+        if not path.is_file() or stale:  # missing, or older than the weights (e.g. after --resume): export
             from medsight.export import export_onnx
 
             try:
