@@ -293,7 +293,7 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     application = create_app(bundle, api_key=api_key or None, max_upload_mb=max_upload_mb, backend=backend,
                              threads=threads)
-    console.print(f"serving {bundle} on http://{host}:{port}" + (" (API key required)" if api_key else ""))
+    console.print(f"serving {bundle} on http://{host}:{port}" + (" (API key required)" if api_key else ""), soft_wrap=True)
     uvicorn.run(application, host=host, port=port, access_log=False, log_level="warning")
 
 
