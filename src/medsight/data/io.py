@@ -514,8 +514,6 @@ def _dicom_to_array(ds, name, *, window, max_elements) -> tuple[np.ndarray, dict
     # spacing
     ps = _pixel_spacing(ds)
     spatial = arr.ndim - 1
-    if frames > 1 and spatial == 2:  # single-frame decode of a multi-frame? keep shape honest
-        pass
     if spatial == 3:
         step = _slice_step(ds) or 1.0
         meta["spacing"] = (float(step), *(ps or (1.0, 1.0)))
@@ -538,7 +536,9 @@ def _read_dicom(src, name, *, window, max_elements) -> tuple[np.ndarray, dict]:
     ds = _dcmread(src, name)
     if len(ds) == 0 or ("SOPClassUID" not in ds and "Rows" not in ds and not _has_pixels(ds)):
         raise _fail(name, "not a DICOM image (no SOP Class, no image attributes)")
-    return _dicom_to_array(ds, name, window=window, max_elements=max_elements)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns on invalid values; we refuse or read them
+        return _dicom_to_array(ds, name, window=window, max_elements=max_elements)
 
 
 def list_dicom_series(directory: str | os.PathLike) -> dict[str, list[Path]]:
@@ -629,7 +629,9 @@ def read_dicom_series(
         raise DataError(f"cannot read {d}: series has {len(slices) * shape0[0] * shape0[1]} voxels, above the limit of {cap}")
     arrays, metas = [], []
     for f, ds in slices:
-        a, m = _dicom_to_array(ds, f, window=win, max_elements=max_elements)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a, m = _dicom_to_array(ds, f, window=win, max_elements=max_elements)
         arrays.append(a)
         metas.append(m)
     chans = {a.shape[0] for a in arrays}
@@ -748,17 +750,19 @@ def _read_pillow(src, name, fmt, *, window, max_elements) -> tuple[np.ndarray, d
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(src)
-            w, h = img.size
-            n_frames = int(getattr(img, "n_frames", 1) or 1)
-            use_frames = n_frames if img.format == "TIFF" and n_frames > 1 else 1
-            bands = len(img.getbands())
-            _check_elements(w * h * max(bands, 1) * use_frames, max_elements)
-            frames = []
-            for i in range(use_frames):
-                img.seek(i)
-                img.load()
-                frames.append(_pil_frame(img, Image, ImageOps))
+            with Image.open(src) as img:
+                w, h = img.size
+                n_frames = int(getattr(img, "n_frames", 1) or 1)
+                use_frames = n_frames if img.format == "TIFF" and n_frames > 1 else 1
+                bands = len(img.getbands())
+                _check_elements(w * h * max(bands, 1) * use_frames, max_elements)
+                frames = []
+                for i in range(use_frames):
+                    img.seek(i)
+                    img.load()
+                    frames.append(_pil_frame(img, Image, ImageOps))
+                pil_format = img.format
+                info = dict(img.info)
     except DataError:
         raise
     except ValueError as e:
@@ -774,7 +778,7 @@ def _read_pillow(src, name, fmt, *, window, max_elements) -> tuple[np.ndarray, d
     else:
         arr = arrs[0]
     meta: dict[str, Any] = {
-        "format": (img.format or fmt).lower().replace("mpo", "jpeg"),
+        "format": (pil_format or fmt).lower().replace("mpo", "jpeg"),
         "modality": "OT",
         "photometric": photometric,
         "bits": bits,
@@ -784,7 +788,7 @@ def _read_pillow(src, name, fmt, *, window, max_elements) -> tuple[np.ndarray, d
         "window": None,
         "private": {},
     }
-    dpi = img.info.get("dpi") if hasattr(img, "info") else None
+    dpi = info.get("dpi")
     if dpi and arr.ndim == 3:
         try:
             mm = [25.4 / float(v) for v in dpi[:2]]
