@@ -56,3 +56,69 @@ def make_npz(path: Path, n=(24, 8, 8), shape=(16, 16), classes=2, seed=0, **over
 @pytest.fixture
 def tiny_npz(tmp_path) -> Path:
     return make_npz(tmp_path / "tiny.npz")
+
+
+# --- serving (predict / export / serve / browser) -------------------------------------------------------------
+
+N_SERVE_IMAGES = 24
+
+
+def write_dicom(path: Path, pixels: np.ndarray, *, patient_name: str = "Doe^Jane", patient_id: str = "PID-12345") -> Path:
+    """A valid Secondary Capture DICOM (explicit VR little endian) holding uint8 MONOCHROME2 pixels."""
+    from pydicom.dataset import FileMetaDataset, FileDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    ds.ConversionType = "WSD"
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def served_bundle(tmp_path_factory, breast) -> Path:
+    """A tiny simple_cnn bundle trained for one epoch on the real BreastMNIST."""
+    from medsight.config import load_config
+    from medsight.pipeline import run_training
+
+    cfg = load_config(None, {"data.name": "breastmnist", "model.name": "simple_cnn", "train.epochs": 1})
+    out, _, _ = run_training(cfg, tmp_path_factory.mktemp("serve") / "bundle", data=breast)
+    return out
+
+
+@pytest.fixture(scope="session")
+def breast_files(tmp_path_factory, breast) -> dict:
+    """The first test images of BreastMNIST as PNG files and as DICOM files (same pixels)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("breast_files")
+    images = np.asarray(breast.splits["test"].images[:N_SERVE_IMAGES])
+    pngs, dcms = [], []
+    (root / "png").mkdir()
+    (root / "dcm").mkdir()
+    for i, img in enumerate(images):
+        img2d = img.reshape(img.shape[-2:])
+        p = root / "png" / f"test_{i:03d}.png"
+        Image.fromarray(img2d.astype(np.uint8)).save(p)
+        pngs.append(p)
+        dcms.append(write_dicom(root / "dcm" / f"test_{i:03d}.dcm", img2d))
+    return {"root": root, "png": pngs, "dcm": dcms, "images": images}

@@ -350,6 +350,109 @@ def deid(
         raise typer.Exit(1)
 
 
+@app.command()
+def predict(
+    bundle: Path = typer.Argument(..., help="bundle folder written by `medsight train`"),
+    inputs: List[Path] = typer.Argument(..., help="PNG/JPEG/TIFF, DICOM or NIfTI files, or folders (walked recursively)"),
+    out: Optional[Path] = typer.Option(None, help="write results to .csv or .json (default: print a table)"),
+    heatmaps: Optional[Path] = typer.Option(None, help="write a Grad-CAM overlay PNG per file into this folder"),
+    backend: str = typer.Option("torch", help="torch or onnx (ONNX Runtime; exports model.onnx when missing)"),
+    batch_size: int = typer.Option(64, help="files per batch"),
+):
+    """Predict files with a bundle: probabilities per class and the decision at the bundle's threshold."""
+    from medsight.predict import Predictor, default_threads
+    from medsight.bundle import load_bundle
+
+    if out is not None and out.suffix.lower() not in (".csv", ".json"):
+        raise MedsightError(f"--out must end in .csv or .json, got {out.name!r}")
+    b = load_bundle(bundle)
+    predictor = Predictor(b, backend=backend, threads=default_threads(b))
+    results = predictor.predict_paths(inputs, batch_size=batch_size, heatmaps_dir=heatmaps)
+    if not results:
+        raise MedsightError(f"no image files found in {', '.join(map(str, inputs))}")
+    rows = [r.to_dict() for r in results]
+    classes = predictor.classes
+    n_err = sum(r["error"] is not None for r in rows)
+    if out is not None:
+        from medsight.utils import atomic_write_text
+
+        if out.suffix.lower() == ".json":
+            atomic_write_text(out, json.dumps(rows, indent=2))
+        else:
+            import csv
+            import io
+
+            buf = io.StringIO()
+            w = csv.writer(buf)
+            w.writerow(["file", *[f"p_{c}" for c in classes], "predicted", "decision", "threshold", "calibrated",
+                        "model_version", "error"])
+            for r in rows:
+                probs = [f"{r['probabilities'][c]:.6f}" if r["error"] is None else "" for c in classes]
+                pred = ";".join(r["predicted"]) if isinstance(r["predicted"], list) else (r["predicted"] or "")
+                dec = json.dumps(r["decision"]) if isinstance(r["decision"], list) else ("" if r["decision"] is None else r["decision"])
+                thr = json.dumps(r["threshold"]) if isinstance(r["threshold"], list) else ("" if r["threshold"] is None else r["threshold"])
+                w.writerow([r["file"], *probs, pred, dec, thr, r["calibrated"], r["model_version"], r["error"] or ""])
+            atomic_write_text(out, buf.getvalue())
+        out_console.print(f"{len(rows)} predictions ({n_err} errors) written to {out}")
+    else:
+        table = Table(title=f"{bundle} ({results[0].model_version}, threshold {results[0].threshold})")
+        table.add_column("file")
+        for c in classes:
+            table.add_column(f"p({c})", justify="right")
+        table.add_column("predicted")
+        table.add_column("error")
+        for r in rows:
+            probs = [f"{r['probabilities'][c]:.4f}" if r["error"] is None else "-" for c in classes]
+            pred = ", ".join(r["predicted"]) if isinstance(r["predicted"], list) else (r["predicted"] or "-")
+            table.add_row(r["file"], *probs, pred, r["error"] or "")
+        out_console.print(table)
+    if heatmaps is not None:
+        out_console.print(f"heatmaps written to {heatmaps}")
+
+
+@app.command()
+def export(
+    bundle: Path = typer.Argument(..., help="bundle folder written by `medsight train`"),
+    format: str = typer.Option("onnx", "--format", help="export format (onnx)"),
+    out: Optional[Path] = typer.Option(None, help="output file (default: BUNDLE/model.onnx)"),
+    opset: int = typer.Option(17, help="ONNX opset"),
+):
+    """Export a bundle's model (ONNX, dynamic batch axis), checked against PyTorch (max abs diff <= 1e-4)."""
+    from medsight.errors import choices_message
+
+    if format != "onnx":
+        raise MedsightError(choices_message("export format", format, ["onnx"]))
+    from medsight.export import export_onnx
+
+    path = export_onnx(bundle, out=out, opset=opset)
+    out_console.print(f"ONNX model written to {path} (parity with PyTorch checked)")
+
+
+@app.command()
+def serve(
+    bundle: Path = typer.Argument(..., help="bundle folder written by `medsight train`"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    api_key: Optional[str] = typer.Option(None, envvar="MEDSIGHT_API_KEY",
+                                          help="require this key (X-API-Key or Authorization: Bearer); env MEDSIGHT_API_KEY"),
+    max_upload_mb: float = typer.Option(50, help="largest accepted upload"),
+    backend: str = typer.Option("onnx", help="onnx (ONNX Runtime) or torch"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads per inference (default: by model size)"),
+):
+    """Serve a bundle: REST API (/v1/predict, /v1/model, /healthz, /docs) and a web page at /."""
+    import logging
+
+    import uvicorn
+
+    from medsight.serve.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    application = create_app(bundle, api_key=api_key or None, max_upload_mb=max_upload_mb, backend=backend,
+                             threads=threads)
+    console.print(f"serving {bundle} on http://{host}:{port}" + (" (API key required)" if api_key else ""), soft_wrap=True)
+    uvicorn.run(application, host=host, port=port, access_log=False, log_level="warning")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         rc = app(args=argv, standalone_mode=False)

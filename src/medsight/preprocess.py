@@ -167,14 +167,13 @@ def apply_recipe(array: np.ndarray, meta: dict, recipe: dict, *, name: object = 
         raise DataError(f"invalid preprocessing recipe: missing key {e.args[0]!r}") from e
 
 
-def load_one(source: str | os.PathLike | bytes, recipe: dict, *, name: str | None = None) -> tuple[np.ndarray, dict]:
-    """Read one file (path, or bytes + ``name``) and apply a recipe: what predict / serve call."""
+def load_one(source: str | os.PathLike | bytes, recipe: dict, *, name: str | None = None,
+             **reader_kw) -> tuple[np.ndarray, dict]:
+    """Read one file (path, or bytes + ``name``) and apply a recipe: what predict, explain and serve call."""
     window = recipe.get("window")
     read_window = tuple(window) if isinstance(window, list) else window
     if isinstance(source, (bytes, bytearray)):
-        arr, meta = read_image_bytes(source, name or "upload", window=read_window)
+        arr, meta = read_image_bytes(source, name or "upload", window=read_window, **reader_kw)
     else:
-        arr, meta = read_image(source, window=read_window)
+        arr, meta = read_image(source, window=read_window, **reader_kw)
     return apply_recipe(arr, meta, recipe, name=name or source), meta
-
-

@@ -1,0 +1,169 @@
+"""Predictor: bundle preprocessing + temperature + threshold, PyTorch and ONNX Runtime backends, batches, errors."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from medsight.bundle import load_bundle
+from medsight.cli import main
+from medsight.errors import ConfigError, DataError
+from medsight.evaluate import split_logits
+from medsight.predict import Predictor, expand_inputs
+
+
+@pytest.fixture(scope="module")
+def reference_probs(served_bundle, breast):
+    b = load_bundle(served_bundle)
+    logits = split_logits(b, breast, "test")
+    return b.task.probabilities(logits, b.temperature).numpy()
+
+
+@pytest.fixture(scope="module")
+def predictors(served_bundle):
+    return {"torch": Predictor(served_bundle, backend="torch"), "onnx": Predictor(served_bundle, backend="onnx")}
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_png_folder_matches_split_logits(predictors, breast_files, reference_probs, backend):
+    p = predictors[backend]
+    results = p.predict_paths([breast_files["root"] / "png"], batch_size=7)
+    assert [r.file for r in results] == [str(f) for f in breast_files["png"]]
+    assert all(r.ok for r in results)
+    got = np.array([r.probabilities[p.classes[1]] for r in results])
+    np.testing.assert_allclose(got, reference_probs[: len(got)], atol=1e-5)
+    for r in results:
+        assert r.probabilities[p.classes[0]] == pytest.approx(1 - r.probabilities[p.classes[1]])
+        assert r.threshold == 0.5 and r.calibrated is (p.temperature != 1.0)
+        assert r.predicted == p.classes[int(r.probabilities[p.classes[1]] >= 0.5)]
+        assert r.model_version.startswith("simple_cnn-")
+
+
+def test_dicom_equals_png(predictors, breast_files):
+    p = predictors["torch"]
+    a = p.predict_paths(breast_files["png"])
+    b = p.predict_paths(breast_files["dcm"])
+    for x, y in zip(a, b):
+        assert y.ok, y.error
+        for c in p.classes:
+            assert y.probabilities[c] == pytest.approx(x.probabilities[c], abs=1e-6)
+
+
+def test_onnx_torch_parity(predictors, breast_files):
+    t = predictors["torch"].predict_paths(breast_files["png"] + breast_files["dcm"])
+    o = predictors["onnx"].predict_paths(breast_files["png"] + breast_files["dcm"])
+    diff = max(abs(a.probabilities[c] - b.probabilities[c]) for a, b in zip(t, o) for c in a.probabilities)
+    assert diff <= 1e-4
+    assert (predictors["onnx"].bundle.path / "model.onnx").is_file()
+    x = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
+    np.testing.assert_allclose(predictors["onnx"].logits(x), predictors["torch"].logits(x), atol=1e-4)
+
+
+def test_single_file_and_bytes(predictors, breast_files):
+    p = predictors["onnx"]
+    f = breast_files["png"][0]
+    a = p.predict_file(f)
+    b = p.predict_bytes(f.read_bytes(), "upload.png", explain=True)
+    assert a.probabilities == pytest.approx(b.probabilities)
+    assert b.heatmap.shape == (28, 28) and 0 <= b.heatmap.min() and b.heatmap.max() <= 1
+    with pytest.raises(DataError, match="upload.png"):
+        p.predict_bytes(b"not an image", "upload.png")
+
+
+def test_bad_files_do_not_stop_the_batch(predictors, breast_files, tmp_path):
+    good = breast_files["png"][:2]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good[0].read_bytes()[:50])
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    missing = tmp_path / "missing.png"
+    results = predictors["torch"].predict_paths([good[0], broken, text, missing, good[1]])
+    assert [r.ok for r in results] == [True, False, False, False, True]
+    for r, name in zip(results[1:4], ["broken.png", "notes.txt", "missing.png"]):
+        assert name in r.error and "\n" not in r.error and r.probabilities == {}
+
+
+def test_temperature_and_threshold_come_from_the_bundle(served_bundle, breast_files, tmp_path, reference_probs):
+    copy = tmp_path / "calibrated"
+    shutil.copytree(served_bundle, copy)
+    meta = json.loads((copy / "bundle.json").read_text())
+    meta["temperature"], meta["threshold"] = 2.0, 0.0
+    (copy / "bundle.json").write_text(json.dumps(meta))
+    p = Predictor(copy)
+    results = p.predict_paths(breast_files["png"])
+    b = load_bundle(copy)
+    x = torch.as_tensor(breast_files["images"]).float().reshape(-1, 1, 28, 28) / 255
+    with torch.inference_mode():
+        expect = torch.sigmoid(b.model(x).reshape(-1) / 2.0).numpy()
+    got = np.array([r.probabilities[p.classes[1]] for r in results])
+    np.testing.assert_allclose(got, expect, atol=1e-5)
+    assert all(r.calibrated and r.threshold == 0.0 and r.predicted == p.classes[1] for r in results)
+
+
+def test_heatmaps_dir(predictors, breast_files, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "heat"
+    results = predictors["onnx"].predict_paths(breast_files["png"][:3] + breast_files["dcm"][:1], heatmaps_dir=out)
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 4 and all(r.ok for r in results)
+    assert Image.open(files[0]).size == (28, 28)
+
+
+def test_unknown_backend(served_bundle):
+    with pytest.raises(ConfigError, match="backend"):
+        Predictor(served_bundle, backend="tensorrt")
+
+
+def test_expand_inputs(breast_files, tmp_path):
+    (tmp_path / "sub").mkdir()
+    shutil.copy(breast_files["png"][0], tmp_path / "sub" / "a.png")
+    shutil.copy(breast_files["dcm"][0], tmp_path / "b.dcm")
+    (tmp_path / "readme.txt").write_text("x")
+    (tmp_path / ".hidden.png").write_text("x")
+    assert [f.name for f in expand_inputs([tmp_path])] == ["b.dcm", "a.png"]
+
+
+def test_cli_predict_csv_json_table(served_bundle, breast_files, tmp_path, capsys, reference_probs):
+    csv_out = tmp_path / "preds.csv"
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG broken")
+    assert main(["predict", str(served_bundle), str(breast_files["root"] / "png"), str(bad),
+                 "--out", str(csv_out), "--backend", "onnx"]) == 0
+    rows = list(csv.DictReader(csv_out.open()))
+    assert len(rows) == len(breast_files["png"]) + 1
+    classes = load_bundle(served_bundle).classes
+    np.testing.assert_allclose([float(r[f"p_{classes[1]}"]) for r in rows[:-1]],
+                               reference_probs[: len(rows) - 1], atol=1e-5)
+    assert rows[-1]["error"] and "bad.png" in rows[-1]["error"] and rows[-1][f"p_{classes[1]}"] == ""
+    json_out = tmp_path / "preds.json"
+    heat = tmp_path / "heat"
+    assert main(["predict", str(served_bundle), str(breast_files["dcm"][0]), "--out", str(json_out),
+                 "--heatmaps", str(heat)]) == 0
+    data = json.loads(json_out.read_text())
+    assert data[0]["error"] is None and set(data[0]["probabilities"]) == set(classes)
+    assert len(list(heat.glob("*.png"))) == 1
+    capsys.readouterr()
+    assert main(["predict", str(served_bundle), str(breast_files["png"][0])]) == 0
+    shown = capsys.readouterr().out
+    assert any(c in shown for c in classes) and "error" in shown
+    assert main(["predict", str(served_bundle), str(breast_files["png"][0]), "--out", str(tmp_path / "x.xlsx")]) == 2
+    assert main(["predict", str(tmp_path), str(breast_files["png"][0])]) == 2
+
+
+def test_stale_onnx_is_reexported(tmp_path):
+    import os
+
+    from test_export import make_bundle
+
+    b = make_bundle(tmp_path / "b")
+    Predictor(b, backend="onnx")
+    onnx_file = b / "model.onnx"
+    os.utime(onnx_file, (1, 1))  # older than model.pt
+    p = Predictor(b, backend="onnx")
+    assert onnx_file.stat().st_mtime > 1
+    x = np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32)
+    np.testing.assert_allclose(p.logits(x), Predictor(b).logits(x), atol=1e-4)
