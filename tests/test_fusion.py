@@ -262,3 +262,51 @@ def test_fusion_end_to_end_from_a_manifest(tmp_path):
     no_clin = load_dataset(str(man), size=16)
     with pytest.raises(MedsightError, match="clinical columns"):
         split_logits(b, no_clin, "test")
+
+
+def test_fusion_bundle_in_predictor_cli_and_service(tmp_path):
+    """Clinical values are required at prediction (Predictor, `medsight predict --clinical-csv`, REST form field)."""
+    import csv
+
+    from fastapi.testclient import TestClient
+
+    from medsight.cli import main
+    from medsight.config import load_config
+    from medsight.errors import ConfigError, DataError
+    from medsight.pipeline import run_training
+    from medsight.predict import Predictor
+    from medsight.serve.app import create_app
+
+    man = _xor_manifest(tmp_path / "xor", n_train=200, n_val=60, n_test=20)
+    cfg = load_config(None, {"data.name": str(man), "data.size": 16, "data.clinical_columns": ["age", "site"],
+                             "model.fusion": "film", "model.width": 0.5, "train.epochs": 2, "train.n_boot": 0})
+    out, _, _ = run_training(cfg, tmp_path / "run")
+    png = tmp_path / "xor" / "test_0000.png"
+    p = Predictor(out, backend="torch")
+    r = p.predict_file(png, clinical={"age": 70, "site": "F"}, explain=True)
+    assert set(r.probabilities) == {"0", "1"} and r.heatmap.shape == (16, 16) and r.ood_flag is None
+    with pytest.raises(DataError, match="age"):
+        p.predict_file(png)
+    with pytest.raises(DataError, match="column 'age'"):
+        p.predict_file(png, clinical={"age": "old", "site": "F"})
+    with pytest.raises(ConfigError, match="torch"):
+        Predictor(out, backend="onnx")
+
+    clin = tmp_path / "clin.csv"
+    with open(clin, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "age", "site"])
+        w.writerow(["test_0000.png", "70", "F"])
+    assert main(["predict", str(out), str(png), "--clinical-csv", str(clin), "--out", str(tmp_path / "p.json")]) == 0
+    rows = json.loads((tmp_path / "p.json").read_text())
+    assert rows[0]["error"] is None and rows[0]["probabilities"]["1"] == pytest.approx(r.probabilities["1"], abs=1e-6)
+
+    client = TestClient(create_app(out, backend="torch"))
+    assert client.get("/v1/model").json()["clinical_columns"] == ["age", "site"]
+    files = {"file": ("x.png", png.read_bytes(), "image/png")}
+    ok = client.post("/v1/predict", files=files, data={"clinical": json.dumps({"age": 70, "site": "F"})})
+    assert ok.status_code == 200 and ok.json()["probabilities"]["1"] == pytest.approx(r.probabilities["1"], abs=1e-6)
+    missing = client.post("/v1/predict", files=files)
+    assert missing.status_code == 422 and "age" in missing.json()["detail"]
+    bad = client.post("/v1/predict", files=files, data={"clinical": "{not json"})
+    assert bad.status_code == 422 and "clinical" in bad.json()["detail"]

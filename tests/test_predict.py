@@ -167,3 +167,25 @@ def test_stale_onnx_is_reexported(tmp_path):
     assert onnx_file.stat().st_mtime > 1
     x = np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32)
     np.testing.assert_allclose(p.logits(x), Predictor(b).logits(x), atol=1e-4)
+
+
+def test_ood_score_flags_foreign_images(served_bundle, medmnist_dir, tmp_path):
+    """BreastMNIST model: PneumoniaMNIST chest X-rays score as more out-of-distribution than breast ultrasound."""
+    from PIL import Image
+
+    from medsight.data.sources import load_medmnist
+
+    p = Predictor(served_bundle, backend="onnx")
+    assert p.ood is not None
+    pneu = load_medmnist("pneumoniamnist", 28, root=medmnist_dir, download_missing=False).splits["test"].images[:40]
+    breast = load_medmnist("breastmnist", 28, root=medmnist_dir, download_missing=False).splits["test"].images[:40]
+    s_in = [p.predict_array(x.astype(np.float32) / 255).ood_score for x in breast]
+    s_out = [p.predict_array(x.astype(np.float32) / 255).ood_score for x in pneu]
+    from sklearn.metrics import roc_auc_score
+
+    auroc = roc_auc_score([0] * len(s_in) + [1] * len(s_out), s_in + s_out)
+    assert auroc >= 0.9, auroc
+    f = tmp_path / "x.png"
+    Image.fromarray(pneu[0, 0]).save(f)
+    r = p.predict_paths([f])[0]
+    assert isinstance(r.ood_score, float) and isinstance(r.ood_flag, bool)

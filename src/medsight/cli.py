@@ -358,8 +358,10 @@ def predict(
     heatmaps: Optional[Path] = typer.Option(None, help="write a Grad-CAM overlay PNG per file into this folder"),
     backend: str = typer.Option("torch", help="torch or onnx (ONNX Runtime; exports model.onnx when missing)"),
     batch_size: int = typer.Option(64, help="files per batch"),
+    clinical_csv: Optional[Path] = typer.Option(None, help="image + clinical models: CSV with a 'path' column "
+                                                            "(file path or name) and the model's clinical columns"),
 ):
-    """Predict files with a bundle: probabilities per class and the decision at the bundle's threshold."""
+    """Predict files with a bundle: probabilities, the decision at the bundle's threshold, and an OOD flag."""
     from medsight.predict import Predictor, default_threads
     from medsight.bundle import load_bundle
 
@@ -367,7 +369,18 @@ def predict(
         raise MedsightError(f"--out must end in .csv or .json, got {out.name!r}")
     b = load_bundle(bundle)
     predictor = Predictor(b, backend=backend, threads=default_threads(b))
-    results = predictor.predict_paths(inputs, batch_size=batch_size, heatmaps_dir=heatmaps)
+    clinical = None
+    if clinical_csv is not None:
+        import csv
+
+        if not clinical_csv.is_file():
+            raise MedsightError(f"--clinical-csv {clinical_csv}: file not found")
+        with open(clinical_csv, newline="", encoding="utf-8-sig") as fh:
+            rows_in = list(csv.DictReader(fh))
+        if not rows_in or "path" not in rows_in[0]:
+            raise MedsightError(f"--clinical-csv {clinical_csv}: needs a header with a 'path' column")
+        clinical = {r["path"]: {k: v for k, v in r.items() if k != "path"} for r in rows_in}
+    results = predictor.predict_paths(inputs, batch_size=batch_size, heatmaps_dir=heatmaps, clinical=clinical)
     if not results:
         raise MedsightError(f"no image files found in {', '.join(map(str, inputs))}")
     rows = [r.to_dict() for r in results]
@@ -385,13 +398,15 @@ def predict(
             buf = io.StringIO()
             w = csv.writer(buf)
             w.writerow(["file", *[f"p_{c}" for c in classes], "predicted", "decision", "threshold", "calibrated",
-                        "model_version", "error"])
+                        "model_version", "ood_score", "ood_flag", "error"])
             for r in rows:
                 probs = [f"{r['probabilities'][c]:.6f}" if r["error"] is None else "" for c in classes]
                 pred = ";".join(r["predicted"]) if isinstance(r["predicted"], list) else (r["predicted"] or "")
                 dec = json.dumps(r["decision"]) if isinstance(r["decision"], list) else ("" if r["decision"] is None else r["decision"])
                 thr = json.dumps(r["threshold"]) if isinstance(r["threshold"], list) else ("" if r["threshold"] is None else r["threshold"])
-                w.writerow([r["file"], *probs, pred, dec, thr, r["calibrated"], r["model_version"], r["error"] or ""])
+                ood = "" if r["ood_score"] is None else f"{r['ood_score']:.3f}"
+                w.writerow([r["file"], *probs, pred, dec, thr, r["calibrated"], r["model_version"], ood,
+                            "" if r["ood_flag"] is None else r["ood_flag"], r["error"] or ""])
             atomic_write_text(out, buf.getvalue())
         out_console.print(f"{len(rows)} predictions ({n_err} errors) written to {out}")
     else:
@@ -400,11 +415,13 @@ def predict(
         for c in classes:
             table.add_column(f"p({c})", justify="right")
         table.add_column("predicted")
+        table.add_column("OOD")
         table.add_column("error")
         for r in rows:
             probs = [f"{r['probabilities'][c]:.4f}" if r["error"] is None else "-" for c in classes]
             pred = ", ".join(r["predicted"]) if isinstance(r["predicted"], list) else (r["predicted"] or "-")
-            table.add_row(r["file"], *probs, pred, r["error"] or "")
+            ood = "-" if r["ood_flag"] is None else ("[yellow]flagged[/yellow]" if r["ood_flag"] else "ok")
+            table.add_row(r["file"], *probs, pred, ood, r["error"] or "")
         out_console.print(table)
     if heatmaps is not None:
         out_console.print(f"heatmaps written to {heatmaps}")

@@ -43,6 +43,8 @@ class Prediction:
     calibrated: bool = False
     model_version: str = ""
     error: str | None = None
+    ood_score: float | None = None  # higher = less like the training data (None: the bundle has no detector)
+    ood_flag: bool | None = None  # score above the threshold fitted on the validation split
     heatmap: np.ndarray | None = field(default=None, repr=False)
     image: np.ndarray | None = field(default=None, repr=False)  # the model input (C, *size) in [0, 1]
 
@@ -53,7 +55,8 @@ class Prediction:
     def to_dict(self) -> dict:
         return {"file": self.file, "probabilities": self.probabilities, "predicted": self.predicted,
                 "decision": self.decision, "threshold": self.threshold, "calibrated": self.calibrated,
-                "model_version": self.model_version, "error": self.error}
+                "model_version": self.model_version, "ood_score": self.ood_score, "ood_flag": self.ood_flag,
+                "error": self.error}
 
 
 def default_threads(bundle: Bundle) -> int:
@@ -117,6 +120,16 @@ class Predictor:
         self._explain_model: torch.nn.Module | None = None
         self._explain_lock = threading.Lock()
         self._session = None
+        self.fusion = self.bundle.fusion
+        if self.fusion and backend == "onnx":
+            raise ConfigError(f"{self.bundle.path} is an image + clinical fusion model; use --backend torch")
+        self.ood = None
+        self._ood_model: torch.nn.Module | None = None
+        self._ood_lock = threading.Lock()
+        if (self.bundle.path / "ood.npz").is_file() and not self.fusion:
+            from medsight.ood import load_ood
+
+            self.ood = load_ood(self.bundle.path / "ood.npz")
         if backend == "onnx":
             self._session = self._make_session(onnx_path, threads or 1)
             self._in_name = self._session.get_inputs()[0].name
@@ -167,11 +180,27 @@ class Predictor:
         self._session.run_with_iobinding(binding)
         return out.copy()
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """(N, C, *size) float32 model inputs -> (N, outputs) logits."""
+    def encode_clinical(self, rows: Sequence[dict] | None, n: int) -> np.ndarray | None:
+        """Clinical rows -> the fusion model's tabular input (None for image-only bundles)."""
+        if not self.fusion:
+            return None
+        if rows is None or len(rows) != n or any(r is None for r in rows):
+            raise DataError(f"this model needs clinical values for every image: columns "
+                            f"{', '.join(self.fusion['columns'])}")
+        from medsight.fusion import encode_tabular
+
+        return encode_tabular(list(rows), self.fusion["tabular"])
+
+    def logits(self, x: np.ndarray, tab: np.ndarray | None = None) -> np.ndarray:
+        """(N, C, *size) float32 model inputs (+ encoded clinical rows for fusion) -> (N, outputs) logits."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.shape[1:] != self.input_shape:
             raise DataError(f"input batch has shape {x.shape}; the model expects (N, {', '.join(map(str, self.input_shape))})")
+        if self.fusion:
+            if tab is None:
+                raise DataError(f"this model needs clinical columns {', '.join(self.fusion['columns'])}")
+            with torch.inference_mode():
+                return self.model(torch.from_numpy(x), torch.from_numpy(np.asarray(tab, np.float32))).float().numpy()
         if self._session is not None:
             if x.shape[0] == 1:
                 return self._run_one(x)
@@ -179,9 +208,29 @@ class Predictor:
         with torch.inference_mode():
             return self.model(torch.from_numpy(x)).float().numpy()
 
-    def probabilities(self, x: np.ndarray) -> np.ndarray:
+    def probabilities(self, x: np.ndarray, tab: np.ndarray | None = None) -> np.ndarray:
         """Calibrated probabilities at the bundle's temperature: binary (N,), otherwise (N, K)."""
-        return self.task.probabilities(torch.from_numpy(self.logits(x)), self.temperature).numpy()
+        return self.task.probabilities(torch.from_numpy(self.logits(x, tab)), self.temperature).numpy()
+
+    def ood_scores(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+        """Out-of-distribution score and flag per input (Mahalanobis distance of the model's features to the
+        training classes; threshold fitted on the validation split). Uses the PyTorch model's features."""
+        if self.ood is None:
+            return None, None
+        from medsight.ood import detect
+
+        with self._ood_lock:  # the feature hook lives on a private copy, so concurrent predictions never see it
+            if self._ood_model is None:
+                self._ood_model = copy.deepcopy(self.model).eval()
+            r = detect(self._ood_model, np.ascontiguousarray(x, dtype=np.float32), self.ood)
+        return np.asarray(r["ood_score"], dtype=float), np.asarray(r["ood_flag"], dtype=bool)
+
+    def _with_ood(self, preds: list[Prediction], x: np.ndarray) -> None:
+        scores, flags = self.ood_scores(x)
+        if scores is None:
+            return
+        for p, s, f in zip(preds, scores, flags):
+            p.ood_score, p.ood_flag = float(s), bool(f)
 
     # --- input ----------------------------------------------------------------------------------------------
     def preprocess(self, array: np.ndarray, meta: dict | None = None, name: str = "image") -> np.ndarray:
@@ -225,14 +274,17 @@ class Predictor:
         return Prediction(file=name, error=msg, calibrated=self.calibrated, model_version=self.version)
 
     # --- explanations ---------------------------------------------------------------------------------------
-    def heatmaps(self, x: np.ndarray) -> np.ndarray:
+    def heatmaps(self, x: np.ndarray, tab: np.ndarray | None = None) -> np.ndarray:
         """Grad-CAM heatmaps in [0, 1] at input size for a batch of model inputs, for the predicted class."""
         from medsight.explain import gradcam
 
         with self._explain_lock:  # hooks on a private copy: never disturbs concurrent predictions
             if self._explain_model is None:
                 self._explain_model = copy.deepcopy(self.model).eval()
-            return gradcam(self._explain_model, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+            model = self._explain_model
+            if self.fusion:  # explain the image branch with this patient's clinical values held fixed
+                model = model.model_with_tab(torch.from_numpy(np.asarray(tab, np.float32)))
+            return gradcam(model, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
 
     @staticmethod
     def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> bytes:
@@ -245,25 +297,29 @@ class Predictor:
         return overlay_png(image, heatmap, alpha=alpha)
 
     # --- one input ------------------------------------------------------------------------------------------
-    def predict_array(self, x: np.ndarray, name: str = "image", *, explain: bool = False) -> Prediction:
-        """One preprocessed input (C, *size) -> Prediction."""
+    def predict_array(self, x: np.ndarray, name: str = "image", *, explain: bool = False,
+                      clinical: dict | None = None) -> Prediction:
+        """One preprocessed input (C, *size) (+ its clinical values for a fusion model) -> Prediction."""
         batch = x[None]
-        pred = self._result(name, self.probabilities(batch)[0])
+        tab = self.encode_clinical(None if clinical is None else [clinical], 1)
+        pred = self._result(name, self.probabilities(batch, tab)[0])
+        self._with_ood([pred], batch)
         pred.image = x
         if explain:
-            pred.heatmap = self.heatmaps(batch)[0]
+            pred.heatmap = self.heatmaps(batch, tab)[0]
         return pred
 
-    def predict_bytes(self, data: bytes, name: str, *, explain: bool = False) -> Prediction:
+    def predict_bytes(self, data: bytes, name: str, *, explain: bool = False, clinical: dict | None = None) -> Prediction:
         """Raises :class:`DataError` for unreadable input (the service maps it to an HTTP status)."""
-        return self.predict_array(self.load_bytes(data, name), name, explain=explain)
+        return self.predict_array(self.load_bytes(data, name), name, explain=explain, clinical=clinical)
 
-    def predict_file(self, path: str | Path, *, explain: bool = False) -> Prediction:
-        return self.predict_array(self.load_file(path), str(path), explain=explain)
+    def predict_file(self, path: str | Path, *, explain: bool = False, clinical: dict | None = None) -> Prediction:
+        return self.predict_array(self.load_file(path), str(path), explain=explain, clinical=clinical)
 
     # --- many inputs ----------------------------------------------------------------------------------------
     def predict_paths(self, items: Sequence[str | Path], *, batch_size: int = 64,
-                      heatmaps_dir: str | Path | None = None, alpha: float = 0.45) -> list[Prediction]:
+                      heatmaps_dir: str | Path | None = None, alpha: float = 0.45,
+                      clinical: dict[str, dict] | None = None) -> list[Prediction]:
         """Files and folders (walked recursively) -> one Prediction per file, in order; a file that cannot be
         read or preprocessed gets ``error`` set and does not stop the batch. With ``heatmaps_dir`` a Grad-CAM
         overlay PNG is written per file (``<stem>.heatmap.png``, numbered on name clashes)."""
@@ -275,20 +331,28 @@ class Predictor:
         used_names: set[str] = set()
         for start in range(0, len(files), batch_size):
             chunk = list(enumerate(files[start:start + batch_size], start))
-            xs, idx = [], []
+            xs, idx, tabs = [], [], []
             for i, f in chunk:
                 try:
-                    xs.append(self.load_file(f))
+                    x = self.load_file(f)
+                    if self.fusion:  # clinical values matched by path or file name
+                        row = (clinical or {}).get(str(f)) or (clinical or {}).get(Path(f).name)
+                        tabs.append(self.encode_clinical([row] if row is not None else None, 1)[0])
+                    xs.append(x)
                     idx.append(i)
                 except Exception as e:  # noqa: BLE001 - a bad file must not stop the batch
                     results[i] = self._error(str(f), e)
             if not xs:
                 continue
             batch = np.stack(xs)
-            probs = self.probabilities(batch)
-            heat = self.heatmaps(batch) if out_dir is not None else None
+            tab = np.stack(tabs) if tabs else None
+            probs = self.probabilities(batch, tab)
+            scores, flags = self.ood_scores(batch)
+            heat = self.heatmaps(batch, tab) if out_dir is not None else None
             for j, i in enumerate(idx):
                 pred = self._result(str(files[i]), probs[j])
+                if scores is not None:
+                    pred.ood_score, pred.ood_flag = float(scores[j]), bool(flags[j])
                 if heat is not None:
                     stem = files[i].name.split(".")[0] or "image"
                     name, k = f"{stem}.heatmap.png", 1

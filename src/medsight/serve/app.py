@@ -64,6 +64,12 @@ class UploadError(Exception):
 
 def parse_upload(body: bytes, content_type: str, field: str = "file") -> tuple[str, bytes]:
     """multipart/form-data body (in memory) -> (filename, bytes) of ``field``."""
+    name, data, _ = parse_form(body, content_type, field)
+    return name, data
+
+
+def parse_form(body: bytes, content_type: str, field: str = "file") -> tuple[str, bytes, dict[str, str]]:
+    """multipart/form-data body (in memory) -> (filename, bytes) of ``field`` and the other text fields."""
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     ctype, params = parse_options_header(content_type or "")
@@ -105,11 +111,17 @@ def parse_upload(body: bytes, content_type: str, field: str = "file") -> tuple[s
         parser.finalize()
     except Exception as e:  # python_multipart raises its own error types for malformed bodies
         raise UploadError(422, f"malformed multipart/form-data upload: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    found, others = None, {}
     for headers, data in parts:
         disp, opts = parse_options_header(headers.get(b"content-disposition", b""))
-        if opts.get(b"name", b"").decode("utf-8", "replace") == field:
+        pname = opts.get(b"name", b"").decode("utf-8", "replace")
+        if pname == field and found is None:
             name = opts.get(b"filename", b"upload").decode("utf-8", "replace") or "upload"
-            return Path(name.replace("\\", "/")).name or "upload", data
+            found = (Path(name.replace("\\", "/")).name or "upload", data)
+        elif pname:
+            others[pname] = data.decode("utf-8", "replace")
+    if found is not None:
+        return found[0], found[1], others
     raise UploadError(422, f"multipart upload has no '{field}' field (send the scan as form field '{field}')")
 
 
@@ -197,6 +209,7 @@ def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_uploa
         threshold=bundle.threshold, temperature=bundle.temperature, calibrated=pred.calibrated,
         model_version=pred.version, data=meta.get("data"), created=meta.get("created"),
         medsight_version=meta.get("medsight_version"), metrics=_metrics_summary(bundle.path),
+        clinical_columns=list((bundle.fusion or {}).get("columns") or []),
         max_upload_mb=max_upload_mb,
     )
 
@@ -234,7 +247,7 @@ def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_uploa
     def model_info():
         return info
 
-    def infer(data: bytes, name: str, explain: bool, rid: str) -> dict:
+    def infer(data: bytes, name: str, explain: bool, rid: str, clinical: dict | None = None) -> dict:
         try:
             x = pred.load_bytes(data, name, max_elements=MAX_ELEMENTS)
         except DataError as e:
@@ -242,10 +255,14 @@ def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_uploa
             raise UploadError(status, str(e).splitlines()[0]) from e
         except Exception as e:  # a reader bug on hostile input is still bad input, not a server error
             raise UploadError(422, f"cannot read {name}: {type(e).__name__}") from e
-        r = pred.predict_array(x, name, explain=explain)
+        try:
+            r = pred.predict_array(x, name, explain=explain, clinical=clinical)
+        except DataError as e:  # missing or wrongly typed clinical columns
+            raise UploadError(422, str(e).splitlines()[0]) from e
         out = {"request_id": rid, "probabilities": r.probabilities, "predicted": r.predicted,
                "decision": r.decision, "threshold": r.threshold, "calibrated": r.calibrated,
-               "temperature": pred.temperature, "model_version": r.model_version}
+               "temperature": pred.temperature, "model_version": r.model_version,
+               "ood_score": r.ood_score, "ood_flag": r.ood_flag}
         if explain:
             out["heatmap_png"] = _b64png(pred.overlay(x, r.heatmap, 0.45))
             out["colormap_png"] = _b64png(pred.overlay(x, r.heatmap, 1.0))
@@ -255,7 +272,9 @@ def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_uploa
     upload_body = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file"],
         "properties": {"file": {"type": "string", "format": "binary",
-                                "description": "PNG/JPEG/TIFF/BMP, DICOM or NIfTI scan"}}}}}}}
+                                "description": "PNG/JPEG/TIFF/BMP, DICOM or NIfTI scan"},
+                       "clinical": {"type": "string", "description": "JSON object of clinical column values "
+                                                                     "(required by image + clinical models)"}}}}}}}
 
     @app.post("/v1/predict", response_model=PredictResponse, dependencies=[Depends(check_key)],
               openapi_extra=upload_body,
@@ -277,12 +296,20 @@ def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_uploa
                 if size > limit + _MULTIPART_SLACK:
                     raise UploadError(413, f"upload is larger than the {max_upload_mb:g} MB limit")
                 chunks.append(chunk)
-            name, data = parse_upload(b"".join(chunks), request.headers.get("content-type", ""))
+            name, data, fields = parse_form(b"".join(chunks), request.headers.get("content-type", ""))
+            clinical = None
+            if "clinical" in fields:
+                try:
+                    clinical = json.loads(fields["clinical"])
+                except ValueError:
+                    raise UploadError(422, "form field 'clinical' must be a JSON object of column values") from None
+                if not isinstance(clinical, dict):
+                    raise UploadError(422, "form field 'clinical' must be a JSON object of column values")
             if len(data) > limit:
                 raise UploadError(413, f"{name} is {len(data)} bytes, larger than the {max_upload_mb:g} MB limit")
             if not data:
                 raise UploadError(422, f"{name} is empty (0 bytes)")
-            out = await run_in_threadpool(infer, data, name, explain, rid)
+            out = await run_in_threadpool(infer, data, name, explain, rid, clinical)
         except UploadError as e:
             return JSONResponse({"detail": e.detail}, status_code=e.status)
         return JSONResponse(out)

@@ -35,6 +35,8 @@ class ModelInfo(BaseModel):
     metrics: dict[str, dict[str, Optional[float]]] = Field(
         default_factory=dict, description="per split, each metric's value (from metrics.json)")
     max_upload_mb: float
+    clinical_columns: list[str] = Field(default_factory=list, description="clinical values required with each scan "
+                                                                         "(form field 'clinical', a JSON object)")
 
 
 class PredictResponse(BaseModel):
@@ -46,6 +48,9 @@ class PredictResponse(BaseModel):
     calibrated: bool = Field(description="true when a calibration temperature other than 1 was applied")
     temperature: float
     model_version: str
+    ood_score: Optional[float] = Field(None, description="out-of-distribution score (higher = less like the training data)")
+    ood_flag: Optional[bool] = Field(None, description="true when the scan does not look like the training data: "
+                                                       "treat the prediction as unreliable")
     heatmap_png: Optional[str] = Field(None, description="base64 PNG: Grad-CAM overlay on the model input "
                                                          "(alpha 0.45); only with ?explain=true")
     colormap_png: Optional[str] = Field(None, description="base64 PNG: the heatmap alone, colour-mapped")

@@ -15,6 +15,8 @@
     $("status").className = isError ? "error" : "";
   }
 
+  let clinicalColumns = [];
+
   async function loadModel() {
     try {
       const health = await (await fetch("/healthz")).json();
@@ -30,6 +32,19 @@
         return;
       }
       const m = await r.json();
+      clinicalColumns = m.clinical_columns || [];
+      const box = $("clinical");
+      box.textContent = "";
+      for (const c of clinicalColumns) {
+        const label = document.createElement("label");
+        label.textContent = c + " ";
+        const input = document.createElement("input");
+        input.dataset.column = c;
+        input.placeholder = "value";
+        label.appendChild(input);
+        box.appendChild(label);
+      }
+      box.hidden = clinicalColumns.length === 0;
       $("model-info").textContent = m.name + " · " + m.task + " · classes: " + m.classes.join(", ") +
         " · threshold " + (m.threshold === null ? "default" : JSON.stringify(m.threshold)) +
         " · " + m.model_version;
@@ -40,6 +55,10 @@
 
   function showResult(res) {
     $("pred-class").textContent = Array.isArray(res.predicted) ? (res.predicted.join(", ") || "none") : res.predicted;
+    const ood = $("ood-warning");
+    ood.hidden = res.ood_flag !== true;
+    ood.textContent = res.ood_flag ? "Warning: this scan does not look like the training data (OOD score " +
+      res.ood_score.toFixed(1) + "); the prediction is unreliable." : "";
     $("pred-meta").textContent = "threshold " + JSON.stringify(res.threshold) +
       (res.calibrated ? " · calibrated (T=" + res.temperature.toFixed(3) + ")" : " · uncalibrated") +
       " · " + res.model_version;
@@ -77,6 +96,11 @@
     $("result").dataset.state = "busy";
     const form = new FormData();
     form.append("file", file, file.name);
+    if (clinicalColumns.length) {
+      const values = {};
+      for (const input of document.querySelectorAll("#clinical input")) values[input.dataset.column] = input.value;
+      form.append("clinical", JSON.stringify(values));
+    }
     try {
       const r = await fetch("/v1/predict?explain=true", { method: "POST", body: form, headers: headers() });
       const body = await r.json().catch(() => ({ detail: "unreadable response" }));
