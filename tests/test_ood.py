@@ -92,7 +92,7 @@ def test_fit_mahalanobis_hooks_the_last_linear_and_errors():
         ood.fit_mahalanobis(m, x, y[:-1])
     with pytest.raises(DataError, match="at least 2 training images"):
         ood.fit_mahalanobis(m, x[:1], y[:1])
-    with pytest.raises(ConfigError, match="has no nn.Linear"):
+    with pytest.raises(ConfigError, match="has no final nn.Linear"):
         ood.fit_mahalanobis(nn.Sequential(nn.Conv2d(1, 1, 3)), x, y)
     with pytest.raises(ConfigError, match="unknown OOD score 'knn'"):
         ood.ood_scores(m, x, score="knn")

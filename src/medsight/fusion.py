@@ -227,13 +227,9 @@ FUSION_MODES = ("concat", "film", "gated", "image", "tabular")
 
 def _strip_last_linear(model: nn.Module) -> int:
     """Replace the model's last nn.Linear by nn.Identity (in place); returns its in_features."""
-    last = None
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            last = (name, m)
-    if last is None:
-        raise ConfigError(f"image model {type(model).__name__} has no final nn.Linear to take features from")
-    name, lin = last
+    from medsight.ood import last_linear
+
+    name, lin = last_linear(model)
     parent = model
     *path, leaf = name.split(".")
     for p in path:

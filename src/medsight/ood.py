@@ -87,7 +87,8 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
         if isinstance(m, nn.Linear):
             found = (name, m)
     if found is None:
-        raise ConfigError(f"{type(model).__name__} has no nn.Linear layer; Mahalanobis OOD needs a final linear layer")
+        raise ConfigError(f"{type(model).__name__} has no final nn.Linear layer to take features from "
+                          "(fusion and the Mahalanobis OOD score need one)")
     return found
 
 

@@ -12,7 +12,6 @@ import html
 import io
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -364,18 +363,9 @@ def build_report(
 
 def write_report(path: str | os.PathLike, html_text: str) -> Path:
     """Write atomically: a temporary file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(html_text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from medsight.utils import atomic_write_text
+
+    return atomic_write_text(path, html_text)
 
 
 __all__ = [
