@@ -163,7 +163,7 @@ def test_every_pydicom_test_file_is_200_or_4xx(client):
 
 
 def test_logs_carry_no_identifiers(client, breast_files, tmp_path, caplog):
-    from conftest import write_dicom
+    from tests.conftest import write_dicom
 
     img = np.asarray(breast_files["images"][0]).reshape(28, 28)
     dcm = write_dicom(tmp_path / "Smith_John_1970.dcm", img, patient_name="Smith^John", patient_id="MRN-998877")
