@@ -62,6 +62,12 @@ class TrainConfig(_Strict):
     threads: Optional[int] = Field(None, ge=1)
     device: Optional[str] = None
     eval_batch_size: int = Field(512, ge=1)
+    threshold: Literal["0.5", "youden"] = Field(
+        "0.5", description="operating point stored in the bundle: 0.5, or Youden's J chosen on the validation split")
+    tta_flip: list[int] = Field(default_factory=list, description="test-time augmentation: average logits over "
+                                "flips of these spatial axes (1-based), used for validation and stored in the bundle")
+    channels_last: bool = Field(False, description="channels_last memory format (2D/3D) for model and batches")
+    compile: bool = Field(False, description="torch.compile the training model")
 
 
 class RunConfig(_Strict):

@@ -24,7 +24,8 @@ def check_compatible(bundle: Bundle, data: Dataset) -> None:
 
 def split_logits(bundle: Bundle, data: Dataset, split: str, *, device="cpu", batch_size: int = 512) -> torch.Tensor:
     s = data.split(split)
-    return evaluate_logits(bundle.model.to(device), s.images, device=torch.device(device), batch_size=batch_size)
+    return evaluate_logits(bundle.model.to(device), s.images, device=torch.device(device), batch_size=batch_size,
+                           tta_flip=bundle.meta.get("tta_flip") or ())
 
 
 def evaluate_split(bundle: Bundle, data: Dataset, split: str, *, device="cpu", n_boot: int = 0,

@@ -71,6 +71,15 @@ class BatchAugment:
             "noise_seed": torch.randint(0, 2**31 - 1, (1,), generator=generator),
         }
 
+    @staticmethod
+    def select(p: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The parameters of some rows of a sampled batch (a rank's share under DDP). The noise is still drawn for
+        the whole batch and then sliced, so every sample gets the noise a single process would give it."""
+        out = {k: (v if k == "noise_seed" else v[rows]) for k, v in p.items()}
+        out["rows"] = rows
+        out["batch"] = torch.tensor(len(p["scale"]))
+        return out
+
     def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """The fixed transform: x (B, C, *spatial) float in [0, 1]."""
         cfg, d = self.cfg, self.dims
@@ -93,7 +102,11 @@ class BatchAugment:
             x = (x - mean) * p["contrast"].view(view) + mean + p["brightness"].view(view)
         if cfg.noise:
             g = torch.Generator(device=dev).manual_seed(int(p["noise_seed"]))
-            x = x + torch.randn(x.shape, generator=g, device=dev) * cfg.noise
+            if "rows" in p:
+                full = torch.randn((int(p["batch"]),) + tuple(x.shape[1:]), generator=g, device=dev)
+                x = x + full.index_select(0, p["rows"]) * cfg.noise
+            else:
+                x = x + torch.randn(x.shape, generator=g, device=dev) * cfg.noise
         return x.clamp_(0, 1)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
