@@ -167,22 +167,23 @@ def train_one_epoch(model, opt, sched, task: Task, augment: BatchAugment, x_trai
     torch.manual_seed(t.seed * 1_000_003 + epoch)  # dropout etc.
     n = len(x_train)
     perm = torch.randperm(n, generator=gen)
+    perm_dev = perm.to(device)  # one host-to-device copy per epoch, not per step
     steps = math.ceil(n / t.batch_size)
     total, count = torch.zeros((), device=device), 0
     for step in range(steps):
-        idx = perm[step * t.batch_size:(step + 1) * t.batch_size]
+        idx = perm_dev[step * t.batch_size:(step + 1) * t.batch_size]
         b = len(idx)
         aug_params = augment.sample(b, gen) if augment.cfg.enabled else None
         scale = None
         if dinfo.world > 1:  # this rank's share of the global batch, with the params a single process would use
             sel = torch.arange(dinfo.rank, b, dinfo.world)
-            idx = idx[sel]
+            idx = idx[sel.to(device)]
             if aug_params is not None:
                 aug_params = augment.select(aug_params, sel)
             # DDP averages gradients over ranks; weight each rank's mean loss by its share of the global batch so
             # the update equals the single-process one also when the last batch does not split evenly
             scale = dinfo.world * len(idx) / b
-        idx_dev = idx.to(device)
+        idx_dev = idx
         x = to_float(x_train.index_select(0, idx_dev))
         if aug_params is not None:
             x = augment.apply(x, aug_params)
@@ -202,6 +203,10 @@ def train_one_epoch(model, opt, sched, task: Task, augment: BatchAugment, x_trai
         count += len(idx)
         if on_step is not None:
             on_step(step + 1, steps, loss.item())
+    if dinfo.world > 1:  # the mean over the global epoch, weighted by each rank's sample count
+        tc = torch.stack([total.float(), torch.tensor(float(count), device=device)])
+        dist.all_reduce(tc)
+        total, count = tc[0], int(tc[1])
     return float(total) / max(1, count)
 
 
@@ -313,10 +318,6 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
             # per-step events cost a device sync (loss.item()): only when someone listens
             on_step=None if callback is None else
             (lambda s, n, l: emit("step", {"epoch": epoch, "step": s, "steps": n, "loss": l})))
-        if dinfo.world > 1:
-            tl = torch.tensor([train_loss], device=device)
-            dist.all_reduce(tl)
-            train_loss = float(tl) / dinfo.world
         train_seconds = time.perf_counter() - te
         eval_model = ema.module if ema is not None else model
         # every rank scores the whole validation split with identical weights, so metrics, best epoch and early
