@@ -54,10 +54,10 @@ def step_flops(model, x, y, task) -> int:
     return fc.get_total_flops()
 
 
-def bench(args, dev, amp: str, channels_last: bool, augment: bool) -> dict:
+def bench(args, dev, amp: str, channels_last: bool, augment: bool, compile_: bool = False) -> dict:
     over = {"model.name": args.model, "model.width": args.width, "model.stem": args.stem,
             "train.batch_size": args.batch, "train.epochs": 100, "train.amp": amp,
-            "train.channels_last": channels_last, "augment.enabled": augment}
+            "train.channels_last": channels_last, "augment.enabled": augment, "augment.noise": 0.02}
     cfg = load_config(None, over)
     d = args.dims
     task = Task("binary", 2)
@@ -66,21 +66,27 @@ def bench(args, dev, amp: str, channels_last: bool, augment: bool) -> dict:
     x_train = torch.randint(0, 256, (n, 1) + (args.size,) * d, dtype=torch.uint8, generator=g).to(dev)
     y_train = torch.randint(0, 2, (n,), generator=g).to(dev)
     res = {}
+    fns = {}
     for loop in ("plain", "medsight"):
         torch.manual_seed(0)
         model = build_model(cfg, task, d, 1, (args.size,) * d).to(dev)
         if channels_last:
             model = model.to(memory_format=memory_format(d))
         opt = build_optimizer(cfg, model)
+        if compile_:
+            model = torch.compile(model)
         sched = build_schedule(cfg, opt, args.steps)
         aug = BatchAugment(cfg.augment, d)
+        gen = torch.Generator().manual_seed(1)
 
-        def plain_epoch(epoch):
+        def plain_epoch(epoch, model=model, opt=opt, sched=sched, aug=aug, gen=gen):
             model.train()
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch)).to(dev)
             for s in range(args.steps):
                 idx = perm[s * args.batch:(s + 1) * args.batch]
                 x = x_train.index_select(0, idx).float().div_(255)
+                if augment:  # the same batched augmentation, called directly
+                    x = aug(x, gen)
                 if channels_last:
                     x = x.contiguous(memory_format=memory_format(d))
                 with autocast_ctx(dev, amp):
@@ -91,24 +97,26 @@ def bench(args, dev, amp: str, channels_last: bool, augment: bool) -> dict:
                 opt.step()
                 sched.step()
 
-        def med_epoch(epoch):
+        def med_epoch(epoch, model=model, opt=opt, sched=sched, aug=aug):
             train_one_epoch(model, opt, sched, task, aug, x_train, y_train, cfg=cfg, epoch=epoch, device=dev,
                             class_weights=None, dinfo=DistInfo())
 
-        fn = plain_epoch if loop == "plain" else med_epoch
-        fn(0)  # warm-up
-        sync(dev)
-        times = []
-        for e in range(1, args.epochs + 1):
+        fns[loop] = (plain_epoch if loop == "plain" else med_epoch, model)
+    times = {k: [] for k in fns}
+    for e in range(args.epochs + 1):  # interleaved, so load changes on a shared machine hit both loops alike
+        for loop, (fn, _) in fns.items():
+            sync(dev)
             t = time.perf_counter()
             fn(e)
             sync(dev)
-            times.append(time.perf_counter() - t)
-        res[f"{loop}_img_s"] = n / min(times)
-        if loop == "medsight":
-            x = x_train[:args.batch].float() / 255
-            with autocast_ctx(dev, amp):
-                res["flops_per_step"] = step_flops(model, x, y_train[:args.batch], task)
+            if e:  # epoch 0 is warm-up
+                times[loop].append(time.perf_counter() - t)
+    for loop in fns:
+        res[f"{loop}_img_s"] = n / min(times[loop])
+    model = fns["medsight"][1]
+    x = x_train[:args.batch].float() / 255
+    with autocast_ctx(dev, amp):
+        res["flops_per_step"] = step_flops(getattr(model, "_orig_mod", model), x, y_train[:args.batch], task)
     res["ratio"] = res["medsight_img_s"] / res["plain_img_s"]
     res["gflops"] = res["flops_per_step"] / args.batch * res["medsight_img_s"] / 1e9
     return res
@@ -126,6 +134,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compile", action="store_true", help="add a torch.compile variant (slow to compile)")
     ap.add_argument("--out", default=None, help="write the table as Markdown (and .json beside it)")
     a = ap.parse_args(argv)
     if a.threads:
@@ -135,6 +144,9 @@ def main(argv=None) -> dict:
                 ("fp32 + augment", "off", False, True)]
     if dev.type == "cuda":
         variants += [("bf16 autocast", "on", False, False), ("bf16 autocast + channels_last", "on", True, False)]
+    variants = [(*v, False) for v in variants]
+    if a.compile:
+        variants.append(("fp32 + torch.compile", "off", False, False, True))
     peak32 = matmul_gflops(dev, False)
     peak16 = matmul_gflops(dev, True) if dev.type == "cuda" else None
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -143,8 +155,8 @@ def main(argv=None) -> dict:
              "| variant | plain loop img/s | medsight loop img/s | ratio | train GFLOP/s | % of matmul |",
              "|---|---|---|---|---|---|"]
     rows = {}
-    for label, amp, cl, augm in variants:
-        r = bench(a, dev, amp, cl, augm)
+    for label, amp, cl, augm, comp in variants:
+        r = bench(a, dev, amp, cl, augm, comp)
         rows[label] = r
         peak = peak16 if amp == "on" else peak32
         lines.append(f"| {label} | {r['plain_img_s']:.0f} | {r['medsight_img_s']:.0f} | {r['ratio']:.3f} | "
