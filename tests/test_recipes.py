@@ -56,3 +56,19 @@ def test_bench_quick_smoke(tmp_path):
     rec = next(r for r in res["rows"] if r["method"].startswith("medsight recipe"))
     assert 0 <= rec["auc"][0] <= 1 and rec["images_per_s"] > 0 and rec["peak_mem_mb"] > 0
     assert "| breastmnist |" in (tmp_path / "medmnist.md").read_text()
+
+
+def test_youden_threshold_and_flip_tta_are_chosen_on_val_and_stored(tmp_path):
+    from conftest import make_npz
+
+    from medsight.bundle import load_bundle
+    from medsight.pipeline import run_training
+
+    npz = make_npz(tmp_path / "t.npz", n=(32, 16, 16), shape=(12, 12))
+    cfg = load_config(None, {"data.name": str(npz), "model.name": "simple_cnn", "train.epochs": 1,
+                             "train.batch_size": 16, "train.threshold": "youden", "train.tta_flip": [1]})
+    out, _, metrics = run_training(cfg, tmp_path / "run")
+    b = load_bundle(out)
+    assert isinstance(b.meta["threshold"], float) and 0.0 <= b.meta["threshold"] <= 1.0
+    assert b.meta["threshold_rule"] == "youden on val" and b.meta["tta_flip"] == [1]
+    assert set(metrics) >= {"val", "test"}
