@@ -109,6 +109,8 @@ def train(
     epochs: Optional[int] = typer.Option(None),
     out: Path = typer.Option(Path("runs/run"), help="bundle folder to write"),
     config: Optional[Path] = typer.Option(None, help="YAML config; flags override it"),
+    recipe: Optional[str] = typer.Option(None, help="packaged recipe (breastmnist, breastmnist_64, pneumoniamnist, "
+                                         "adrenalmnist3d) or a YAML path: defaults, then --config, then flags"),
     seed: Optional[int] = typer.Option(None),
     size: Optional[int] = typer.Option(None, help="input size (MedMNIST: 28, 64, 128, 224)"),
     batch_size: Optional[int] = typer.Option(None),
@@ -137,9 +139,13 @@ def train(
         import yaml
 
         overrides[k.strip()] = yaml.safe_load(v)
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, recipe=recipe)
     with _Progress(progress) as bar:
         out_path, result, metrics = run_training(cfg, out, resume=resume, callback=bar)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     if _is_main_process():
         out_console.print(metrics_table(metrics, title=f"{cfg.model.name} on {cfg.data.name} "
                                                        f"(best epoch {result.best_epoch}, {result.seconds:.1f}s)"))
@@ -468,6 +474,36 @@ def serve(
                              threads=threads)
     console.print(f"serving {bundle} on http://{host}:{port}" + (" (API key required)" if api_key else ""), soft_wrap=True)
     uvicorn.run(application, host=host, port=port, access_log=False, log_level="warning")
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="benchmarks: accuracy per compute, throughput")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("medmnist")
+def bench_medmnist(
+    datasets: List[str] = typer.Option(["breastmnist", "breastmnist_64", "pneumoniamnist", "adrenalmnist3d"],
+                                       "--datasets", help="benchmark keys (repeat or comma-separate)"),
+    seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
+    quick: bool = typer.Option(False, help="tiny smoke run (1 epoch, 64 training images): numbers meaningless"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda (default: cuda if available)"),
+    ref_epochs: int = typer.Option(2, help="epochs of the reference ResNet-18 recipe (x100/epochs = full cost)"),
+    epochs_cap: Optional[int] = typer.Option(None, help="run recipes for at most this many epochs (cost estimate)"),
+    amp: str = typer.Option("off", help="bf16 autocast: off, on, auto"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    out_dir: Path = typer.Option(Path("benchmarks/results"), help="where medmnist.md / medmnist.json go"),
+    stem: str = typer.Option("medmnist", help="file name stem of the results"),
+):
+    """Train the recommended recipes for several seeds; table vs the MedMNIST v2 paper and the reference recipe."""
+    from medsight.benchmark import run_benchmark, to_markdown, write_results
+
+    keys = [k.strip() for d in datasets for k in d.split(",") if k.strip()]
+    result = run_benchmark(keys, [int(s) for s in seeds.split(",")], device=device, quick=quick,
+                           ref_epochs=ref_epochs, epochs_cap=epochs_cap, amp=amp, threads=threads,
+                           log=lambda m: console.print(m, highlight=False))
+    md, js = write_results(result, out_dir, stem)
+    out_console.print(to_markdown(result), highlight=False, soft_wrap=True)
+    console.print(f"written {md} and {js}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,6 +72,10 @@ class TrainConfig(_Strict):
     calibrate: bool = Field(True, description="fit a temperature on the validation split")
     ood: bool = Field(True, description="fit an out-of-distribution detector (Mahalanobis on features; threshold on val)")
     n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the 95% CIs in metrics.json")
+    tta_flip: list[int] = Field(default_factory=list, description="test-time augmentation: average logits over "
+                                "flips of these spatial axes (1-based), used for validation and stored in the bundle")
+    channels_last: bool = Field(False, description="channels_last memory format (2D/3D) for model and batches")
+    compile: bool = Field(False, description="torch.compile the training model")
 
     @field_validator("operating_point", mode="before")
     @classmethod
@@ -113,21 +117,51 @@ def _deep_update(base: dict, upd: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults <- YAML file <- overrides (dotted keys like ``train.epochs``). Errors are one-line ConfigErrors."""
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(name: str) -> Path:
+    """A packaged recipe (``src/medsight/recipes/<name>.yaml``) by name, or a path to a YAML file."""
+    p = RECIPES_DIR / f"{name}.yaml"
+    if p.is_file():
+        return p
+    if Path(name).is_file():
+        return Path(name)
+    from medsight.errors import choices_message
+
+    raise ConfigError(choices_message("recipe", name, list_recipes()))
+
+
+def _read_yaml(p: Path) -> dict:
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                recipe: str | None = None) -> RunConfig:
+    """Defaults <- recipe <- YAML file <- overrides (dotted keys like ``train.epochs``). Errors are one-line
+    ConfigErrors."""
     raw: dict = {}
     source = "defaults"
+    if recipe is not None:
+        rp = recipe_path(recipe)
+        raw = _read_yaml(rp)
+        source = f"recipe {rp.name}"
     if path is not None:
         p = Path(path)
         source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p} must hold a mapping, got {type(raw).__name__}")
+        raw = _deep_update(raw, _read_yaml(p))
     for key, value in (overrides or {}).items():
         if value is None:
             continue

@@ -45,7 +45,8 @@ def split_logits(bundle: Bundle, data: Dataset, split: str, *, device="cpu", bat
                                 f"{', '.join(bundle.fusion['columns'])}; {data.name} has none")
         tab = encode_tabular(s.clinical, bundle.fusion["tabular"])
         return fusion_logits(bundle.model, s.images, tab, batch_size=batch_size, device=device)
-    return evaluate_logits(bundle.model.to(device), s.images, device=torch.device(device), batch_size=batch_size)
+    return evaluate_logits(bundle.model.to(device), s.images, device=torch.device(device), batch_size=batch_size,
+                           tta_flip=bundle.meta.get("tta_flip") or ())
 
 
 def split_probs(bundle: Bundle, data: Dataset, split: str, *, temperature: float | None = None) -> np.ndarray:

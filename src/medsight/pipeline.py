@@ -39,10 +39,10 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
                  callback: Callback | None = None, evaluate: bool = True) -> tuple[Path, FitResult, dict]:
     out = Path(out_dir)
     data = data or load_data_for(cfg)
-    from medsight.train import init_distributed
+    import os
 
-    dinfo = init_distributed()
-    if dinfo.is_main:
+    is_main = int(os.environ.get("RANK", "0")) == 0  # fit() sets up the process group with the right backend
+    if is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
     fusion = None
@@ -51,10 +51,13 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
     else:
         result = fit(cfg, data, out, resume=resume, callback=callback)
     metrics: dict = {}
-    if dinfo.is_main:
+    if is_main:
+        extra = {"train_seconds": round(result.seconds, 2)}
+        if cfg.train.tta_flip:
+            extra["tta_flip"] = list(cfg.train.tta_flip)
         meta = make_meta(model_spec=result.model_spec, task=data.task, classes=data.classes, recipe=data.recipe,
                          data_name=data.name, best_epoch=result.best_epoch, monitor=cfg.train.monitor,
-                         extra={"train_seconds": round(result.seconds, 2)})
+                         extra=extra)
         if fusion is not None:
             meta["fusion"] = fusion
         if cfg.train.ood and fusion is None:

@@ -110,17 +110,29 @@ def autocast_ctx(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def memory_format(spatial_dims: int) -> torch.memory_format:
+    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+
+
 @torch.inference_mode()
 def evaluate_logits(model: nn.Module, images, *, device: torch.device, batch_size: int = 512,
-                    amp: str = "auto") -> torch.Tensor:
-    """Logits for an array or tensor of stored images (uint8 or float in [0, 1]); returns float32 on the CPU."""
+                    amp: str = "auto", tta_flip: list[int] | tuple[int, ...] = (),
+                    channels_last: bool = False) -> torch.Tensor:
+    """Logits for an array or tensor of stored images (uint8 or float in [0, 1]); returns float32 on the CPU.
+
+    ``tta_flip``: spatial axes (1-based); the logits are averaged over the image and its flip along each axis."""
     model.eval()
     x_all = torch.as_tensor(images)
     outs = []
     for i in range(0, len(x_all), batch_size):
         x = to_float(x_all[i:i + batch_size].to(device, non_blocking=True))
+        if channels_last and x.dim() in (4, 5):
+            x = x.contiguous(memory_format=memory_format(x.dim() - 2))
         with autocast_ctx(device, amp):
-            outs.append(model(x).float().cpu())
+            z = model(x).float()
+            for ax in tta_flip:
+                z = z + model(x.flip(1 + int(ax))).float()
+        outs.append((z / (1 + len(tta_flip))).cpu())
     return torch.cat(outs) if outs else torch.empty(0)
 
 
@@ -155,27 +167,34 @@ def train_one_epoch(model, opt, sched, task: Task, augment: BatchAugment, x_trai
     torch.manual_seed(t.seed * 1_000_003 + epoch)  # dropout etc.
     n = len(x_train)
     perm = torch.randperm(n, generator=gen)
+    perm_dev = perm.to(device)  # one host-to-device copy per epoch, not per step
     steps = math.ceil(n / t.batch_size)
     total, count = torch.zeros((), device=device), 0
     for step in range(steps):
-        idx = perm[step * t.batch_size:(step + 1) * t.batch_size]
+        idx = perm_dev[step * t.batch_size:(step + 1) * t.batch_size]
         b = len(idx)
         aug_params = augment.sample(b, gen) if augment.cfg.enabled else None
+        scale = None
         if dinfo.world > 1:  # this rank's share of the global batch, with the params a single process would use
             sel = torch.arange(dinfo.rank, b, dinfo.world)
-            idx = idx[sel]
+            idx = idx[sel.to(device)]
             if aug_params is not None:
-                aug_params = {k: v[sel] if v.dim() and len(v) == b else v for k, v in aug_params.items()}
-        idx_dev = idx.to(device)
+                aug_params = augment.select(aug_params, sel)
+            # DDP averages gradients over ranks; weight each rank's mean loss by its share of the global batch so
+            # the update equals the single-process one also when the last batch does not split evenly
+            scale = dinfo.world * len(idx) / b
+        idx_dev = idx
         x = to_float(x_train.index_select(0, idx_dev))
         if aug_params is not None:
             x = augment.apply(x, aug_params)
+        if t.channels_last and x.dim() in (4, 5):
+            x = x.contiguous(memory_format=memory_format(x.dim() - 2))
         y = y_train.index_select(0, idx_dev)
         with autocast_ctx(device, t.amp):
             logits = model(x)
         loss = task.loss(logits, y, class_weights=class_weights, label_smoothing=t.label_smoothing)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * scale if scale is not None else loss).backward()
         opt.step()
         sched.step()
         if ema is not None:
@@ -184,6 +203,10 @@ def train_one_epoch(model, opt, sched, task: Task, augment: BatchAugment, x_trai
         count += len(idx)
         if on_step is not None:
             on_step(step + 1, steps, loss.item())
+    if dinfo.world > 1:  # the mean over the global epoch, weighted by each rank's sample count
+        tc = torch.stack([total.float(), torch.tensor(float(count), device=device)])
+        dist.all_reduce(tc)
+        total, count = tc[0], int(tc[1])
     return float(total) / max(1, count)
 
 
@@ -241,11 +264,15 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
     model = build_model(cfg, task, data.spatial_dims, data.in_channels, data.input_size)
     model.set_input_stats(*input_stats(train_split.images))
     model = model.to(device)
+    if t.channels_last and data.spatial_dims in (2, 3):
+        model = model.to(memory_format=memory_format(data.spatial_dims))
     spec = model_spec(cfg, task, data)
     train_model = model
     if dinfo.world > 1:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        train_model = torch.compile(train_model)
     opt = build_optimizer(cfg, model)
     steps_per_epoch = math.ceil(len(x_train) / t.batch_size)
     sched = build_schedule(cfg, opt, steps_per_epoch)
@@ -288,15 +315,15 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
         train_loss = train_one_epoch(
             train_model, opt, sched, task, augment, x_train, y_train, cfg=cfg, epoch=epoch, device=device,
             class_weights=class_weights, dinfo=dinfo, ema=ema,
-            on_step=lambda s, n, l: emit("step", {"epoch": epoch, "step": s, "steps": n, "loss": l}))
-        if dinfo.world > 1:
-            tl = torch.tensor([train_loss], device=device)
-            dist.all_reduce(tl)
-            train_loss = float(tl) / dinfo.world
+            # per-step events cost a device sync (loss.item()): only when someone listens
+            on_step=None if callback is None else
+            (lambda s, n, l: emit("step", {"epoch": epoch, "step": s, "steps": n, "loss": l})))
         train_seconds = time.perf_counter() - te
         eval_model = ema.module if ema is not None else model
+        # every rank scores the whole validation split with identical weights, so metrics, best epoch and early
+        # stopping agree across ranks without a gather
         logits = evaluate_logits(eval_model, val_split.images, device=device, batch_size=t.eval_batch_size,
-                                 amp=t.amp)
+                                 amp=t.amp, tta_flip=t.tta_flip, channels_last=t.channels_last)
         y_val = task.targets(val_split.labels)
         val_loss = float(task.loss(logits, y_val))
         probs = task.probabilities(logits).numpy()
@@ -323,7 +350,7 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
             stopped = True
             emit("early_stop", {"epoch": epoch + 1, "best_epoch": best_epoch})
             break
-    final = copy.deepcopy(ema.module if ema is not None else model).cpu()
+    final = copy.deepcopy(ema.module if ema is not None else model).cpu().to(memory_format=torch.contiguous_format)
     if best_state is not None:
         final.load_state_dict(best_state)
     final.eval()

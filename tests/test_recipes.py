@@ -1,0 +1,74 @@
+"""Packaged recipes load and validate; `--recipe` layers under --config and flags; a `--quick` bench smoke run."""
+
+import json
+
+import pytest
+import yaml
+
+from medsight.cli import main
+from medsight.config import RECIPES_DIR, list_recipes, load_config
+from medsight.errors import ConfigError
+
+EXPECTED = {"breastmnist", "breastmnist_64", "pneumoniamnist", "adrenalmnist3d"}
+
+
+def test_all_expected_recipes_are_packaged():
+    assert EXPECTED <= set(list_recipes())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_recipe_validates_and_names_its_dataset(name):
+    cfg = load_config(None, recipe=name)
+    assert cfg.data.name == name.replace("_64", "")
+    assert cfg.data.size == (64 if name.endswith("_64") else 28)
+    raw = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
+    assert raw["train"]["epochs"] == cfg.train.epochs
+
+
+def test_recipe_then_config_then_flags(tmp_path):
+    c = tmp_path / "c.yaml"
+    c.write_text("train: {epochs: 3, lr: 0.01}\n")
+    cfg = load_config(c, {"train.lr": 0.5}, recipe="breastmnist")
+    assert cfg.model.width == 2.0  # from the recipe
+    assert cfg.train.epochs == 3  # config over recipe
+    assert cfg.train.lr == 0.5  # flag over config
+
+
+def test_unknown_recipe_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="breastmnist"):
+        load_config(None, recipe="nosuch")
+
+
+def test_train_recipe_flag_on_cli(tmp_path, capsys):
+    rc = main(["train", "--recipe", "nosuch", "--out", str(tmp_path / "r"), "--no-progress"])
+    assert rc == 2
+
+
+def test_bench_quick_smoke(tmp_path):
+    rc = main(["bench", "medmnist", "--datasets", "breastmnist", "--seeds", "0", "--quick", "--device", "cpu",
+               "--out-dir", str(tmp_path), "--threads", "2"])
+    assert rc == 0
+    res = json.loads((tmp_path / "medmnist.json").read_text())
+    methods = [r["method"] for r in res["rows"]]
+    assert any(m.startswith("medsight recipe") for m in methods)
+    assert any(m.startswith("reference ResNet-18") for m in methods)
+    assert any(m.startswith("paper:") for m in methods)
+    rec = next(r for r in res["rows"] if r["method"].startswith("medsight recipe"))
+    assert 0 <= rec["auc"][0] <= 1 and rec["images_per_s"] > 0 and rec["peak_mem_mb"] > 0
+    assert "| breastmnist |" in (tmp_path / "medmnist.md").read_text()
+
+
+def test_youden_threshold_and_flip_tta_are_chosen_on_val_and_stored(tmp_path):
+    from tests.conftest import make_npz
+
+    from medsight.bundle import load_bundle
+    from medsight.pipeline import run_training
+
+    npz = make_npz(tmp_path / "t.npz", n=(32, 16, 16), shape=(12, 12))
+    cfg = load_config(None, {"data.name": str(npz), "model.name": "simple_cnn", "train.epochs": 1,
+                             "train.batch_size": 16, "train.operating_point": "youden", "train.tta_flip": [1]})
+    out, _, metrics = run_training(cfg, tmp_path / "run")
+    b = load_bundle(out)
+    assert isinstance(b.meta["threshold"], float) and 0.0 <= b.meta["threshold"] <= 1.0
+    assert b.meta["threshold_rule"] == "youden" and b.meta["tta_flip"] == [1]
+    assert set(metrics) >= {"val", "test"}
