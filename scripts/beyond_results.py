@@ -15,24 +15,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-
-def make_xor(n, seed, side=16):
-    """Label = (bright blob in the image) XOR (age > 60), 5 % label noise (same generator as tests/test_fusion.py)."""
-    rng = np.random.default_rng(seed)
-    img = rng.normal(0.35, 0.08, size=(n, 1, side, side))
-    blob = rng.random(n) < 0.5
-    yy, xx = np.mgrid[:side, :side]
-    for i in np.where(blob)[0]:
-        cy, cx = rng.integers(4, side - 4, 2)
-        img[i, 0] += 0.45 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 1.5 ** 2))
-    img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-    age = rng.uniform(30, 90, n)
-    y = (blob ^ (age > 60)).astype(np.int64)
-    flip = rng.random(n) < 0.05
-    y[flip] = 1 - y[flip]
-    rows = [{"age": None if rng.random() < 0.05 else round(float(a), 1), "sex": str(rng.choice(["F", "M"])),
-             "bmi": float(rng.normal(25, 4))} for a in age]
-    return img, rows, y
+from medsight.fusion import synthetic_xor as make_xor
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from medsight.config import load_config
 from medsight.errors import ConfigError, DataError
-from medsight.fusion import (FUSION_MODES, FusionClassifier, TabularEncoder, encode_tabular, fit_fusion, fit_tabular,
+from medsight.fusion import (FUSION_MODES, synthetic_xor, FusionClassifier, TabularEncoder, encode_tabular, fit_fusion, fit_tabular,
                              fusion_logits, fusion_meta, model_with_tab)
 from medsight.models import create_model
 from medsight.tasks import Task
@@ -147,24 +147,7 @@ def test_fusion_model_errors():
         fit_fusion(m, task, (x, t[:, :2], y), (x, t, y))
 
 
-def make_xor(n, seed, side=16):
-    """Label = (bright blob in the image) XOR (age > 60), with 5 % label noise; sex and bmi are irrelevant and
-    5 % of ages are missing. Either modality alone carries no information about the label."""
-    rng = np.random.default_rng(seed)
-    img = rng.normal(0.35, 0.08, size=(n, 1, side, side))
-    blob = rng.random(n) < 0.5
-    yy, xx = np.mgrid[:side, :side]
-    for i in np.where(blob)[0]:
-        cy, cx = rng.integers(4, side - 4, 2)
-        img[i, 0] += 0.45 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 1.5 ** 2))
-    img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-    age = rng.uniform(30, 90, n)
-    y = (blob ^ (age > 60)).astype(np.int64)
-    flip = rng.random(n) < 0.05
-    y[flip] = 1 - y[flip]
-    rows = [{"age": None if rng.random() < 0.05 else round(float(a), 1), "sex": str(rng.choice(["F", "M"])),
-             "bmi": float(rng.normal(25, 4))} for a in age]
-    return img, rows, y
+make_xor = synthetic_xor
 
 
 def test_fusion_beats_each_single_modality_on_synthetic_data():

@@ -491,3 +491,24 @@ def fit_fusion(model: FusionClassifier, task, train: tuple, val: tuple, *, cfg=N
     model.eval()
     return FusionFitResult(model=model, history=history, best_epoch=best_epoch, best_value=best_value,
                            seconds=time.perf_counter() - t0)
+
+
+def synthetic_xor(n: int, seed: int, side: int = 16):
+    """A synthetic image + clinical task for tests and demos: label = (bright blob in the image) XOR (age > 60),
+    with 5 % label noise; sex and bmi are irrelevant and 5 % of ages are missing. Either modality alone carries no
+    information about the label. Returns (uint8 images (n, 1, side, side), clinical rows, labels)."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(0.35, 0.08, size=(n, 1, side, side))
+    blob = rng.random(n) < 0.5
+    yy, xx = np.mgrid[:side, :side]
+    for i in np.where(blob)[0]:
+        cy, cx = rng.integers(4, side - 4, 2)
+        img[i, 0] += 0.45 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 1.5 ** 2))
+    img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    age = rng.uniform(30, 90, n)
+    y = (blob ^ (age > 60)).astype(np.int64)
+    flip = rng.random(n) < 0.05
+    y[flip] = 1 - y[flip]
+    rows = [{"age": None if rng.random() < 0.05 else round(float(a), 1), "sex": str(rng.choice(["F", "M"])),
+             "bmi": float(rng.normal(25, 4))} for a in age]
+    return img, rows, y

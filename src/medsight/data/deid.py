@@ -496,7 +496,9 @@ def _atomic_save(ds, out_path: Path) -> None:
         raise
 
 
-def _is_dicom_file(p: Path) -> bool:
+def is_dicom_file(p: Path) -> bool:
+    """A DICOM Part 10 file ('DICM' after the 128-byte preamble), or a .dcm/.dicom file that starts with a group
+    0002/0008 element (no preamble)."""
     try:
         with open(p, "rb") as fh:
             head = fh.read(132)
@@ -545,7 +547,7 @@ def deidentify(
         if f.name.upper() == "DICOMDIR":
             summary["skipped"].append(str(rel))  # a DICOMDIR indexes identifying data; rebuild it instead
             continue
-        if not _is_dicom_file(f):
+        if not is_dicom_file(f):
             summary["skipped"].append(str(rel))
             continue
         try:

@@ -42,12 +42,9 @@ def _is_image_file(p: Path) -> bool:
 
 
 def _looks_dicom(p: Path) -> bool:
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return head[128:132] == b"DICM"
+    from medsight.data.deid import is_dicom_file
+
+    return is_dicom_file(p)
 
 
 def _class_samples(class_dir: Path) -> list[Path]:
