@@ -189,3 +189,16 @@ def test_ood_score_flags_foreign_images(served_bundle, medmnist_dir, tmp_path):
     Image.fromarray(pneu[0, 0]).save(f)
     r = p.predict_paths([f])[0]
     assert isinstance(r.ood_score, float) and isinstance(r.ood_flag, bool)
+
+
+def test_onnx_and_torch_agree_on_ood_scores_in_one_pass(served_bundle, breast_files):
+    """model.onnx carries the penultimate features, so ONNX Runtime alone gives the Mahalanobis score."""
+    t, o = Predictor(served_bundle, backend="torch"), Predictor(served_bundle, backend="onnx")
+    assert o._feat is not None
+    for f in breast_files["png"][:5]:
+        a, b = t.predict_file(f), o.predict_file(f)
+        assert b.ood_score == pytest.approx(a.ood_score, rel=1e-3, abs=1e-3) and a.ood_flag == b.ood_flag
+    batch = np.stack([o.load_file(f) for f in breast_files["png"][:6]])
+    _, s_onnx, _ = o.predict_batch(batch)
+    _, s_torch, _ = t.predict_batch(batch)
+    np.testing.assert_allclose(s_onnx, s_torch, rtol=1e-3, atol=1e-3)

@@ -23,12 +23,21 @@ PARITY_ATOL = 1e-4
 
 
 def _export_bytes(model: torch.nn.Module, example: torch.Tensor, opset: int) -> bytes:
+    """ONNX with outputs ``logits`` and, when the model ends in a Linear layer, ``features`` (its input), so
+    ONNX Runtime alone gives both the prediction and the Mahalanobis OOD score in one pass."""
+    from medsight.errors import ConfigError
+    from medsight.ood import WithFeatures
+
+    try:
+        net, outputs = WithFeatures(model).eval(), ["logits", "features"]
+    except ConfigError:
+        net, outputs = model, ["logits"]
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (example,), buf, input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            net, (example,), buf, input_names=["input"], output_names=outputs,
+            dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
             opset_version=opset, do_constant_folding=True, dynamo=False,
         )
     return buf.getvalue()

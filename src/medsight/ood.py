@@ -212,6 +212,15 @@ def ood_scores(model: nn.Module, images, *, score: str = "mahalanobis", state: d
     return (s, logits) if return_logits else s
 
 
+def score_from_outputs(logits, features, detector: dict) -> np.ndarray:
+    """The detector's score from outputs already computed (e.g. by ONNX Runtime with a features output)."""
+    if detector["score"] == "mahalanobis":
+        return mahalanobis_from_features(features, detector)
+    if detector["score"] == "energy":
+        return energy_score(logits, detector.get("temperature", 1.0), detector.get("task"))
+    return msp_score(logits, detector.get("task"))
+
+
 def fit_ood_threshold(val_scores, quantile: float = 0.95) -> float:
     """The ``quantile`` of in-distribution VALIDATION scores: scores above it are flagged as OOD."""
     if not 0 < quantile < 1:

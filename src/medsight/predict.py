@@ -133,8 +133,11 @@ class Predictor:
         if backend == "onnx":
             self._session = self._make_session(onnx_path, threads or 1)
             self._in_name = self._session.get_inputs()[0].name
-            self._out_name = self._session.get_outputs()[0].name
+            outs = self._session.get_outputs()
+            self._out_name = outs[0].name
             self._n_out = int(self.bundle.meta["model"]["num_outputs"])
+            # model.onnx from `medsight export` carries the penultimate features as a second output
+            self._feat = (outs[1].name, int(outs[1].shape[1])) if len(outs) > 1 else None
             self._local = threading.local()
         elif threads:
             torch.set_num_threads(threads)
@@ -165,7 +168,7 @@ class Predictor:
         except Exception as e:
             raise MedsightError(f"cannot load ONNX model {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
-    def _run_one(self, x: np.ndarray) -> np.ndarray:
+    def _run_one(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Batch of one through a preallocated, per-thread IO binding (no per-call allocation by ORT)."""
         slot = getattr(self._local, "slot", None)
         if slot is None:
@@ -174,11 +177,41 @@ class Predictor:
             binding = self._session.io_binding()
             binding.bind_cpu_input(self._in_name, inp)
             binding.bind_output(self._out_name, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-            slot = self._local.slot = (binding, inp, out)
-        binding, inp, out = slot
+            feat = None
+            if self._feat is not None:
+                feat = np.zeros((1, self._feat[1]), np.float32)
+                binding.bind_output(self._feat[0], "cpu", 0, np.float32, list(feat.shape), feat.ctypes.data)
+            slot = self._local.slot = (binding, inp, out, feat)
+        binding, inp, out, feat = slot
         inp[...] = x
         self._session.run_with_iobinding(binding)
-        return out.copy()
+        return out.copy(), (None if feat is None else feat.copy())
+
+    def forward(self, x: np.ndarray, tab: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, C, *size) model inputs -> (logits, OOD scores or None), from one pass of the model."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape[1:] != self.input_shape:
+            raise DataError(f"input batch has shape {x.shape}; the model expects (N, {', '.join(map(str, self.input_shape))})")
+        if self._session is not None and (self.ood is None or self._feat is not None):
+            if x.shape[0] == 1:
+                logits, feats = self._run_one(x)
+            else:
+                outs = self._session.run(None, {self._in_name: x})
+                logits, feats = outs[0], (outs[1] if len(outs) > 1 else None)
+            if self.ood is None:
+                return logits, None
+            from medsight.ood import score_from_outputs
+
+            return logits, score_from_outputs(logits, feats, self.ood)
+        if self.ood is not None:  # PyTorch: logits and features from one pass on a private, hooked copy
+            from medsight.ood import detect
+
+            with self._ood_lock:
+                if self._ood_model is None:
+                    self._ood_model = copy.deepcopy(self.model).eval()
+                r = detect(self._ood_model, x, self.ood)
+            return r["logits"].float().numpy(), np.asarray(r["ood_score"], dtype=float)
+        return self.logits(x, tab), None
 
     def encode_clinical(self, rows: Sequence[dict] | None, n: int) -> np.ndarray | None:
         """Clinical rows -> the fusion model's tabular input (None for image-only bundles)."""
@@ -203,7 +236,7 @@ class Predictor:
                 return self.model(torch.from_numpy(x), torch.from_numpy(np.asarray(tab, np.float32))).float().numpy()
         if self._session is not None:
             if x.shape[0] == 1:
-                return self._run_one(x)
+                return self._run_one(x)[0]
             return self._session.run(None, {self._in_name: x})[0]
         with torch.inference_mode():
             return self.model(torch.from_numpy(x)).float().numpy()
@@ -212,25 +245,18 @@ class Predictor:
         """Calibrated probabilities at the bundle's temperature: binary (N,), otherwise (N, K)."""
         return self.task.probabilities(torch.from_numpy(self.logits(x, tab)), self.temperature).numpy()
 
-    def ood_scores(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
-        """Out-of-distribution score and flag per input (Mahalanobis distance of the model's features to the
-        training classes; threshold fitted on the validation split). Uses the PyTorch model's features."""
-        if self.ood is None:
-            return None, None
-        from medsight.ood import detect
-
-        with self._ood_lock:  # the feature hook lives on a private copy, so concurrent predictions never see it
-            if self._ood_model is None:
-                self._ood_model = copy.deepcopy(self.model).eval()
-            r = detect(self._ood_model, np.ascontiguousarray(x, dtype=np.float32), self.ood)
-        return np.asarray(r["ood_score"], dtype=float), np.asarray(r["ood_flag"], dtype=bool)
-
-    def _with_ood(self, preds: list[Prediction], x: np.ndarray) -> None:
-        scores, flags = self.ood_scores(x)
+    def predict_batch(self, x: np.ndarray, tab: np.ndarray | None = None):
+        """-> (probabilities, OOD scores or None, OOD flags or None) from one forward pass."""
+        if self.fusion:
+            logits, scores = self.logits(x, tab), None
+        else:
+            logits, scores = self.forward(x)
+        probs = self.task.probabilities(torch.from_numpy(np.asarray(logits)), self.temperature).numpy()
         if scores is None:
-            return
-        for p, s, f in zip(preds, scores, flags):
-            p.ood_score, p.ood_flag = float(s), bool(f)
+            return probs, None, None
+        from medsight.ood import ood_flags
+
+        return probs, scores, ood_flags(scores, self.ood["threshold"])
 
     # --- input ----------------------------------------------------------------------------------------------
     def preprocess(self, array: np.ndarray, meta: dict | None = None, name: str = "image") -> np.ndarray:
@@ -302,8 +328,10 @@ class Predictor:
         """One preprocessed input (C, *size) (+ its clinical values for a fusion model) -> Prediction."""
         batch = x[None]
         tab = self.encode_clinical(None if clinical is None else [clinical], 1)
-        pred = self._result(name, self.probabilities(batch, tab)[0])
-        self._with_ood([pred], batch)
+        probs, scores, flags = self.predict_batch(batch, tab)
+        pred = self._result(name, probs[0])
+        if scores is not None:
+            pred.ood_score, pred.ood_flag = float(scores[0]), bool(flags[0])
         pred.image = x
         if explain:
             pred.heatmap = self.heatmaps(batch, tab)[0]
@@ -346,8 +374,7 @@ class Predictor:
                 continue
             batch = np.stack(xs)
             tab = np.stack(tabs) if tabs else None
-            probs = self.probabilities(batch, tab)
-            scores, flags = self.ood_scores(batch)
+            probs, scores, flags = self.predict_batch(batch, tab)
             heat = self.heatmaps(batch, tab) if out_dir is not None else None
             for j, i in enumerate(idx):
                 pred = self._result(str(files[i]), probs[j])
