@@ -62,3 +62,18 @@ def test_resume_continues_to_same_weights(tmp_path, breast):
     b = torch.load(part_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_cli_resume_reuses_the_runs_config(tmp_path, tiny_npz):
+    """`medsight train --out DIR --resume` continues DIR's own run (its config.yaml), not the defaults."""
+    from medsight.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_npz), "--epochs", "2", "--batch-size", "8", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--no-progress"]) == 0
+    import csv as _csv
+
+    rows = list(_csv.DictReader((out / "history.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert str(tiny_npz) in (out / "config.yaml").read_text()

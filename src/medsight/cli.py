@@ -139,6 +139,8 @@ def train(
         import yaml
 
         overrides[k.strip()] = yaml.safe_load(v)
+    if resume and config is None and recipe is None and (out / "config.yaml").is_file():
+        config = out / "config.yaml"  # continue the same run: its resolved config, then any flags given now
     cfg = load_config(config, overrides, recipe=recipe)
     with _Progress(progress) as bar:
         out_path, result, metrics = run_training(cfg, out, resume=resume, callback=bar)
