@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-import pytest
 
 from medsight.cli import main
 from tests.conftest import make_npz
@@ -110,3 +109,24 @@ def test_qc_on_real_medmnist_and_deid(tmp_path, medmnist_dir, capsys):
     assert main(["deid", str(src), str(tmp_path / "out")]) == 0
     assert "de-identified 1 files" in capsys.readouterr().out
     assert main(["deid", str(src), str(tmp_path / "out2"), "--secret-env", "NOPE_NOT_SET"]) == 2
+
+
+def test_cli_option_errors_name_the_option(tmp_path, tiny_npz, capsys):
+    out = tmp_path / "r"
+    assert main(["train", "--data", str(tiny_npz), "--epochs", "1", "--batch-size", "8", "--out", str(out),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    cases = [
+        (["train", "--data", str(tiny_npz), "--set", "train.epochs"], "--set expects key=value"),
+        (["predict", str(out), str(tmp_path), "--out", str(tmp_path / "p.txt")], "--out must end in .csv or .json"),
+        (["predict", str(out), str(tmp_path), "--clinical-csv", str(tmp_path / "none.csv")], "none.csv"),
+        (["evaluate", str(out), "--shift", "--shift-severities", "high", "--n-boot", "0"], "--shift-severities"),
+        (["explain", str(out), str(tmp_path / "x.png"), "--method", "lime", "--out", str(tmp_path / "e")], "x.png"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) != 0, argv
+        err = capsys.readouterr().err
+        assert needle in err, (argv, err)
+    (tmp_path / "nopath.csv").write_text("file,age\nx.png,3\n")
+    assert main(["predict", str(out), str(tmp_path), "--clinical-csv", str(tmp_path / "nopath.csv")]) == 2
+    assert "'path' column" in capsys.readouterr().err

@@ -9,7 +9,6 @@ metrics are only reported.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import resource

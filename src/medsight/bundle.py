@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,8 @@ class Bundle:
     path: Path
     meta: dict
     model: nn.Module
+    # logits per (dataset, split): calibration, metrics, the report and its gallery share one inference pass
+    logits_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def task(self) -> Task:

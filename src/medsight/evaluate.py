@@ -36,17 +36,28 @@ def check_compatible(bundle: Bundle, data: Dataset) -> None:
 
 
 def split_logits(bundle: Bundle, data: Dataset, split: str, *, device="cpu", batch_size: int = 512) -> torch.Tensor:
+    """Logits of a split, computed once per bundle and dataset (the model and the data do not change)."""
+    key = (id(data), split)
+    hit = bundle.logits_cache.get(key)
+    if hit is not None and hit[0] is data:
+        return hit[1]
+    logits = _compute_split_logits(bundle, data, split, device=device, batch_size=batch_size)
+    bundle.logits_cache[key] = (data, logits)
+    return logits
+
+
+def _compute_split_logits(bundle: Bundle, data: Dataset, split: str, *, device, batch_size) -> torch.Tensor:
     s = data.split(split)
+    tab = None
     if bundle.fusion:
-        from medsight.fusion import encode_tabular, fusion_logits
+        from medsight.fusion import encode_tabular
 
         if s.clinical is None:
             raise MedsightError(f"the model in {bundle.path} needs clinical columns "
                                 f"{', '.join(bundle.fusion['columns'])}; {data.name} has none")
         tab = encode_tabular(s.clinical, bundle.fusion["tabular"])
-        return fusion_logits(bundle.model, s.images, tab, batch_size=batch_size, device=device)
     return evaluate_logits(bundle.model.to(device), s.images, device=torch.device(device), batch_size=batch_size,
-                           tta_flip=bundle.meta.get("tta_flip") or ())
+                           tta_flip=bundle.meta.get("tta_flip") or (), tab=tab)
 
 
 def split_probs(bundle: Bundle, data: Dataset, split: str, *, temperature: float | None = None) -> np.ndarray:
@@ -192,8 +203,3 @@ def write_bundle_report(bundle: Bundle, data: Dataset, results: dict, splits=("v
         gallery=None if bundle.fusion else gallery(bundle, data, last, split_data[last]["probs"]),
         extra_sections=extra_sections)
     return write_report(path or bundle.path / "report.html", html)
-
-
-def scalar_metrics(result: dict) -> dict[str, float]:
-    return {k: v["value"] for k, v in result.items()
-            if isinstance(v, dict) and isinstance(v.get("value"), (int, float, np.floating))}

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -368,32 +367,18 @@ def model_with_tab(model: FusionClassifier, tab) -> TabBound:
 def fusion_logits(model: FusionClassifier, images, tab, *, batch_size: int = 512,
                   device: str | torch.device | None = None) -> torch.Tensor:
     """Logits for stored images (uint8 or float in [0, 1]) + encoded tabular rows; float32 on the CPU."""
-    from medsight.transforms import to_float
+    from medsight.train import evaluate_logits
 
     if images is None and model.mode != "tabular":
         raise DataError(f"fusion mode {model.mode!r} needs images")
     if tab is None and model.mode != "image":
         raise DataError(f"fusion mode {model.mode!r} needs the encoded tabular rows")
+    if images is None:  # tabular only: a placeholder the model ignores
+        images = np.zeros((len(tab), 1, 1, 1), np.uint8)
+    if tab is None:
+        tab = np.zeros((len(images), 0), np.float32)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    model.eval()
-    tab_all = torch.as_tensor(np.asarray(tab, dtype=np.float32)) if tab is not None else None
-    n = len(tab_all) if images is None else len(images)
-    x_all = None if images is None else torch.as_tensor(images)
-    outs = []
-    for i in range(0, n, batch_size):
-        x = None if x_all is None or model.mode == "tabular" else to_float(x_all[i:i + batch_size].to(dev))
-        t = None if tab_all is None else tab_all[i:i + batch_size].to(dev)
-        outs.append(model(x, t).float().cpu())
-    return torch.cat(outs) if outs else torch.empty(0)
-
-
-@dataclass
-class FusionFitResult:
-    model: FusionClassifier
-    history: list[dict]
-    best_epoch: int
-    best_value: float
-    seconds: float = 0.0
+    return evaluate_logits(model, images, device=dev, batch_size=batch_size, tab=tab)
 
 
 def _check_split(name, images, tab, labels, model) -> int:
@@ -411,86 +396,36 @@ def _check_split(name, images, tab, labels, model) -> int:
 
 
 def fit_fusion(model: FusionClassifier, task, train: tuple, val: tuple, *, cfg=None,
-               device: str | torch.device | None = None, callback=None) -> FusionFitResult:
+               device: str | torch.device | None = None, callback=None):
     """Train ``model`` on ``train = (images, tab, labels)``; pick the epoch by ``cfg.train.monitor`` on ``val``.
 
-    ``images``: stored (N, C, *S) uint8 or float in [0, 1] (ignored by ``mode='tabular'``); ``tab``: the
+    The training loop is :func:`medsight.train.fit` itself (the tabular rows go in as the model's second input),
+    so optimiser, schedule, augmentation, class weights, EMA and epoch selection behave exactly as for images.
+    ``images``: stored (N, C, *S) uint8 or float in [0, 1] (may be None for ``mode='tabular'``); ``tab``: the
     encoded (N, n_tab) array (ignored by ``mode='image'``); ``labels`` as in :class:`medsight.data.sources.Split`.
-    ``task``: a :class:`medsight.tasks.Task`. ``cfg``: a :class:`medsight.config.RunConfig` (epochs, batch size,
-    optimiser, schedule, seed, augmentation, label smoothing, class weights); default ``RunConfig()``."""
+    ``task``: a :class:`medsight.tasks.Task`; ``cfg``: a :class:`medsight.config.RunConfig` (default ``RunConfig()``)."""
     from medsight.config import RunConfig
-    from medsight.metrics import compute_metrics
+    from medsight.data.sources import Dataset, Split
     from medsight.tasks import Task
-    from medsight.train import build_optimizer, build_schedule, epoch_generator, input_stats
-    from medsight.transforms import BatchAugment, to_float
-    from medsight.utils import pick_device
+    from medsight.train import fit
 
     if not isinstance(task, Task):
         raise ConfigError(f"fit_fusion needs a medsight.tasks.Task, got {type(task).__name__}")
     if task.num_outputs != model.num_outputs:
         raise ConfigError(f"task {task.name} needs {task.num_outputs} outputs, the model has {model.num_outputs}")
-    cfg = cfg or RunConfig()
-    t = cfg.train
-    dev = torch.device(device) if device is not None else pick_device(t.device)
-    (xi, xt, y), (vi, vt, vy) = train, val
-    n = _check_split("train", xi, xt, y, model)
-    _check_split("val", vi, vt, vy, model)
-    torch.manual_seed(t.seed)
-    if model.image is not None:
-        model.set_input_stats(*input_stats(xi))
-    model = model.to(dev)
-    use_img = model.mode != "tabular"
-    x_train = torch.as_tensor(xi).to(dev) if use_img else None
-    tab_train = torch.as_tensor(np.asarray(xt, dtype=np.float32)).to(dev) if model.mode != "image" else None
-    y_train = task.targets(y).to(dev)
-    cw = task.class_weights(y).to(dev) if t.class_weights == "balanced" else None
-    opt = build_optimizer(cfg, model)
-    steps = math.ceil(n / t.batch_size)
-    sched = build_schedule(cfg, opt, steps)
-    augment = BatchAugment(cfg.augment, len(xi.shape) - 2) if use_img else None
-    history, best_value, best_epoch, best_state = [], -math.inf, -1, None
-    t0 = time.perf_counter()
-    for epoch in range(t.epochs):
-        model.train()
-        gen = epoch_generator(t.seed, epoch)
-        torch.manual_seed(t.seed * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=gen)
-        total = 0.0
-        for s in range(steps):
-            idx = perm[s * t.batch_size:(s + 1) * t.batch_size].to(dev)
-            x = None
-            if use_img:
-                x = to_float(x_train.index_select(0, idx))
-                if augment.cfg.enabled:
-                    x = augment(x, gen)
-            tb = tab_train.index_select(0, idx) if tab_train is not None else None
-            loss = task.loss(model(x, tb), y_train.index_select(0, idx), class_weights=cw,
-                             label_smoothing=t.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-        logits = fusion_logits(model, vi if use_img else None, vt if model.mode != "image" else None,
-                               batch_size=t.eval_batch_size, device=dev)
-        val_loss = float(task.loss(logits, task.targets(vy)))
-        metrics = compute_metrics(task.name, vy, task.probabilities(logits).numpy())
-        value = -val_loss if t.monitor == "loss" else float(metrics.get(t.monitor, float("nan")))
-        if math.isnan(value):
-            value = -val_loss
-        row = {"epoch": epoch + 1, "train_loss": total / n, "val_loss": val_loss,
-               **{f"val_{k}": v for k, v in metrics.items()}}
-        history.append(row)
-        if value > best_value or best_epoch < 0:
-            best_value, best_epoch = value, epoch + 1
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        if callback is not None:
-            callback("epoch", row)
-    model = model.cpu()
-    model.load_state_dict(best_state)
-    model.eval()
-    return FusionFitResult(model=model, history=history, best_epoch=best_epoch, best_value=best_value,
-                           seconds=time.perf_counter() - t0)
+    cfg = (cfg or RunConfig()).model_copy(deep=True)
+    if device is not None:
+        cfg.train.device = str(device)
+    splits, tabs = {}, {}
+    for name, (images, tab, labels) in (("train", train), ("val", val)):
+        n = _check_split(name, images, tab, labels, model)
+        if images is None:  # tabular only: a placeholder the model ignores
+            images = np.zeros((n, 1, 1, 1), np.uint8)
+        splits[name] = Split(images=np.asarray(images), labels=np.asarray(labels))
+        tabs[name] = np.zeros((n, 0), np.float32) if tab is None else np.asarray(tab, dtype=np.float32)
+    data = Dataset(name="fusion", task=task.name, classes=[str(i) for i in range(task.num_classes)],
+                   spatial_dims=splits["train"].images.ndim - 2, splits=splits)
+    return fit(cfg, data, model=model, tab=tabs, callback=callback)  # a medsight.train.FitResult
 
 
 def synthetic_xor(n: int, seed: int, side: int = 16):

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from scipy import optimize, special
@@ -461,20 +461,9 @@ def evaluate_predictions(
 
 def to_jsonable(obj: Any) -> Any:
     """Recursively convert numpy scalars/arrays and tuples to plain JSON types; nan/inf -> None."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    return obj
+    from medsight.utils import json_safe
+
+    return json_safe(obj)
 
 
 # --------------------------------------------------------------------------------------------

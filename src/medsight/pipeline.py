@@ -112,13 +112,13 @@ def infer_categorical(rows: list[dict], columns: list[str]) -> list[str]:
 
 
 def _fit_fusion(cfg: RunConfig, data: Dataset, callback=None):
-    """Image + clinical columns: a FusionClassifier over the registered image model, trained by fit_fusion."""
+    """Image + clinical columns: a FusionClassifier over the registered image model, trained by train.fit."""
     from medsight.errors import ConfigError
-    from medsight.fusion import FusionClassifier, TabularEncoder, encode_tabular, fit_fusion, fusion_meta
+    from medsight.fusion import FusionClassifier, TabularEncoder, encode_tabular, fusion_meta
     from medsight.tasks import Task
-    from medsight.train import build_model, model_spec
+    from medsight.train import build_model
 
-    train, val = data.splits["train"], data.splits["val"]
+    train = data.splits["train"]
     if train.clinical is None:
         raise ConfigError(f"data.clinical_columns is set but {data.name} carries no clinical values "
                           "(use a CSV manifest with those columns)")
@@ -131,10 +131,6 @@ def _fit_fusion(cfg: RunConfig, data: Dataset, callback=None):
     task = Task(data.task, len(data.classes))
     image_model = build_model(cfg, task, data.spatial_dims, data.in_channels, data.input_size)
     model = FusionClassifier(image_model, enc.n_features, task.num_outputs, cfg.model.fusion)
-    res = fit_fusion(model, task, (train.images, encode_tabular(train.clinical, enc), train.labels),
-                     (val.images, encode_tabular(val.clinical, enc), val.labels), cfg=cfg, callback=callback)
-    from medsight.train import FitResult
-
-    result = FitResult(model=res.model, history=res.history, best_epoch=res.best_epoch, best_value=res.best_value,
-                       model_spec=model_spec(cfg, task, data), seconds=res.seconds)
-    return result, fusion_meta(res.model, enc)
+    tab = {s: encode_tabular(data.splits[s].clinical, enc) for s in ("train", "val")}
+    result = fit(cfg, data, model=model, tab=tab, callback=callback)
+    return result, fusion_meta(result.model, enc)

@@ -114,7 +114,3 @@ class Task:
         counts = np.bincount(labels.reshape(-1).astype(np.int64), minlength=self.num_classes).astype(np.float64)
         w = len(labels) / (self.num_classes * counts.clip(min=1))
         return torch.as_tensor(w, dtype=torch.float32)
-
-
-def get_task(name: str, num_classes: int) -> Task:
-    return Task(name, num_classes)

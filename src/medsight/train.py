@@ -117,21 +117,24 @@ def memory_format(spatial_dims: int) -> torch.memory_format:
 @torch.inference_mode()
 def evaluate_logits(model: nn.Module, images, *, device: torch.device, batch_size: int = 512,
                     amp: str = "auto", tta_flip: list[int] | tuple[int, ...] = (),
-                    channels_last: bool = False) -> torch.Tensor:
+                    channels_last: bool = False, tab=None) -> torch.Tensor:
     """Logits for an array or tensor of stored images (uint8 or float in [0, 1]); returns float32 on the CPU.
 
-    ``tta_flip``: spatial axes (1-based); the logits are averaged over the image and its flip along each axis."""
+    ``tta_flip``: spatial axes (1-based); the logits are averaged over the image and its flip along each axis.
+    ``tab``: encoded clinical rows (N, n_tab) for an image + clinical model, called as ``model(x, tab)``."""
     model.eval()
     x_all = torch.as_tensor(images)
+    tab_all = None if tab is None else torch.as_tensor(np.asarray(tab, dtype=np.float32))
     outs = []
     for i in range(0, len(x_all), batch_size):
         x = to_float(x_all[i:i + batch_size].to(device, non_blocking=True))
         if channels_last and x.dim() in (4, 5):
             x = x.contiguous(memory_format=memory_format(x.dim() - 2))
+        extra = () if tab_all is None else (tab_all[i:i + batch_size].to(device),)
         with autocast_ctx(device, amp):
-            z = model(x).float()
+            z = model(x, *extra).float()
             for ax in tta_flip:
-                z = z + model(x.flip(1 + int(ax))).float()
+                z = z + model(x.flip(1 + int(ax)), *extra).float()
         outs.append((z / (1 + len(tta_flip))).cpu())
     return torch.cat(outs) if outs else torch.empty(0)
 
@@ -160,7 +163,8 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 def train_one_epoch(model, opt, sched, task: Task, augment: BatchAugment, x_train: torch.Tensor,
                     y_train: torch.Tensor, *, cfg: RunConfig, epoch: int, device: torch.device,
                     class_weights: torch.Tensor | None, dinfo: DistInfo, ema=None,
-                    on_step: Callable[[int, int, float], None] | None = None) -> float:
+                    on_step: Callable[[int, int, float], None] | None = None,
+                    tab_train: torch.Tensor | None = None) -> float:
     model.train()
     t = cfg.train
     gen = epoch_generator(t.seed, epoch)
@@ -190,8 +194,9 @@ def train_one_epoch(model, opt, sched, task: Task, augment: BatchAugment, x_trai
         if t.channels_last and x.dim() in (4, 5):
             x = x.contiguous(memory_format=memory_format(x.dim() - 2))
         y = y_train.index_select(0, idx_dev)
+        extra = () if tab_train is None else (tab_train.index_select(0, idx_dev),)
         with autocast_ctx(device, t.amp):
-            logits = model(x)
+            logits = model(x, *extra)
         loss = task.loss(logits, y, class_weights=class_weights, label_smoothing=t.label_smoothing)
         opt.zero_grad(set_to_none=True)
         (loss * scale if scale is not None else loss).backward()
@@ -236,8 +241,12 @@ def _state_dict(model: nn.Module) -> dict:
 
 
 def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, resume: bool = False,
-        callback: Callback | None = None) -> FitResult:
-    """Train ``cfg`` on ``data``; checkpoints go to ``out_dir/checkpoints`` (rank 0 only)."""
+        callback: Callback | None = None, model: nn.Module | None = None,
+        tab: dict[str, np.ndarray] | None = None) -> FitResult:
+    """Train ``cfg`` on ``data``; checkpoints go to ``out_dir/checkpoints`` (rank 0 only).
+
+    ``model``: a prebuilt network instead of ``cfg.model`` (e.g. a fusion model); ``tab``: encoded clinical rows
+    per split (``{"train": (N, n_tab), "val": ...}``), passed as the model's second input."""
     from medsight.metrics import compute_metrics
 
     t = cfg.train
@@ -258,10 +267,12 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
     train_split, val_split = data.splits["train"], data.splits["val"]
     x_train = torch.as_tensor(train_split.images).to(device)
     y_train = task.targets(train_split.labels).to(device)
+    tab_train = None if tab is None else torch.as_tensor(np.asarray(tab["train"], dtype=np.float32)).to(device)
     class_weights = task.class_weights(train_split.labels).to(device) if t.class_weights == "balanced" else None
 
     torch.manual_seed(t.seed)
-    model = build_model(cfg, task, data.spatial_dims, data.in_channels, data.input_size)
+    if model is None:
+        model = build_model(cfg, task, data.spatial_dims, data.in_channels, data.input_size)
     model.set_input_stats(*input_stats(train_split.images))
     model = model.to(device)
     if t.channels_last and data.spatial_dims in (2, 3):
@@ -314,7 +325,7 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
         te = time.perf_counter()
         train_loss = train_one_epoch(
             train_model, opt, sched, task, augment, x_train, y_train, cfg=cfg, epoch=epoch, device=device,
-            class_weights=class_weights, dinfo=dinfo, ema=ema,
+            class_weights=class_weights, dinfo=dinfo, ema=ema, tab_train=tab_train,
             # per-step events cost a device sync (loss.item()): only when someone listens
             on_step=None if callback is None else
             (lambda s, n, l: emit("step", {"epoch": epoch, "step": s, "steps": n, "loss": l})))
@@ -323,7 +334,8 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
         # every rank scores the whole validation split with identical weights, so metrics, best epoch and early
         # stopping agree across ranks without a gather
         logits = evaluate_logits(eval_model, val_split.images, device=device, batch_size=t.eval_batch_size,
-                                 amp=t.amp, tta_flip=t.tta_flip, channels_last=t.channels_last)
+                                 amp=t.amp, tta_flip=t.tta_flip, channels_last=t.channels_last,
+                                 tab=None if tab is None else tab["val"])
         y_val = task.targets(val_split.labels)
         val_loss = float(task.loss(logits, y_val))
         probs = task.probabilities(logits).numpy()
@@ -375,7 +387,3 @@ def history_csv(history: list[dict]) -> str:
 
 def write_history(path: Path, history: list[dict]) -> None:
     atomic_write_text(path, history_csv(history))
-
-
-def to_numpy_probs(task: Task, logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
-    return task.probabilities(logits, temperature).numpy()

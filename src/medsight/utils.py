@@ -9,7 +9,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -44,20 +44,20 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 
 
 def json_safe(obj: Any) -> Any:
-    """NaN/inf -> None, numpy scalars/arrays -> Python, recursively."""
-    if isinstance(obj, dict):
+    """Recursively convert numpy scalars/arrays and tuples to plain JSON types; NaN/inf -> None."""
+    if isinstance(obj, Mapping):
         return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
     if isinstance(obj, np.ndarray):
         return json_safe(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
         return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
     return obj
 
 

@@ -62,12 +62,6 @@ class UploadError(Exception):
         self.detail = detail
 
 
-def parse_upload(body: bytes, content_type: str, field: str = "file") -> tuple[str, bytes]:
-    """multipart/form-data body (in memory) -> (filename, bytes) of ``field``."""
-    name, data, _ = parse_form(body, content_type, field)
-    return name, data
-
-
 def parse_form(body: bytes, content_type: str, field: str = "file") -> tuple[str, bytes, dict[str, str]]:
     """multipart/form-data body (in memory) -> (filename, bytes) of ``field`` and the other text fields."""
     from python_multipart.multipart import MultipartParser, parse_options_header
