@@ -221,7 +221,7 @@ def bundle_shift(bundle: Bundle, data: Dataset, split: str, *, severities: str =
 def evaluate_bundle(bundle: Bundle, data: Dataset, splits=("test",), *, n_boot: int = 1000,
                     operating_point: str | None = None, report: bool = True, shift: bool = False,
                     shift_severities: str = "1,3,5", shift_corruptions: str | None = None) -> dict:
-    """``medsight evaluate`` as a library call. Metrics for ``val`` and ``splits`` go to ``metrics.json`` when the
+    """``medsight evaluate`` as a library call. Per-case probabilities go to ``cases_<split>.csv``. Metrics for ``val`` and ``splits`` go to ``metrics.json`` when the
     data is the bundle's own and the bundle's threshold is used; another dataset's to
     ``metrics_<data>.json``; a threshold re-chosen on val with ``operating_point`` is reported without changing
     the bundle (``metrics_op-<rule>.json``). Returns ``{"metrics", "threshold", "rule", "metrics_path",
@@ -242,6 +242,7 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, splits=("test",), *, n_boot: 
     if operating_point is not None:
         suffix += "_op-" + re.sub(r"[^A-Za-z0-9._-]+", "_", str(operating_point))
     metrics_path = write_json(bundle.path / f"metrics{suffix}.json", metrics)
+    cases = {s: write_cases(bundle, data, s, bundle.path / f"cases_{s}{suffix}.csv") for s in splits}
     shift_out = bundle_shift(bundle, data, splits[-1], severities=shift_severities,
                              corruptions=shift_corruptions) if shift else None
     report_path = None
@@ -257,4 +258,31 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, splits=("test",), *, n_boot: 
                                           extra_sections=[shift_out["section"]] if shift_out else None,
                                           path=bundle.path / f"report{suffix}.html")
     return {"metrics": metrics, "threshold": bundle.threshold if threshold == "bundle" else threshold, "rule": rule,
-            "metrics_path": metrics_path, "shift": shift_out and shift_out["result"], "report_path": report_path}
+            "metrics_path": metrics_path, "cases": cases, "shift": shift_out and shift_out["result"],
+            "report_path": report_path}
+
+
+def write_cases(bundle: Bundle, data: Dataset, split: str, path: Path) -> Path:
+    """One row per case of ``split``: its id, true label(s), the probability of each class (the bundle's temperature
+    and TTA, as ``predict`` gives them) and the decision at the bundle's threshold."""
+    import io
+
+    from medsight.utils import atomic_write_text
+
+    s = data.split(split)
+    probs = split_probs(bundle, data, split)
+    task = bundle.task
+    decision = task.decide(probs, bundle.threshold)
+    p2 = np.stack([1 - probs, probs], axis=1) if task.name == "binary" else probs
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["case", "true", *[f"p_{c}" for c in bundle.classes], "predicted"])
+    for i in range(len(s)):
+        case = s.ids[i] if s.ids is not None else str(i)
+        if task.name == "multilabel":
+            true = ";".join(c for c, v in zip(bundle.classes, s.labels[i]) if v)
+            pred = ";".join(c for c, v in zip(bundle.classes, decision[i]) if v)
+        else:
+            true, pred = bundle.classes[int(np.asarray(s.labels[i]).reshape(-1)[0])], bundle.classes[int(decision[i])]
+        w.writerow([case, true, *[f"{v:.8f}" for v in p2[i]], pred])
+    return atomic_write_text(path, buf.getvalue())

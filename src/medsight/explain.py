@@ -500,8 +500,11 @@ def explain_batch(model: nn.Module, x, *, tab=None, class_idx=None, method: str 
     if method not in EXPLAIN_METHODS:
         raise ConfigError(f"unknown explanation method {method!r}; allowed: {', '.join(EXPLAIN_METHODS)}")
     x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not isinstance(x, torch.Tensor) else x.float()
-    if tab is not None:
-        model = model.model_with_tab(torch.as_tensor(np.asarray(tab, dtype=np.float32)))
+    if tab is not None:  # one case at a time, each with its own clinical row bound
+        tab = torch.as_tensor(np.asarray(tab, dtype=np.float32))
+        idx = [class_idx] * len(x) if class_idx is None or np.ndim(class_idx) == 0 else list(class_idx)
+        return np.concatenate([explain_batch(model.model_with_tab(tab[i:i + 1]), x[i:i + 1], class_idx=idx[i],
+                                             method=method) for i in range(len(x))])
     if method == "gradcam":
         return gradcam(model, x, class_idx=class_idx)
     return occlusion(model, x, class_idx=class_idx, patch=max(2, min(x.shape[2:]) // 4))
