@@ -104,7 +104,7 @@ def make_meta(*, model_spec: dict, task: str, classes: list[str], recipe: dict, 
 
 
 #: artefacts whose sha256 is recorded in ``bundle.json`` (``files``) and checked when the bundle is loaded
-HASHED = ("model.pt", "ood.npz")
+HASHED = ("model.pt", "ood.npz", "config.yaml", "history.csv")
 
 
 def save_weights(out_dir: str | Path, model: nn.Module) -> Path:

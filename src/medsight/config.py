@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from medsight.errors import ConfigError
 
 
+#: images per batch in every evaluation pass (validation, calibration, metrics, OOD, shift, predict)
+EVAL_BATCH_SIZE = 256
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -67,7 +70,7 @@ class TrainConfig(_Strict):
     amp: Literal["auto", "on", "off"] = "auto"
     threads: Optional[int] = Field(None, ge=1)
     device: Optional[str] = None
-    eval_batch_size: int = Field(512, ge=1)
+    eval_batch_size: int = Field(EVAL_BATCH_SIZE, ge=1, description="images per evaluation batch")
     operating_point: str = Field("0.5", description="threshold chosen on val: youden, f1, sens=0.95, spec=0.9, or a number")
     calibrate: bool = Field(True, description="fit a temperature on the validation split")
     ood: bool = Field(True, description="fit an out-of-distribution detector (Mahalanobis on features; threshold on val)")

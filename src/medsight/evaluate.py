@@ -21,6 +21,7 @@ from medsight.bundle import Bundle
 from medsight.data.sources import Dataset
 from medsight.errors import MedsightError
 from medsight.explain import explain_batch, overlay
+from medsight.fusion import split_clinical_rows
 from medsight.inference import run_logits
 from medsight.transforms import to_float
 
@@ -36,19 +37,6 @@ def check_compatible(bundle: Bundle, data: Dataset) -> None:
                             f"{bundle.path} is {bundle.meta['task']} with {len(bundle.classes)}")
 
 
-def clinical_rows(bundle: Bundle, data: Dataset, split: str):
-    """Encoded clinical rows of a split for an image + clinical bundle (``None`` for image-only bundles)."""
-    if not bundle.fusion:
-        return None
-    from medsight.fusion import encode_tabular
-
-    s = data.split(split)
-    if s.clinical is None:
-        raise MedsightError(f"the model in {bundle.path} needs clinical columns "
-                            f"{', '.join(bundle.fusion['columns'])}; {data.name} has none")
-    return encode_tabular(s.clinical, bundle.fusion["tabular"])
-
-
 def split_logits(bundle: Bundle, data: Dataset, split: str, *, device="cpu") -> torch.Tensor:
     """Logits of a split (the bundle's TTA and clinical input included), computed once per bundle and dataset."""
     key = (id(data), split)
@@ -57,7 +45,7 @@ def split_logits(bundle: Bundle, data: Dataset, split: str, *, device="cpu") -> 
         return hit[1]
     check_compatible(bundle, data)
     logits = run_logits(bundle.model.to(device), data.split(split).images, device=torch.device(device),
-                        tta_flip=bundle.tta_flip, tab=clinical_rows(bundle, data, split))
+                        tta_flip=bundle.tta_flip, tab=split_clinical_rows(bundle, data, split))
     bundle.logits_cache[key] = (data, logits)
     return logits
 
@@ -84,11 +72,11 @@ def evaluate_splits(bundle: Bundle, data: Dataset, splits=("val", "test"), *, n_
 def rechoose_threshold(bundle: Bundle, data: Dataset, operating_point: str):
     """A threshold re-chosen on the validation split (at the bundle's temperature) by ``operating_point``, for
     ``evaluate --operating-point``; the bundle itself is not changed."""
-    if bundle.task.name not in ("binary", "multilabel"):
+    if not bundle.task.uses_threshold:
         raise MedsightError(f"--operating-point applies to binary and multilabel models; {bundle.path} is "
                             f"{bundle.task.name} and decides by argmax")
-    thr = M.choose_threshold(data.split("val").labels, split_probs(bundle, data, "val"), operating_point)
-    return [float(v) for v in np.atleast_1d(thr)] if bundle.task.name == "multilabel" else float(thr)
+    return bundle.task.as_threshold(M.choose_threshold(data.split("val").labels, split_probs(bundle, data, "val"),
+                                                       operating_point))
 
 
 def calibration_report(bundle: Bundle, data: Dataset, splits=("val", "test")) -> dict:
@@ -123,7 +111,7 @@ def read_history(bundle: Bundle) -> list[dict]:
 
 
 def _gallery_tab(bundle: Bundle, data: Dataset, split: str, idx: list[int]):
-    tab = clinical_rows(bundle, data, split)
+    tab = split_clinical_rows(bundle, data, split)
     return None if tab is None else tab[idx]
 
 
@@ -208,7 +196,7 @@ def bundle_shift(bundle: Bundle, data: Dataset, split: str, *, severities: str =
     s = data.split(split)
     res = evaluate_shift(bundle.model, bundle.task, s.images, s.labels, corruptions=names, severities=sev, seed=0,
                          temperature=bundle.temperature, threshold=bundle.threshold, tta_flip=bundle.tta_flip,
-                         tab=clinical_rows(bundle, data, split))
+                         tab=split_clinical_rows(bundle, data, split))
     write_json(bundle.path / f"shift_{split}.json", res)
     png = plot_shift(res)
     atomic_write_bytes(bundle.path / f"shift_{split}.png", png)
@@ -273,16 +261,13 @@ def write_cases(bundle: Bundle, data: Dataset, split: str, path: Path) -> Path:
     probs = split_probs(bundle, data, split)
     task = bundle.task
     decision = task.decide(probs, bundle.threshold)
-    p2 = np.stack([1 - probs, probs], axis=1) if task.name == "binary" else probs
+    p2 = task.class_table(probs)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["case", "true", *[f"p_{c}" for c in bundle.classes], "predicted"])
     for i in range(len(s)):
         case = s.ids[i] if s.ids is not None else str(i)
-        if task.name == "multilabel":
-            true = ";".join(c for c, v in zip(bundle.classes, s.labels[i]) if v)
-            pred = ";".join(c for c, v in zip(bundle.classes, decision[i]) if v)
-        else:
-            true, pred = bundle.classes[int(np.asarray(s.labels[i]).reshape(-1)[0])], bundle.classes[int(decision[i])]
+        true, pred = (task.names(r, bundle.classes) for r in (s.labels[i], decision[i]))
+        true, pred = (";".join(v) if isinstance(v, list) else v for v in (true, pred))
         w.writerow([case, true, *[f"{v:.8f}" for v in p2[i]], pred])
     return atomic_write_text(path, buf.getvalue())
