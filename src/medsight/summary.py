@@ -117,8 +117,8 @@ def describe_training(dataset, cfg, device: Any = None, threads: int | None = No
                      f"seed {cfg.train.seed}")
         if task in ("binary", "multilabel"):
             lines.append("decision threshold: " + threshold_rule_sentence(op))
-    dev = "cpu" if device is None else str(device)
-    lines.append(f"device: {dev}" + (f", {threads} CPU thread(s)" if threads else ""))
+    if device is not None:
+        lines.append(f"device: {device}" + (f", {threads} CPU thread(s)" if threads else ""))
     return lines
 
 
