@@ -235,17 +235,26 @@ _NOT_METRICS = ("epoch", "lr", "seconds")
 _PREFERRED = ("auc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "f1", "pr_auc", "ppv", "npv")
 
 
-def plot_history(history: Sequence[Mapping[str, Any]], positive_class: str | None = None) -> bytes:
-    """Training curves on axes that fit them: losses on one panel; metrics in [0, 1] on a second, fixed to
-    [0, 1]; seconds per epoch on a third (when recorded). The learning rate is not drawn."""
+def history_panels(history: Sequence[Mapping[str, Any]]) -> list[tuple[list[str], str, tuple | None]]:
+    """Which history series go on which panel: ``[(keys, y label, y limits)]``. Losses together; series whose
+    values all lie in [0, 1] (at most six, AUC and balanced accuracy first) on a [0, 1] axis; seconds per epoch
+    alone; the learning rate and anything else on no common scale are left out."""
     keys = sorted({k for row in history for k, v in row.items() if k not in _NOT_METRICS and _is_num(v)})
-    epochs = [row.get("epoch", i) for i, row in enumerate(history)]
     losses = [k for k in keys if "loss" in k]
     unit = [k for k in keys if k not in losses and all(0 <= float(r[k]) <= 1 for r in history if _is_num(r.get(k)))]
     unit.sort(key=lambda k: next((i for i, p in enumerate(_PREFERRED) if k.endswith(p)), len(_PREFERRED)))
-    unit = unit[:6]
-    secs = any(_is_num(r.get("seconds")) for r in history)
-    panels = [(losses, "loss", None), (unit, "metric (validation)", (0, 1.02))] + ([(["seconds"], "seconds per epoch", None)] if secs else [])
+    panels: list[tuple[list[str], str, tuple | None]] = [(losses, "loss", None),
+                                                         (unit[:6], "metric (validation)", (0, 1.02))]
+    if any(_is_num(r.get("seconds")) for r in history):
+        panels.append((["seconds"], "seconds per epoch", None))
+    return panels
+
+
+def plot_history(history: Sequence[Mapping[str, Any]], positive_class: str | None = None) -> bytes:
+    """Training curves on axes that fit them: losses on one panel; metrics in [0, 1] on a second, fixed to
+    [0, 1]; seconds per epoch on a third (when recorded). The learning rate is not drawn."""
+    epochs = [row.get("epoch", i) for i, row in enumerate(history)]
+    panels = history_panels(history)
     fig = _figure(4.0 * len(panels), 3.4)
 
     def label(k: str) -> str:
