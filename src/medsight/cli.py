@@ -74,9 +74,11 @@ class _Progress:
 def b_thr(path) -> str:
     import json as _json
 
+    from medsight.summary import threshold_rule_sentence
+
     meta = _json.loads((Path(path) / "bundle.json").read_text())
     t = meta.get("threshold")
-    return "argmax" if t is None else f"{t} by {meta.get('threshold_rule')} on val, T={meta.get('temperature', 1.0):.2f}"
+    return "argmax" if t is None else f"{threshold_rule_sentence(meta.get('threshold_rule'), t)}, T={meta.get('temperature', 1.0):.2f}"
 
 
 def metrics_table(metrics: dict, title: str = "metrics") -> Table:
