@@ -105,3 +105,14 @@ def test_breastmnist_training_metrics_are_for_malignant(tmp_path, breast):
         assert stored[split]["specificity"]["value"] == pytest.approx(tn / (tn + fp))
     m = evaluate_split(load_bundle(out), breast, "test", n_boot=0)
     assert m["sensitivity"]["value"] == pytest.approx(stored["test"]["sensitivity"]["value"])
+
+
+def test_align_to_an_older_bundles_class_order(medmnist_dir):
+    from medsight.errors import DataError
+
+    ds = load_dataset("breastmnist", root=medmnist_dir, download_missing=False)
+    ds.align_to(["malignant", "normal, benign"])  # a bundle trained before the positive class moved to index 1
+    assert ds.classes == ["malignant", "normal, benign"] and ds.positive_class_source == "as the model was trained"
+    np.testing.assert_array_equal(ds.splits["test"].labels, _raw_labels(medmnist_dir, "breastmnist", "test"))
+    with pytest.raises(DataError, match="the model expects"):
+        ds.align_to(["benign", "cancer"])

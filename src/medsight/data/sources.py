@@ -79,6 +79,18 @@ class Dataset:
                 s.labels = (1 - s.labels).astype(s.labels.dtype)
         self.positive_class_source = source
 
+    def align_to(self, classes: list[str]) -> None:
+        """Put a binary task's classes in the order a trained model uses (``bundle.classes``), e.g. a bundle made
+        before the positive class moved to index 1; raises when the names differ."""
+        from medsight.errors import DataError as _DataError
+
+        if list(self.classes) == list(classes):
+            return
+        if self.task == "binary" and list(self.classes) == list(classes)[::-1]:
+            self.set_positive_class(classes[1], "as the model was trained")
+            return
+        raise _DataError(f"data {self.name} has classes {self.classes}, the model expects {list(classes)}")
+
     @property
     def in_channels(self) -> int:
         return int(self.splits["train"].images.shape[1])
