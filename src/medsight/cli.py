@@ -278,15 +278,20 @@ def qc(
     near_dup: int = typer.Option(4, help="max perceptual-hash Hamming distance for near duplicates"),
     size: int = typer.Option(28, help="MedMNIST size when DATA is a name"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON"),
+    layout: str = typer.Option("auto", help="folders: auto, classes (class-per-folder tree) or raw (any unlabelled "
+                               "flat or nested dump)"),
+    allow_leakage: bool = typer.Option(False, "--allow-leakage", help="accept duplicates across splits: record "
+                                       "them (counts) and exit 0"),
 ):
-    """Data quality report: unreadable files, duplicates within/across splits, balance, outliers, missing labels."""
+    """Data quality report: unreadable files, duplicates within/across splits, balance, outliers, missing labels;
+    for raw DICOM dumps also series counts and how many files carry identifying headers (counts only)."""
     from medsight.data.medmnist import INFO
     from medsight.data.quality import render_qc, run_qc
     from medsight.data.sources import medmnist_path
     from medsight.utils import write_json
 
     source = str(medmnist_path(data, size)) if data.lower() in INFO else data
-    report = run_qc(source, near_dup_threshold=near_dup)
+    report = run_qc(source, near_dup_threshold=near_dup, layout=layout, allow_leakage=allow_leakage)
     out_console.print(render_qc(report))
     if json_path:
         write_json(json_path, report)

@@ -27,6 +27,8 @@ from medsight.transforms import to_float
 
 
 def check_compatible(bundle: Bundle, data: Dataset) -> None:
+    """Refuse data the bundle cannot score; put a binary dataset's classes in the bundle's order (the positive
+    class at index 1, as the model was trained)."""
     inp = bundle.meta["input"]
     if data.in_channels != inp["channels"] or list(data.input_size) != list(inp["size"]):
         raise MedsightError(
@@ -35,6 +37,8 @@ def check_compatible(bundle: Bundle, data: Dataset) -> None:
     if data.task != bundle.meta["task"] or len(data.classes) != len(bundle.classes):
         raise MedsightError(f"data {data.name} is a {data.task} task with {len(data.classes)} classes; the model in "
                             f"{bundle.path} is {bundle.meta['task']} with {len(bundle.classes)}")
+    if data.task == "binary" and list(data.classes) != bundle.classes and set(data.classes) == set(bundle.classes):
+        data.align_to(bundle.classes)
 
 
 def split_logits(bundle: Bundle, data: Dataset, split: str, *, device="cpu") -> torch.Tensor:
@@ -61,7 +65,8 @@ def evaluate_split(bundle: Bundle, data: Dataset, split: str, *, n_boot: int = 1
     probs = split_probs(bundle, data, split)
     y = data.split(split).labels
     thr = bundle.threshold if threshold == "bundle" else threshold
-    return M.evaluate_predictions(bundle.task.name, y, probs, threshold=thr, n_boot=n_boot, seed=seed)
+    return M.evaluate_predictions(bundle.task.name, y, probs, threshold=thr, n_boot=n_boot, seed=seed,
+                                  positive_class=bundle.positive_class)
 
 
 def evaluate_splits(bundle: Bundle, data: Dataset, splits=("val", "test"), *, n_boot: int = 1000,
@@ -116,7 +121,11 @@ def _gallery_tab(bundle: Bundle, data: Dataset, split: str, idx: list[int]):
 
 
 def gallery(bundle: Bundle, data: Dataset, split: str, probs: np.ndarray, n: int = 4) -> list[dict]:
-    """Up to ``n`` correct and ``n`` wrong cases of ``split`` with Grad-CAM overlays (most confident first)."""
+    """Up to ``n`` correct and ``n`` wrong cases of ``split`` (most confident first; binary: predicted positives and
+    negatives alternately), each with the image as the model saw it and its Grad-CAM heatmap for the predicted class (2D arrays in [0, 1]; for a volume, the axial slice through the heatmap's
+    maximum) for the report to draw side by side with a colour bar."""
+    from medsight.explain import heatmap_peak
+
     task = bundle.task
     y = data.split(split).labels
     pred = task.decide(probs, bundle.threshold)
@@ -125,30 +134,55 @@ def gallery(bundle: Bundle, data: Dataset, split: str, probs: np.ndarray, n: int
         conf = np.abs(probs - 0.5).mean(axis=1)
     else:
         correct = pred == y.reshape(-1)
-        conf = probs if probs.ndim == 1 else probs.max(axis=1)
-        conf = np.abs(conf - 0.5) if probs.ndim == 1 else conf
+        thr = 0.5 if bundle.threshold is None else float(np.asarray(bundle.threshold))
+        conf = np.abs(probs - thr) if probs.ndim == 1 else probs.max(axis=1)  # binary: distance from the threshold
     picks = []
     for want in (True, False):
         idx = np.where(correct == want)[0]
-        picks += [(i, want) for i in idx[np.argsort(-conf[idx])][:n]]
+        ranked = idx[np.argsort(-conf[idx], kind="stable")]
+        if task.name == "binary":  # both kinds of each: true and false positives as well as negatives
+            pos, neg = [i for i in ranked if pred[i] == 1], [i for i in ranked if pred[i] == 0]
+            ranked = [i for pair in zip(pos, neg) for i in pair] + pos[len(neg):] + neg[len(pos):]
+        picks += [(int(i), want) for i in list(ranked)[:n]]
     if not picks:
         return []
     images = to_float(torch.as_tensor(data.split(split).images[[i for i, _ in picks]]))
-    heat = explain_batch(bundle.model, images, tab=_gallery_tab(bundle, data, split, [i for i, _ in picks]))
+    class_idx = None if task.name == "multilabel" else [int(pred[i]) for i, _ in picks]
+    heat = explain_batch(bundle.model, images, tab=_gallery_tab(bundle, data, split, [i for i, _ in picks]),
+                         class_idx=class_idx)  # the heatmap explains the predicted class
     items = []
     for (i, ok), img, h in zip(picks, images.numpy(), heat):
         p = probs[i]
         truth = bundle.classes[int(y[i])] if task.name != "multilabel" else str(y[i].astype(int).tolist())
         shown = bundle.classes[int(pred[i])] if task.name != "multilabel" else str(pred[i].tolist())
-        pv = float(p) if np.ndim(p) == 0 else float(np.max(p))
-        items.append({"png": overlay(img, h), "correct": bool(ok),
-                      "caption": f"#{i}: true {truth}, predicted {shown} (p={pv:.2f})"})
+        if task.name == "binary":
+            pv = f"P({bundle.classes[1]})={float(p):.2f}"
+        elif task.name == "multilabel":
+            pv = f"max label p={float(np.max(p)):.2f}"
+        else:
+            pv = f"P({shown})={float(np.max(p)):.2f}"
+        where = ""
+        h = np.asarray(h, dtype=np.float32)
+        img = np.asarray(img, dtype=np.float32)
+        if h.ndim == 3:  # a volume: the axial slice through the heatmap's maximum
+            d = heatmap_peak(h)[0]
+            h, img = h[d], img[:, d]
+            where = f", axial slice {d + 1} of {heat.shape[1]}"
+        if float(h.max()) <= 0:
+            where += f"; flat heatmap: no region stands out for {shown}"
+        items.append({"image": img, "heatmap": h, "correct": bool(ok),
+                      "caption": f"{split} #{i}: true {truth}, predicted {shown} ({pv}){where}"})
     return items
 
 
 def write_bundle_report(bundle: Bundle, data: Dataset, results: dict, splits=("val", "test"),
-                        extra_sections=None, path: Path | None = None) -> Path:
+                        extra_sections=None, path: Path | None = None, *, facts: list[str] | None = None,
+                        ood_flags: dict | None = None) -> Path:
+    """``report.html`` for a bundle. ``facts``: lines from :func:`medsight.summary.describe_training` (default:
+    those the data alone can tell); ``ood_flags``: ``{split: {"flagged": [{"case", "score"}], "n", "threshold"}}``
+    when the bundle's detector was run, else the report says the section is not available."""
     from medsight.report import build_report, write_report
+    from medsight.summary import describe_training
 
     split_data = {}
     for s in splits:
@@ -156,12 +190,16 @@ def write_bundle_report(bundle: Bundle, data: Dataset, results: dict, splits=("v
             split_data[s] = {"y_true": data.split(s).labels, "probs": split_probs(bundle, data, s),
                              "metrics": results[s]}
     last = list(split_data)[-1]
+    if facts is None:
+        facts = bundle.meta.get("training_summary") or describe_training(data, None)
     html = build_report(
         title=f"{bundle.meta['model']['name']} on {bundle.meta['data']} - {bundle.path.name}",
         task=bundle.task.name, class_names=bundle.classes, splits=split_data, threshold=bundle.threshold,
+        threshold_rule=bundle.meta.get("threshold_rule"),
+        positive_class=bundle.positive_class,
         history=read_history(bundle), calibration=calibration_report(bundle, data, tuple(split_data)),
         gallery=gallery(bundle, data, last, split_data[last]["probs"]),
-        extra_sections=extra_sections)
+        facts=facts, ood_flags=ood_flags, extra_sections=extra_sections)
     return write_report(path or bundle.path / "report.html", html)
 
 def parse_shift_options(severities: str, corruptions: str | None) -> tuple[tuple[int, ...], list[str] | None]:
@@ -240,7 +278,7 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, splits=("test",), *, n_boot: 
             import dataclasses
 
             shown = dataclasses.replace(bundle, meta={**bundle.meta, "threshold": threshold,
-                                                      "threshold_rule": f"{rule} (re-chosen on val by evaluate)"},
+                                                      "threshold_rule": rule},
                                         logits_cache=bundle.logits_cache)
         report_path = write_bundle_report(shown, data, metrics, splits=all_splits,
                                           extra_sections=[shift_out["section"]] if shift_out else None,
