@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medsight import progress
 from medsight.bundle import Bundle, load_bundle, make_meta, save_bundle
 from medsight.config import RunConfig, dump_config
 from medsight.data.sources import Dataset, load_dataset
@@ -28,7 +29,7 @@ def evaluate_and_store(bundle: Bundle, data: Dataset, splits=("val", "test"), *,
 
     path = bundle.path / "metrics.json"
     existing = json.loads(path.read_text()) if path.is_file() else {}
-    for s in splits:
+    for s in progress.track(splits, "metrics and bootstrap CIs per split"):
         if s in data.splits:
             existing[s] = evaluate_split(bundle, data, s, n_boot=n_boot)
     write_json(path, existing)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medsight import progress
 from medsight.errors import ConfigError, DataError, choices_message
 from medsight.transforms import to_float
 
@@ -316,7 +317,7 @@ def evaluate_shift(model: nn.Module, task, images, labels, *, corruptions: Seque
               "tta": [list(f) for f in tta_flips] if tta_flips else None, "clean": clean, "corruptions": {},
               "summary": {}}
     all_vals = []
-    for n in names:
+    for n in progress.track(names, "shift battery (corruptions)"):
         rows = []
         for s in sevs:
             m = metrics_for(n, s)

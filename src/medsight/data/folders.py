@@ -22,6 +22,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from medsight import progress
 from medsight.data.io import DICOM_SUFFIXES, IMAGE_SUFFIXES, read_image, resolve_window
 from medsight.preprocess import INTENSITY_MODES, convert_channels, make_recipe, preprocess_array
 from medsight.errors import DataError, choices_message
@@ -222,7 +223,7 @@ def load_records(
         raise DataError(choices_message("intensity mode", intensity, INTENSITY_MODES))
     w = resolve_window(window)
     arrays, metas, errors = [], [], []
-    for rec in records:
+    for rec in progress.track(records, "reading images"):
         path = rec["path"]
         try:
             arr, meta = read_image(path, window=w)
