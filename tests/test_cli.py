@@ -3,8 +3,11 @@
 import subprocess
 import sys
 
+import pytest
+
 
 from medsight.cli import main
+from tests._subproc import env as subproc_env
 from tests.conftest import make_npz
 
 
@@ -89,8 +92,19 @@ def test_tiny_train_and_evaluate_in_process(tmp_path, tiny_npz, capsys):
                  "--no-progress"]) == 0
     for f in ("config.yaml", "model.pt", "bundle.json", "history.csv", "metrics.json"):
         assert (out / f).is_file(), f
+    captured = capsys.readouterr()
+    assert "epoch   1" in captured.err and f"bundle written to {out}" in captured.out
     assert main(["evaluate", str(out), "--data", str(tiny_npz), "--split", "test", "--n-boot", "0"]) == 0
-    assert "accuracy" in capsys.readouterr().out
+    captured = capsys.readouterr().out
+    assert "accuracy" in captured and f"report written to {out / 'report.html'}" in captured
+    # --quiet: the results table stays, the info line goes, and nothing at all on stderr
+    assert main(["--quiet", "evaluate", str(out), "--data", str(tiny_npz), "--split", "test", "--n-boot", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "accuracy" in captured.out and "report written" not in captured.out and captured.err == ""
+    assert main(["-q", "train", "--data", str(tiny_npz), "--epochs", "1", "--batch-size", "8",
+                 "--out", str(tmp_path / "run2")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "bundle written" not in captured.out and "accuracy" in captured.out
 
 
 def test_qc_on_real_medmnist_and_deid(tmp_path, medmnist_dir, capsys):
@@ -130,3 +144,131 @@ def test_cli_option_errors_name_the_option(tmp_path, tiny_npz, capsys):
     (tmp_path / "nopath.csv").write_text("file,age\nx.png,3\n")
     assert main(["predict", str(out), str(tmp_path), "--clinical-csv", str(tmp_path / "nopath.csv")]) == 2
     assert "'path' column" in capsys.readouterr().err
+
+
+# --- usage errors: every command, one line on stderr, exit 2, never a traceback --------------------------------
+
+# (argv with a typo'd option, argv missing a required argument or an option's value, argv with a bad-typed value)
+USAGE_CASES = {
+    "train": (["train", "--epoch", "3"], ["train", "--epochs"], ["train", "--epochs", "three"]),
+    "evaluate": (["evaluate", "b", "--nboot", "1"], ["evaluate"], ["evaluate", "b", "--n-boot", "many"]),
+    "explain": (["explain", "b", "x.png", "--methd", "gradcam"], ["explain", "b"],
+                ["explain", "b", "x.png", "--class-idx", "first"]),
+    "predict": (["predict", "b", "x.png", "--batchsize", "2"], ["predict", "b"],
+                ["predict", "b", "x.png", "--batch-size", "2.5"]),
+    "export": (["export", "b", "--opsett", "17"], ["export"], ["export", "b", "--opset", "seventeen"]),
+    "serve": (["serve", "b", "--prot", "80"], ["serve"], ["serve", "b", "--port", "http"]),
+    "qc": (["qc", "d", "--near-dupe", "4"], ["qc"], ["qc", "d", "--near-dup", "close"]),
+    "deid": (["deid", "a", "b", "--maping", "m.csv"], ["deid", "a"], ["deid", "a", "b", "--keep-private=maybe"]),
+    "datasets": (["datasets", "--roots", "d"], ["datasets", "--root"], ["datasets", "--root", "d", "extra"]),
+    "models": (["models", "--all"], ["models", "extra"], ["models", "--all=1"]),
+    "bench medmnist": (["bench", "medmnist", "--seed", "0"], ["bench", "medmnist", "--seeds"],
+                       ["bench", "medmnist", "--ref-epochs", "two"]),
+    "top level": (["--no-such-option"], ["trian"], ["--quiet=loud", "models"]),
+}
+
+
+def _assert_usage_error(rc, err, out, argv):
+    assert rc == 2, (argv, rc, err)
+    lines = [ln for ln in err.splitlines()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) > len("error: "), (argv, err)
+    assert "Traceback" not in err + out, argv
+    assert "--help" in lines[0], (argv, err)  # says where to look
+
+
+@pytest.mark.parametrize("command", sorted(USAGE_CASES))
+def test_every_command_usage_error_is_one_line_exit_2(command, capsys):
+    for argv in USAGE_CASES[command]:
+        rc = main(argv)
+        captured = capsys.readouterr()
+        _assert_usage_error(rc, captured.err, captured.out, argv)
+
+
+def test_usage_error_messages_say_what_was_wrong(capsys):
+    for argv, needle in [(["train", "--epoch", "3"], "--epoch"), (["evaluate"], "bundle"), (["trian"], "train"),
+                         (["train", "--epochs", "three"], "--epochs")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err, (argv, err)
+    assert main(["train", "--epoch", "3"]) == 2
+    assert "'medsight train --help'" in capsys.readouterr().err
+
+
+def test_usage_errors_in_a_real_process():
+    """The installed entry point path (python -m medsight) on the resolved typer/click: what CI checks too."""
+    for argv in (["--no-such-option"], ["trian"], ["evaluate"], ["train", "--epochs"]):
+        res = run_cli(*argv, env=subproc_env())
+        _assert_usage_error(res.returncode, res.stderr, res.stdout, argv)
+
+
+def test_version_in_a_real_process():
+    from medsight import __version__
+
+    res = run_cli("--version", env=subproc_env())
+    assert res.returncode == 0 and res.stdout.strip() == f"medsight {__version__}" and res.stderr == ""
+
+
+def test_no_arguments_shows_help_exit_2(capsys):
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert "Usage" in captured.out and "train" in captured.out and "Traceback" not in captured.err
+    assert main(["bench"]) == 2
+    assert "medmnist" in capsys.readouterr().out
+    assert main(["--help"]) == 0 and "--quiet" in capsys.readouterr().out
+
+
+def test_quiet_and_verbose_exclude_each_other(capsys):
+    assert main(["-q", "-v", "models"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --quiet and --verbose exclude each other"
+
+
+def test_unexpected_exception_is_one_line_and_traceback_only_with_verbose(monkeypatch, capsys):
+    import medsight.models
+
+    def boom():
+        raise RuntimeError("registry exploded")
+
+    monkeypatch.setattr(medsight.models, "list_models", boom)
+    assert main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "unexpected RuntimeError: registry exploded" in err
+    assert "Traceback" not in err and "--verbose" in err
+    assert main(["--verbose", "models"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_cli_leaves_logging_and_progress_as_it_found_them():
+    import logging
+
+    from medsight import progress
+
+    log = logging.getLogger("medsight")
+    before = (log.level, log.propagate, list(log.handlers), progress.get_sink())
+    assert main(["--verbose", "models"]) == 0
+    assert main(["trian"]) == 2
+    assert (log.level, log.propagate, list(log.handlers), progress.get_sink()) == before
+
+
+def test_progress_bars_render_on_a_terminal_and_vanish(monkeypatch):
+    """The CLI's sink draws a bar per library step on a terminal and erases it when the step ends."""
+    import io
+
+    from rich.console import Console
+
+    import medsight.cli as cli
+    from medsight import progress
+
+    buf = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=buf, force_terminal=True, width=100))
+    sink = cli._RichSink()
+    assert sink.enabled
+    with progress.using(sink):
+        for _ in progress.track(range(3), "de-identifying"):
+            pass
+        assert sink.tasks == {} and not sink.progress.live.is_started
+    assert "de-identifying" in buf.getvalue()
+    monkeypatch.setattr(cli._Opts, "quiet", True)
+    assert not cli._RichSink().enabled
+    monkeypatch.setattr(cli._Opts, "quiet", False)
+    monkeypatch.setattr(cli, "console", Console(file=io.StringIO(), force_terminal=False))
+    assert not cli._RichSink().enabled  # piped / CI logs: no bars
