@@ -39,7 +39,10 @@ def test_missing_dataset_no_download(tmp_path):
 
     env = {**os.environ, "MEDSIGHT_DATA_DIR": str(tmp_path)}
     res = run_cli("train", "--data", "breastmnist", "--set", "data.download=false", "--out", str(tmp_path / "r"), env=env)
-    _one_line_error(res, "breastmnist.npz", "not found")
+    # the same offline steps as the README: where to get the file, its MD5, where to put it
+    _one_line_error(res, "breastmnist.npz", "not found", "without network access",
+                    "https://zenodo.org/records/10519652/files/breastmnist.npz", "750601b1f35ba3300ea97c75c52ff8f6",
+                    str(tmp_path / "breastmnist.npz"), "MEDSIGHT_DATA_DIR")
 
 
 def test_wrong_md5(tmp_path):
@@ -190,8 +193,10 @@ def test_usage_error_messages_say_what_was_wrong(capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert needle in err, (argv, err)
-    assert main(["train", "--epoch", "3"]) == 2
-    assert "'medsight train --help'" in capsys.readouterr().err
+    for argv, where in [(["train", "--epoch", "3"], "medsight train"), (["train", "--epochs"], "medsight train"),
+                        (["-q", "bench", "medmnist", "--seeds"], "medsight bench medmnist"), (["--nope"], "medsight")]:
+        assert main(argv) == 2
+        assert f"(see '{where} --help')" in capsys.readouterr().err, argv
 
 
 def test_usage_errors_in_a_real_process():

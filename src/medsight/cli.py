@@ -622,7 +622,7 @@ def bench_medmnist(
     keys = [k.strip() for d in datasets for k in d.split(",") if k.strip()]
     result = run_benchmark(keys, [int(s) for s in seeds.split(",")], device=device, quick=quick,
                            ref_epochs=ref_epochs, epochs_cap=epochs_cap, amp=amp, threads=threads,
-                           log=lambda m: console.print(m, highlight=False))
+                           log=lambda m: None if _Opts.quiet else console.print(m, highlight=False))
     md, js = write_results(result, out_dir, stem)
     out_console.print(to_markdown(result), highlight=False, soft_wrap=True)
     console.print(f"written {md} and {js}")
@@ -650,7 +650,26 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _usage_error(e: Exception) -> int:
+def _command_path(args: list[str] | None) -> str:
+    """'medsight train' / 'medsight bench medmnist' from the arguments, for errors raised without a context."""
+
+    words = ["medsight"]
+    try:
+        cmd = typer.main.get_command(app)
+        for tok in (sys.argv[1:] if args is None else args):
+            sub = getattr(cmd, "commands", {}).get(tok) if not tok.startswith("-") else None
+            if sub is None:
+                if tok.startswith("-"):
+                    continue
+                break
+            words.append(tok)
+            cmd = sub
+    except Exception:  # noqa: BLE001 - only a hint
+        pass
+    return " ".join(words)
+
+
+def _usage_error(e: Exception, args: list[str] | None = None) -> int:
     """A click/typer usage error as one line on stderr: the message and where to find help."""
     ctx = getattr(e, "ctx", None)
     if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
@@ -662,7 +681,7 @@ def _usage_error(e: Exception) -> int:
         msg = e.format_message()  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - any message beats a traceback
         msg = str(e)
-    where = getattr(ctx, "command_path", None) or "medsight"
+    where = getattr(ctx, "command_path", None) or _command_path(args)
     console.print(f"error: {_one_line(msg)} (see '{where} --help')", highlight=False, markup=False, soft_wrap=True)
     code = getattr(e, "exit_code", 2)
     return code if isinstance(code, int) and code != 1 else 2
@@ -705,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, _click_exceptions("UsageError")) or (
                 isinstance(getattr(e, "exit_code", None), int) and callable(getattr(e, "format_message", None))):
             if isinstance(e, _click_exceptions("UsageError")) or getattr(e, "exit_code", 1) == 2:
-                return _usage_error(e)
+                return _usage_error(e, argv)
             # other click errors (e.g. FileError): their own message and exit code
             console.print(f"error: {_one_line(e.format_message())}", highlight=False, markup=False,  # type: ignore[attr-defined]
                           soft_wrap=True)
