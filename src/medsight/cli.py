@@ -87,10 +87,18 @@ class _RichSink:
     (and erased) with the last."""
 
     def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+        from rich.text import Text
+
+        class Count(ProgressColumn):  # "12/40"; nothing for a step of unknown length
+            def render(self, task):
+                def n(x):
+                    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
+
+                return Text("" if task.total is None else f"{n(task.completed)}/{n(task.total)}", style="green")
 
         self.enabled = console.is_terminal and not _Opts.quiet and _is_main_process()
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), Count(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
                                  transient=True, disable=not self.enabled)
         self.tasks: dict = {}
