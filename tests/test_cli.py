@@ -272,8 +272,11 @@ def test_progress_bars_render_on_a_terminal_and_vanish(monkeypatch):
             pass
         assert sink.tasks == {} and not sink.progress.live.is_started
     assert "de-identifying" in buf.getvalue()
-    monkeypatch.setattr(cli._Opts, "quiet", True)
-    assert not cli._RichSink().enabled
+    monkeypatch.setattr(cli._Opts, "quiet", True)  # set by the global options after main() made the sink
+    assert not sink.enabled
+    with progress.using(sink):
+        progress.task("quietly", total=1).close()
+    assert "quietly" not in buf.getvalue()
     monkeypatch.setattr(cli._Opts, "quiet", False)
     monkeypatch.setattr(cli, "console", Console(file=io.StringIO(), force_terminal=False))
     assert not cli._RichSink().enabled  # piped / CI logs: no bars

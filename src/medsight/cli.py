@@ -97,11 +97,16 @@ class _RichSink:
 
                 return Text("" if task.total is None else f"{n(task.completed)}/{n(task.total)}", style="green")
 
-        self.enabled = console.is_terminal and not _Opts.quiet and _is_main_process()
+        self.console = console
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), Count(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                                 transient=True, disable=not self.enabled)
+                                 transient=True)
         self.tasks: dict = {}
+
+    @property
+    def enabled(self) -> bool:
+        """Asked at each step: --quiet is only known once the global options are parsed."""
+        return self.console.is_terminal and not _Opts.quiet and _is_main_process()
 
     def start(self, key, description, total) -> None:
         if not self.enabled:
@@ -131,7 +136,7 @@ class _RichSink:
     def print(self, line: str) -> None:
         """A line above the bars (or plain on stderr when they are off)."""
         if not _Opts.quiet:
-            (self.progress.console if self.enabled else console).print(line, highlight=False, soft_wrap=True)
+            self.console.print(line, highlight=False, soft_wrap=True)  # above the bars while they are live
 
 
 def _sink() -> "_RichSink | None":
