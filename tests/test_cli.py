@@ -241,6 +241,13 @@ def test_unexpected_exception_is_one_line_and_traceback_only_with_verbose(monkey
     assert main(["--verbose", "models"]) == 1
     assert "Traceback" in capsys.readouterr().err
 
+    def missing():
+        raise FileNotFoundError(2, "No such file or directory", "/nowhere/x.yaml")
+
+    monkeypatch.setattr(medsight.models, "list_models", missing)
+    assert main(["models"]) == 2  # a path that is not there is bad input, named in one line
+    assert capsys.readouterr().err.strip() == "error: No such file or directory: /nowhere/x.yaml"
+
 
 def test_cli_leaves_logging_and_progress_as_it_found_them():
     import logging

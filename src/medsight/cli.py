@@ -177,7 +177,6 @@ class _Progress:
             return
         if event == "start":
             self.total = info["epochs"]
-            self.epoch = info["start_epoch"]
             if self.show_bar:
                 self.task = self.progress.task(f"epoch {info['start_epoch'] + 1}/{info['epochs']}", total=info["steps"])
         elif event == "step" and self.task is not None and self.sink is not None:
@@ -607,7 +606,8 @@ def serve(
                        "%(asctime)s %(levelname)s %(name)s %(message)s")  # request lines at INFO
     application = create_app(bundle, api_key=api_key or None, max_upload_mb=max_upload_mb, backend=backend,
                              threads=threads)
-    console.print(f"serving {bundle} on http://{host}:{port}" + (" (API key required)" if api_key else ""), soft_wrap=True)
+    if not _Opts.quiet:
+        console.print(f"serving {bundle} on http://{host}:{port}" + (" (API key required)" if api_key else ""), soft_wrap=True)
     uvicorn.run(application, host=host, port=port, access_log=False, log_level="warning")
 
 
@@ -742,14 +742,14 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"error: {_one_line(e.format_message())}", highlight=False, markup=False,  # type: ignore[attr-defined]
                           soft_wrap=True)
             return e.exit_code  # type: ignore[attr-defined]
-        if isinstance(e, OSError):
+        if isinstance(e, OSError):  # a path the user gave that is missing or not writable: bad input; else 1
             where = f": {e.filename}" if getattr(e, "filename", None) else ""
             console.print(f"error: {_one_line(e.strerror or e)}{where}", highlight=False, markup=False, soft_wrap=True)
-            return 1
+            return 2 if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)) else 1
         if _Opts.verbose:
             console.print_exception()
-        console.print(f"error: unexpected {type(e).__name__}: {_one_line(e)} (a bug in medsight; "
-                      "rerun with --verbose for the traceback)", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"error: unexpected {type(e).__name__}: {_one_line(e)} (rerun with --verbose for the traceback)",
+                      highlight=False, markup=False, soft_wrap=True)
         return 1
     finally:
         sink.close()
