@@ -1,4 +1,7 @@
-"""CLI behaviour: one-line errors with exit code 2 and no traceback; datasets and models listings."""
+"""CLI behaviour: one-line errors with exit code 2 and no traceback (usage errors of every command, bad input,
+unexpected errors), --version, --quiet / --verbose, progress bars; datasets and models listings.
+
+Most cases run main() in this interpreter (fast); a few start a real `python -m medsight` process."""
 
 import subprocess
 import sys
@@ -12,7 +15,22 @@ from tests.conftest import make_npz
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "medsight", *args], capture_output=True, text=True, env=env, timeout=300)
+    """A real `python -m medsight` process (this checkout's src first on the path)."""
+    return subprocess.run([sys.executable, "-m", "medsight", *args], capture_output=True, text=True,
+                          env=env or subproc_env(), timeout=300)
+
+
+@pytest.fixture
+def cli(capsys):
+    """main() in this interpreter, returning what a process would: returncode, stdout, stderr."""
+
+    def run(*args):
+        capsys.readouterr()
+        rc = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), rc, out, err)
+
+    return run
 
 
 def _one_line_error(res, *needles):
@@ -24,56 +42,52 @@ def _one_line_error(res, *needles):
         assert n in err, err
 
 
-def test_unknown_model(tmp_path, tiny_npz):
-    res = run_cli("train", "--data", str(tiny_npz), "--model", "vgg99", "--epochs", "1", "--out", str(tmp_path / "r"))
+def test_unknown_model(tmp_path, tiny_npz, cli):
+    res = cli("train", "--data", str(tiny_npz), "--model", "vgg99", "--epochs", "1", "--out", str(tmp_path / "r"))
     _one_line_error(res, "vgg99", "resnet18")
 
 
-def test_unknown_dataset(tmp_path):
+def test_unknown_dataset_in_a_real_process(tmp_path):
     res = run_cli("train", "--data", "cifar10", "--out", str(tmp_path / "r"))
     _one_line_error(res, "cifar10", "MedMNIST")
 
 
-def test_missing_dataset_no_download(tmp_path):
-    import os
-
-    env = {**os.environ, "MEDSIGHT_DATA_DIR": str(tmp_path)}
-    res = run_cli("train", "--data", "breastmnist", "--set", "data.download=false", "--out", str(tmp_path / "r"), env=env)
+def test_missing_dataset_no_download(tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("MEDSIGHT_DATA_DIR", str(tmp_path))
+    res = cli("train", "--data", "breastmnist", "--set", "data.download=false", "--out", str(tmp_path / "r"))
     # the same offline steps as the README: where to get the file, its MD5, where to put it
     _one_line_error(res, "breastmnist.npz", "not found", "without network access",
                     "https://zenodo.org/records/10519652/files/breastmnist.npz", "750601b1f35ba3300ea97c75c52ff8f6",
                     str(tmp_path / "breastmnist.npz"), "MEDSIGHT_DATA_DIR")
 
 
-def test_wrong_md5(tmp_path):
-    import os
-
+def test_wrong_md5(tmp_path, cli, monkeypatch):
     make_npz(tmp_path / "breastmnist.npz")
-    env = {**os.environ, "MEDSIGHT_DATA_DIR": str(tmp_path)}
-    res = run_cli("train", "--data", "breastmnist", "--out", str(tmp_path / "r"), env=env)
+    monkeypatch.setenv("MEDSIGHT_DATA_DIR", str(tmp_path))
+    res = cli("train", "--data", "breastmnist", "--out", str(tmp_path / "r"))
     _one_line_error(res, "MD5", "750601b1f35ba3300ea97c75c52ff8f6")
 
 
-def test_corrupt_and_wrong_keys(tmp_path, tiny_npz):
+def test_corrupt_and_wrong_keys(tmp_path, tiny_npz, cli):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(tiny_npz.read_bytes()[:200])
-    _one_line_error(run_cli("train", "--data", str(bad), "--out", str(tmp_path / "r")), "bad.npz")
+    _one_line_error(cli("train", "--data", str(bad), "--out", str(tmp_path / "r")), "bad.npz")
     keys = make_npz(tmp_path / "keys.npz", test_images=None)
-    _one_line_error(run_cli("train", "--data", str(keys), "--out", str(tmp_path / "r")), "test_images")
+    _one_line_error(cli("train", "--data", str(keys), "--out", str(tmp_path / "r")), "test_images")
 
 
-def test_invalid_config_value_and_task(tmp_path, tiny_npz):
-    _one_line_error(run_cli("train", "--data", str(tiny_npz), "--lr", "-1", "--out", str(tmp_path / "r")), "train.lr")
-    _one_line_error(run_cli("train", "--data", str(tiny_npz), "--task", "regression", "--out", str(tmp_path / "r")),
+def test_invalid_config_value_and_task(tmp_path, tiny_npz, cli):
+    _one_line_error(cli("train", "--data", str(tiny_npz), "--lr", "-1", "--out", str(tmp_path / "r")), "train.lr")
+    _one_line_error(cli("train", "--data", str(tiny_npz), "--task", "regression", "--out", str(tmp_path / "r")),
                     "data.task")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  schedule: wiggly\n")
-    _one_line_error(run_cli("train", "--config", str(cfg), "--data", str(tiny_npz), "--out", str(tmp_path / "r")),
+    _one_line_error(cli("train", "--config", str(cfg), "--data", str(tiny_npz), "--out", str(tmp_path / "r")),
                     "train.schedule", "cosine")
 
 
-def test_evaluate_not_a_bundle(tmp_path):
-    _one_line_error(run_cli("evaluate", str(tmp_path)), "not a medsight bundle")
+def test_evaluate_not_a_bundle(tmp_path, cli):
+    _one_line_error(cli("evaluate", str(tmp_path)), "not a medsight bundle")
 
 
 def test_datasets_lists_presence(medmnist_dir, capsys):
@@ -124,7 +138,10 @@ def test_qc_on_real_medmnist_and_deid(tmp_path, medmnist_dir, capsys):
     src.mkdir()
     make_dicom(src / "a.dcm", np.zeros((8, 8), np.uint8))
     assert main(["deid", str(src), str(tmp_path / "out")]) == 0
-    assert "de-identified 1 files" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "de-identified 1 files" in captured.out and "medsight.data.deid" not in captured.err
+    assert main(["--verbose", "deid", str(src), str(tmp_path / "out3")]) == 0  # library INFO logs on stderr
+    assert "INFO medsight.data.deid: de-identified 1 files" in capsys.readouterr().err
     assert main(["deid", str(src), str(tmp_path / "out2"), "--secret-env", "NOPE_NOT_SET"]) == 2
 
 
@@ -202,14 +219,14 @@ def test_usage_error_messages_say_what_was_wrong(capsys):
 def test_usage_errors_in_a_real_process():
     """The installed entry point path (python -m medsight) on the resolved typer/click: what CI checks too."""
     for argv in (["--no-such-option"], ["trian"], ["evaluate"], ["train", "--epochs"]):
-        res = run_cli(*argv, env=subproc_env())
+        res = run_cli(*argv)
         _assert_usage_error(res.returncode, res.stderr, res.stdout, argv)
 
 
 def test_version_in_a_real_process():
     from medsight import __version__
 
-    res = run_cli("--version", env=subproc_env())
+    res = run_cli("--version")
     assert res.returncode == 0 and res.stdout.strip() == f"medsight {__version__}" and res.stderr == ""
 
 
