@@ -266,6 +266,24 @@ def test_unexpected_exception_is_one_line_and_traceback_only_with_verbose(monkey
     assert capsys.readouterr().err.strip() == "error: No such file or directory: /nowhere/x.yaml"
 
 
+def test_serve_logs_requests_at_info_unless_quiet(monkeypatch, capsys):
+    import logging
+
+    import medsight.serve.app
+    from medsight.errors import MedsightError
+
+    levels = []
+
+    def fake_create_app(*a, **k):
+        levels.append(logging.getLogger("medsight").getEffectiveLevel())
+        raise MedsightError("stop here")
+
+    monkeypatch.setattr(medsight.serve.app, "create_app", fake_create_app)
+    assert main(["serve", "b"]) == 2 and main(["-q", "serve", "b"]) == 2 and main(["models"]) == 0
+    assert levels == [logging.INFO, logging.WARNING]
+    capsys.readouterr()
+
+
 def test_cli_leaves_logging_and_progress_as_it_found_them():
     import logging
 

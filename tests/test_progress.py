@@ -64,25 +64,26 @@ def test_track_and_task_report_start_advance_finish():
     assert sum(1 for e in rec.events if e[0] == "finish") == 3
 
 
-def test_deid_and_qc_report_per_file(tmp_path):
-    from medsight.data.deid import deidentify
-    from medsight.data.quality import run_qc
-    from tests.data.conftest import make_dicom
+def test_qc_and_user_dataset_loading_report_per_image(tmp_path):
+    from PIL import Image
 
-    src = tmp_path / "in"
-    src.mkdir()
-    make_dicom(src / "a.dcm", np.zeros((8, 8), np.uint8))
-    make_dicom(src / "b.dcm", np.ones((8, 8), np.uint8))
-    (src / "notes.txt").write_text("not DICOM")
+    from medsight.data.quality import run_qc
+    from medsight.data.sources import load_dataset
+
+    rng = np.random.default_rng(0)
+    for cls in ("benign", "malignant"):
+        (tmp_path / "tree" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(tmp_path / "tree" / cls / f"{i}.png")
     rec = Recorder()
     with progress.using(rec):
-        summary = deidentify(src, tmp_path / "out")
         report = run_qc({"train": (np.zeros((6, 8, 8), np.uint8), np.zeros(6)),
                          "test": (np.ones((2, 8, 8), np.uint8), np.zeros(2))})
-    assert summary["written"] == 2 and report["n_records"] == 8
+        ds = load_dataset(str(tmp_path / "tree"), size=16)
+    assert report["n_records"] == 8 and sum(len(s.labels) for s in ds.splits.values()) == 12
     steps = rec.steps()
-    assert steps["de-identifying"]["total"] == 3 and steps["de-identifying"]["done"] == 3
     assert steps["QC: reading images"]["total"] == 8 and steps["QC: reading images"]["done"] == 8
+    assert steps["reading images"]["total"] == 12 and steps["reading images"]["done"] == 12
     assert all(s["finished"] for s in steps.values())
 
 
@@ -98,6 +99,7 @@ def test_predict_and_evaluate_report_progress(served_bundle, breast_files, breas
         evaluate_and_store(load_bundle(served_bundle), breast, splits=("val", "test"), n_boot=0)
     assert len(results) == 5
     steps = rec.steps()
-    assert steps["predicting"] == {**steps["predicting"], "total": 5, "done": 5, "finished": True}
+    bar = steps["predicting 5 files, by batch"]  # 5 files in batches of 2
+    assert bar["total"] == 3 and bar["done"] == 3 and bar["finished"]
     per_split = steps["metrics and bootstrap CIs per split"]
     assert per_split["total"] == 2 and per_split["done"] == 2 and per_split["finished"]

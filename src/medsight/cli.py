@@ -47,6 +47,7 @@ def _configure_logging(level: int, fmt: str = "%(levelname)s %(name)s: %(message
 
 @app.callback()
 def _global_options(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="print the version and exit"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="only results and errors: no progress bars, "
@@ -59,7 +60,11 @@ def _global_options(
     if quiet and verbose:
         raise MedsightError("--quiet and --verbose exclude each other")
     _Opts.quiet, _Opts.verbose = quiet, verbose
-    _configure_logging(logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING)
+    if ctx.invoked_subcommand == "serve":  # a server logs one INFO line per request (no patient data), timestamped
+        _configure_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO,
+                           "%(asctime)s %(levelname)s %(name)s %(message)s")
+    else:
+        _configure_logging(logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING)
 
 
 def _is_main_process() -> bool:
@@ -602,12 +607,10 @@ def serve(
 
     from medsight.serve.app import create_app
 
-    _configure_logging(logging.WARNING if _Opts.quiet else logging.DEBUG if _Opts.verbose else logging.INFO,
-                       "%(asctime)s %(levelname)s %(name)s %(message)s")  # request lines at INFO
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     application = create_app(bundle, api_key=api_key or None, max_upload_mb=max_upload_mb, backend=backend,
                              threads=threads)
-    if not _Opts.quiet:
-        console.print(f"serving {bundle} on http://{host}:{port}" + (" (API key required)" if api_key else ""), soft_wrap=True)
+    console.print(f"serving {bundle} on http://{host}:{port}" + (" (API key required)" if api_key else ""), soft_wrap=True)
     uvicorn.run(application, host=host, port=port, access_log=False, log_level="warning")
 
 

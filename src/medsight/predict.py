@@ -22,7 +22,6 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from medsight import progress
 from medsight.bundle import Bundle, load_bundle
 from medsight.errors import ConfigError, DataError, MedsightError, choices_message, optional_import
 from medsight.preprocess import apply_recipe, load_one
@@ -358,10 +357,10 @@ class Predictor:
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
         used_names: set[str] = set()
-        bar = progress.task("predicting", total=len(files))
-        for start in range(0, len(files), batch_size):
+        from medsight import progress
+
+        for start in progress.track(range(0, len(files), batch_size), f"predicting {len(files)} files, by batch"):
             chunk = list(enumerate(files[start:start + batch_size], start))
-            bar.advance(len(chunk))
             xs, idx, tabs = [], [], []
             for i, f in chunk:
                 try:
@@ -394,5 +393,4 @@ class Predictor:
 
                     atomic_write_bytes(out_dir / name, self.overlay(xs[j], heat[j], alpha))
                 results[i] = pred
-        bar.close()
         return [r for r in results if r is not None]

@@ -37,7 +37,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from medsight import progress
 from medsight.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -543,7 +542,7 @@ def deidentify(
     summary: dict = {"in_dir": str(src), "out_dir": str(dst), "written": 0, "skipped": [], "errors": [], "burned_in_annotation": []}
     stats = {"changed": 0}
     studies: set[str] = set()
-    for f in progress.track(files, "de-identifying"):
+    for f in files:
         rel = f.relative_to(src)
         if f.name.upper() == "DICOMDIR":
             summary["skipped"].append(str(rel))  # a DICOMDIR indexes identifying data; rebuild it instead

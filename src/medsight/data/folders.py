@@ -22,7 +22,6 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from medsight import progress
 from medsight.data.io import DICOM_SUFFIXES, IMAGE_SUFFIXES, read_image, resolve_window
 from medsight.preprocess import INTENSITY_MODES, convert_channels, make_recipe, preprocess_array
 from medsight.errors import DataError, choices_message
@@ -223,6 +222,8 @@ def load_records(
         raise DataError(choices_message("intensity mode", intensity, INTENSITY_MODES))
     w = resolve_window(window)
     arrays, metas, errors = [], [], []
+    from medsight import progress
+
     for rec in progress.track(records, "reading images"):
         path = rec["path"]
         try:
