@@ -71,7 +71,10 @@ def evaluate_split(bundle: Bundle, data: Dataset, split: str, *, n_boot: int = 1
 
 def evaluate_splits(bundle: Bundle, data: Dataset, splits=("val", "test"), *, n_boot: int = 1000,
                     threshold="bundle") -> dict:
-    return {s: evaluate_split(bundle, data, s, n_boot=n_boot, threshold=threshold) for s in splits if s in data.splits}
+    from medsight import progress
+
+    return {s: evaluate_split(bundle, data, s, n_boot=n_boot, threshold=threshold)
+            for s in progress.track([s for s in splits if s in data.splits], "metrics and bootstrap CIs per split")}
 
 
 def rechoose_threshold(bundle: Bundle, data: Dataset, operating_point: str):
@@ -280,9 +283,12 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, splits=("test",), *, n_boot: 
             shown = dataclasses.replace(bundle, meta={**bundle.meta, "threshold": threshold,
                                                       "threshold_rule": rule},
                                         logits_cache=bundle.logits_cache)
-        report_path = write_bundle_report(shown, data, metrics, splits=all_splits,
-                                          extra_sections=[shift_out["section"]] if shift_out else None,
-                                          path=bundle.path / f"report{suffix}.html")
+        from medsight import progress
+
+        with progress.task("report: curves, calibration, Grad-CAM gallery"):
+            report_path = write_bundle_report(shown, data, metrics, splits=all_splits,
+                                              extra_sections=[shift_out["section"]] if shift_out else None,
+                                              path=bundle.path / f"report{suffix}.html")
     return {"metrics": metrics, "threshold": bundle.threshold if threshold == "bundle" else threshold, "rule": rule,
             "metrics_path": metrics_path, "cases": cases, "shift": shift_out and shift_out["result"],
             "report_path": report_path}

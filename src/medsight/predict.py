@@ -344,7 +344,9 @@ class Predictor:
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
         used_names: set[str] = set()
-        for start in range(0, len(files), batch_size):
+        from medsight import progress
+
+        for start in progress.track(range(0, len(files), batch_size), f"predicting {len(files)} files, by batch"):
             chunk = list(enumerate(files[start:start + batch_size], start))
             xs, idx, tabs = [], [], []
             for i, f in chunk:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medsight.config import EVAL_BATCH_SIZE
+from medsight import progress
 from medsight.errors import ConfigError, DataError, choices_message
 from medsight.inference import run_logits
 from medsight.transforms import to_float
@@ -295,7 +296,7 @@ def evaluate_shift(model: nn.Module, task, images, labels, *, corruptions: Seque
               "tta_flip": list(tta_flip) if tta_flip else None, "clean": clean, "corruptions": {},
               "summary": {}}
     all_vals = []
-    for n in names:
+    for n in progress.track(names, "shift battery (corruptions)"):
         rows = []
         for s in sevs:
             m = metrics_for(n, s)

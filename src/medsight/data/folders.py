@@ -222,7 +222,9 @@ def load_records(
         raise DataError(choices_message("intensity mode", intensity, INTENSITY_MODES))
     w = resolve_window(window)
     arrays, metas, errors = [], [], []
-    for rec in records:
+    from medsight import progress
+
+    for rec in progress.track(records, "reading images"):
         path = rec["path"]
         try:
             arr, meta = read_image(path, window=w)

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from medsight import progress
 from medsight.data.splits import image_hash
 from medsight.errors import DataError
 
@@ -238,7 +239,7 @@ def run_qc(
     shapes: list[tuple | None] = [None] * n
     spacings: list[tuple | None] = [None] * n
     medians = np.full(n, np.nan)
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(progress.track(records, "QC: reading images")):
         try:
             if arrays is not None:
                 arr = _arrays_as_chw(arrays[i]).astype(np.float32)

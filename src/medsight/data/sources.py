@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 import urllib.request
 import zipfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medsight import progress
 from medsight.data.medmnist import INFO, MedMNISTInfo
 from medsight.errors import DataError, choices_message
 
@@ -146,7 +146,11 @@ def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, out, length=1 << 20)
+            size = resp.headers.get("Content-Length")
+            with progress.task(f"downloading {dest.name} (MB)", total=int(size) / 1e6 if size else None) as bar:
+                while block := resp.read(1 << 20):
+                    out.write(block)
+                    bar.advance(len(block) / 1e6)
         if md5 is not None and (got := md5sum(Path(tmp))) != md5:
             raise DataError(f"downloaded {url} has MD5 {got}, expected {md5}; refusing it")
         os.replace(tmp, dest)
@@ -156,6 +160,13 @@ def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dest
+
+
+def _offline_hint(info, size: int, root: Path) -> str:
+    """What to do without network access (the same steps as the README's "Data without network access")."""
+    return (f"without network access, download {info.url(size)} on another machine, check its MD5 is "
+            f"{info.md5[size]}, and copy it to {root / info.filename(size)} (or set MEDSIGHT_DATA_DIR to the "
+            f"folder that holds {info.filename(size)})")
 
 
 def medmnist_path(name: str, size: int = 28, root: str | Path | None = None, download_missing: bool = True) -> Path:
@@ -168,11 +179,12 @@ def medmnist_path(name: str, size: int = 28, root: str | Path | None = None, dow
     expected = info.md5[size]
     if not path.exists():
         if not download_missing:
-            raise DataError(f"{path} not found and downloading is off; fetch {info.url(size)} (MD5 {expected})")
+            raise DataError(f"{path} not found and downloading is off; {_offline_hint(info, size, root)}")
         try:
             download(info.url(size), path, expected)
         except DataError as e:
-            raise DataError(f"{name} (size {size}) is not in {root} and could not be downloaded: {e}") from e
+            raise DataError(f"{name} (size {size}) is not in {root} and could not be downloaded ({e}); "
+                            f"{_offline_hint(info, size, root)}") from e
     got = md5sum(path)
     if got != expected:
         raise DataError(f"{path} has MD5 {got}, but the official {info.filename(size)} has {expected}; "
