@@ -22,7 +22,7 @@ from medsight.config import load_config  # noqa: E402
 from medsight.tasks import Task  # noqa: E402
 from medsight.train import (DistInfo, autocast_ctx, build_model, build_optimizer, build_schedule,  # noqa: E402
                             memory_format, train_one_epoch)
-from medsight.transforms import BatchAugment  # noqa: E402
+from medsight.augment import BatchAugment  # noqa: E402
 
 
 def sync(dev):

@@ -1,5 +1,7 @@
 """`torchrun --nproc-per-node 2 -m medsight train` (gloo, CPU) == one process with the same global batch."""
 
+import pytest
+
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ def _weights(run):
     return torch.load(run / "checkpoints" / "last.pt", weights_only=False)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_single_process(tmp_path):
     npz = make_npz(tmp_path / "tiny.npz", n=(27, 8, 8), shape=(16, 16))
     # 27 = 3 full batches of 8 + a batch of 3 that splits 2/1 over the ranks; augmentation incl. noise is on

@@ -100,6 +100,7 @@ def test_explain_cli_on_png_and_bad_file(breast_run, breast, tmp_path, capsys):
     assert "bad.png" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_temperature_scaling_on_pneumoniamnist_never_worsens_val_ece(tmp_path, medmnist_dir):
     """T is fitted on val by NLL and kept only when it lowers val ECE; ECE is reported for val and test.
 

@@ -77,6 +77,7 @@ def train(model, x, y, epochs: int, lr: float = 2e-3, bs: int = 32, seed: int = 
     return model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nd,size,n_train,epochs,lr", [(2, 28, 400, 4, 2e-3), (3, 16, 300, 8, 3e-3)])
 def test_pointing_game(nd, size, n_train, epochs, lr):
     torch.manual_seed(0)

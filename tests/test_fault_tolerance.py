@@ -1,5 +1,7 @@
 """SIGKILL a training run mid-epoch, resume it with --resume: same final weights as an uninterrupted run."""
 
+import pytest
+
 import signal
 import subprocess
 import time
@@ -11,6 +13,7 @@ from medsight.bundle import staging_dir
 from tests.conftest import make_npz
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     npz = make_npz(tmp_path / "data.npz", n=(1500, 16, 16), shape=(28, 28))
     args = ["train", "--data", str(npz), "--model", "simple_cnn", "--epochs", "4", "--batch-size", "16",
@@ -58,6 +61,7 @@ def _digests(folder):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_retrain_leaves_the_old_bundle_unchanged(tmp_path):
     from medsight.predict import Predictor
 

@@ -150,6 +150,7 @@ def test_fusion_model_errors():
 make_xor = synthetic_xor
 
 
+@pytest.mark.slow
 def test_fusion_beats_each_single_modality_on_synthetic_data():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -217,6 +218,7 @@ def _xor_manifest(root, n_train=800, n_val=200, n_test=200):
     return man
 
 
+@pytest.mark.slow
 def test_fusion_end_to_end_from_a_manifest(tmp_path):
     """--data manifest.csv with data.clinical_columns trains a fusion bundle that reloads to the same logits."""
     from medsight.bundle import load_bundle

@@ -89,14 +89,14 @@ def test_qc_and_user_dataset_loading_report_per_image(tmp_path):
 
 def test_predict_and_evaluate_report_progress(served_bundle, breast_files, breast):
     from medsight.bundle import load_bundle
-    from medsight.pipeline import evaluate_and_store
+    from medsight.evaluate import evaluate_splits
     from medsight.predict import Predictor
 
     files = breast_files["png"][:5]
     rec = Recorder()
     with progress.using(rec):
         results = Predictor(served_bundle, backend="torch").predict_paths(files, batch_size=2)
-        evaluate_and_store(load_bundle(served_bundle), breast, splits=("val", "test"), n_boot=0)
+        evaluate_splits(load_bundle(served_bundle), breast, ("val", "test"), n_boot=0)
     assert len(results) == 5
     steps = rec.steps()
     bar = steps["predicting 5 files, by batch"]  # 5 files in batches of 2

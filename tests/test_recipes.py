@@ -44,6 +44,7 @@ def test_train_recipe_flag_on_cli(tmp_path, capsys):
     assert rc == 2
 
 
+@pytest.mark.slow
 def test_bench_quick_smoke(tmp_path):
     rc = main(["bench", "medmnist", "--datasets", "breastmnist", "--seeds", "0", "--quick", "--device", "cpu",
                "--out-dir", str(tmp_path), "--threads", "2"])

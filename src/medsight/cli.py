@@ -598,7 +598,7 @@ def bench_medmnist(
     stem: str = typer.Option("medmnist", help="file name stem of the results"),
 ):
     """Train the recommended recipes for several seeds; table vs the MedMNIST v2 paper and the reference recipe."""
-    from medsight.benchmark import run_benchmark, to_markdown, write_results
+    from medsight.bench import run_benchmark, to_markdown, write_results
 
     keys = [k.strip() for d in datasets for k in d.split(",") if k.strip()]
     result = run_benchmark(keys, [int(s) for s in seeds.split(",")], device=device, quick=quick,

@@ -23,7 +23,7 @@ from medsight.errors import MedsightError
 from medsight.explain import explain_batch, overlay
 from medsight.fusion import split_clinical_rows
 from medsight.inference import run_logits
-from medsight.transforms import to_float
+from medsight.augment import to_float
 
 
 def check_compatible(bundle: Bundle, data: Dataset) -> None:

@@ -1,6 +1,6 @@
 """Predictor: a bundle -> predictions for files, bytes or arrays, with a PyTorch or ONNX Runtime backend.
 
-Everything comes from the bundle: the preprocessing recipe (``medsight.preprocess.apply_recipe`` on the
+Everything comes from the bundle: the preprocessing recipe (``medsight.data.preprocess.apply_recipe`` on the
 reader's output), the calibration temperature, the task's decision rule and the operating threshold. The
 model (or ONNX Runtime session) is built once; each call only reads, preprocesses and runs.
 
@@ -25,7 +25,7 @@ import torch
 
 from medsight.bundle import Bundle, load_bundle
 from medsight.errors import ConfigError, DataError, MedsightError, choices_message, optional_import
-from medsight.preprocess import apply_recipe, load_one
+from medsight.data.preprocess import apply_recipe, load_one
 
 BACKENDS = ("torch", "onnx")
 #: file suffixes picked up when a folder is walked (DICOM files often have no suffix: see ``_wanted``)

@@ -41,7 +41,7 @@ from medsight.config import EVAL_BATCH_SIZE
 from medsight import progress
 from medsight.errors import ConfigError, DataError, choices_message
 from medsight.inference import run_logits
-from medsight.transforms import to_float
+from medsight.augment import to_float
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -61,7 +61,7 @@ def _check_batch(x: torch.Tensor) -> int:
     if x.dim() not in (4, 5):
         raise DataError(f"corruptions need a (B, C, H, W) or (B, C, D, H, W) batch, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise DataError(f"corruptions need float images in [0, 1], got dtype {x.dtype} (use medsight.transforms.to_float)")
+        raise DataError(f"corruptions need float images in [0, 1], got dtype {x.dtype} (use medsight.augment.to_float)")
     return x.dim() - 2
 
 

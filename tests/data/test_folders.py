@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medsight.data.folders import load_records, read_manifest, scan_class_folders
-from medsight.preprocess import apply_recipe, load_one, make_recipe, preprocess_array
+from medsight.data.preprocess import apply_recipe, load_one, make_recipe, preprocess_array
 from medsight.data.io import read_image
 from medsight.errors import DataError
 

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from medsight.data.io import DICOM_SUFFIXES, IMAGE_SUFFIXES, read_image, resolve_window
-from medsight.preprocess import INTENSITY_MODES, convert_channels, make_recipe, preprocess_array
+from medsight.data.preprocess import INTENSITY_MODES, convert_channels, make_recipe, preprocess_array
 from medsight.errors import DataError, choices_message
 
 log = logging.getLogger(__name__)

@@ -161,7 +161,7 @@ def dataset_from_npz(path: str | Path, *, name: str | None = None, task: str | N
         if task != "multilabel" and (y.min() < 0 or y.max() >= len(classes)):
             raise DataError(f"{path}: {s}_labels outside 0..{len(classes) - 1}")
         splits[s] = Split(images=images, labels=y, ids=[f"{s}-{i}" for i in range(len(y))])
-    from medsight.preprocess import make_recipe
+    from medsight.data.preprocess import make_recipe
 
     recipe = make_recipe(size=splits["train"].images.shape[2:], spatial_dims=spatial_dims,
                          channels=int(splits["train"].images.shape[1]), intensity="range",

@@ -101,7 +101,7 @@ def convert_channels(arr: np.ndarray, channels: int | None, name: object) -> np.
 def _resize(arr: np.ndarray, size: list[int]) -> np.ndarray:
     import torch
 
-    from medsight.transforms import resize
+    from medsight.augment import resize
 
     if list(arr.shape[1:]) == list(size):
         return arr

@@ -1,7 +1,7 @@
 import torch
 
 from medsight.config import AugmentConfig
-from medsight.transforms import BatchAugment, resize, to_float
+from medsight.augment import BatchAugment, resize, to_float
 
 
 def test_to_float_scales_uint8():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from medsight.errors import DataError
-from medsight.preprocess import apply_recipe, make_recipe
+from medsight.data.preprocess import apply_recipe, make_recipe
 
 R = make_recipe(size=(28, 28), channels=1, intensity="range", value_range=(0, 255))
 
