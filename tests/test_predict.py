@@ -132,7 +132,7 @@ def test_cli_predict_csv_json_table(served_bundle, breast_files, tmp_path, capsy
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG broken")
     assert main(["predict", str(served_bundle), str(breast_files["root"] / "png"), str(bad),
-                 "--out", str(csv_out), "--backend", "onnx"]) == 0
+                 "--out", str(csv_out), "--backend", "onnx"]) == 1  # a file failed: exit 1, every row written
     rows = list(csv.DictReader(csv_out.open()))
     assert len(rows) == len(breast_files["png"]) + 1
     classes = load_bundle(served_bundle).classes

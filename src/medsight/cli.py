@@ -250,6 +250,7 @@ def explain(
     """Heatmaps (Grad-CAM or occlusion) over each input, as arrays and PNG overlays (3D: three orthogonal slices)."""
     import numpy as np
     import torch
+    from rich.markup import escape
 
     from medsight.bundle import load_bundle
     from medsight.evaluate import explain_images, overlay
@@ -263,7 +264,7 @@ def explain(
         try:
             x, _ = load_one(f, b.recipe)
         except MedsightError as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False)
+            console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
             failures += 1
             continue
         xt = torch.from_numpy(x)[None]
@@ -273,7 +274,7 @@ def explain(
         np.save(out / f"{name}_heatmap.npy", heat.astype(np.float32))
         atomic_write_bytes(out / f"{name}_overlay.png", overlay(x, heat))
         p = float(probs) if np.ndim(probs) == 0 else float(np.max(probs))
-        out_console.print(f"{f}: p={p:.3f} -> {out / (name + '_overlay.png')}")
+        out_console.print(escape(f"{f}: p={p:.3f} -> {out / (name + '_overlay.png')}"), highlight=False)
     if failures:
         raise typer.Exit(1)
 
@@ -369,12 +370,17 @@ def predict(
     clinical_csv: Optional[Path] = typer.Option(None, help="image + clinical models: CSV with a 'path' column "
                                                             "(file path or name) and the model's clinical columns"),
 ):
-    """Predict files with a bundle: probabilities, the decision at the bundle's threshold, and an OOD flag."""
-    from medsight.predict import Predictor, default_threads
-    from medsight.bundle import load_bundle
+    """Predict files with a bundle: probabilities, the decision at the bundle's threshold, and an OOD flag.
 
-    if out is not None and out.suffix.lower() not in (".csv", ".json"):
-        raise MedsightError(f"--out must end in .csv or .json, got {out.name!r}")
+    Rows are written as each batch finishes (a crash keeps the rows before it); exit status 1 when any file
+    could not be used."""
+    from rich.markup import escape
+
+    from medsight.bundle import load_bundle
+    from medsight.predict import OUTPUT_SUFFIXES, Predictor, default_threads, expand_inputs, write_predictions
+
+    if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise MedsightError(f"--out must end in .csv or .json (or .jsonl for JSON lines), got {out.name!r}")
     b = load_bundle(bundle)
     predictor = Predictor(b, backend=backend, threads=default_threads(b))
     clinical = None
@@ -388,51 +394,46 @@ def predict(
         if not rows_in or "path" not in rows_in[0]:
             raise MedsightError(f"--clinical-csv {clinical_csv}: needs a header with a 'path' column")
         clinical = {r["path"]: {k: v for k, v in r.items() if k != "path"} for r in rows_in}
-    results = predictor.predict_paths(inputs, batch_size=batch_size, heatmaps_dir=heatmaps, clinical=clinical)
-    if not results:
+    files = expand_inputs(inputs)
+    if not files:
         raise MedsightError(f"no image files found in {', '.join(map(str, inputs))}")
-    rows = [r.to_dict() for r in results]
+    results = predictor.iter_predictions(files, batch_size=batch_size, heatmaps_dir=heatmaps, clinical=clinical)
     classes = predictor.classes
-    n_err = sum(r["error"] is not None for r in rows)
+
+    def report_error(p) -> None:  # one line per unusable file, the reader's message (never a traceback)
+        if p.error is not None:
+            console.print(f"[red]error:[/red] {escape(p.error)}", highlight=False, soft_wrap=True)
+
     if out is not None:
-        from medsight.utils import atomic_write_text
-
-        if out.suffix.lower() == ".json":
-            atomic_write_text(out, json.dumps(rows, indent=2))
-        else:
-            import csv
-            import io
-
-            buf = io.StringIO()
-            w = csv.writer(buf)
-            w.writerow(["file", *[f"p_{c}" for c in classes], "predicted", "decision", "threshold", "calibrated",
-                        "model_version", "ood_score", "ood_flag", "error"])
-            for r in rows:
-                probs = [f"{r['probabilities'][c]:.6f}" if r["error"] is None else "" for c in classes]
-                pred = ";".join(r["predicted"]) if isinstance(r["predicted"], list) else (r["predicted"] or "")
-                dec = json.dumps(r["decision"]) if isinstance(r["decision"], list) else ("" if r["decision"] is None else r["decision"])
-                thr = json.dumps(r["threshold"]) if isinstance(r["threshold"], list) else ("" if r["threshold"] is None else r["threshold"])
-                ood = "" if r["ood_score"] is None else f"{r['ood_score']:.3f}"
-                w.writerow([r["file"], *probs, pred, dec, thr, r["calibrated"], r["model_version"], ood,
-                            "" if r["ood_flag"] is None else r["ood_flag"], r["error"] or ""])
-            atomic_write_text(out, buf.getvalue())
-        out_console.print(f"{len(rows)} predictions ({n_err} errors) written to {out}")
+        n, n_err = write_predictions(results, out, classes, on_row=report_error)
+        summary = f"{n} predictions written to {escape(str(out))}"
     else:
-        table = Table(title=f"{bundle} ({results[0].model_version}, threshold {results[0].threshold})")
+        rows = []
+        for p in results:
+            report_error(p)
+            rows.append(p)
+        n, n_err = len(rows), sum(not p.ok for p in rows)
+        table = Table(title=escape(f"{bundle} ({predictor.version}, threshold {predictor.threshold})"))
         table.add_column("file")
         for c in classes:
-            table.add_column(f"p({c})", justify="right")
+            table.add_column(escape(f"p({c})"), justify="right")
         table.add_column("predicted")
         table.add_column("OOD")
         table.add_column("error")
-        for r in rows:
+        for p in rows:
+            r = p.to_dict()
             probs = [f"{r['probabilities'][c]:.4f}" if r["error"] is None else "-" for c in classes]
             pred = ", ".join(r["predicted"]) if isinstance(r["predicted"], list) else (r["predicted"] or "-")
             ood = "-" if r["ood_flag"] is None else ("[yellow]flagged[/yellow]" if r["ood_flag"] else "ok")
-            table.add_row(r["file"], *probs, pred, ood, r["error"] or "")
+            table.add_row(escape(r["file"]), *probs, escape(pred), ood, escape(r["error"] or ""))
         out_console.print(table)
+        summary = f"{n} predictions"
     if heatmaps is not None:
-        out_console.print(f"heatmaps written to {heatmaps}")
+        out_console.print(f"heatmaps written to {escape(str(heatmaps))}", highlight=False)
+    if n_err:
+        out_console.print(f"{summary}; {n_err} of {n} files could not be used (see the error column)", highlight=False)
+        raise typer.Exit(1)
+    out_console.print(f"{summary}, no errors", highlight=False)
 
 
 @app.command()
@@ -514,7 +515,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(rc, int):
             return rc
     except MedsightError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")
