@@ -429,11 +429,11 @@ def predict(
         out_console.print(table)
         summary = f"{n} predictions"
     if heatmaps is not None:
-        out_console.print(f"heatmaps written to {escape(str(heatmaps))}", highlight=False)
+        out_console.print(f"heatmaps written to {escape(str(heatmaps))}", highlight=False, soft_wrap=True)
     if n_err:
-        out_console.print(f"{summary}; {n_err} of {n} files could not be used (see the error column)", highlight=False)
+        out_console.print(f"{summary}; {n_err} of {n} files could not be used (see the error column)", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
-    out_console.print(f"{summary}, no errors", highlight=False)
+    out_console.print(f"{summary}, no errors", highlight=False, soft_wrap=True)
 
 
 @app.command()
