@@ -1147,9 +1147,7 @@ def list_dicom_series(directory: str | os.PathLike) -> dict[str, list[Path]]:
         if sniff_format(head, f.name) != "dicom":
             continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(f, force=True, stop_before_pixels=True, specific_tags=None)
+            ds = _dcmread(f, f, DEFAULT_BUDGET, stop_before_pixels=True)  # deflated files: capped inflation
             uid = str(ds.get("SeriesInstanceUID", "") or "")
             if "Rows" not in ds:
                 continue
