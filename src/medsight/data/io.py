@@ -956,6 +956,18 @@ def _close_workers() -> None:
 atexit.register(_close_workers)
 
 
+def _forget_workers_after_fork() -> None:
+    """A forked child (e.g. a DataLoader worker) starts its own decoder workers; the parent's pipes stay the parent's."""
+    global _workers_lock, _workers_sem
+    _workers_lock = threading.Lock()
+    _workers_sem = threading.BoundedSemaphore(MAX_WORKERS)
+    _idle_workers.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers_after_fork)
+
+
 def decode_isolated(ds, name: object = "image", *, timeout: float | None = None) -> np.ndarray:
     """Decode a DICOM data set's (compressed) pixel data in a worker process (started once, reused) whose
     address space is capped at start-up + :data:`WORKER_MEMORY`. A decoder exception, a memory error, a
