@@ -44,9 +44,15 @@ def test_evaluate_rechooses_operating_point_and_writes_report(breast_run, tmp_pa
     run = tmp_path / "copy"
     shutil.copytree(breast_run, run)
     assert main(["evaluate", str(run), "--split", "test", "--operating-point", "sens=0.95", "--n-boot", "100"]) == 0
+    # the bundle is not changed: the re-chosen threshold is reported beside it
+    before = json.loads((breast_run / "bundle.json").read_text())
     meta = json.loads((run / "bundle.json").read_text())
-    assert meta["threshold_rule"] == "sens=0.95"
-    html = (run / "report.html").read_text()
+    assert meta == before and meta["threshold_rule"] == "youden"
+    m = json.loads((run / "metrics_op-sens_0.95.json").read_text())
+    assert m["val"]["sensitivity"]["value"] >= 0.95  # chosen on val to reach the target sensitivity there
+    assert json.loads((run / "metrics.json").read_text()) == json.loads((breast_run / "metrics.json").read_text())
+    html = (run / "report_op-sens_0.95.html").read_text()
+    assert "<img" in html and "http://" not in html and "https://" not in html
     assert "<img" in html and "http://" not in html and "https://" not in html
 
 

@@ -10,9 +10,9 @@ from medsight.errors import MedsightError
 from medsight.models import create_model
 
 
-def make_bundle(out, name="simple_cnn", dims=2, size=28, channels=1, classes=("neg", "pos"), task="binary"):
+def make_bundle(out, name="simple_cnn", dims=2, size=28, channels=1, classes=("neg", "pos"), task="binary", seed=0):
     n_out = 1 if task == "binary" else len(classes)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = create_model(name, spatial_dims=dims, in_channels=channels, num_outputs=n_out, input_size=size)
     model.set_input_stats([0.3] * channels, [0.2] * channels)
     spec = {"name": name, "spatial_dims": dims, "in_channels": channels, "num_outputs": n_out,

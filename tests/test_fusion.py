@@ -267,13 +267,16 @@ def test_fusion_bundle_in_predictor_cli_and_service(tmp_path):
     png = tmp_path / "xor" / "test_0000.png"
     p = Predictor(out, backend="torch")
     r = p.predict_file(png, clinical={"age": 70, "site": "F"}, explain=True)
-    assert set(r.probabilities) == {"0", "1"} and r.heatmap.shape == (16, 16) and r.ood_flag is None
+    assert set(r.probabilities) == {"0", "1"} and r.heatmap.shape == (16, 16)
+    assert isinstance(r.ood_flag, bool) and r.ood_score is not None  # image + clinical bundles carry a detector too
     with pytest.raises(DataError, match="age"):
         p.predict_file(png)
     with pytest.raises(DataError, match="column 'age'"):
         p.predict_file(png, clinical={"age": "old", "site": "F"})
-    with pytest.raises(ConfigError, match="torch"):
-        Predictor(out, backend="onnx")
+    onnx = Predictor(out, backend="onnx")  # two inputs: the image and the encoded clinical row
+    ro = onnx.predict_file(png, clinical={"age": 70, "site": "F"})
+    assert ro.probabilities["1"] == pytest.approx(r.probabilities["1"], abs=1e-5)
+    assert ro.ood_score == pytest.approx(r.ood_score, rel=1e-4)
 
     clin = tmp_path / "clin.csv"
     with open(clin, "w", newline="") as fh:

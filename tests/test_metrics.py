@@ -283,42 +283,6 @@ def test_reliability_and_ece_known_values():
     assert perfect == 0.0
 
 
-@pytest.mark.parametrize("layout", ["binary1", "binaryN1", "binary2", "multiclass", "multilabel", "ordinal"])
-def test_temperature_scaling_fixes_overconfidence(layout):
-    rng = np.random.default_rng(7)
-    n, k = 3000, 4
-    if layout.startswith("binary") or layout == "multilabel":
-        task = "binary" if layout.startswith("binary") else "multilabel"
-        shape = (n,) if task == "binary" else (n, k)
-        true_logit = rng.normal(0, 1.5, shape)
-        y = (rng.random(shape) < 1 / (1 + np.exp(-true_logit))).astype(int)
-        logits = 4.0 * true_logit  # over-confident by a factor of 4
-        if layout == "binaryN1":
-            logits = logits[:, None]
-        if layout == "binary2":
-            logits = np.stack([np.zeros(n), logits], 1)
-    else:
-        task = layout
-        true_logit = rng.normal(0, 1.5, (n, k))
-        pr = np.exp(true_logit) / np.exp(true_logit).sum(1, keepdims=True)
-        y = np.array([rng.choice(k, p=row) for row in pr])
-        logits = 4.0 * true_logit
-    T = M.fit_temperature(logits, y, task)
-    assert 3.0 < T < 5.5
-    before = M.expected_calibration_error(task, y, M.apply_temperature(logits, 1.0, task))
-    after = M.expected_calibration_error(task, y, M.apply_temperature(logits, T, task))
-    assert after < before / 2, (before, after)
-    probs = M.apply_temperature(logits, T, task)
-    assert probs.shape == ((n,) if task == "binary" and layout != "binary2" else np.shape(logits))
-
-
-def test_temperature_below_one_for_underconfident():
-    rng = np.random.default_rng(8)
-    z = rng.normal(0, 2, 2000)
-    y = (rng.random(2000) < 1 / (1 + np.exp(-z))).astype(int)
-    assert M.fit_temperature(z / 3, y, "binary") < 0.5
-
-
 # ---------------------------------------------------------------------------------- validation
 
 
@@ -326,8 +290,6 @@ def test_validation_errors():
     y, p = _binary(n=20)
     with pytest.raises(ConfigError, match="unknown task 'nope'; allowed: binary, multiclass, multilabel, ordinal"):
         M.compute_metrics("nope", y, p)
-    with pytest.raises(ConfigError, match="unknown task"):
-        M.fit_temperature(p, y, "regression")
     with pytest.raises(ConfigError, match="threshold must be in"):
         M.compute_metrics("binary", y, p, threshold=1.5)
     with pytest.raises(ConfigError, match="one number"):
@@ -342,8 +304,6 @@ def test_validation_errors():
         M.bootstrap_ci("binary", y, p, alpha=1.5)
     with pytest.raises(ConfigError, match="n_bins"):
         M.reliability_curve("binary", y, p, n_bins=0)
-    with pytest.raises(ConfigError, match="temperature"):
-        M.apply_temperature(p, 0.0, "binary")
     with pytest.raises(DataError, match="samples"):
         M.compute_metrics("binary", y[:5], p)
     with pytest.raises(DataError, match="0 samples"):
@@ -362,11 +322,3 @@ def test_validation_errors():
         M.compute_metrics("multilabel", y, np.zeros((20, 2)))
     with pytest.raises(DataError, match="multilabel y_true must be 0/1"):
         M.compute_metrics("multilabel", np.full((20, 2), 2), np.zeros((20, 2)))
-    with pytest.raises(DataError, match="logits"):
-        M.fit_temperature(np.zeros((20, 3)), y, "binary")
-    with pytest.raises(DataError, match=r"\(N, K\)"):
-        M.apply_temperature(np.zeros(20), 1.0, "multiclass")
-    with pytest.raises(DataError, match="samples"):
-        M.fit_temperature(np.zeros(10), y, "binary")
-    with pytest.raises(DataError, match="ints in 0..2"):
-        M.fit_temperature(np.zeros((20, 3)), np.full(20, 5), "multiclass")

@@ -58,7 +58,7 @@ def test_onnx_torch_parity(predictors, breast_files):
     o = predictors["onnx"].predict_paths(breast_files["png"] + breast_files["dcm"])
     diff = max(abs(a.probabilities[c] - b.probabilities[c]) for a, b in zip(t, o) for c in a.probabilities)
     assert diff <= 1e-4
-    assert (predictors["onnx"].bundle.path / "model.onnx").is_file()
+    assert not (predictors["onnx"].bundle.path / "model.onnx").exists()  # a predictor never writes the bundle
     x = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
     np.testing.assert_allclose(predictors["onnx"].logits(x), predictors["torch"].logits(x), atol=1e-4)
 
@@ -155,19 +155,25 @@ def test_cli_predict_csv_json_table(served_bundle, breast_files, tmp_path, capsy
     assert main(["predict", str(tmp_path), str(breast_files["png"][0])]) == 2
 
 
-def test_stale_onnx_is_reexported(tmp_path):
-    import os
-
+def test_onnx_from_other_weights_is_not_served(tmp_path):
+    """model.onnx records the sha256 of the model.pt it came from: a foreign or stale file is never served."""
     from test_export import make_bundle
 
+    from medsight.errors import MedsightError
+    from medsight.export import export_onnx, source_sha256
+    from medsight.utils import sha256_file
+
     b = make_bundle(tmp_path / "b")
-    Predictor(b, backend="onnx")
-    onnx_file = b / "model.onnx"
-    os.utime(onnx_file, (1, 1))  # older than model.pt
+    other = make_bundle(tmp_path / "other", seed=1)
+    export_onnx(other)
+    assert source_sha256((other / "model.onnx").read_bytes()) == sha256_file(other / "model.pt")
+    (b / "model.onnx").write_bytes((other / "model.onnx").read_bytes())  # a foreign model.onnx in the bundle
+    x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
     p = Predictor(b, backend="onnx")
-    assert onnx_file.stat().st_mtime > 1
-    x = np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32)
-    np.testing.assert_allclose(p.logits(x), Predictor(b).logits(x), atol=1e-4)
+    np.testing.assert_allclose(p.logits(x), Predictor(b).logits(x), atol=1e-4)  # the bundle's own weights
+    assert not np.allclose(Predictor(other).logits(x), Predictor(b).logits(x), atol=1e-3)
+    with pytest.raises(MedsightError, match="was not exported from"):
+        Predictor(b, backend="onnx", onnx_path=b / "model.onnx")
 
 
 def test_ood_score_flags_foreign_images(served_bundle, medmnist_dir, tmp_path):

@@ -8,6 +8,10 @@ import re
 from html.parser import HTMLParser
 
 import numpy as np
+import torch
+
+from medsight.calibration import fit_temperature
+from medsight.tasks import Task
 import pytest
 from PIL import Image
 
@@ -59,7 +63,7 @@ def test_binary_report(tmp_path):
     yt, pt = _binary(200, 1)
     thr = M.choose_threshold(yv, pv, "youden")
     logits_v = np.log(pv / (1 - pv)) * 3  # over-confident on purpose
-    T = M.fit_temperature(logits_v, yv, "binary")
+    T = fit_temperature(Task("binary", 2), logits_v, yv)
     rng = np.random.default_rng(2)
     gallery = [
         dict(png=overlay_png(rng.random((16, 16)), rng.random((16, 16))), caption=f"case <{i}> p=0.{i}", correct=i % 2 == 0)
@@ -77,10 +81,10 @@ def test_binary_report(tmp_path):
         history=[{"epoch": e, "train_loss": 1 / (e + 1), "val_loss": 1.2 / (e + 1), "val_auc": 0.7 + e / 50, "lr": 1e-3} for e in range(6)],
         calibration={
             "temperature": T,
-            "ece_before": M.expected_calibration_error("binary", yv, M.apply_temperature(logits_v, 1.0, "binary")),
-            "ece_after": M.expected_calibration_error("binary", yv, M.apply_temperature(logits_v, T, "binary")),
-            "reliability_before": M.reliability_curve("binary", yv, M.apply_temperature(logits_v, 1.0, "binary")),
-            "reliability_after": M.reliability_curve("binary", yv, M.apply_temperature(logits_v, T, "binary")),
+            "ece_before": M.expected_calibration_error("binary", yv, Task("binary", 2).probabilities(torch.as_tensor(logits_v), 1.0).numpy()),
+            "ece_after": M.expected_calibration_error("binary", yv, Task("binary", 2).probabilities(torch.as_tensor(logits_v), T).numpy()),
+            "reliability_before": M.reliability_curve("binary", yv, Task("binary", 2).probabilities(torch.as_tensor(logits_v), 1.0).numpy()),
+            "reliability_after": M.reliability_curve("binary", yv, Task("binary", 2).probabilities(torch.as_tensor(logits_v), T).numpy()),
         },
         gallery=gallery,
         extra_sections=[("Data <QC>", "<p>ok</p>")],

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from medsight import __version__
 from medsight.errors import MedsightError
 from medsight.models import create_model
 from medsight.tasks import Task
-from medsight.utils import atomic_torch_save, write_json
+from medsight.utils import atomic_torch_save, sha256_file, write_json
 
 FORMAT = "medsight-bundle/1"
 
@@ -55,11 +57,28 @@ class Bundle:
         return self.meta.get("fusion")
 
     @property
+    def tta_flip(self) -> list[int]:
+        """Spatial axes (1-based) whose flips test-time augmentation averages over (see medsight.inference)."""
+        return list(self.meta.get("tta_flip") or [])
+
+    @property
     def recipe(self) -> dict:
         return self.meta["preprocessing"]
 
-    def save_meta(self) -> None:
-        write_json(self.path / "bundle.json", self.meta)
+
+def decision_text(meta: dict) -> str:
+    """How this bundle decides, in words: the threshold and the rule that chose it, and the temperature."""
+    t, rule = meta.get("threshold"), meta.get("threshold_rule")
+    temp = float(meta.get("temperature") or 1.0)
+    if t is None:
+        return f"decision by argmax, temperature {temp:.2f}"
+    try:
+        fixed = rule is not None and float(rule) == float(t if not isinstance(t, list) else t[0])
+    except ValueError:
+        fixed = False
+    shown = ", ".join(f"{v:.3f}" for v in t) if isinstance(t, list) else f"{t:.3f}"
+    how = "fixed, not tuned" if fixed else f"chosen on the validation split by {rule}"
+    return f"threshold {shown} ({how}), temperature {temp:.2f}"
 
 
 def make_meta(*, model_spec: dict, task: str, classes: list[str], recipe: dict, data_name: str,
@@ -84,13 +103,72 @@ def make_meta(*, model_spec: dict, task: str, classes: list[str], recipe: dict, 
     }
 
 
+#: artefacts whose sha256 is recorded in ``bundle.json`` (``files``) and checked when the bundle is loaded
+HASHED = ("model.pt", "ood.npz")
+
+
+def save_weights(out_dir: str | Path, model: nn.Module) -> Path:
+    m = model.module if hasattr(model, "module") else model
+    return atomic_torch_save({k: v.detach().cpu() for k, v in m.state_dict().items()}, Path(out_dir) / "model.pt")
+
+
+def write_meta(out_dir: str | Path, meta: dict) -> Path:
+    """``bundle.json`` with the sha256 of every artefact in :data:`HASHED` that is present."""
+    out = Path(out_dir)
+    meta["files"] = {n: sha256_file(out / n) for n in HASHED if (out / n).is_file()}
+    return write_json(out / "bundle.json", meta)
+
+
 def save_bundle(out_dir: str | Path, model: nn.Module, meta: dict) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    m = model.module if hasattr(model, "module") else model
-    atomic_torch_save({k: v.detach().cpu() for k, v in m.state_dict().items()}, out / "model.pt")
-    write_json(out / "bundle.json", meta)
+    save_weights(out, model)
+    write_meta(out, meta)
     return out
+
+
+# --------------------------------------------------------------------------------------------- staging
+def staging_dir(out: str | Path) -> Path:
+    """Where a run builds its bundle before it replaces ``out`` (a hidden sibling, same filesystem)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+def _old_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.old"
+
+
+def recover(out: str | Path) -> None:
+    """Finish an interrupted :func:`publish`: if ``out`` is gone but its previous version is beside it, put it
+    back."""
+    out = Path(out)
+    old = _old_dir(out)
+    if not out.exists() and old.is_dir():
+        os.rename(old, out)
+
+
+def publish(stage: str | Path, out: str | Path) -> Path:
+    """Replace ``out`` by the finished ``stage`` folder with two renames; the old bundle is kept until the new one
+    is in place, and :func:`recover` undoes a crash between the renames."""
+    stage, out = Path(stage), Path(out)
+    old = _old_dir(out)
+    try:
+        if old.exists():
+            shutil.rmtree(old)
+        if out.exists():
+            os.rename(out, old)
+        os.rename(stage, out)
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        recover(out)
+        raise MedsightError(f"cannot write bundle {out}: {e.strerror or e}") from e
+    return out
+
+
+def is_nonempty_dir(p: str | Path) -> bool:
+    p = Path(p)
+    return p.is_dir() and any(p.iterdir())
 
 
 def build_from_spec(spec: dict) -> nn.Module:
@@ -113,6 +191,11 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     weights = p / "model.pt"
     if not weights.is_file():
         raise MedsightError(f"{p} has no model.pt: the run did not finish; resume it with --resume")
+    for name, digest in (meta.get("files") or {}).items():
+        f = p / name
+        if not f.is_file() or sha256_file(f) != digest:
+            raise MedsightError(f"{f} does not match the sha256 recorded in {meta_path.name}: the bundle was "
+                                "modified or mixed with another run's files; retrain or restore it")
     model = build_from_spec(meta["model"])
     if meta.get("fusion"):
         from medsight.fusion import build_fusion

@@ -71,12 +71,8 @@ class _Progress:
             self.progress.console.print(f"resuming at epoch {info['epoch'] + 1}")
 
 
-def b_thr(path) -> str:
-    import json as _json
-
-    meta = _json.loads((Path(path) / "bundle.json").read_text())
-    t = meta.get("threshold")
-    return "argmax" if t is None else f"{t} by {meta.get('threshold_rule')} on val, T={meta.get('temperature', 1.0):.2f}"
+def result_meta(path) -> dict:
+    return json.loads((Path(path) / "bundle.json").read_text())
 
 
 def metrics_table(metrics: dict, title: str = "metrics") -> Table:
@@ -118,6 +114,7 @@ def train(
     task: Optional[str] = typer.Option(None, help="override the task type: binary, multiclass, multilabel, ordinal"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints/last.pt"),
+    overwrite: bool = typer.Option(False, help="replace the bundle in OUT (only once the new run has finished)"),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="turn augmentation on or off"),
     operating_point: Optional[str] = typer.Option(None, help="threshold rule on val: youden, f1, sens=0.95, spec=0.9, or a number"),
     set_: List[str] = typer.Option([], "--set", help="any config value, e.g. --set train.schedule=step"),
@@ -139,11 +136,16 @@ def train(
         import yaml
 
         overrides[k.strip()] = yaml.safe_load(v)
-    if resume and config is None and recipe is None and (out / "config.yaml").is_file():
-        config = out / "config.yaml"  # continue the same run: its resolved config, then any flags given now
+    if resume and config is None and recipe is None:
+        from medsight.bundle import staging_dir
+
+        for c in (staging_dir(out) / "config.yaml", out / "config.yaml"):
+            if c.is_file():  # continue the same run: its resolved config, then any flags given now
+                config = c
+                break
     cfg = load_config(config, overrides, recipe=recipe)
     with _Progress(progress) as bar:
-        out_path, result, metrics = run_training(cfg, out, resume=resume, callback=bar)
+        out_path, result, metrics = run_training(cfg, out, resume=resume, overwrite=overwrite, callback=bar)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -151,7 +153,9 @@ def train(
     if _is_main_process():
         out_console.print(metrics_table(metrics, title=f"{cfg.model.name} on {cfg.data.name} "
                                                        f"(best epoch {result.best_epoch}, {result.seconds:.1f}s)"))
-        out_console.print(f"bundle written to {out_path} (threshold {b_thr(out_path)})")
+        from medsight.bundle import decision_text
+
+        out_console.print(f"bundle written to {out_path} ({decision_text(result_meta(out_path))})")
 
 
 @app.command()
@@ -172,71 +176,42 @@ def evaluate(
 ):
     """Evaluate a bundle: metrics with 95% CIs per split into metrics.json, and a self-contained report.html."""
     from medsight.bundle import load_bundle
-    from medsight.evaluate import calibrate_bundle, write_bundle_report
-    from medsight.metrics import parse_operating_point
-    from medsight.pipeline import evaluate_and_store, load_data_for_bundle
+    from medsight.evaluate import evaluate_bundle
+    from medsight.pipeline import load_data_for_bundle
 
+    if tta:
+        raise MedsightError("--tta is gone: the shift battery uses the bundle's own test-time augmentation "
+                            "(train with --set train.tta_flip=[2] for left-right flips)")
     b = load_bundle(bundle)
     ds = load_data_for_bundle(b, data, size)
-    if operating_point is not None:
-        parse_operating_point(operating_point)
-        calibrate_bundle(b, ds, operating_point=operating_point,
-                         calibrate=(b.meta.get("calibration") or {}).get("temperature", 1.0) != 1.0)
-    splits = tuple(dict.fromkeys(["val", *split]))
-    metrics = evaluate_and_store(b, ds, splits=splits, n_boot=n_boot)
-    shown = {s: metrics[s] for s in split}
+    r = evaluate_bundle(b, ds, tuple(split), n_boot=n_boot, operating_point=operating_point, report=report,
+                        shift=shift, shift_severities=shift_severities, shift_corruptions=shift_corruptions)
+    shown = {s: r["metrics"][s] for s in split}
     if json_out:
         from medsight.utils import json_safe
 
         out_console.print_json(json.dumps(json_safe(shown)))
     else:
-        thr = b.threshold
-        out_console.print(metrics_table(shown, title=f"{bundle} on {ds.name} (threshold {thr if thr is not None else 'argmax'}"
-                                                     f"{', ' + b.meta['threshold_rule'] if b.meta.get('threshold_rule') else ''};"
-                                                     f" T={b.temperature:.2f})"))
-    extra = []
-    if shift:
-        extra.append(_run_shift(b, ds, split[-1], shift_severities, shift_corruptions, tta))
-    if report:
-        path = write_bundle_report(b, ds, metrics, splits=splits, extra_sections=extra)
-        out_console.print(f"report written to {path}")
+        thr = r["threshold"]
+        out_console.print(metrics_table(shown, title=f"{bundle} on {ds.name} (threshold "
+                                                     f"{thr if thr is not None else 'argmax'}"
+                                                     f"{', ' + r['rule'] if r['rule'] else ''}; T={b.temperature:.2f})"))
+    if r["shift"] is not None:
+        out_console.print(shift_table(r["shift"], split[-1]))
+    out_console.print(f"metrics written to {r['metrics_path']}")
+    if r["report_path"] is not None:
+        out_console.print(f"report written to {r['report_path']}")
 
 
-def _run_shift(b, ds, split_name: str, severities: str, corruptions: Optional[str], tta: bool) -> tuple[str, str]:
-    """The shift battery on one split: shift_<split>.json/.png in the bundle, a table, and a report section."""
-    import base64
-
-    from medsight.shift import CORRUPTIONS, evaluate_shift, plot_shift, shift_table_html
-    from medsight.utils import atomic_write_bytes, write_json
-
-    try:
-        sev = tuple(int(v) for v in severities.split(","))
-    except ValueError:
-        raise MedsightError(f"--shift-severities {severities!r}: expected integers 1..5 like 1,3,5") from None
-    names = [c.strip() for c in corruptions.split(",")] if corruptions else None
-    for n in names or []:
-        if n not in CORRUPTIONS:
-            from medsight.errors import choices_message
-
-            raise MedsightError(choices_message("corruption", n, CORRUPTIONS))
-    s = ds.split(split_name)
-    flips = [(), (-1,)] if tta else None
-    res = evaluate_shift(b.model, b.task, s.images, s.labels, corruptions=names, severities=sev, seed=0,
-                         temperature=b.temperature, threshold=b.threshold, tta_flips=flips)
-    write_json(b.path / f"shift_{split_name}.json", res)
-    png = plot_shift(res)
-    atomic_write_bytes(b.path / f"shift_{split_name}.png", png)
+def shift_table(res: dict, split_name: str) -> Table:
     key = res["primary"]
     table = Table(title=f"{key} under corruption ({split_name}; clean {res['clean'][key]:.3f})")
     table.add_column("corruption")
-    for v in sev:
+    for v in res["severities"]:
         table.add_column(f"severity {v}", justify="right")
     for name, rows in res["corruptions"].items():
         table.add_row(name, *[f"{r['metrics'][key]:.3f} ({-r['drop'][key]:+.3f})" for r in rows])
-    out_console.print(table)
-    img = base64.b64encode(png).decode()
-    return ("Robustness to distribution shift",
-            f'<img src="data:image/png;base64,{img}" alt="shift">' + shift_table_html(res))
+    return table
 
 
 @app.command()
@@ -246,35 +221,25 @@ def explain(
     out: Path = typer.Option(Path("explanations"), help="folder for <name>_heatmap.npy and <name>_overlay.png"),
     method: str = typer.Option("gradcam", help="gradcam or occlusion"),
     class_idx: Optional[int] = typer.Option(None, help="class to explain (default: the predicted one)"),
+    clinical_csv: Optional[Path] = typer.Option(None, help="image + clinical models: CSV with a 'path' column "
+                                                            "(file path or name) and the model's clinical columns"),
 ):
     """Heatmaps (Grad-CAM or occlusion) over each input, as arrays and PNG overlays (3D: three orthogonal slices)."""
-    import numpy as np
-    import torch
     from rich.markup import escape
 
-    from medsight.bundle import load_bundle
-    from medsight.evaluate import explain_images, overlay
-    from medsight.preprocess import load_one
-    from medsight.utils import atomic_write_bytes
+    from medsight.fusion import read_clinical_csv
+    from medsight.predict import Predictor
 
-    b = load_bundle(bundle)
-    out.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor(bundle)
+    clinical = read_clinical_csv(clinical_csv) if clinical_csv is not None else None
     failures = 0
-    for f in files:
-        try:
-            x, _ = load_one(f, b.recipe)
-        except MedsightError as e:
-            console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+    for r in predictor.explain_paths(files, out, method=method, class_idx=class_idx, clinical=clinical):
+        if r["error"]:
+            console.print(f"[red]error:[/red] {escape(r['error'])}", highlight=False)
             failures += 1
-            continue
-        xt = torch.from_numpy(x)[None]
-        heat = explain_images(b, xt, class_idx=class_idx, method=method)[0]
-        probs = b.task.probabilities(b.model(xt).detach(), b.temperature).numpy()[0]
-        name = Path(f).name.split(".")[0] or "input"
-        np.save(out / f"{name}_heatmap.npy", heat.astype(np.float32))
-        atomic_write_bytes(out / f"{name}_overlay.png", overlay(x, heat))
-        p = float(probs) if np.ndim(probs) == 0 else float(np.max(probs))
-        out_console.print(escape(f"{f}: p={p:.3f} -> {out / (name + '_overlay.png')}"), highlight=False)
+        else:
+            out_console.print(f"{escape(r['file'])}: {escape(r['summary'])} -> {escape(str(r['overlay']))}",
+                              highlight=False)
     if failures:
         raise typer.Exit(1)
 
@@ -363,7 +328,7 @@ def deid(
 def predict(
     bundle: Path = typer.Argument(..., help="bundle folder written by `medsight train`"),
     inputs: List[Path] = typer.Argument(..., help="PNG/JPEG/TIFF, DICOM or NIfTI files, or folders (walked recursively)"),
-    out: Optional[Path] = typer.Option(None, help="write results to .csv or .json (default: print a table)"),
+    out: Optional[Path] = typer.Option(None, help="stream results to .csv, .jsonl or .json (default: print a table)"),
     heatmaps: Optional[Path] = typer.Option(None, help="write a Grad-CAM overlay PNG per file into this folder"),
     backend: str = typer.Option("torch", help="torch or onnx (ONNX Runtime; exports model.onnx when missing)"),
     batch_size: int = typer.Option(64, help="files per batch"),
@@ -383,17 +348,9 @@ def predict(
         raise MedsightError(f"--out must end in .csv or .json (or .jsonl for JSON lines), got {out.name!r}")
     b = load_bundle(bundle)
     predictor = Predictor(b, backend=backend, threads=default_threads(b))
-    clinical = None
-    if clinical_csv is not None:
-        import csv
+    from medsight.fusion import read_clinical_csv
 
-        if not clinical_csv.is_file():
-            raise MedsightError(f"--clinical-csv {clinical_csv}: file not found")
-        with open(clinical_csv, newline="", encoding="utf-8-sig") as fh:
-            rows_in = list(csv.DictReader(fh))
-        if not rows_in or "path" not in rows_in[0]:
-            raise MedsightError(f"--clinical-csv {clinical_csv}: needs a header with a 'path' column")
-        clinical = {r["path"]: {k: v for k, v in r.items() if k != "path"} for r in rows_in}
+    clinical = read_clinical_csv(clinical_csv) if clinical_csv is not None else None
     files = expand_inputs(inputs)
     if not files:
         raise MedsightError(f"no image files found in {', '.join(map(str, inputs))}")

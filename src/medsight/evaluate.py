@@ -1,9 +1,9 @@
 """Evaluate a bundle like a clinician would.
 
-- ``calibrate_bundle``: on the **validation** split only, fit the temperature and choose the operating point
-  (Youden / target sensitivity or specificity / F1 / fixed); both are stored in ``bundle.json`` and used by every
-  later prediction.
-- ``evaluate_split``: metrics with bootstrap 95% CIs at the bundle's temperature and threshold.
+- ``split_logits``: a split's logits through :mod:`medsight.inference` (the bundle's TTA and clinical input),
+  computed once per bundle and dataset and shared by metrics, the report and its gallery;
+- ``evaluate_split``: metrics with bootstrap 95% CIs at the bundle's temperature and threshold (both chosen on
+  the validation split by :mod:`medsight.calibration` before the bundle was written);
 - ``write_bundle_report``: the self-contained ``report.html`` (curves, confusion matrix, reliability, training
   curves, per-class table, gallery of correct and wrong cases with Grad-CAM overlays).
 """
@@ -20,7 +20,8 @@ from medsight import metrics as M
 from medsight.bundle import Bundle
 from medsight.data.sources import Dataset
 from medsight.errors import MedsightError
-from medsight.train import evaluate_logits
+from medsight.explain import explain_batch, overlay
+from medsight.inference import run_logits
 from medsight.transforms import to_float
 
 
@@ -35,29 +36,30 @@ def check_compatible(bundle: Bundle, data: Dataset) -> None:
                             f"{bundle.path} is {bundle.meta['task']} with {len(bundle.classes)}")
 
 
-def split_logits(bundle: Bundle, data: Dataset, split: str, *, device="cpu", batch_size: int = 512) -> torch.Tensor:
-    """Logits of a split, computed once per bundle and dataset (the model and the data do not change)."""
+def clinical_rows(bundle: Bundle, data: Dataset, split: str):
+    """Encoded clinical rows of a split for an image + clinical bundle (``None`` for image-only bundles)."""
+    if not bundle.fusion:
+        return None
+    from medsight.fusion import encode_tabular
+
+    s = data.split(split)
+    if s.clinical is None:
+        raise MedsightError(f"the model in {bundle.path} needs clinical columns "
+                            f"{', '.join(bundle.fusion['columns'])}; {data.name} has none")
+    return encode_tabular(s.clinical, bundle.fusion["tabular"])
+
+
+def split_logits(bundle: Bundle, data: Dataset, split: str, *, device="cpu") -> torch.Tensor:
+    """Logits of a split (the bundle's TTA and clinical input included), computed once per bundle and dataset."""
     key = (id(data), split)
     hit = bundle.logits_cache.get(key)
     if hit is not None and hit[0] is data:
         return hit[1]
-    logits = _compute_split_logits(bundle, data, split, device=device, batch_size=batch_size)
+    check_compatible(bundle, data)
+    logits = run_logits(bundle.model.to(device), data.split(split).images, device=torch.device(device),
+                        tta_flip=bundle.tta_flip, tab=clinical_rows(bundle, data, split))
     bundle.logits_cache[key] = (data, logits)
     return logits
-
-
-def _compute_split_logits(bundle: Bundle, data: Dataset, split: str, *, device, batch_size) -> torch.Tensor:
-    s = data.split(split)
-    tab = None
-    if bundle.fusion:
-        from medsight.fusion import encode_tabular
-
-        if s.clinical is None:
-            raise MedsightError(f"the model in {bundle.path} needs clinical columns "
-                                f"{', '.join(bundle.fusion['columns'])}; {data.name} has none")
-        tab = encode_tabular(s.clinical, bundle.fusion["tabular"])
-    return evaluate_logits(bundle.model.to(device), s.images, device=torch.device(device), batch_size=batch_size,
-                           tta_flip=bundle.meta.get("tta_flip") or (), tab=tab)
 
 
 def split_probs(bundle: Bundle, data: Dataset, split: str, *, temperature: float | None = None) -> np.ndarray:
@@ -65,43 +67,28 @@ def split_probs(bundle: Bundle, data: Dataset, split: str, *, temperature: float
     return bundle.task.probabilities(split_logits(bundle, data, split), t).numpy()
 
 
-def calibrate_bundle(bundle: Bundle, data: Dataset, *, operating_point: str | float | None = "0.5",
-                     calibrate: bool = True) -> dict:
-    """Fit temperature and threshold on the validation split; store them in the bundle; return a summary."""
-    check_compatible(bundle, data)
-    task = bundle.task
-    val = data.split("val")
-    logits = split_logits(bundle, data, "val")
-    summary: dict = {"split": "val"}
-    temperature = 1.0
-    probs_before = task.probabilities(logits).numpy()
-    if calibrate and task.name != "ordinal":  # ordinal heads are cumulative logits: left uncalibrated
-        temperature = float(M.fit_temperature(logits.numpy(), val.labels, task.name))
-        # NLL-optimal T does not always lower ECE; keep it only when it does on the validation split
-        ece_t = M.expected_calibration_error(task.name, val.labels, task.probabilities(logits, temperature).numpy())
-        if not ece_t < M.expected_calibration_error(task.name, val.labels, probs_before):
-            temperature = 1.0
-    probs = task.probabilities(logits, temperature).numpy()
-    summary.update(temperature=temperature,
-                   ece_before=M.expected_calibration_error(task.name, val.labels, probs_before),
-                   ece_after=M.expected_calibration_error(task.name, val.labels, probs))
-    threshold = None
-    rule = None
-    if task.name in ("binary", "multilabel") and operating_point is not None:
-        rule = str(operating_point)
-        thr = M.choose_threshold(val.labels, probs, rule)
-        threshold = [float(v) for v in np.atleast_1d(thr)] if task.name == "multilabel" else float(thr)
-    bundle.meta.update(temperature=temperature, threshold=threshold, threshold_rule=rule,
-                       calibration={k: v for k, v in summary.items()})
-    bundle.save_meta()
-    return summary
-
-
-def evaluate_split(bundle: Bundle, data: Dataset, split: str, *, n_boot: int = 1000, seed: int = 0) -> dict:
-    check_compatible(bundle, data)
+def evaluate_split(bundle: Bundle, data: Dataset, split: str, *, n_boot: int = 1000, seed: int = 0,
+                   threshold="bundle") -> dict:
+    """Metrics with bootstrap 95% CIs at the bundle's temperature and threshold (or ``threshold``)."""
     probs = split_probs(bundle, data, split)
     y = data.split(split).labels
-    return M.evaluate_predictions(bundle.task.name, y, probs, threshold=bundle.threshold, n_boot=n_boot, seed=seed)
+    thr = bundle.threshold if threshold == "bundle" else threshold
+    return M.evaluate_predictions(bundle.task.name, y, probs, threshold=thr, n_boot=n_boot, seed=seed)
+
+
+def evaluate_splits(bundle: Bundle, data: Dataset, splits=("val", "test"), *, n_boot: int = 1000,
+                    threshold="bundle") -> dict:
+    return {s: evaluate_split(bundle, data, s, n_boot=n_boot, threshold=threshold) for s in splits if s in data.splits}
+
+
+def rechoose_threshold(bundle: Bundle, data: Dataset, operating_point: str):
+    """A threshold re-chosen on the validation split (at the bundle's temperature) by ``operating_point``, for
+    ``evaluate --operating-point``; the bundle itself is not changed."""
+    if bundle.task.name not in ("binary", "multilabel"):
+        raise MedsightError(f"--operating-point applies to binary and multilabel models; {bundle.path} is "
+                            f"{bundle.task.name} and decides by argmax")
+    thr = M.choose_threshold(data.split("val").labels, split_probs(bundle, data, "val"), operating_point)
+    return [float(v) for v in np.atleast_1d(thr)] if bundle.task.name == "multilabel" else float(thr)
 
 
 def calibration_report(bundle: Bundle, data: Dataset, splits=("val", "test")) -> dict:
@@ -135,24 +122,9 @@ def read_history(bundle: Bundle) -> list[dict]:
     return rows
 
 
-def explain_images(bundle: Bundle, x: torch.Tensor, class_idx=None, method: str = "gradcam") -> np.ndarray:
-    """Heatmaps in [0, 1] for a float batch already preprocessed; Grad-CAM or occlusion."""
-    from medsight import explain
-
-    if method == "gradcam":
-        return explain.gradcam(bundle.model, x, class_idx=class_idx)
-    if method == "occlusion":
-        patch = max(2, min(x.shape[2:]) // 4)
-        return explain.occlusion(bundle.model, x, class_idx=class_idx, patch=patch)
-    raise MedsightError(f"unknown explanation method {method!r}; allowed: gradcam, occlusion")
-
-
-def overlay(image: np.ndarray, heatmap: np.ndarray) -> bytes:
-    from medsight import explain
-
-    if heatmap.ndim == 3:
-        return explain.orthogonal_slices(image, heatmap)
-    return explain.overlay_png(image, heatmap)
+def _gallery_tab(bundle: Bundle, data: Dataset, split: str, idx: list[int]):
+    tab = clinical_rows(bundle, data, split)
+    return None if tab is None else tab[idx]
 
 
 def gallery(bundle: Bundle, data: Dataset, split: str, probs: np.ndarray, n: int = 4) -> list[dict]:
@@ -174,7 +146,7 @@ def gallery(bundle: Bundle, data: Dataset, split: str, probs: np.ndarray, n: int
     if not picks:
         return []
     images = to_float(torch.as_tensor(data.split(split).images[[i for i, _ in picks]]))
-    heat = explain_images(bundle, images)
+    heat = explain_batch(bundle.model, images, tab=_gallery_tab(bundle, data, split, [i for i, _ in picks]))
     items = []
     for (i, ok), img, h in zip(picks, images.numpy(), heat):
         p = probs[i]
@@ -200,6 +172,117 @@ def write_bundle_report(bundle: Bundle, data: Dataset, results: dict, splits=("v
         title=f"{bundle.meta['model']['name']} on {bundle.meta['data']} - {bundle.path.name}",
         task=bundle.task.name, class_names=bundle.classes, splits=split_data, threshold=bundle.threshold,
         history=read_history(bundle), calibration=calibration_report(bundle, data, tuple(split_data)),
-        gallery=None if bundle.fusion else gallery(bundle, data, last, split_data[last]["probs"]),
+        gallery=gallery(bundle, data, last, split_data[last]["probs"]),
         extra_sections=extra_sections)
     return write_report(path or bundle.path / "report.html", html)
+
+def parse_shift_options(severities: str, corruptions: str | None) -> tuple[tuple[int, ...], list[str] | None]:
+    """``"1,3,5"`` and ``"gaussian_noise,gamma"`` -> checked severities and corruption names."""
+    from medsight.errors import choices_message
+    from medsight.shift import CORRUPTIONS
+
+    try:
+        sev = tuple(int(v) for v in severities.split(","))
+    except ValueError:
+        raise MedsightError(f"shift severities (--shift-severities) {severities!r}: expected integers 1..5 "
+                            "like 1,3,5") from None
+    names = [c.strip() for c in corruptions.split(",")] if corruptions else None
+    for n in names or []:
+        if n not in CORRUPTIONS:
+            raise MedsightError(choices_message("corruption", n, CORRUPTIONS))
+    return sev, names
+
+
+def bundle_shift(bundle: Bundle, data: Dataset, split: str, *, severities: str = "1,3,5",
+                 corruptions: str | None = None) -> dict:
+    """The seeded corruption battery on one split, through the bundle's own inference (TTA, clinical input,
+    temperature, threshold). Writes ``shift_<split>.json`` and ``.png`` into the bundle (``evaluate --shift`` is
+    an explicit command) and returns ``{"result", "png", "section": (title, html)}`` for the report."""
+    import base64
+
+    from medsight.shift import evaluate_shift, plot_shift, shift_table_html
+    from medsight.utils import atomic_write_bytes, write_json
+
+    sev, names = parse_shift_options(severities, corruptions)
+    check_compatible(bundle, data)
+    s = data.split(split)
+    res = evaluate_shift(bundle.model, bundle.task, s.images, s.labels, corruptions=names, severities=sev, seed=0,
+                         temperature=bundle.temperature, threshold=bundle.threshold, tta_flip=bundle.tta_flip,
+                         tab=clinical_rows(bundle, data, split))
+    write_json(bundle.path / f"shift_{split}.json", res)
+    png = plot_shift(res)
+    atomic_write_bytes(bundle.path / f"shift_{split}.png", png)
+    img = base64.b64encode(png).decode()
+    section = ("Robustness to distribution shift",
+               f'<img src="data:image/png;base64,{img}" alt="shift">' + shift_table_html(res))
+    return {"result": res, "png": png, "section": section}
+
+
+def evaluate_bundle(bundle: Bundle, data: Dataset, splits=("test",), *, n_boot: int = 1000,
+                    operating_point: str | None = None, report: bool = True, shift: bool = False,
+                    shift_severities: str = "1,3,5", shift_corruptions: str | None = None) -> dict:
+    """``medsight evaluate`` as a library call. Per-case probabilities go to ``cases_<split>.csv``. Metrics for ``val`` and ``splits`` go to ``metrics.json`` when the
+    data is the bundle's own and the bundle's threshold is used; another dataset's to
+    ``metrics_<data>.json``; a threshold re-chosen on val with ``operating_point`` is reported without changing
+    the bundle (``metrics_op-<rule>.json``). Returns ``{"metrics", "threshold", "rule", "metrics_path",
+    "shift", "report_path"}``."""
+    import re
+
+    from medsight.utils import write_json
+
+    check_compatible(bundle, data)
+    all_splits = tuple(dict.fromkeys(["val", *splits]))
+    threshold, rule = "bundle", bundle.meta.get("threshold_rule")
+    if operating_point is not None:
+        threshold, rule = rechoose_threshold(bundle, data, operating_point), str(operating_point)
+    metrics = evaluate_splits(bundle, data, all_splits, n_boot=n_boot, threshold=threshold)
+    suffix = ""
+    if data.name != bundle.meta.get("data"):
+        suffix += "_" + re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(data.name)).name)
+    if operating_point is not None:
+        suffix += "_op-" + re.sub(r"[^A-Za-z0-9._-]+", "_", str(operating_point))
+    metrics_path = write_json(bundle.path / f"metrics{suffix}.json", metrics)
+    cases = {s: write_cases(bundle, data, s, bundle.path / f"cases_{s}{suffix}.csv") for s in splits}
+    shift_out = bundle_shift(bundle, data, splits[-1], severities=shift_severities,
+                             corruptions=shift_corruptions) if shift else None
+    report_path = None
+    if report:
+        shown = bundle
+        if operating_point is not None:  # the report states the re-chosen threshold; the bundle stays as it is
+            import dataclasses
+
+            shown = dataclasses.replace(bundle, meta={**bundle.meta, "threshold": threshold,
+                                                      "threshold_rule": f"{rule} (re-chosen on val by evaluate)"},
+                                        logits_cache=bundle.logits_cache)
+        report_path = write_bundle_report(shown, data, metrics, splits=all_splits,
+                                          extra_sections=[shift_out["section"]] if shift_out else None,
+                                          path=bundle.path / f"report{suffix}.html")
+    return {"metrics": metrics, "threshold": bundle.threshold if threshold == "bundle" else threshold, "rule": rule,
+            "metrics_path": metrics_path, "cases": cases, "shift": shift_out and shift_out["result"],
+            "report_path": report_path}
+
+
+def write_cases(bundle: Bundle, data: Dataset, split: str, path: Path) -> Path:
+    """One row per case of ``split``: its id, true label(s), the probability of each class (the bundle's temperature
+    and TTA, as ``predict`` gives them) and the decision at the bundle's threshold."""
+    import io
+
+    from medsight.utils import atomic_write_text
+
+    s = data.split(split)
+    probs = split_probs(bundle, data, split)
+    task = bundle.task
+    decision = task.decide(probs, bundle.threshold)
+    p2 = np.stack([1 - probs, probs], axis=1) if task.name == "binary" else probs
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["case", "true", *[f"p_{c}" for c in bundle.classes], "predicted"])
+    for i in range(len(s)):
+        case = s.ids[i] if s.ids is not None else str(i)
+        if task.name == "multilabel":
+            true = ";".join(c for c, v in zip(bundle.classes, s.labels[i]) if v)
+            pred = ";".join(c for c, v in zip(bundle.classes, decision[i]) if v)
+        else:
+            true, pred = bundle.classes[int(np.asarray(s.labels[i]).reshape(-1)[0])], bundle.classes[int(decision[i])]
+        w.writerow([case, true, *[f"{v:.8f}" for v in p2[i]], pred])
+    return atomic_write_text(path, buf.getvalue())

@@ -34,6 +34,11 @@ _POOL_TYPES = (
 _CONV_TYPES = (nn.Conv2d, nn.Conv3d)
 
 
+#: opacity of the heatmap over the image in every overlay (CLI, report, service)
+OVERLAY_ALPHA = 0.45
+EXPLAIN_METHODS = ("gradcam", "occlusion")
+
+
 def _check_input(x: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(np.asarray(x), dtype=torch.float32)
@@ -420,13 +425,13 @@ def _png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def overlay_png(image, heatmap, alpha: float = 0.45, cmap: str = "jet") -> bytes:
+def overlay_png(image, heatmap, alpha: float = OVERLAY_ALPHA, cmap: str = "jet") -> bytes:
     """PNG bytes of ``image`` ((H, W) or (C, H, W), values in [0, 1]) with ``heatmap`` (H, W)
     blended on top through a matplotlib colormap. No pyplot figure is created."""
     return _png(_blend(image, heatmap, alpha, cmap))
 
 
-def orthogonal_slices(volume, heatmap, alpha: float = 0.45, cmap: str = "jet", gap: int = 4) -> bytes:
+def orthogonal_slices(volume, heatmap, alpha: float = OVERLAY_ALPHA, cmap: str = "jet", gap: int = 4) -> bytes:
     """PNG bytes with axial / coronal / sagittal overlays side by side, through the heatmap's
     maximum. ``volume`` (D, H, W) or (C, D, H, W) in [0, 1]; ``heatmap`` (D, H, W)."""
     vol = np.asarray(volume, dtype=np.float32)
@@ -460,7 +465,7 @@ def save_explanations(
     images,
     heatmaps,
     *,
-    alpha: float = 0.45,
+    alpha: float = OVERLAY_ALPHA,
     cmap: str = "jet",
 ) -> list[dict[str, Path]]:
     """Write ``<name>_heatmap.npy`` and ``<name>_overlay.png`` for each sample.
@@ -488,4 +493,28 @@ def save_explanations(
     return written
 
 
-__all__ = ["find_target_layer", "gradcam", "heatmap_peak", "occlusion", "orthogonal_slices", "overlay_png", "save_explanations"]
+def explain_batch(model: nn.Module, x, *, tab=None, class_idx=None, method: str = "gradcam") -> np.ndarray:
+    """Heatmaps in [0, 1] at input size for a float batch of model inputs (Grad-CAM or occlusion), for the
+    predicted class unless ``class_idx``. An image + clinical model is explained through its image branch with
+    each case's encoded clinical row held fixed (``tab``, one row per image)."""
+    if method not in EXPLAIN_METHODS:
+        raise ConfigError(f"unknown explanation method {method!r}; allowed: {', '.join(EXPLAIN_METHODS)}")
+    x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not isinstance(x, torch.Tensor) else x.float()
+    if tab is not None:  # one case at a time, each with its own clinical row bound
+        tab = torch.as_tensor(np.asarray(tab, dtype=np.float32))
+        idx = [class_idx] * len(x) if class_idx is None or np.ndim(class_idx) == 0 else list(class_idx)
+        return np.concatenate([explain_batch(model.model_with_tab(tab[i:i + 1]), x[i:i + 1], class_idx=idx[i],
+                                             method=method) for i in range(len(x))])
+    if method == "gradcam":
+        return gradcam(model, x, class_idx=class_idx)
+    return occlusion(model, x, class_idx=class_idx, patch=max(2, min(x.shape[2:]) // 4))
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = OVERLAY_ALPHA) -> bytes:
+    """PNG of a model input (C, *size) with its heatmap: a 2D overlay, or three orthogonal slices for 3D."""
+    if np.ndim(heatmap) == 3:
+        return orthogonal_slices(image, heatmap, alpha)
+    return overlay_png(image, heatmap, alpha)
+
+
+__all__ = ["explain_batch", "overlay", "find_target_layer", "gradcam", "heatmap_peak", "occlusion", "orthogonal_slices", "overlay_png", "save_explanations"]

@@ -1,8 +1,13 @@
 """Export a bundle's model to ONNX (dynamic batch axis) with a parity check against PyTorch.
 
 The exported graph is the whole :class:`medsight.models.Classifier` (standardisation included): input
-``input`` float32 ``(N, C, *size)`` in [0, 1], output ``logits`` ``(N, outputs)``. Probabilities, temperature
-and the decision stay in Python (``medsight.tasks``), shared by every backend.
+``input`` float32 ``(N, C, *size)`` in [0, 1] (and ``clinical`` float32 ``(N, n_tab)``, the encoded clinical
+row, for an image + clinical model), outputs ``logits`` ``(N, outputs)`` and ``features`` (the penultimate
+features, for the OOD detector). Test-time augmentation, probabilities, temperature and the decision stay in
+Python (``medsight.inference``, ``medsight.tasks``), shared by every backend.
+
+The file records the sha256 of the ``model.pt`` it was exported from (metadata ``medsight.source_sha256``):
+:func:`onnx_for_bundle` refuses an ONNX file that does not match the bundle's weights.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ DEFAULT_OPSET = 17
 PARITY_ATOL = 1e-4
 
 
-def _export_bytes(model: torch.nn.Module, example: torch.Tensor, opset: int) -> bytes:
+SOURCE_KEY = "medsight.source_sha256"
+
+
+def _export_bytes(model: torch.nn.Module, example: tuple, opset: int, source_sha256: str | None = None) -> bytes:
     """ONNX with outputs ``logits`` and, when the model ends in a Linear layer, ``features`` (its input), so
     ONNX Runtime alone gives both the prediction and the Mahalanobis OOD score in one pass."""
     from medsight.errors import ConfigError
@@ -32,32 +40,95 @@ def _export_bytes(model: torch.nn.Module, example: torch.Tensor, opset: int) -> 
         net, outputs = WithFeatures(model).eval(), ["logits", "features"]
     except ConfigError:
         net, outputs = model, ["logits"]
+    inputs = ["input", "clinical"][:len(example)]
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            net, (example,), buf, input_names=["input"], output_names=outputs,
-            dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
+            net, tuple(example), buf, input_names=inputs, output_names=outputs,
+            dynamic_axes={**{i: {0: "batch"} for i in inputs}, **{o: {0: "batch"} for o in outputs}},
             opset_version=opset, do_constant_folding=True, dynamo=False,
         )
-    return buf.getvalue()
+    data = buf.getvalue()
+    if source_sha256 is not None:
+        onnx = optional_import("onnx")
+        m = onnx.load_from_string(data)
+        entry = m.metadata_props.add()
+        entry.key, entry.value = SOURCE_KEY, source_sha256
+        data = m.SerializeToString()
+    return data
+
+
+def source_sha256(onnx_bytes: bytes) -> str | None:
+    """The sha256 of the ``model.pt`` an ONNX file was exported from (``None`` if it does not say)."""
+    onnx = optional_import("onnx")
+    try:
+        m = onnx.load_from_string(onnx_bytes)
+    except Exception:  # noqa: BLE001 - not an ONNX file at all
+        return None
+    return next((p.value for p in m.metadata_props if p.key == SOURCE_KEY), None)
 
 
 def parity_error(model: torch.nn.Module, onnx_bytes: bytes | str | Path, input_shape: tuple[int, ...], *,
-                 batch: int = 4, seed: int = 0) -> float:
-    """Max |torch - onnxruntime| over random inputs in [0, 1] of shape (batch, *input_shape)."""
+                 batch: int = 4, seed: int = 0, n_tab: int = 0) -> float:
+    """Max |torch - onnxruntime| over random inputs in [0, 1] of shape (batch, *input_shape) (and random
+    clinical rows of ``n_tab`` features for an image + clinical model)."""
     ort = optional_import("onnxruntime")
     src = onnx_bytes if isinstance(onnx_bytes, bytes) else str(onnx_bytes)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-    x = torch.from_numpy(np.random.default_rng(seed).random((batch, *input_shape), dtype=np.float32))
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.random((batch, *input_shape), dtype=np.float32))
+    extra = (torch.from_numpy(rng.normal(size=(batch, n_tab)).astype(np.float32)),) if n_tab else ()
     with torch.inference_mode():
-        ref = model(x).float().numpy()
-    got = sess.run(None, {"input": x.numpy()})[0]
+        ref = model(x, *extra).float().numpy()
+    feeds = {"input": x.numpy(), **({"clinical": extra[0].numpy()} if extra else {})}
+    got = sess.run(None, feeds)[0]
     if got.shape != ref.shape:
         raise MedsightError(f"ONNX output shape {got.shape} differs from PyTorch {ref.shape}")
     return float(np.abs(got - ref).max())
+
+
+def onnx_bytes_for(bundle, opset: int = DEFAULT_OPSET, *, atol: float = PARITY_ATOL) -> bytes:
+    """The bundle's model as ONNX bytes, checked against PyTorch (max abs diff <= ``atol``) and stamped with the
+    sha256 of its ``model.pt``."""
+    from medsight.utils import sha256_file
+
+    optional_import("onnx")
+    model = bundle.model.eval()
+    inp = bundle.meta["input"]
+    shape = (int(inp["channels"]), *(int(s) for s in inp["size"]))
+    gen = torch.Generator().manual_seed(0)
+    n_tab = int(bundle.fusion["n_tab"]) if bundle.fusion else 0
+    example = (torch.rand(1, *shape, generator=gen),) + ((torch.randn(1, n_tab, generator=gen),) if n_tab else ())
+    try:
+        data = _export_bytes(model, example, opset, sha256_file(bundle.path / "model.pt"))
+    except Exception as e:
+        raise MedsightError(f"ONNX export of {bundle.path} ({bundle.meta['model']['name']}) failed: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    diff = parity_error(model, data, shape, n_tab=n_tab)
+    if not diff <= atol:
+        raise MedsightError(f"ONNX export of {bundle.path} does not match PyTorch: max abs diff {diff:.3g} > {atol:g}")
+    return data
+
+
+def onnx_for_bundle(bundle, path: str | Path | None = None) -> bytes:
+    """ONNX bytes to serve ``bundle`` with: ``path`` (default ``model.onnx`` in the bundle) when it was exported
+    from this bundle's ``model.pt``, otherwise a fresh in-memory export (nothing is written into the bundle).
+    An explicit ``path`` that belongs to other weights is refused."""
+    from medsight.utils import sha256_file
+
+    p = Path(path) if path is not None else bundle.path / ONNX_NAME
+    want = sha256_file(bundle.path / "model.pt")
+    if p.is_file():
+        data = p.read_bytes()
+        if source_sha256(data) == want:
+            return data
+        if path is not None:
+            raise MedsightError(f"{p} was not exported from {bundle.path / 'model.pt'} (its recorded weights hash "
+                                "differs): re-export it with `medsight export`")
+    return onnx_bytes_for(bundle)
 
 
 def export_onnx(bundle_path: str | Path, out: str | Path | None = None, opset: int = DEFAULT_OPSET, *,
@@ -67,20 +138,8 @@ def export_onnx(bundle_path: str | Path, out: str | Path | None = None, opset: i
     The file is written atomically and only after the parity check passes (max abs diff <= ``atol``)."""
     from medsight.bundle import load_bundle
 
-    optional_import("onnx")
     bundle = load_bundle(bundle_path)
-    model = bundle.model.eval()
-    inp = bundle.meta["input"]
-    shape = (int(inp["channels"]), *(int(s) for s in inp["size"]))
-    example = torch.rand(1, *shape, generator=torch.Generator().manual_seed(0))
-    try:
-        data = _export_bytes(model, example, opset)
-    except Exception as e:
-        raise MedsightError(f"ONNX export of {bundle.path} ({bundle.meta['model']['name']}) failed: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    diff = parity_error(model, data, shape)
-    if not diff <= atol:
-        raise MedsightError(f"ONNX export of {bundle.path} does not match PyTorch: max abs diff {diff:.3g} > {atol:g}")
+    data = onnx_bytes_for(bundle, opset, atol=atol)
     target = Path(out) if out is not None else bundle.path / ONNX_NAME
     if target.is_dir():
         target = target / ONNX_NAME

@@ -367,7 +367,7 @@ def model_with_tab(model: FusionClassifier, tab) -> TabBound:
 def fusion_logits(model: FusionClassifier, images, tab, *, batch_size: int = 512,
                   device: str | torch.device | None = None) -> torch.Tensor:
     """Logits for stored images (uint8 or float in [0, 1]) + encoded tabular rows; float32 on the CPU."""
-    from medsight.train import evaluate_logits
+    from medsight.inference import run_logits
 
     if images is None and model.mode != "tabular":
         raise DataError(f"fusion mode {model.mode!r} needs images")
@@ -378,7 +378,7 @@ def fusion_logits(model: FusionClassifier, images, tab, *, batch_size: int = 512
     if tab is None:
         tab = np.zeros((len(images), 0), np.float32)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    return evaluate_logits(model, images, device=dev, batch_size=batch_size, tab=tab)
+    return run_logits(model, images, device=dev, batch_size=batch_size, tab=tab)
 
 
 def _check_split(name, images, tab, labels, model) -> int:
@@ -447,3 +447,22 @@ def synthetic_xor(n: int, seed: int, side: int = 16):
     rows = [{"age": None if rng.random() < 0.05 else round(float(a), 1), "sex": str(rng.choice(["F", "M"])),
              "bmi": float(rng.normal(25, 4))} for a in age]
     return img, rows, y
+
+
+def read_clinical_csv(path) -> dict[str, dict]:
+    """A CSV with a ``path`` column (file path or file name) and clinical columns -> ``{path: {column: value}}``,
+    for predicting or explaining files with an image + clinical model."""
+    import csv
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"clinical CSV {p}: file not found")
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"clinical CSV {p}: cannot read it ({type(e).__name__}: {e})") from e
+    if not rows or "path" not in rows[0]:
+        raise DataError(f"clinical CSV {p}: needs a header with a 'path' column and one row per file")
+    return {r["path"]: {k: v for k, v in r.items() if k != "path"} for r in rows}

@@ -36,7 +36,7 @@ import re
 from typing import Any
 
 import numpy as np
-from scipy import optimize, special
+
 
 from .errors import ConfigError, DataError, choices_message
 
@@ -611,76 +611,14 @@ def expected_calibration_error(task: str, y_true, probs, n_bins: int = 15) -> fl
     return float(np.sum(np.where(count > 0, gap * count, 0.0)) / count.sum())
 
 
-def _logits_layout(logits, task: str) -> tuple[np.ndarray, str]:
-    """Return (z, kind) where kind is 'sigmoid' (z (N,) or (N,K)) or 'softmax' (z (N,K))."""
-    _check_task(task)
-    z = np.asarray(logits, dtype=np.float64)
-    if task == "binary":
-        if z.ndim == 1:
-            return z, "sigmoid"
-        if z.ndim == 2 and z.shape[1] == 1:
-            return z[:, 0], "sigmoid"
-        if z.ndim == 2 and z.shape[1] == 2:
-            return z, "softmax"
-        raise DataError(f"binary logits must be (N,), (N, 1) or (N, 2), got shape {z.shape}")
-    if z.ndim != 2:
-        raise DataError(f"{task} logits must be (N, K), got shape {z.shape}")
-    return z, ("sigmoid" if task == "multilabel" else "softmax")
-
-
-def apply_temperature(logits, T: float, task: str) -> np.ndarray:
-    """Probabilities from logits / T: binary single logit -> (N,) P(class 1); binary (N, 2),
-    multiclass and ordinal -> softmax (N, K); multilabel -> sigmoid (N, K)."""
-    if not (isinstance(T, (int, float, np.floating)) and T > 0 and math.isfinite(T)):
-        raise ConfigError(f"temperature must be a positive number, got {T!r}")
-    z, kind = _logits_layout(logits, task)
-    if kind == "sigmoid":
-        return special.expit(z / T)
-    return special.softmax(z / T, axis=1)
-
-
-def _nll(z: np.ndarray, y: np.ndarray, kind: str, t: float) -> float:
-    zt = z / t
-    if kind == "sigmoid":
-        # BCE with logits, stable: log(1+e^z) - y z
-        return float(np.mean(np.logaddexp(0.0, zt) - y * zt))
-    logp = special.log_softmax(zt, axis=1)
-    return float(-np.mean(logp[np.arange(z.shape[0]), y]))
-
-
-def fit_temperature(logits, y_true, task: str) -> float:
-    """Temperature T > 0 minimising the NLL of ``logits / T`` (bounded 1-D search on log T).
-
-    Fit on the validation split; store T with the model and apply it with
-    :func:`apply_temperature` everywhere probabilities are shown.
-    """
-    z, kind = _logits_layout(logits, task)
-    y = np.asarray(y_true)
-    if y.shape[0] != z.shape[0]:
-        raise DataError(f"y_true has {y.shape[0]} samples but logits has {z.shape[0]}")
-    if kind == "sigmoid":
-        y = y.reshape(z.shape).astype(np.float64)
-    else:
-        y = y.reshape(-1).astype(np.int64)
-        if y.min() < 0 or y.max() >= z.shape[1]:
-            raise DataError(f"{task} y_true must be ints in 0..{z.shape[1] - 1}")
-    res = optimize.minimize_scalar(
-        lambda lt: _nll(z, y, kind, math.exp(lt)), bounds=(math.log(0.05), math.log(20.0)), method="bounded",
-        options={"xatol": 1e-5},
-    )
-    return float(math.exp(res.x))
-
-
 __all__ = [
     "TASKS",
-    "apply_temperature",
     "binary_positive_probs",
     "bootstrap_ci",
     "choose_threshold",
     "compute_metrics",
     "evaluate_predictions",
     "expected_calibration_error",
-    "fit_temperature",
     "parse_operating_point",
     "reliability_curve",
     "to_jsonable",

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from medsight.errors import ConfigError, DataError, choices_message
-from medsight.transforms import to_float
+from medsight.inference import last_linear, run_model
 
 SCORES = ("mahalanobis", "energy", "msp")
 FORMAT = "medsight-ood/1"
@@ -80,47 +80,18 @@ def msp_score(logits, task: str | None = None) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- features
-def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The model's last ``nn.Linear`` (in registration order): its input is the penultimate feature vector."""
-    found = None
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            found = (name, m)
-    if found is None:
-        raise ConfigError(f"{type(model).__name__} has no final nn.Linear layer to take features from "
-                          "(fusion and the Mahalanobis OOD score need one)")
-    return found
-
-
 @torch.inference_mode()
 def logits_and_features(model: nn.Module, images, *, batch_size: int = 256,
-                        device: str | torch.device | None = None, layer: str | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over stored images (uint8 or float in [0, 1]): (logits (N, K), penultimate features (N, D)),
-    both float32 on the CPU. Features are the input of ``layer`` (default: the last ``nn.Linear``)."""
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if layer is None:
-        layer, module = last_linear(model)
-    else:
-        modules = dict(model.named_modules())
-        if layer not in modules:
-            raise ConfigError(f"model has no layer {layer!r} for OOD features")
-        module = modules[layer]
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    feats: list[torch.Tensor] = []
-    hook = module.register_forward_hook(lambda m, inp, out: feats.append(inp[0].detach().flatten(1).float().cpu()))
-    model.eval()
-    x_all = torch.as_tensor(images)
-    logits = []
-    try:
-        for i in range(0, len(x_all), batch_size):
-            logits.append(model(to_float(x_all[i:i + batch_size].to(dev))).float().cpu())
-    finally:
-        hook.remove()
-    if not logits:
+                        device: str | torch.device | None = None, layer: str | None = None, tab=None,
+                        tta_flip=()) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over stored images (uint8 or float in [0, 1]) through :func:`medsight.inference.run_model`:
+    (logits (N, K), penultimate features (N, D)), float32 on the CPU. Features are the input of ``layer``
+    (default: the last ``nn.Linear``)."""
+    out = run_model(model, images, batch_size=batch_size, device=device, layer=layer, features=True, tab=tab,
+                    tta_flip=tta_flip)
+    if len(out.logits) == 0:
         raise DataError("no images to score")
-    return torch.cat(logits), torch.cat(feats)
+    return out.logits, out.features
 
 
 class WithFeatures(nn.Module):
@@ -136,11 +107,11 @@ class WithFeatures(nn.Module):
             raise ConfigError(f"model has no layer {self.layer!r} for OOD features")
         self._tap = modules[self.layer]
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor):
         box: list[torch.Tensor] = []
         h = self._tap.register_forward_hook(lambda m, inp, out: box.append(inp[0].flatten(1)))
         try:
-            logits = self.model(x)
+            logits = self.model(x, *extra)
         finally:
             h.remove()
         return logits, box[0]
@@ -156,7 +127,12 @@ def fit_mahalanobis(model: nn.Module, train_images, labels=None, *, batch_size: 
     shrunk towards ``shrinkage * mean variance * I`` so it is invertible even with few samples."""
     layer, _ = last_linear(model)
     _, f = logits_and_features(model, train_images, batch_size=batch_size, device=device, layer=layer)
-    f = f.double().numpy()
+    return mahalanobis_state(f, labels, layer=layer, shrinkage=shrinkage)
+
+
+def mahalanobis_state(features, labels=None, *, layer: str, shrinkage: float = 1e-3) -> dict:
+    """Class means and tied precision of TRAINING features (see :func:`fit_mahalanobis`)."""
+    f = np.asarray(features, dtype=np.float64)
     n, d = f.shape
     if labels is None or np.asarray(labels).ndim == 2 and np.asarray(labels).shape[1] > 1:
         y = np.zeros(n, dtype=np.int64)
@@ -316,3 +292,22 @@ def load_ood(path: str | Path) -> dict:
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
         raise DataError(f"cannot read OOD detector {p}: {type(e).__name__}: {e}") from e
     return detector_from_json(detector_to_json(det))
+
+
+def fit_bundle_detector(bundle, data, *, quantile: float = 0.95) -> dict:
+    """The detector for a bundle being built: Mahalanobis state on the TRAINING split's features, flag threshold
+    on the VALIDATION split, both through the bundle's own inference (TTA and clinical input included), so the
+    scores match what :class:`medsight.predict.Predictor` computes on either backend."""
+    from medsight.evaluate import clinical_rows
+
+    tr = data.split("train")
+    labels = tr.labels if bundle.task.name != "multilabel" else None
+    det: dict = {"format": FORMAT, "score": "mahalanobis", "quantile": float(quantile), "temperature": 1.0,
+                 "task": bundle.task.name}
+    det.update(mahalanobis_state(
+        logits_and_features(bundle.model, tr.images, tab=clinical_rows(bundle, data, "train"),
+                            tta_flip=bundle.tta_flip)[1], labels, layer=last_linear(bundle.model)[0]))
+    _, fv = logits_and_features(bundle.model, data.split("val").images, tab=clinical_rows(bundle, data, "val"),
+                                tta_flip=bundle.tta_flip)
+    det["threshold"] = fit_ood_threshold(mahalanobis_from_features(fv.numpy(), det), quantile)
+    return det

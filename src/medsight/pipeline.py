@@ -1,13 +1,23 @@
-"""The main job as a library call: data -> fit -> bundle -> metrics. The CLI, tests and benchmarks share it."""
+"""The main job as a library call: data -> fit -> calibrate on val -> OOD detector -> metrics -> one bundle.
+
+The bundle is built once, in a staging folder beside ``out`` (``.<name>.partial``), and replaces ``out`` only
+when every file is written (:func:`medsight.bundle.publish`): a crash, a full disk or a SIGKILL during a retrain
+leaves the previous bundle as it was. The CLI, tests and benchmarks share :func:`run_training`.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
-from medsight.bundle import Bundle, load_bundle, make_meta, save_bundle
+from medsight.bundle import (Bundle, is_nonempty_dir, make_meta, publish, recover, save_weights, staging_dir,
+                             write_meta)
+from medsight.calibration import choose_calibration
 from medsight.config import RunConfig, dump_config
 from medsight.data.sources import Dataset, load_dataset
-from medsight.evaluate import calibrate_bundle, evaluate_split
+from medsight.errors import ConfigError, MedsightError
+from medsight.evaluate import evaluate_splits, split_logits
 from medsight.train import Callback, FitResult, fit, write_history
 from medsight.utils import atomic_write_text, write_json
 
@@ -22,67 +32,97 @@ def load_data_for(cfg: RunConfig) -> Dataset:
     return data
 
 
-def evaluate_and_store(bundle: Bundle, data: Dataset, splits=("val", "test"), *, n_boot: int = 1000) -> dict:
-    """Metrics per split into ``metrics.json`` (merged with what is there, so other splits are kept)."""
-    import json
-
-    path = bundle.path / "metrics.json"
-    existing = json.loads(path.read_text()) if path.is_file() else {}
-    for s in splits:
-        if s in data.splits:
-            existing[s] = evaluate_split(bundle, data, s, n_boot=n_boot)
-    write_json(path, existing)
-    return existing
+def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
+    """The staging folder for this run and the checkpoint to resume from (rank 0 only)."""
+    recover(out)
+    stage = staging_dir(out)
+    resume_from = None
+    if resume:
+        for ck in (stage / "checkpoints" / "last.pt", out / "checkpoints" / "last.pt"):
+            if ck.is_file():
+                resume_from = ck
+                break
+        if resume_from is None:
+            raise MedsightError(f"--resume: no checkpoint in {out}/checkpoints or {stage}/checkpoints")
+        if resume_from.parent.parent != stage:  # continuing a finished bundle: start a new staging folder from it
+            if stage.exists():
+                shutil.rmtree(stage)
+            (stage / "checkpoints").mkdir(parents=True)
+            shutil.copy2(resume_from, stage / "checkpoints" / "last.pt")
+            resume_from = stage / "checkpoints" / "last.pt"
+    else:
+        if is_nonempty_dir(out) and not overwrite:
+            raise MedsightError(f"--out {out} already holds files (a bundle?); pass --resume to continue its run "
+                                "or --overwrite to replace it once the new run has finished")
+        if stage.exists():
+            shutil.rmtree(stage)  # a stale, unfinished run
+        stage.mkdir(parents=True)
+    return stage, resume_from
 
 
 def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = None, resume: bool = False,
-                 callback: Callback | None = None, evaluate: bool = True) -> tuple[Path, FitResult, dict]:
+                 overwrite: bool = False, callback: Callback | None = None,
+                 evaluate: bool = True) -> tuple[Path, FitResult, dict]:
     out = Path(out_dir)
     data = data or load_data_for(cfg)
-    import os
-
     is_main = int(os.environ.get("RANK", "0")) == 0  # fit() sets up the process group with the right backend
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
-    fusion = None
-    if cfg.data.clinical_columns:
-        result, fusion = _fit_fusion(cfg, data, callback)
-    else:
-        result = fit(cfg, data, out, resume=resume, callback=callback)
-    metrics: dict = {}
-    if is_main:
-        extra = {"train_seconds": round(result.seconds, 2)}
-        if cfg.train.tta_flip:
-            extra["tta_flip"] = list(cfg.train.tta_flip)
-        meta = make_meta(model_spec=result.model_spec, task=data.task, classes=data.classes, recipe=data.recipe,
-                         data_name=data.name, best_epoch=result.best_epoch, monitor=cfg.train.monitor,
-                         extra=extra)
-        if fusion is not None:
-            meta["fusion"] = fusion
-        if cfg.train.ood and fusion is None:
-            from medsight.ood import fit_ood_detector, save_ood
-
-            tr, va = data.splits["train"], data.splits["val"]
-            det = fit_ood_detector(result.model, tr.images, tr.labels if data.task != "multilabel" else None,
-                                   va.images)
-            save_ood(out / "ood.npz", det)
-            meta["ood"] = {"file": "ood.npz", "score": det["score"], "quantile": det["quantile"],
-                           "threshold": float(det["threshold"])}
-        save_bundle(out, result.model, meta)
-        write_history(out / "history.csv", result.history)
-        bundle = load_bundle(out)
-        calibrate_bundle(bundle, data, operating_point=cfg.train.operating_point, calibrate=cfg.train.calibrate)
-        if evaluate:
-            metrics = evaluate_and_store(bundle, data, n_boot=cfg.train.n_boot)
+    stage, resume_from = None, None
+    try:
+        if is_main:
+            stage, resume_from = _prepare_out(out, resume=resume, overwrite=overwrite)
+            atomic_write_text(stage / "config.yaml", dump_config(cfg))
+        else:
+            stage = staging_dir(out)
+        fusion, model, tab = None, None, None
+        if cfg.data.clinical_columns:
+            model, tab, fusion = _fusion_parts(cfg, data)
+        result = fit(cfg, data, stage, resume=resume, resume_from=resume_from, callback=callback, model=model,
+                     tab=tab)
+        metrics: dict = {}
+        if is_main:
+            metrics = _finish_bundle(cfg, data, result, fusion, stage, evaluate=evaluate)
+            publish(stage, out)
+    except OSError as e:  # disk full, permissions: one line, and the previous bundle stays as it was
+        raise MedsightError(f"cannot write the bundle for {out}: {e.strerror or e}"
+                            + (f" ({e.filename})" if getattr(e, "filename", None) else "")) from e
     return out, result, metrics
+
+
+def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dict | None, stage: Path, *,
+                   evaluate: bool) -> dict:
+    """Calibrate on val, fit the OOD detector, score the splits and write every file of the bundle into
+    ``stage``, each once."""
+    extra = {"train_seconds": round(result.seconds, 2)}
+    if cfg.train.tta_flip:
+        extra["tta_flip"] = list(cfg.train.tta_flip)
+    meta = make_meta(model_spec=result.model_spec, task=data.task, classes=data.classes, recipe=data.recipe,
+                     data_name=data.name, best_epoch=result.best_epoch, monitor=cfg.train.monitor, extra=extra)
+    if fusion is not None:
+        meta["fusion"] = fusion
+    bundle = Bundle(path=stage, meta=meta, model=result.model)
+    val = data.split("val")
+    meta.update(choose_calibration(bundle.task, split_logits(bundle, data, "val"), val.labels,
+                                   operating_point=cfg.train.operating_point, calibrate=cfg.train.calibrate))
+    if cfg.train.ood:
+        from medsight.ood import fit_bundle_detector, save_ood
+
+        det = fit_bundle_detector(bundle, data)
+        save_ood(stage / "ood.npz", det)
+        meta["ood"] = {"file": "ood.npz", "score": det["score"], "quantile": det["quantile"],
+                       "threshold": float(det["threshold"])}
+    save_weights(stage, result.model)
+    write_history(stage / "history.csv", result.history)
+    metrics: dict = {}
+    if evaluate:
+        metrics = evaluate_splits(bundle, data, ("val", "test"), n_boot=cfg.train.n_boot)
+        write_json(stage / "metrics.json", metrics)
+    write_meta(stage, meta)
+    return metrics
 
 
 def load_data_for_bundle(bundle: Bundle, data: str | None = None, size: int | None = None) -> Dataset:
     """The dataset a bundle was trained on (or ``data``), with the bundle's own settings."""
     import yaml
-
-    from medsight.config import RunConfig
 
     cfg_path = bundle.path / "config.yaml"
     cfg = RunConfig.model_validate(yaml.safe_load(cfg_path.read_text())) if cfg_path.is_file() else RunConfig()
@@ -111,9 +151,9 @@ def infer_categorical(rows: list[dict], columns: list[str]) -> list[str]:
     return cats
 
 
-def _fit_fusion(cfg: RunConfig, data: Dataset, callback=None):
-    """Image + clinical columns: a FusionClassifier over the registered image model, trained by train.fit."""
-    from medsight.errors import ConfigError
+def _fusion_parts(cfg: RunConfig, data: Dataset):
+    """Image + clinical columns: a FusionClassifier over the registered image model, its encoded clinical rows
+    per split and the bundle's ``fusion`` metadata (encoder fitted on the training split)."""
     from medsight.fusion import FusionClassifier, TabularEncoder, encode_tabular, fusion_meta
     from medsight.tasks import Task
     from medsight.train import build_model
@@ -132,5 +172,4 @@ def _fit_fusion(cfg: RunConfig, data: Dataset, callback=None):
     image_model = build_model(cfg, task, data.spatial_dims, data.in_channels, data.input_size)
     model = FusionClassifier(image_model, enc.n_features, task.num_outputs, cfg.model.fusion)
     tab = {s: encode_tabular(data.splits[s].clinical, enc) for s in ("train", "val")}
-    result = fit(cfg, data, model=model, tab=tab, callback=callback)
-    return result, fusion_meta(result.model, enc)
+    return model, tab, fusion_meta(model, enc)

@@ -12,6 +12,7 @@ model (or ONNX Runtime session) is built once; each call only reads, preprocesse
 from __future__ import annotations
 
 import copy
+import io
 import hashlib
 import os
 import threading
@@ -112,45 +113,45 @@ class Predictor:
         self.budget = budget_for(inp)
         self.threads = threads
         self.model = self.bundle.model.eval()
+        self.tta_flip = self.bundle.tta_flip
         self._explain_model: torch.nn.Module | None = None
         self._explain_lock = threading.Lock()
         self._session = None
         self.fusion = self.bundle.fusion
-        if self.fusion and backend == "onnx":
-            raise ConfigError(f"{self.bundle.path} is an image + clinical fusion model; use --backend torch")
         self.ood = None
-        self._ood_model: torch.nn.Module | None = None
-        self._ood_lock = threading.Lock()
-        if (self.bundle.path / "ood.npz").is_file() and not self.fusion:
+        if self.bundle.meta.get("ood") and (self.bundle.path / "ood.npz").is_file():
             from medsight.ood import load_ood
 
             self.ood = load_ood(self.bundle.path / "ood.npz")
         if backend == "onnx":
             self._session = self._make_session(onnx_path, threads or 1)
-            self._in_name = self._session.get_inputs()[0].name
+            ins = self._session.get_inputs()
+            self._in_name = ins[0].name
+            self._tab_name = ins[1].name if len(ins) > 1 else None
+            if bool(self.fusion) != (self._tab_name is not None):
+                raise MedsightError(f"the ONNX model for {self.bundle.path} has {len(ins)} input(s), which does not "
+                                    "fit this bundle; re-export it with `medsight export`")
             outs = self._session.get_outputs()
             self._out_name = outs[0].name
             self._n_out = int(self.bundle.meta["model"]["num_outputs"])
             # model.onnx from `medsight export` carries the penultimate features as a second output
             self._feat = (outs[1].name, int(outs[1].shape[1])) if len(outs) > 1 else None
+            if self.ood is not None and self._feat is None:
+                raise MedsightError(f"the ONNX model for {self.bundle.path} has no features output for the OOD "
+                                    "detector; re-export it with `medsight export`")
             self._local = threading.local()
         elif threads:
             torch.set_num_threads(threads)
 
     # --- backends -------------------------------------------------------------------------------------------
     def _make_session(self, onnx_path, threads: int):
-        ort = optional_import("onnxruntime")
-        path = Path(onnx_path) if onnx_path else self.bundle.path / "model.onnx"
-        weights = self.bundle.path / "model.pt"
-        stale = onnx_path is None and path.is_file() and path.stat().st_mtime < weights.stat().st_mtime
-        if not path.is_file() or stale:  # missing, or older than the weights (e.g. after --resume): export
-            from medsight.export import export_onnx
+        from medsight.export import onnx_for_bundle
 
-            try:
-                path = export_onnx(self.bundle.path, out=path)
-            except OSError as e:  # read-only bundle
-                raise MedsightError(f"{path} is missing and cannot be written ({e.strerror}); "
-                                    f"run `medsight export {self.bundle.path} --format onnx`") from e
+        ort = optional_import("onnxruntime")
+        # model.onnx is used only when it was exported from this bundle's model.pt; otherwise the model is
+        # exported in memory (the bundle is never written by a predictor or the service)
+        model_bytes = onnx_for_bundle(self.bundle, onnx_path)
+        path = "model.onnx"
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -159,7 +160,7 @@ class Predictor:
         if threads == 1:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise MedsightError(f"cannot load ONNX model {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
@@ -182,34 +183,49 @@ class Predictor:
         self._session.run_with_iobinding(binding)
         return out.copy(), (None if feat is None else feat.copy())
 
-    def forward(self, x: np.ndarray, tab: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """(N, C, *size) model inputs -> (logits, OOD scores or None), from one pass of the model."""
+    def _onnx_outputs(self, x: np.ndarray, tab: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """ONNX Runtime over the TTA views of the batch, combined by the same rule as medsight.inference."""
+        from medsight.inference import combine_views, tta_views
+
+        zs, fs = [], []
+        for v in tta_views(x, self.tta_flip):
+            if tab is None and x.shape[0] == 1:
+                z, f = self._run_one(v)
+            else:
+                feeds = {self._in_name: np.ascontiguousarray(v, dtype=np.float32)}
+                if self._tab_name is not None:
+                    feeds[self._tab_name] = np.ascontiguousarray(tab, dtype=np.float32)
+                outs = self._session.run(None, feeds)
+                z, f = outs[0], (outs[1] if len(outs) > 1 else None)
+            zs.append(z)
+            fs.append(f)
+        feats = None if fs[0] is None else combine_views(fs)
+        return combine_views(zs), feats
+
+    def outputs(self, x: np.ndarray, tab: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, C, *size) model inputs (+ encoded clinical rows for an image + clinical model) -> (logits, OOD scores
+        or None), from one pass of the model (per TTA view) on either backend."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.shape[1:] != self.input_shape:
             raise DataError(f"input batch has shape {x.shape}; the model expects (N, {', '.join(map(str, self.input_shape))})")
-        if self._session is not None and (self.ood is None or self._feat is not None):
-            if x.shape[0] == 1:
-                logits, feats = self._run_one(x)
-            else:
-                outs = self._session.run(None, {self._in_name: x})
-                logits, feats = outs[0], (outs[1] if len(outs) > 1 else None)
-            if self.ood is None:
-                return logits, None
-            from medsight.ood import score_from_outputs
+        if self.fusion and (tab is None or len(tab) != len(x)):
+            raise DataError(f"this model needs clinical columns {', '.join(self.fusion['columns'])} for every image")
+        if self._session is not None:
+            logits, feats = self._onnx_outputs(x, tab)
+        else:
+            from medsight.inference import run_model
 
-            return logits, score_from_outputs(logits, feats, self.ood)
-        if self.ood is not None:  # PyTorch: logits and features from one pass on a private, hooked copy
-            from medsight.ood import detect
+            out = run_model(self.model, x, tab=tab, tta_flip=self.tta_flip, features=self.ood is not None)
+            logits = out.logits.numpy()
+            feats = None if out.features is None else out.features.numpy()
+        if self.ood is None:
+            return logits, None
+        from medsight.ood import score_from_outputs
 
-            with self._ood_lock:
-                if self._ood_model is None:
-                    self._ood_model = copy.deepcopy(self.model).eval()
-                r = detect(self._ood_model, x, self.ood)
-            return r["logits"].float().numpy(), np.asarray(r["ood_score"], dtype=float)
-        return self.logits(x, tab), None
+        return logits, score_from_outputs(logits, feats, self.ood)
 
     def encode_clinical(self, rows: Sequence[dict] | None, n: int) -> np.ndarray | None:
-        """Clinical rows -> the fusion model's tabular input (None for image-only bundles)."""
+        """Clinical rows -> the image + clinical model's tabular input (None for image-only bundles)."""
         if not self.fusion:
             return None
         if rows is None or len(rows) != n or any(r is None for r in rows):
@@ -220,21 +236,8 @@ class Predictor:
         return encode_tabular(list(rows), self.fusion["tabular"])
 
     def logits(self, x: np.ndarray, tab: np.ndarray | None = None) -> np.ndarray:
-        """(N, C, *size) float32 model inputs (+ encoded clinical rows for fusion) -> (N, outputs) logits."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.shape[1:] != self.input_shape:
-            raise DataError(f"input batch has shape {x.shape}; the model expects (N, {', '.join(map(str, self.input_shape))})")
-        if self.fusion:
-            if tab is None:
-                raise DataError(f"this model needs clinical columns {', '.join(self.fusion['columns'])}")
-            with torch.inference_mode():
-                return self.model(torch.from_numpy(x), torch.from_numpy(np.asarray(tab, np.float32))).float().numpy()
-        if self._session is not None:
-            if x.shape[0] == 1:
-                return self._run_one(x)[0]
-            return self._session.run(None, {self._in_name: x})[0]
-        with torch.inference_mode():
-            return self.model(torch.from_numpy(x)).float().numpy()
+        """(N, C, *size) float32 model inputs (+ encoded clinical rows) -> (N, outputs) logits (TTA included)."""
+        return self.outputs(x, tab)[0]
 
     def probabilities(self, x: np.ndarray, tab: np.ndarray | None = None) -> np.ndarray:
         """Calibrated probabilities at the bundle's temperature: binary (N,), otherwise (N, K)."""
@@ -242,10 +245,7 @@ class Predictor:
 
     def predict_batch(self, x: np.ndarray, tab: np.ndarray | None = None):
         """-> (probabilities, OOD scores or None, OOD flags or None) from one forward pass."""
-        if self.fusion:
-            logits, scores = self.logits(x, tab), None
-        else:
-            logits, scores = self.forward(x)
+        logits, scores = self.outputs(x, tab)
         probs = self.task.probabilities(torch.from_numpy(np.asarray(logits)), self.temperature).numpy()
         if scores is None:
             return probs, None, None
@@ -297,27 +297,25 @@ class Predictor:
         return Prediction(file=name, error=msg, calibrated=self.calibrated, model_version=self.version)
 
     # --- explanations ---------------------------------------------------------------------------------------
-    def heatmaps(self, x: np.ndarray, tab: np.ndarray | None = None) -> np.ndarray:
-        """Grad-CAM heatmaps in [0, 1] at input size for a batch of model inputs, for the predicted class."""
-        from medsight.explain import gradcam
+    def heatmaps(self, x: np.ndarray, tab: np.ndarray | None = None, *, method: str = "gradcam",
+                 class_idx=None) -> np.ndarray:
+        """Heatmaps in [0, 1] at input size for a batch of model inputs, for the predicted class (or
+        ``class_idx``); an image + clinical model is explained through its image branch with the clinical rows
+        held fixed."""
+        from medsight.explain import explain_batch
 
         with self._explain_lock:  # hooks on a private copy: never disturbs concurrent predictions
             if self._explain_model is None:
                 self._explain_model = copy.deepcopy(self.model).eval()
-            model = self._explain_model
-            if self.fusion:  # explain the image branch with this patient's clinical values held fixed
-                model = model.model_with_tab(torch.from_numpy(np.asarray(tab, np.float32)))
-            return gradcam(model, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+            return explain_batch(self._explain_model, np.ascontiguousarray(x, dtype=np.float32), tab=tab,
+                                 class_idx=class_idx, method=method)
 
     @staticmethod
-    def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> bytes:
-        """PNG overlay of a 2D model input (C, H, W) and its heatmap; for 3D the middle axial slice."""
-        from medsight.explain import overlay_png
+    def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float | None = None) -> bytes:
+        """PNG overlay of a model input (C, *size) and its heatmap; for 3D three orthogonal slices."""
+        from medsight.explain import OVERLAY_ALPHA, overlay
 
-        if image.ndim == 4:  # (C, D, H, W)
-            k = image.shape[1] // 2
-            image, heatmap = image[:, k], heatmap[k]
-        return overlay_png(image, heatmap, alpha=alpha)
+        return overlay(image, heatmap, OVERLAY_ALPHA if alpha is None else alpha)
 
     # --- one input ------------------------------------------------------------------------------------------
     def predict_array(self, x: np.ndarray, name: str = "image", *, explain: bool = False,
@@ -343,7 +341,7 @@ class Predictor:
 
     # --- many inputs ----------------------------------------------------------------------------------------
     def predict_paths(self, items: Sequence[str | Path], *, batch_size: int = 64,
-                      heatmaps_dir: str | Path | None = None, alpha: float = 0.45,
+                      heatmaps_dir: str | Path | None = None, alpha: float | None = None,
                       clinical: dict[str, dict] | None = None) -> list[Prediction]:
         """Files and folders (walked recursively) -> one Prediction per file, in order; a file that cannot be
         read or preprocessed gets ``error`` set and does not stop the batch. With ``heatmaps_dir`` a Grad-CAM
@@ -352,7 +350,7 @@ class Predictor:
                                           clinical=clinical))
 
     def iter_predictions(self, items: Sequence[str | Path], *, batch_size: int = 64,
-                         heatmaps_dir: str | Path | None = None, alpha: float = 0.45,
+                         heatmaps_dir: str | Path | None = None, alpha: float | None = None,
                          clinical: dict[str, dict] | None = None) -> Iterator[Prediction]:
         """:meth:`predict_paths` as a generator: each batch's Predictions are yielded, in order, as soon as
         the batch is done (what :func:`write_predictions` streams)."""
@@ -405,6 +403,47 @@ class Predictor:
 
                 atomic_write_bytes(out_dir / name, self.overlay(xs[j], heat[j], alpha))
             results[i] = pred
+
+    # --- explanations of files ------------------------------------------------------------------------------
+    def explain_paths(self, items: Sequence[str | Path], out_dir: str | Path, *, method: str = "gradcam",
+                      class_idx=None, clinical: dict[str, dict] | None = None) -> Iterable[dict]:
+        """For each file (folders walked): ``<name>_heatmap.npy`` and ``<name>_overlay.png`` in ``out_dir``,
+        yielding ``{"file", "error", "summary", "overlay"}`` as each is written. The probabilities are the ones
+        ``predict`` gives (same preprocessing, TTA, temperature, clinical input)."""
+        from medsight.utils import atomic_write_bytes
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        used: set[str] = set()
+        for f in expand_inputs(items):
+            try:
+                x = self.load_file(f)
+                tab = None
+                if self.fusion:
+                    row = (clinical or {}).get(str(f)) or (clinical or {}).get(Path(f).name)
+                    tab = self.encode_clinical([row] if row is not None else None, 1)
+                probs, scores, flags = self.predict_batch(x[None], tab)
+                pred = self._result(str(f), probs[0])
+                heat = self.heatmaps(x[None], tab, method=method, class_idx=class_idx)[0]
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # noqa: BLE001 - one bad file must not stop the others (incl. PanicException)
+                yield {"file": str(f), "error": self._error(str(f), e).error, "summary": "", "overlay": None}
+                continue
+            stem = Path(f).name.split(".")[0] or "input"
+            name, k = stem, 1
+            while name in used:
+                k += 1
+                name = f"{stem}-{k}"
+            used.add(name)
+            buf = io.BytesIO()
+            np.save(buf, heat.astype(np.float32))
+            atomic_write_bytes(out / f"{name}_heatmap.npy", buf.getvalue())
+            png = atomic_write_bytes(out / f"{name}_overlay.png", self.overlay(x, heat))
+            summary = f"predicted {pred.predicted}, " + ", ".join(f"p({c})={v:.3f}" for c, v in pred.probabilities.items())
+            if scores is not None and bool(flags[0]):
+                summary += " [out of distribution: not reliable]"
+            yield {"file": str(f), "error": None, "summary": summary, "overlay": png}
 
 
 #: ``write_predictions`` formats, by the output file's suffix

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medsight.errors import ConfigError, DataError, choices_message
+from medsight.inference import run_logits
 from medsight.transforms import to_float
 
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -210,24 +211,6 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.T
 
 
 # --------------------------------------------------------------------------------------------- inference
-def tta_logits(model: nn.Module, x: torch.Tensor, flips: Sequence[Sequence[int]] = ((), (-1,))) -> torch.Tensor:
-    """Test-time augmentation: mean of ``model(x.flip(dims))`` over ``flips`` (tensor dims; ``()`` = identity).
-
-    The default averages the image with its left-right mirror (last axis)."""
-    if not flips:
-        raise ConfigError("tta_logits needs at least one flip (use () for the identity)")
-    nd = x.dim()
-    out = None
-    for dims in flips:
-        dims = tuple(int(d) for d in dims)
-        for d in dims:
-            if not (2 <= d % nd < nd):
-                raise ConfigError(f"tta flip dim {d} is not a spatial axis of a {tuple(x.shape)} batch")
-        z = model(x.flip(dims) if dims else x).float()
-        out = z if out is None else out + z
-    return out / len(flips)
-
-
 def _as_task(task, labels):
     from medsight.tasks import Task
 
@@ -243,27 +226,22 @@ def _as_task(task, labels):
     return Task(task, k)
 
 
-@torch.inference_mode()
-def _shift_logits(model, images, *, name, severity, seed, batch_size, device, tta_flips):
-    model.eval()
-    x_all = torch.as_tensor(images)
-    outs = []
-    for bi, i in enumerate(range(0, len(x_all), batch_size)):
-        x = to_float(x_all[i:i + batch_size].to(device))
-        if name is not None:  # a different, fixed seed per batch, so batches do not share noise
-            x = corrupt(x, name, severity, seed=seed * 1_000_003 + bi)
-        z = tta_logits(model, x, tta_flips) if tta_flips else model(x)
-        outs.append(z.float().cpu())
-    return torch.cat(outs) if outs else torch.empty(0)
+def _shift_logits(model, images, *, name, severity, seed, batch_size, device, tta_flip, tab):
+    def corrupt_batch(x, bi):  # a different, fixed seed per batch, so batches do not share noise
+        return x if name is None else corrupt(x, name, severity, seed=seed * 1_000_003 + bi)
+
+    return run_logits(model, images, batch_size=batch_size, device=device, tta_flip=tta_flip, tab=tab,
+                      transform=corrupt_batch)
 
 
 def evaluate_shift(model: nn.Module, task, images, labels, *, corruptions: Sequence[str] | None = None,
                    severities: Sequence[int] = (1, 3, 5), seed: int = 0, batch_size: int = 256,
                    device: str | torch.device | None = None, temperature: float = 1.0, threshold=None,
-                   tta_flips: Sequence[Sequence[int]] | None = None) -> dict:
+                   tta_flip: Sequence[int] | None = None, tab=None) -> dict:
     """Metrics of ``model`` on clean and corrupted copies of ``images`` (uint8 or float in [0, 1], (N, C, *S)).
 
-    ``task`` is a :class:`medsight.tasks.Task` or a task name. ``corruptions`` defaults to every corruption that
+    ``task`` is a :class:`medsight.tasks.Task` or a task name. ``tta_flip`` (spatial axes, 1-based) and ``tab``
+    (encoded clinical rows) are passed to :func:`medsight.inference.run_model` as for any evaluation. ``corruptions`` defaults to every corruption that
     applies to the images' dimensionality. Returns a JSON-able dict::
 
         {"task": "binary", "n": 624, "seed": 0, "severities": [1, 3, 5], "primary": "auc",
@@ -305,7 +283,7 @@ def evaluate_shift(model: nn.Module, task, images, labels, *, corruptions: Seque
 
     def metrics_for(name, severity):
         logits = _shift_logits(model, x, name=name, severity=severity, seed=seed, batch_size=batch_size,
-                               device=dev, tta_flips=tta_flips)
+                               device=dev, tta_flip=tta_flip, tab=tab)
         probs = t.probabilities(logits, temperature).numpy()
         return {k: float(v) for k, v in compute_metrics(t.name, labels, probs, threshold=threshold).items()
                 if isinstance(v, (int, float, np.floating))}
@@ -313,7 +291,7 @@ def evaluate_shift(model: nn.Module, task, images, labels, *, corruptions: Seque
     clean = metrics_for(None, 0)
     primary = "auc" if math.isfinite(clean.get("auc", float("nan"))) else "accuracy"
     result = {"task": t.name, "n": int(len(x)), "seed": int(seed), "severities": sevs, "primary": primary,
-              "tta": [list(f) for f in tta_flips] if tta_flips else None, "clean": clean, "corruptions": {},
+              "tta_flip": list(tta_flip) if tta_flip else None, "clean": clean, "corruptions": {},
               "summary": {}}
     all_vals = []
     for n in names:

@@ -12,7 +12,6 @@ averaged by DDP (gloo on CPU, NCCL on GPU), and only rank 0 writes.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import io
@@ -31,6 +30,7 @@ from torch import nn
 from medsight.config import RunConfig
 from medsight.data.sources import Dataset
 from medsight.errors import ConfigError, MedsightError
+from medsight.inference import autocast_ctx, run_logits
 from medsight.models import create_model
 from medsight.tasks import Task
 from medsight.transforms import BatchAugment, to_float
@@ -103,40 +103,8 @@ def build_schedule(cfg: RunConfig, opt: torch.optim.Optimizer, steps_per_epoch: 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def autocast_ctx(device: torch.device, amp: str):
-    on = amp == "on" or (amp == "auto" and device.type == "cuda")
-    if not on:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 def memory_format(spatial_dims: int) -> torch.memory_format:
     return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
-
-
-@torch.inference_mode()
-def evaluate_logits(model: nn.Module, images, *, device: torch.device, batch_size: int = 512,
-                    amp: str = "auto", tta_flip: list[int] | tuple[int, ...] = (),
-                    channels_last: bool = False, tab=None) -> torch.Tensor:
-    """Logits for an array or tensor of stored images (uint8 or float in [0, 1]); returns float32 on the CPU.
-
-    ``tta_flip``: spatial axes (1-based); the logits are averaged over the image and its flip along each axis.
-    ``tab``: encoded clinical rows (N, n_tab) for an image + clinical model, called as ``model(x, tab)``."""
-    model.eval()
-    x_all = torch.as_tensor(images)
-    tab_all = None if tab is None else torch.as_tensor(np.asarray(tab, dtype=np.float32))
-    outs = []
-    for i in range(0, len(x_all), batch_size):
-        x = to_float(x_all[i:i + batch_size].to(device, non_blocking=True))
-        if channels_last and x.dim() in (4, 5):
-            x = x.contiguous(memory_format=memory_format(x.dim() - 2))
-        extra = () if tab_all is None else (tab_all[i:i + batch_size].to(device),)
-        with autocast_ctx(device, amp):
-            z = model(x, *extra).float()
-            for ax in tta_flip:
-                z = z + model(x.flip(1 + int(ax)), *extra).float()
-        outs.append((z / (1 + len(tta_flip))).cpu())
-    return torch.cat(outs) if outs else torch.empty(0)
 
 
 def input_stats(images) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,12 +209,14 @@ def _state_dict(model: nn.Module) -> dict:
 
 
 def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, resume: bool = False,
-        callback: Callback | None = None, model: nn.Module | None = None,
+        resume_from: str | Path | None = None, callback: Callback | None = None, model: nn.Module | None = None,
         tab: dict[str, np.ndarray] | None = None) -> FitResult:
     """Train ``cfg`` on ``data``; checkpoints go to ``out_dir/checkpoints`` (rank 0 only).
 
     ``model``: a prebuilt network instead of ``cfg.model`` (e.g. a fusion model); ``tab``: encoded clinical rows
-    per split (``{"train": (N, n_tab), "val": ...}``), passed as the model's second input."""
+    per split (``{"train": (N, n_tab), "val": ...}``), passed as the model's second input. ``resume_from``: the
+    checkpoint to continue from (default ``out_dir/checkpoints/last.pt``); checkpoints are loaded with
+    ``weights_only=True``, so a crafted file cannot run code."""
     from medsight.metrics import compute_metrics
 
     t = cfg.train
@@ -299,11 +269,11 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
     history: list[dict] = []
     best_value, best_epoch, best_state, bad_epochs, start_epoch = -math.inf, -1, None, 0, 0
     if resume:
-        last = ckpt_dir / "last.pt" if ckpt_dir else None
+        last = Path(resume_from) if resume_from is not None else (ckpt_dir / "last.pt" if ckpt_dir else None)
         if last is None or not last.is_file():
             raise MedsightError(f"--resume: no checkpoint at {last}")
         try:
-            ck = torch.load(last, map_location="cpu", weights_only=False)
+            ck = torch.load(last, map_location="cpu", weights_only=True)
         except Exception as e:
             raise MedsightError(f"--resume: checkpoint {last} is unreadable ({type(e).__name__}: {e})") from e
         if ck.get("model_spec") != spec:
@@ -333,9 +303,9 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
         eval_model = ema.module if ema is not None else model
         # every rank scores the whole validation split with identical weights, so metrics, best epoch and early
         # stopping agree across ranks without a gather
-        logits = evaluate_logits(eval_model, val_split.images, device=device, batch_size=t.eval_batch_size,
-                                 amp=t.amp, tta_flip=t.tta_flip, channels_last=t.channels_last,
-                                 tab=None if tab is None else tab["val"])
+        logits = run_logits(eval_model, val_split.images, device=device, batch_size=t.eval_batch_size,
+                            amp=t.amp, tta_flip=t.tta_flip, channels_last=t.channels_last,
+                            tab=None if tab is None else tab["val"])
         y_val = task.targets(val_split.labels)
         val_loss = float(task.loss(logits, y_val))
         probs = task.probabilities(logits).numpy()
