@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Install (if needed) and run the whole test suite. Real-data tests read $MEDSIGHT_DATA_DIR
-# (default ../shared/data/medmnist) and fail when it is missing.
+# Install (if needed) and run the tests: `bash scripts/test.sh` runs the whole suite; any arguments go to pytest
+# instead (`bash scripts/test.sh tests/test_cli.py -x`, `bash scripts/test.sh -m "not slow"`).
+# Real-data tests read $MEDSIGHT_DATA_DIR (default ../shared/data/medmnist) and fail when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/medsight ] || bash scripts/install.sh
 . .venv/bin/activate
-python -m pip install -q -e ".[dev]" >/dev/null
+C=()
+[ -f constraints.txt ] && C=(-c constraints.txt)
+python -m pip install -q ${C[@]+"${C[@]}"} -e ".[dev]" >/dev/null
 export MEDSIGHT_DATA_DIR="${MEDSIGHT_DATA_DIR:-$(cd .. && pwd)/shared/data/medmnist}"
-python -m pytest tests -q "$@"
+if [ "$#" -eq 0 ]; then
+  set -- tests
+fi
+python -m pytest -q "$@"

@@ -100,7 +100,8 @@ def served_bundle(tmp_path_factory, breast) -> Path:
     from medsight.config import load_config
     from medsight.pipeline import run_training
 
-    cfg = load_config(None, {"data.name": "breastmnist", "model.name": "simple_cnn", "train.epochs": 1})
+    cfg = load_config(None, {"data.name": "breastmnist", "model.name": "simple_cnn", "train.epochs": 1,
+                             "train.operating_point": "0.5"})  # a fixed threshold the serving tests can assert
     out, _, _ = run_training(cfg, tmp_path_factory.mktemp("serve") / "bundle", data=breast)
     return out
 

@@ -18,7 +18,7 @@ def test_train_bundle_reload_same_probabilities(tmp_path, breast):
     out, result, metrics = run_training(cfg, tmp_path / "run", data=breast)
     assert len(result.history) == 2 and 1 <= result.best_epoch <= 2
     meta = json.loads((out / "bundle.json").read_text())
-    assert meta["task"] == "binary" and meta["classes"] == ["malignant", "normal, benign"]
+    assert meta["task"] == "binary" and meta["classes"] == ["normal, benign", "malignant"]  # positive class at 1
     assert meta["input"] == {"spatial_dims": 2, "channels": 1, "size": [28, 28]}
     assert meta["preprocessing"]["range"] == [0.0, 255.0]
     rows = list(csv.DictReader((out / "history.csv").open()))

@@ -139,8 +139,34 @@ def test_undefined_values_are_nan_and_json_null():
     text = json.dumps(M.to_jsonable(ev), allow_nan=False)
     assert json.loads(text)["auc"]["value"] == pytest.approx(2 / 3)
     single = M.to_jsonable(M.evaluate_predictions("binary", [1, 1], [0.2, 0.9], n_boot=20))
-    assert single["auc"] == {"value": None, "ci": [None, None]}
+    assert single["auc"] == {"value": None, "ci": [None, None],
+                             "reason": "the truth labels hold one class only (AUC needs both positive and negative cases)"}
     assert M.to_jsonable({"a": (np.float32(1.5), np.int64(2), np.inf, np.array([np.nan]))}) == {"a": [1.5, 2, None, [None]]}
+
+
+def test_undefined_metrics_carry_the_reason_and_the_positive_class():
+    # 3 malignant, 5 benign; the model calls every case benign: sensitivity 0, PPV undefined
+    y = [1, 1, 1, 0, 0, 0, 0, 0]
+    p = [0.1, 0.2, 0.3, 0.1, 0.2, 0.05, 0.3, 0.4]
+    ev = M.evaluate_predictions("binary", y, p, threshold=0.5, n_boot=0, positive_class="malignant")
+    assert ev["positive_class"] == "malignant"
+    assert ev["confusion_matrix"]["value"] == [[5, 0], [3, 0]]
+    assert ev["sensitivity"]["value"] == 0.0 and "reason" not in ev["sensitivity"]
+    assert math.isnan(ev["ppv"]["value"]) and ev["ppv"]["reason"] == "no case predicted malignant"
+    assert ev["npv"]["value"] == pytest.approx(5 / 8) and "reason" not in ev["npv"]
+    assert ev["f1"]["value"] == 0.0  # 2TP / (2TP + FP + FN) = 0 / 3: defined
+    # all predicted malignant, truth all malignant: specificity and NPV undefined
+    ev2 = M.evaluate_predictions("binary", [1, 1], [0.9, 0.8], n_boot=0, positive_class="malignant")
+    assert ev2["specificity"]["reason"] == "no non-malignant case in the truth labels"
+    assert ev2["npv"]["reason"] == "no case predicted non-malignant"
+    assert ev2["balanced_accuracy"]["reason"] == "no non-malignant case in the truth labels"
+    assert "positive_class" not in M.evaluate_predictions("binary", [1, 0], [0.9, 0.1], n_boot=0)
+    # multiclass: class 2 never occurs and is never predicted
+    mc = M.evaluate_predictions("multiclass", [0, 0, 1], np.array([[0.9, 0.1, 0.0], [0.8, 0.1, 0.1], [0.2, 0.7, 0.1]]),
+                                n_boot=0)
+    assert mc["per_class"]["2"]["sens"]["reason"] == "no class 2 case in the truth labels"
+    assert mc["per_class"]["2"]["ppv"]["reason"] == "no case predicted class 2"
+    assert "reason" not in mc["per_class"]["0"]["sens"] and "reason" not in mc["sensitivity"]
 
 
 # ---------------------------------------------------------------------------------- bootstrap

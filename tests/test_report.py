@@ -138,3 +138,101 @@ def test_report_single_class_split_does_not_crash():
     p = np.linspace(0.1, 0.9, 10)
     text = build_report(title="x", task="binary", class_names=["a", "b"], splits={"t": {"y_true": y, "probs": p}}, threshold=0.5)
     _check_self_contained(text)
+
+
+# ------------------------------------------------------------------ clinically honest wording and numbers
+
+
+def _breast_like():
+    """57 benign / 21 malignant (val) as BreastMNIST, malignant = class 1; the model finds 18 of 21."""
+    y = np.array([0] * 57 + [1] * 21)
+    p = np.r_[np.full(40, 0.1), np.full(17, 0.6), np.full(3, 0.2), np.full(18, 0.8)]
+    return y, p
+
+
+def test_report_names_the_positive_class_and_states_the_tuned_rule():
+    y, p = _breast_like()
+    text = build_report(title="b", task="binary", class_names=["normal, benign", "malignant"],
+                        splits={"val": {"y_true": y, "probs": p}}, threshold=0.43, threshold_rule="youden")
+    assert "threshold 0.43, chosen on the validation split by Youden&#x27;s J" in text
+    assert "fixed threshold" not in text and "(chosen on validation)" not in text
+    assert "positive class: <b>malignant</b>" in text
+    assert "Sensitivity (malignant)" in text and "PPV (malignant)" in text and "ROC AUC (malignant)" not in text
+    # sensitivity 18/21, PPV 18/35 in the table
+    assert f"{18 / 21:.3f}" in text and f"{18 / 35:.3f}" in text
+    # class counts and prevalence
+    assert '<td class="l">normal, benign</td><td>57</td>' in text
+    assert '<td class="l">malignant (positive)</td><td>21</td>' in text
+    assert '<td class="l">prevalence of malignant</td><td>26.9%</td>' in text
+    assert "val: 78 images (normal, benign 57, malignant 21); prevalence of malignant 26.9%" in text
+
+
+def test_report_says_a_fixed_threshold_was_not_tuned():
+    y, p = _breast_like()
+    text = build_report(title="b", task="binary", class_names=["normal, benign", "malignant"],
+                        splits={"val": {"y_true": y, "probs": p}}, threshold=0.5, threshold_rule="0.5")
+    assert "fixed threshold 0.5 (not tuned)" in text and "validation split by" not in text
+    unknown = build_report(title="b", task="binary", class_names=["a", "b"], splits={"val": {"y_true": y, "probs": p}},
+                           threshold=0.5)
+    assert "threshold 0.5 (rule not recorded)" in unknown
+
+
+def test_confusion_row_percentages():
+    from medsight.report import row_percentages
+
+    pct = row_percentages([[40, 17], [3, 18]])
+    np.testing.assert_allclose(pct, [[100 * 40 / 57, 100 * 17 / 57], [100 * 3 / 21, 100 * 18 / 21]])
+    empty = row_percentages([[0, 0], [2, 2]])
+    assert np.isnan(empty[0]).all() and empty[1].tolist() == [50.0, 50.0]
+
+
+def test_history_panels_keep_scales_apart():
+    from medsight.report import history_panels
+
+    hist = [{"epoch": e, "train_loss": 0.6 - e / 20, "val_loss": 0.7, "val_auc": 0.7 + e / 50,
+             "val_sensitivity": 0.5, "lr": 1e-3, "seconds": 7.0 + e} for e in range(1, 6)]
+    panels = history_panels(hist)
+    assert panels[0] == (["train_loss", "val_loss"], "loss", None)
+    assert panels[1] == (["val_auc", "val_sensitivity"], "metric (validation)", (0, 1.02))
+    assert panels[2] == (["seconds"], "seconds per epoch", None)
+    assert len(panels) == 3  # lr drawn nowhere
+    assert len(history_panels([{"epoch": 1, "train_loss": 1.0}])) == 2  # no seconds recorded: no third panel
+
+
+def test_one_class_model_is_warned_and_undefined_metrics_explained():
+    y = np.array([0] * 15 + [1] * 5)
+    p = np.full(20, 0.1)  # never says malignant
+    text = build_report(title="b", task="binary", class_names=["normal, benign", "malignant"],
+                        splits={"test": {"y_true": y, "probs": p}}, threshold=0.5, threshold_rule="0.5")
+    assert ("WARNING: on the test split the model predicts one class only (normal, benign) for all 20 cases"
+            in text)
+    assert "test: PPV (malignant) undefined: no case predicted malignant" in text
+    assert 'undefined <span class="ci">(no case predicted malignant)</span>' in text
+
+
+def test_gallery_cards_show_image_overlay_and_colour_bar_and_ood_section():
+    rng = np.random.default_rng(0)
+    y, p = _breast_like()
+    items = [{"image": rng.random((1, 28, 28)), "heatmap": rng.random((28, 28)), "caption": f"case {i}",
+              "correct": i == 0} for i in range(2)]
+    none = build_report(title="b", task="binary", class_names=["a", "b"], splits={"val": {"y_true": y, "probs": p}},
+                        gallery=items)
+    pics = _check_self_contained(none)
+    card = Image.open(io.BytesIO(base64.b64decode(pics.imgs[-1].split(",", 1)[1])))
+    assert card.size[0] > 1.6 * card.size[1]  # image, overlay and bar side by side
+    assert "Correct (1)" in none and "Wrong (1)" in none
+    assert "Not available: this report was given no out-of-distribution results" in none
+    flagged = build_report(title="b", task="binary", class_names=["a", "b"], splits={"val": {"y_true": y, "probs": p}},
+                           ood_flags={"test": {"flagged": [{"case": "test-12", "score": 5.25}], "n": 156,
+                                               "threshold": 3.1}})
+    assert "test: 1 case(s) flagged of 156 (score above 3.100)" in flagged
+    assert '<td class="l">test-12</td><td>5.250</td>' in flagged
+
+
+def test_reliability_draws_identical_curves_once():
+    from medsight.report import _same_curve
+
+    y, p = _breast_like()
+    rc = M.reliability_curve("binary", y, p)
+    assert _same_curve(rc, dict(rc)) and not _same_curve(rc, M.reliability_curve("binary", y, p * 0.9))
+    assert sum(rc["count"]) == 78 and rc["count"][1] == 40  # 40 cases at p = 0.1 in bin [0.067, 0.133)

@@ -12,7 +12,8 @@ def test_real_breastmnist_official_file(medmnist_dir):
     p = medmnist_path("breastmnist", 28, medmnist_dir, download_missing=False)
     assert md5sum(p) == "750601b1f35ba3300ea97c75c52ff8f6"
     ds = load_medmnist("breastmnist", 28, root=medmnist_dir, download_missing=False)
-    assert ds.task == "binary" and ds.classes == ["malignant", "normal, benign"]
+    # the positive class (malignant, label 0 in the file) is put at index 1: see tests/test_positive_class.py
+    assert ds.task == "binary" and ds.classes == ["normal, benign", "malignant"]
     assert {k: len(v) for k, v in ds.splits.items()} == {"train": 546, "val": 78, "test": 156}
     assert ds.splits["train"].images.shape[1:] == (1, 28, 28) and ds.splits["train"].images.dtype == np.uint8
 

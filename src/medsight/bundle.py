@@ -57,6 +57,11 @@ class Bundle:
         return self.meta.get("fusion")
 
     @property
+    def positive_class(self) -> str | None:
+        """Binary tasks: the class the model's output is the probability of (always ``classes[1]``)."""
+        return self.classes[1] if self.meta["task"] == "binary" else None
+
+    @property
     def tta_flip(self) -> list[int]:
         """Spatial axes (1-based) whose flips test-time augmentation averages over (see medsight.inference)."""
         return list(self.meta.get("tta_flip") or [])
@@ -68,17 +73,12 @@ class Bundle:
 
 def decision_text(meta: dict) -> str:
     """How this bundle decides, in words: the threshold and the rule that chose it, and the temperature."""
-    t, rule = meta.get("threshold"), meta.get("threshold_rule")
+    from medsight.summary import threshold_rule_sentence
+
     temp = float(meta.get("temperature") or 1.0)
-    if t is None:
+    if meta.get("threshold") is None:
         return f"decision by argmax, temperature {temp:.2f}"
-    try:
-        fixed = rule is not None and float(rule) == float(t if not isinstance(t, list) else t[0])
-    except ValueError:
-        fixed = False
-    shown = ", ".join(f"{v:.3f}" for v in t) if isinstance(t, list) else f"{t:.3f}"
-    how = "fixed, not tuned" if fixed else f"chosen on the validation split by {rule}"
-    return f"threshold {shown} ({how}), temperature {temp:.2f}"
+    return f"{threshold_rule_sentence(meta.get('threshold_rule'), meta['threshold'])}; temperature {temp:.2f}"
 
 
 def make_meta(*, model_spec: dict, task: str, classes: list[str], recipe: dict, data_name: str,
@@ -104,7 +104,7 @@ def make_meta(*, model_spec: dict, task: str, classes: list[str], recipe: dict, 
 
 
 #: artefacts whose sha256 is recorded in ``bundle.json`` (``files``) and checked when the bundle is loaded
-HASHED = ("model.pt", "ood.npz")
+HASHED = ("model.pt", "ood.npz", "config.yaml", "history.csv")
 
 
 def save_weights(out_dir: str | Path, model: nn.Module) -> Path:

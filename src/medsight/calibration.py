@@ -84,11 +84,10 @@ def choose_calibration(task: Task, logits_val, y_val, *, operating_point: str | 
             temperature = t
     probs = task.probabilities(logits, temperature).numpy()
     threshold, rule = None, None
-    if task.name in ("binary", "multilabel") and operating_point is not None:
+    if task.uses_threshold and operating_point is not None:
         rule = str(operating_point)
         M.parse_operating_point(rule)
-        thr = M.choose_threshold(y, probs, rule)
-        threshold = [float(v) for v in np.atleast_1d(thr)] if task.name == "multilabel" else float(thr)
+        threshold = task.as_threshold(M.choose_threshold(y, probs, rule))
     summary = {"split": "val", "temperature": temperature, "ece_before": ece_before,
                "ece_after": M.expected_calibration_error(task.name, y, probs)}
     return {"temperature": temperature, "threshold": threshold, "threshold_rule": rule, "calibration": summary}

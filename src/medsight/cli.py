@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from medsight.errors import MedsightError
@@ -22,53 +23,190 @@ console = Console(stderr=True)
 out_console = Console()
 
 
+def _version(value: bool) -> None:
+    if value:
+        from medsight import __version__
+
+        out_console.print(f"medsight {__version__}", highlight=False)
+        raise typer.Exit(0)
+
+
+def _configure_logging(level: int, fmt: str = "%(levelname)s %(name)s: %(message)s") -> None:
+    """Library loggers (``medsight.*``) to stderr at ``level``; main() restores the previous state."""
+    import logging
+
+    log = logging.getLogger("medsight")
+    for h in [h for h in log.handlers if getattr(h, "_medsight_cli", False)]:
+        log.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._medsight_cli = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter(fmt))
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="print the version and exit"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="only results and errors: no progress bars, "
+                                                             "no info lines, library warnings off"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging; tracebacks for unexpected errors"),
+):
+    """medsight: train, evaluate, explain and serve medical image classifiers."""
+    import logging
+
+    if quiet and verbose:
+        raise MedsightError("--quiet and --verbose exclude each other")
+    _Opts.quiet, _Opts.verbose = quiet, verbose
+    if ctx.invoked_subcommand == "serve":  # a server logs one INFO line per request (no patient data), timestamped
+        _configure_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO,
+                           "%(asctime)s %(levelname)s %(name)s %(message)s")
+    else:
+        _configure_logging(logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING)
+
+
 def _is_main_process() -> bool:
     import os
 
     return int(os.environ.get("RANK", "0")) == 0
 
 
+class _Opts:
+    """Global options of this invocation (set by the app callback, reset by main())."""
+
+    quiet = False
+    verbose = False
+
+
+def _info(message: str) -> None:
+    """A line about what was done (files written, where the server listens); --quiet drops it."""
+    if not _Opts.quiet:
+        out_console.print(message, highlight=False, soft_wrap=True)
+
+
+class _RichSink:
+    """Renders medsight.progress steps as Rich bars on stderr: only on a terminal, never with --quiet, only on
+    rank 0. One rich Progress serves every step (and the training bar), started with the first step, stopped
+    (and erased) with the last."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+        from rich.text import Text
+
+        class Count(ProgressColumn):  # "12/40"; nothing for a step of unknown length
+            def render(self, task):
+                def n(x):
+                    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
+
+                return Text("" if task.total is None else f"{n(task.completed)}/{n(task.total)}", style="green")
+
+        self.console = console
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), Count(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
+                                 transient=True)
+        self.tasks: dict = {}
+
+    @property
+    def enabled(self) -> bool:
+        """Asked at each step: --quiet is only known once the global options are parsed."""
+        return self.console.is_terminal and not _Opts.quiet and _is_main_process()
+
+    def start(self, key, description, total) -> None:
+        if not self.enabled:
+            return
+        if not self.tasks:
+            self.progress.start()
+        self.tasks[key] = self.progress.add_task(description, total=total, info="")
+
+    def advance(self, key, amount) -> None:
+        if key in self.tasks:
+            self.progress.advance(self.tasks[key], amount)
+
+    def update(self, key, **fields) -> None:
+        if key in self.tasks:
+            self.progress.update(self.tasks[key], **fields)
+
+    def finish(self, key) -> None:
+        if key in self.tasks:
+            self.progress.remove_task(self.tasks.pop(key))
+            if not self.tasks:
+                self.progress.stop()
+
+    def close(self) -> None:
+        for key in list(self.tasks):
+            self.finish(key)
+
+    def print(self, line: str) -> None:
+        """A line above the bars (or plain on stderr when they are off)."""
+        if not _Opts.quiet:
+            self.console.print(line, highlight=False, soft_wrap=True)  # above the bars while they are live
+
+
+def _sink() -> "_RichSink | None":
+    from medsight import progress
+
+    s = progress.get_sink()
+    return s if isinstance(s, _RichSink) else None
+
+
 class _Progress:
-    """Rich progress bar fed by the trainer's callback events."""
+    """Training bar fed by the trainer's callback events, drawn through the invocation's progress sink."""
 
     def __init__(self, enabled: bool = True):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from medsight import progress
 
         self.enabled = _is_main_process()  # epoch lines are printed either way; the bar only when asked
-        self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                                 disable=not (enabled and self.enabled), transient=False)
+        self.show_bar = enabled
+        self.sink = _sink()
         self.task = None
+        self.progress = progress
 
     def __enter__(self):
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *a):
-        self.progress.__exit__(*a)
+        if self.task is not None:
+            self.task.close()
+            self.task = None
+
+    def _print(self, line: str) -> None:
+        if self.sink is not None:
+            self.sink.print(line)
+        elif not _Opts.quiet:
+            console.print(line, highlight=False)
 
     def __call__(self, event: str, info: dict) -> None:
         if not self.enabled:
             return
         if event == "start":
             self.total = info["epochs"]
-            self.task = self.progress.add_task("train", total=info["steps"], epoch=f"{info['start_epoch'] + 1}/{info['epochs']}", info="")
-        elif event == "step" and self.task is not None:
-            self.progress.update(self.task, completed=info["step"], total=info["steps"],
-                                 epoch=f"{info['epoch'] + 1}/{self.total}", info=f"loss {info['loss']:.4f}")
+            if self.show_bar:
+                self.task = self.progress.task(f"epoch {info['start_epoch'] + 1}/{info['epochs']}", total=info["steps"])
+        elif event == "step" and self.task is not None and self.sink is not None:
+            self.sink.update(self.task.key, completed=info["step"], total=info["steps"],
+                             description=f"epoch {info['epoch'] + 1}/{self.total}", info=f"loss {info['loss']:.4f}")
         elif event == "epoch":
             auc = info.get("val_auc")
             line = (f"epoch {info['epoch']:>3}  train_loss {info['train_loss']:.4f}  val_loss {info['val_loss']:.4f}"
                     + (f"  val_auc {auc:.4f}" if auc is not None else "")
                     + (f"  val_acc {info['val_accuracy']:.4f}" if "val_accuracy" in info else "")
                     + ("  *" if info.get("improved") else ""))
-            self.progress.console.print(line)
-            if self.task is not None:
-                self.progress.reset(self.task)
+            self._print(line)
+            if self.task is not None and self.sink is not None:
+                self.sink.update(self.task.key, completed=0)
         elif event == "early_stop":
-            self.progress.console.print(f"early stop at epoch {info['epoch']} (best epoch {info['best_epoch']})")
+            self._print(f"early stop at epoch {info['epoch']} (best epoch {info['best_epoch']})")
         elif event == "resumed":
-            self.progress.console.print(f"resuming at epoch {info['epoch'] + 1}")
+            self._print(f"resuming at epoch {info['epoch'] + 1}")
+        elif event == "summary":
+            for line in info["lines"]:
+                self._print(escape(line))
+        elif event == "warnings":  # shown even with --quiet: they change how the results may be read
+            for line in info["lines"]:
+                console.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
 
 
 def result_meta(path) -> dict:
@@ -155,7 +293,7 @@ def train(
                                                        f"(best epoch {result.best_epoch}, {result.seconds:.1f}s)"))
         from medsight.bundle import decision_text
 
-        out_console.print(f"bundle written to {out_path} ({decision_text(result_meta(out_path))})")
+        _info(f"bundle written to {out_path} ({decision_text(result_meta(out_path))})")
 
 
 @app.command()
@@ -198,9 +336,9 @@ def evaluate(
                                                      f"{', ' + r['rule'] if r['rule'] else ''}; T={b.temperature:.2f})"))
     if r["shift"] is not None:
         out_console.print(shift_table(r["shift"], split[-1]))
-    out_console.print(f"metrics written to {r['metrics_path']}")
+    _info(f"metrics written to {r['metrics_path']}")
     if r["report_path"] is not None:
-        out_console.print(f"report written to {r['report_path']}")
+        _info(f"report written to {r['report_path']}")
 
 
 def shift_table(res: dict, split_name: str) -> Table:
@@ -278,15 +416,20 @@ def qc(
     near_dup: int = typer.Option(4, help="max perceptual-hash Hamming distance for near duplicates"),
     size: int = typer.Option(28, help="MedMNIST size when DATA is a name"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON"),
+    layout: str = typer.Option("auto", help="folders: auto, classes (class-per-folder tree) or raw (any unlabelled "
+                               "flat or nested dump)"),
+    allow_leakage: bool = typer.Option(False, "--allow-leakage", help="accept duplicates across splits: record "
+                                       "them (counts) and exit 0"),
 ):
-    """Data quality report: unreadable files, duplicates within/across splits, balance, outliers, missing labels."""
+    """Data quality report: unreadable files, duplicates within/across splits, balance, outliers, missing labels;
+    for raw DICOM dumps also series counts and how many files carry identifying headers (counts only)."""
     from medsight.data.medmnist import INFO
     from medsight.data.quality import render_qc, run_qc
     from medsight.data.sources import medmnist_path
     from medsight.utils import write_json
 
     source = str(medmnist_path(data, size)) if data.lower() in INFO else data
-    report = run_qc(source, near_dup_threshold=near_dup)
+    report = run_qc(source, near_dup_threshold=near_dup, layout=layout, allow_leakage=allow_leakage)
     out_console.print(render_qc(report))
     if json_path:
         write_json(json_path, report)
@@ -408,7 +551,7 @@ def export(
     from medsight.export import export_onnx
 
     path = export_onnx(bundle, out=out, opset=opset)
-    out_console.print(f"ONNX model written to {path} (parity with PyTorch checked)")
+    _info(f"ONNX model written to {path} (parity with PyTorch checked)")
 
 
 @app.command()
@@ -460,37 +603,129 @@ def bench_medmnist(
     keys = [k.strip() for d in datasets for k in d.split(",") if k.strip()]
     result = run_benchmark(keys, [int(s) for s in seeds.split(",")], device=device, quick=quick,
                            ref_epochs=ref_epochs, epochs_cap=epochs_cap, amp=amp, threads=threads,
-                           log=lambda m: console.print(m, highlight=False))
+                           log=lambda m: None if _Opts.quiet else console.print(m, highlight=False))
     md, js = write_results(result, out_dir, stem)
     out_console.print(to_markdown(result), highlight=False, soft_wrap=True)
     console.print(f"written {md} and {js}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _click_exceptions(*names: str) -> tuple:
+    """The named exception classes from every click flavour present: typer >= 0.16 vendors click as
+    ``typer._click``; older typer raises ``click``'s own. Both are caught, whichever is installed."""
+    import importlib
+
+    found: list = []
+    for mod in ("typer.exceptions", "typer._click.exceptions", "click.exceptions"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        for n in names:
+            c = getattr(m, n, None)
+            if isinstance(c, type) and c not in found:
+                found.append(c)
+    return tuple(found)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _command_path(args: list[str] | None) -> str:
+    """'medsight train' / 'medsight bench medmnist' from the arguments, for errors raised without a context."""
+
+    words = ["medsight"]
     try:
-        rc = app(args=argv, standalone_mode=False)
-        if isinstance(rc, int):
-            return rc
+        cmd = typer.main.get_command(app)
+        for tok in (sys.argv[1:] if args is None else args):
+            sub = getattr(cmd, "commands", {}).get(tok) if not tok.startswith("-") else None
+            if sub is None:
+                if tok.startswith("-"):
+                    continue
+                break
+            words.append(tok)
+            cmd = sub
+    except Exception:  # noqa: BLE001 - only a hint
+        pass
+    return " ".join(words)
+
+
+def _usage_error(e: Exception, args: list[str] | None = None) -> int:
+    """A click/typer usage error as one line on stderr: the message and where to find help."""
+    ctx = getattr(e, "ctx", None)
+    if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        text = ctx.get_help()  # typer's rich help prints itself (stdout) and returns ""; plain click returns it
+        if text:
+            out_console.print(text, highlight=False, markup=False)
+        return 2  # as click >= 8.2 does: a group without its command is a usage error, with the help as message
+    try:
+        msg = e.format_message()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - any message beats a traceback
+        msg = str(e)
+    where = getattr(ctx, "command_path", None) or _command_path(args)
+    console.print(f"error: {_one_line(msg)} (see '{where} --help')", highlight=False, markup=False, soft_wrap=True)
+    code = getattr(e, "exit_code", 2)
+    return code if isinstance(code, int) and code != 1 else 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code. Usage errors and MedsightError: one line on stderr, exit 2;
+    an unexpected exception: one line, exit 1 (its traceback only with --verbose)."""
+    import logging
+
+    from medsight import progress
+
+    log = logging.getLogger("medsight")
+    saved = (log.level, log.propagate, list(log.handlers))
+    _Opts.quiet = _Opts.verbose = False
+    sink = _RichSink()
+    previous = progress.set_sink(sink)
+    try:
+        rc = app(args=argv, standalone_mode=False, prog_name="medsight")
+        return rc if isinstance(rc, int) else 0
     except MedsightError as e:
+        sink.close()
         from rich.markup import escape
 
-        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        console.print("[red]error:[/red] " + escape(str(e).replace("\n", " ")), highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
+        sink.close()
         console.print("interrupted")
         return 130
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
-            return e.exit_code
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
-            return 1
-        raise
-    return 0
+    except _click_exceptions("Exit") as e:
+        code = getattr(e, "exit_code", 0)
+        return code if isinstance(code, int) else 0
+    except _click_exceptions("Abort"):
+        sink.close()
+        console.print("aborted")
+        return 1
+    except Exception as e:  # noqa: BLE001 - the CLI never ends in a traceback
+        sink.close()
+        if isinstance(e, _click_exceptions("UsageError")) or (
+                isinstance(getattr(e, "exit_code", None), int) and callable(getattr(e, "format_message", None))):
+            if isinstance(e, _click_exceptions("UsageError")) or getattr(e, "exit_code", 1) == 2:
+                return _usage_error(e, argv)
+            # other click errors (e.g. FileError): their own message and exit code
+            console.print(f"error: {_one_line(e.format_message())}", highlight=False, markup=False,  # type: ignore[attr-defined]
+                          soft_wrap=True)
+            return e.exit_code  # type: ignore[attr-defined]
+        if isinstance(e, OSError):  # a path the user gave that is missing or not writable: bad input; else 1
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            console.print(f"error: {_one_line(e.strerror or e)}{where}", highlight=False, markup=False, soft_wrap=True)
+            return 2 if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)) else 1
+        if _Opts.verbose:
+            console.print_exception()
+        console.print(f"error: unexpected {type(e).__name__}: {_one_line(e)} (rerun with --verbose for the traceback)",
+                      highlight=False, markup=False, soft_wrap=True)
+        return 1
+    finally:
+        sink.close()
+        progress.set_sink(previous)
+        for h in [h for h in log.handlers if getattr(h, "_medsight_cli", False)]:
+            log.removeHandler(h)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
 
 
 if __name__ == "__main__":

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medsight.errors import ConfigError
 
+
+#: images per batch in every evaluation pass (validation, calibration, metrics, OOD, shift, predict)
+EVAL_BATCH_SIZE = 256
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -26,6 +29,13 @@ class DataConfig(_Strict):
     label_columns: Optional[list[str]] = Field(None, description="manifest label column(s); several = multi-label")
     clinical_columns: Optional[list[str]] = Field(None, description="manifest clinical columns: image + clinical fusion")
     categorical_columns: Optional[list[str]] = Field(None, description="which clinical columns are categorical (else inferred)")
+    positive_class: Optional[Union[int, str]] = Field(
+        None, description="binary tasks: the class that metrics call positive (name, or index in the data's own class "
+        "order); it becomes class index 1, so the model outputs P(positive). Default: the finding for MedMNIST "
+        "(breastmnist: malignant, pneumoniamnist: pneumonia, ...); for your own data the second class in sorted "
+        "order, stated in the training summary and the report")
+    allow_leakage: bool = Field(False, description="train although splits share patients or identical images; the "
+                                "finding (counts) is recorded in the bundle and the report")
 
 
 class ModelConfig(_Strict):
@@ -67,8 +77,10 @@ class TrainConfig(_Strict):
     amp: Literal["auto", "on", "off"] = "auto"
     threads: Optional[int] = Field(None, ge=1)
     device: Optional[str] = None
-    eval_batch_size: int = Field(512, ge=1)
-    operating_point: str = Field("0.5", description="threshold chosen on val: youden, f1, sens=0.95, spec=0.9, or a number")
+    eval_batch_size: int = Field(EVAL_BATCH_SIZE, ge=1, description="images per evaluation batch")
+    operating_point: str = Field("youden", description="binary / multi-label decision threshold, chosen on the "
+                                 "validation split by a rule: youden (Youden's J), f1, sens=0.95, spec=0.9; or a fixed "
+                                 "number such as 0.5 (not tuned)")
     calibrate: bool = Field(True, description="fit a temperature on the validation split")
     ood: bool = Field(True, description="fit an out-of-distribution detector (Mahalanobis on features; threshold on val)")
     n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the 95% CIs in metrics.json")

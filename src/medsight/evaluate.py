@@ -21,11 +21,14 @@ from medsight.bundle import Bundle
 from medsight.data.sources import Dataset
 from medsight.errors import MedsightError
 from medsight.explain import explain_batch, overlay
+from medsight.fusion import split_clinical_rows
 from medsight.inference import run_logits
 from medsight.transforms import to_float
 
 
 def check_compatible(bundle: Bundle, data: Dataset) -> None:
+    """Refuse data the bundle cannot score; put a binary dataset's classes in the bundle's order (the positive
+    class at index 1, as the model was trained)."""
     inp = bundle.meta["input"]
     if data.in_channels != inp["channels"] or list(data.input_size) != list(inp["size"]):
         raise MedsightError(
@@ -34,19 +37,8 @@ def check_compatible(bundle: Bundle, data: Dataset) -> None:
     if data.task != bundle.meta["task"] or len(data.classes) != len(bundle.classes):
         raise MedsightError(f"data {data.name} is a {data.task} task with {len(data.classes)} classes; the model in "
                             f"{bundle.path} is {bundle.meta['task']} with {len(bundle.classes)}")
-
-
-def clinical_rows(bundle: Bundle, data: Dataset, split: str):
-    """Encoded clinical rows of a split for an image + clinical bundle (``None`` for image-only bundles)."""
-    if not bundle.fusion:
-        return None
-    from medsight.fusion import encode_tabular
-
-    s = data.split(split)
-    if s.clinical is None:
-        raise MedsightError(f"the model in {bundle.path} needs clinical columns "
-                            f"{', '.join(bundle.fusion['columns'])}; {data.name} has none")
-    return encode_tabular(s.clinical, bundle.fusion["tabular"])
+    if data.task == "binary" and list(data.classes) != bundle.classes and set(data.classes) == set(bundle.classes):
+        data.align_to(bundle.classes)
 
 
 def split_logits(bundle: Bundle, data: Dataset, split: str, *, device="cpu") -> torch.Tensor:
@@ -57,7 +49,7 @@ def split_logits(bundle: Bundle, data: Dataset, split: str, *, device="cpu") -> 
         return hit[1]
     check_compatible(bundle, data)
     logits = run_logits(bundle.model.to(device), data.split(split).images, device=torch.device(device),
-                        tta_flip=bundle.tta_flip, tab=clinical_rows(bundle, data, split))
+                        tta_flip=bundle.tta_flip, tab=split_clinical_rows(bundle, data, split))
     bundle.logits_cache[key] = (data, logits)
     return logits
 
@@ -73,22 +65,26 @@ def evaluate_split(bundle: Bundle, data: Dataset, split: str, *, n_boot: int = 1
     probs = split_probs(bundle, data, split)
     y = data.split(split).labels
     thr = bundle.threshold if threshold == "bundle" else threshold
-    return M.evaluate_predictions(bundle.task.name, y, probs, threshold=thr, n_boot=n_boot, seed=seed)
+    return M.evaluate_predictions(bundle.task.name, y, probs, threshold=thr, n_boot=n_boot, seed=seed,
+                                  positive_class=bundle.positive_class)
 
 
 def evaluate_splits(bundle: Bundle, data: Dataset, splits=("val", "test"), *, n_boot: int = 1000,
                     threshold="bundle") -> dict:
-    return {s: evaluate_split(bundle, data, s, n_boot=n_boot, threshold=threshold) for s in splits if s in data.splits}
+    from medsight import progress
+
+    return {s: evaluate_split(bundle, data, s, n_boot=n_boot, threshold=threshold)
+            for s in progress.track([s for s in splits if s in data.splits], "metrics and bootstrap CIs per split")}
 
 
 def rechoose_threshold(bundle: Bundle, data: Dataset, operating_point: str):
     """A threshold re-chosen on the validation split (at the bundle's temperature) by ``operating_point``, for
     ``evaluate --operating-point``; the bundle itself is not changed."""
-    if bundle.task.name not in ("binary", "multilabel"):
+    if not bundle.task.uses_threshold:
         raise MedsightError(f"--operating-point applies to binary and multilabel models; {bundle.path} is "
                             f"{bundle.task.name} and decides by argmax")
-    thr = M.choose_threshold(data.split("val").labels, split_probs(bundle, data, "val"), operating_point)
-    return [float(v) for v in np.atleast_1d(thr)] if bundle.task.name == "multilabel" else float(thr)
+    return bundle.task.as_threshold(M.choose_threshold(data.split("val").labels, split_probs(bundle, data, "val"),
+                                                       operating_point))
 
 
 def calibration_report(bundle: Bundle, data: Dataset, splits=("val", "test")) -> dict:
@@ -123,12 +119,16 @@ def read_history(bundle: Bundle) -> list[dict]:
 
 
 def _gallery_tab(bundle: Bundle, data: Dataset, split: str, idx: list[int]):
-    tab = clinical_rows(bundle, data, split)
+    tab = split_clinical_rows(bundle, data, split)
     return None if tab is None else tab[idx]
 
 
 def gallery(bundle: Bundle, data: Dataset, split: str, probs: np.ndarray, n: int = 4) -> list[dict]:
-    """Up to ``n`` correct and ``n`` wrong cases of ``split`` with Grad-CAM overlays (most confident first)."""
+    """Up to ``n`` correct and ``n`` wrong cases of ``split`` (most confident first; binary: predicted positives and
+    negatives alternately), each with the image as the model saw it and its Grad-CAM heatmap for the predicted class (2D arrays in [0, 1]; for a volume, the axial slice through the heatmap's
+    maximum) for the report to draw side by side with a colour bar."""
+    from medsight.explain import heatmap_peak
+
     task = bundle.task
     y = data.split(split).labels
     pred = task.decide(probs, bundle.threshold)
@@ -137,30 +137,55 @@ def gallery(bundle: Bundle, data: Dataset, split: str, probs: np.ndarray, n: int
         conf = np.abs(probs - 0.5).mean(axis=1)
     else:
         correct = pred == y.reshape(-1)
-        conf = probs if probs.ndim == 1 else probs.max(axis=1)
-        conf = np.abs(conf - 0.5) if probs.ndim == 1 else conf
+        thr = 0.5 if bundle.threshold is None else float(np.asarray(bundle.threshold))
+        conf = np.abs(probs - thr) if probs.ndim == 1 else probs.max(axis=1)  # binary: distance from the threshold
     picks = []
     for want in (True, False):
         idx = np.where(correct == want)[0]
-        picks += [(i, want) for i in idx[np.argsort(-conf[idx])][:n]]
+        ranked = idx[np.argsort(-conf[idx], kind="stable")]
+        if task.name == "binary":  # both kinds of each: true and false positives as well as negatives
+            pos, neg = [i for i in ranked if pred[i] == 1], [i for i in ranked if pred[i] == 0]
+            ranked = [i for pair in zip(pos, neg) for i in pair] + pos[len(neg):] + neg[len(pos):]
+        picks += [(int(i), want) for i in list(ranked)[:n]]
     if not picks:
         return []
     images = to_float(torch.as_tensor(data.split(split).images[[i for i, _ in picks]]))
-    heat = explain_batch(bundle.model, images, tab=_gallery_tab(bundle, data, split, [i for i, _ in picks]))
+    class_idx = None if task.name == "multilabel" else [int(pred[i]) for i, _ in picks]
+    heat = explain_batch(bundle.model, images, tab=_gallery_tab(bundle, data, split, [i for i, _ in picks]),
+                         class_idx=class_idx)  # the heatmap explains the predicted class
     items = []
     for (i, ok), img, h in zip(picks, images.numpy(), heat):
         p = probs[i]
         truth = bundle.classes[int(y[i])] if task.name != "multilabel" else str(y[i].astype(int).tolist())
         shown = bundle.classes[int(pred[i])] if task.name != "multilabel" else str(pred[i].tolist())
-        pv = float(p) if np.ndim(p) == 0 else float(np.max(p))
-        items.append({"png": overlay(img, h), "correct": bool(ok),
-                      "caption": f"#{i}: true {truth}, predicted {shown} (p={pv:.2f})"})
+        if task.name == "binary":
+            pv = f"P({bundle.classes[1]})={float(p):.2f}"
+        elif task.name == "multilabel":
+            pv = f"max label p={float(np.max(p)):.2f}"
+        else:
+            pv = f"P({shown})={float(np.max(p)):.2f}"
+        where = ""
+        h = np.asarray(h, dtype=np.float32)
+        img = np.asarray(img, dtype=np.float32)
+        if h.ndim == 3:  # a volume: the axial slice through the heatmap's maximum
+            d = heatmap_peak(h)[0]
+            h, img = h[d], img[:, d]
+            where = f", axial slice {d + 1} of {heat.shape[1]}"
+        if float(h.max()) <= 0:
+            where += f"; flat heatmap: no region stands out for {shown}"
+        items.append({"image": img, "heatmap": h, "correct": bool(ok),
+                      "caption": f"{split} #{i}: true {truth}, predicted {shown} ({pv}){where}"})
     return items
 
 
 def write_bundle_report(bundle: Bundle, data: Dataset, results: dict, splits=("val", "test"),
-                        extra_sections=None, path: Path | None = None) -> Path:
+                        extra_sections=None, path: Path | None = None, *, facts: list[str] | None = None,
+                        ood_flags: dict | None = None) -> Path:
+    """``report.html`` for a bundle. ``facts``: lines from :func:`medsight.summary.describe_training` (default:
+    those the data alone can tell); ``ood_flags``: ``{split: {"flagged": [{"case", "score"}], "n", "threshold"}}``
+    when the bundle's detector was run, else the report says the section is not available."""
     from medsight.report import build_report, write_report
+    from medsight.summary import describe_training
 
     split_data = {}
     for s in splits:
@@ -168,12 +193,16 @@ def write_bundle_report(bundle: Bundle, data: Dataset, results: dict, splits=("v
             split_data[s] = {"y_true": data.split(s).labels, "probs": split_probs(bundle, data, s),
                              "metrics": results[s]}
     last = list(split_data)[-1]
+    if facts is None:
+        facts = bundle.meta.get("training_summary") or describe_training(data, None)
     html = build_report(
         title=f"{bundle.meta['model']['name']} on {bundle.meta['data']} - {bundle.path.name}",
         task=bundle.task.name, class_names=bundle.classes, splits=split_data, threshold=bundle.threshold,
+        threshold_rule=bundle.meta.get("threshold_rule"),
+        positive_class=bundle.positive_class,
         history=read_history(bundle), calibration=calibration_report(bundle, data, tuple(split_data)),
         gallery=gallery(bundle, data, last, split_data[last]["probs"]),
-        extra_sections=extra_sections)
+        facts=facts, ood_flags=ood_flags, extra_sections=extra_sections)
     return write_report(path or bundle.path / "report.html", html)
 
 def parse_shift_options(severities: str, corruptions: str | None) -> tuple[tuple[int, ...], list[str] | None]:
@@ -208,7 +237,7 @@ def bundle_shift(bundle: Bundle, data: Dataset, split: str, *, severities: str =
     s = data.split(split)
     res = evaluate_shift(bundle.model, bundle.task, s.images, s.labels, corruptions=names, severities=sev, seed=0,
                          temperature=bundle.temperature, threshold=bundle.threshold, tta_flip=bundle.tta_flip,
-                         tab=clinical_rows(bundle, data, split))
+                         tab=split_clinical_rows(bundle, data, split))
     write_json(bundle.path / f"shift_{split}.json", res)
     png = plot_shift(res)
     atomic_write_bytes(bundle.path / f"shift_{split}.png", png)
@@ -252,11 +281,14 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, splits=("test",), *, n_boot: 
             import dataclasses
 
             shown = dataclasses.replace(bundle, meta={**bundle.meta, "threshold": threshold,
-                                                      "threshold_rule": f"{rule} (re-chosen on val by evaluate)"},
+                                                      "threshold_rule": rule},
                                         logits_cache=bundle.logits_cache)
-        report_path = write_bundle_report(shown, data, metrics, splits=all_splits,
-                                          extra_sections=[shift_out["section"]] if shift_out else None,
-                                          path=bundle.path / f"report{suffix}.html")
+        from medsight import progress
+
+        with progress.task("report: curves, calibration, Grad-CAM gallery"):
+            report_path = write_bundle_report(shown, data, metrics, splits=all_splits,
+                                              extra_sections=[shift_out["section"]] if shift_out else None,
+                                              path=bundle.path / f"report{suffix}.html")
     return {"metrics": metrics, "threshold": bundle.threshold if threshold == "bundle" else threshold, "rule": rule,
             "metrics_path": metrics_path, "cases": cases, "shift": shift_out and shift_out["result"],
             "report_path": report_path}
@@ -273,16 +305,13 @@ def write_cases(bundle: Bundle, data: Dataset, split: str, path: Path) -> Path:
     probs = split_probs(bundle, data, split)
     task = bundle.task
     decision = task.decide(probs, bundle.threshold)
-    p2 = np.stack([1 - probs, probs], axis=1) if task.name == "binary" else probs
+    p2 = task.class_table(probs)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["case", "true", *[f"p_{c}" for c in bundle.classes], "predicted"])
     for i in range(len(s)):
         case = s.ids[i] if s.ids is not None else str(i)
-        if task.name == "multilabel":
-            true = ";".join(c for c, v in zip(bundle.classes, s.labels[i]) if v)
-            pred = ";".join(c for c, v in zip(bundle.classes, decision[i]) if v)
-        else:
-            true, pred = bundle.classes[int(np.asarray(s.labels[i]).reshape(-1)[0])], bundle.classes[int(decision[i])]
+        true, pred = (task.names(r, bundle.classes) for r in (s.labels[i], decision[i]))
+        true, pred = (";".join(v) if isinstance(v, list) else v for v in (true, pred))
         w.writerow([case, true, *[f"{v:.8f}" for v in p2[i]], pred])
     return atomic_write_text(path, buf.getvalue())

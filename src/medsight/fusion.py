@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsight.config import EVAL_BATCH_SIZE
 from medsight.errors import ConfigError, DataError, choices_message
 
 FORMAT = "medsight-tabular/1"
@@ -226,7 +227,7 @@ FUSION_MODES = ("concat", "film", "gated", "image", "tabular")
 
 def _strip_last_linear(model: nn.Module) -> int:
     """Replace the model's last nn.Linear by nn.Identity (in place); returns its in_features."""
-    from medsight.ood import last_linear
+    from medsight.inference import last_linear
 
     name, lin = last_linear(model)
     parent = model
@@ -364,7 +365,7 @@ def model_with_tab(model: FusionClassifier, tab) -> TabBound:
 
 # --------------------------------------------------------------------------------------------- training
 @torch.inference_mode()
-def fusion_logits(model: FusionClassifier, images, tab, *, batch_size: int = 512,
+def fusion_logits(model: FusionClassifier, images, tab, *, batch_size: int = EVAL_BATCH_SIZE,
                   device: str | torch.device | None = None) -> torch.Tensor:
     """Logits for stored images (uint8 or float in [0, 1]) + encoded tabular rows; float32 on the CPU."""
     from medsight.inference import run_logits
@@ -466,3 +467,15 @@ def read_clinical_csv(path) -> dict[str, dict]:
     if not rows or "path" not in rows[0]:
         raise DataError(f"clinical CSV {p}: needs a header with a 'path' column and one row per file")
     return {r["path"]: {k: v for k, v in r.items() if k != "path"} for r in rows}
+
+
+def split_clinical_rows(bundle, data, split: str):
+    """Encoded clinical rows of a dataset split for an image + clinical bundle (``None`` for image-only
+    bundles); the encoder stored in the bundle, fitted on the training split."""
+    if not bundle.fusion:
+        return None
+    s = data.split(split)
+    if s.clinical is None:
+        raise DataError(f"the model in {bundle.path} needs clinical columns "
+                        f"{', '.join(bundle.fusion['columns'])}; {data.name} has none")
+    return encode_tabular(s.clinical, bundle.fusion["tabular"])

@@ -26,16 +26,21 @@ import torch
 from torch import nn
 
 from medsight.errors import ConfigError, DataError
-from medsight.transforms import to_float
+from medsight.config import EVAL_BATCH_SIZE
 
-#: batch size for every evaluation pass (training-time validation, calibration, metrics, OOD, shift, predict)
-EVAL_BATCH_SIZE = 256
 
 
 @dataclass
 class Outputs:
     logits: torch.Tensor  # (N, outputs) float32 on the CPU
     features: torch.Tensor | None = None  # (N, D) penultimate features when asked
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """Stored images -> float32 in [0, 1]: uint8 is divided by 255, float is taken as already normalised."""
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
+    return x.float()
 
 
 def check_flips(tta_flip: Sequence[int] | None, spatial_dims: int) -> tuple[int, ...]:

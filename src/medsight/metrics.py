@@ -431,6 +431,7 @@ def evaluate_predictions(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    positive_class: str | None = None,
 ) -> dict[str, Any]:
     """Point estimates with bootstrap CIs, in the format stored in ``metrics.json``.
 
@@ -438,6 +439,10 @@ def evaluate_predictions(
     ``"confusion_matrix": {"value": [[...]], "ci": None}`` and, for multi-class style tasks,
     ``"per_class": {"<k>": {metric: {"value": v, "ci": [lo, hi]}}}``. ``n_boot=0`` skips the
     bootstrap (every ``ci`` is ``[nan, nan]``). Pass through :func:`to_jsonable` before dumping.
+
+    A value that is undefined carries ``"reason"`` next to it (see :func:`undefined_reasons`), e.g.
+    ``{"value": nan, "ci": [nan, nan], "reason": "no case predicted positive"}``. Binary: ``positive_class``
+    (the name of class 1, the class sensitivity / PPV are about) is stored as ``out["positive_class"]``.
     """
     point = compute_metrics(task, y_true, probs, threshold=threshold)
     if n_boot:
@@ -456,6 +461,96 @@ def evaluate_predictions(
             str(c): {m: {"value": v, "ci": list(ci["per_class"][c][m])} for m, v in d.items()}
             for c, d in point["per_class"].items()
         }
+    reasons = undefined_reasons(task, point, positive_class=positive_class)
+    for name, why in reasons.items():
+        if name == "per_class":
+            for c, d in why.items():
+                for m, w in d.items():
+                    out["per_class"][str(c)][m]["reason"] = w
+        else:
+            out[name]["reason"] = why
+    if task == "binary" and positive_class is not None:
+        out["positive_class"] = str(positive_class)
+    return out
+
+
+def _binary_reasons(tn: int, fp: int, fn: int, tp: int, pos: str, neg: str) -> dict[str, str]:
+    """Why each binary rate is undefined, from the confusion counts (only the undefined ones)."""
+    why: dict[str, str] = {}
+    if tp + fn == 0:
+        why["sens"] = f"no {pos} case in the truth labels"
+    if tn + fp == 0:
+        why["spec"] = f"no {neg} case in the truth labels"
+    if tp + fp == 0:
+        why["ppv"] = f"no case predicted {pos}"
+    if tn + fn == 0:
+        why["npv"] = f"no case predicted {neg}"
+    if 2 * tp + fp + fn == 0:
+        why["f1"] = f"no {pos} case in the truth labels and none predicted {pos}"
+    if tp + fn == 0 or tn + fp == 0:
+        why["auc"] = f"the truth labels hold one class only (AUC needs both {pos} and {neg} cases)"
+    return why
+
+
+def undefined_reasons(task: str, point: dict, *, positive_class: str | None = None) -> dict[str, Any]:
+    """For every metric of a :func:`compute_metrics` result that is ``nan``, one sentence saying why.
+
+    Returns ``{metric: reason}`` (and ``"per_class": {class: {metric: reason}}`` for per-class values). Binary
+    reasons name the positive class (``positive_class``, else "positive"); a macro average is undefined when its
+    metric is undefined for every class.
+    """
+    _check_task(task)
+
+    def nan(v) -> bool:
+        return isinstance(v, (float, np.floating)) and math.isnan(float(v))
+
+    out: dict[str, Any] = {}
+    if task == "binary":
+        (tn, fp), (fn, tp) = np.asarray(point["confusion_matrix"], dtype=np.int64).tolist()
+        pos = "positive" if positive_class is None else str(positive_class)
+        neg = "negative" if positive_class is None else f"non-{pos}"
+        why = _binary_reasons(tn, fp, fn, tp, pos, neg)
+        names = {"sensitivity": "sens", "specificity": "spec", "ppv": "ppv", "npv": "npv", "f1": "f1", "auc": "auc"}
+        for metric, key in names.items():
+            if nan(point.get(metric)) and key in why:
+                out[metric] = why[key]
+        if nan(point.get("pr_auc")):
+            out["pr_auc"] = f"no {pos} case in the truth labels"
+        if nan(point.get("balanced_accuracy")):
+            out["balanced_accuracy"] = why.get("sens") or why.get("spec") or "sensitivity or specificity undefined"
+        for metric in _scalar_names(task):
+            if nan(point.get(metric)) and metric not in out:
+                out[metric] = "undefined for this data"
+        return out
+    per_class: dict[int, dict[str, str]] = {}
+    cm = np.asarray(point["confusion_matrix"], dtype=np.int64)
+    k = len(point.get("per_class") or {})
+    for c in range(k):
+        if task == "multilabel":
+            (tn, fp), (fn, tp) = cm[c].tolist()
+        else:
+            tp = int(cm[c, c])
+            fn = int(cm[c].sum() - tp)
+            fp = int(cm[:, c].sum() - tp)
+            tn = int(cm.sum() - tp - fn - fp)
+        why = _binary_reasons(tn, fp, fn, tp, f"class {c}", f"not-class-{c}")
+        vals = point["per_class"][c]
+        got = {m: why[m] for m in PER_CLASS_METRICS if nan(vals.get(m)) and m in why}
+        if got:
+            per_class[c] = got
+    macro = {"sensitivity": "sens", "specificity": "spec", "ppv": "ppv", "npv": "npv", "f1": "f1", "auc": "auc"}
+    for metric in _scalar_names(task):
+        if not nan(point.get(metric)):
+            continue
+        key = macro.get(metric)
+        if key is not None and k:
+            out[metric] = f"undefined for every class (e.g. {per_class.get(0, {}).get(key, 'see per class')})"
+        elif metric == "qwk":
+            out[metric] = "the truth labels or the predictions hold one class only (no disagreement to weigh)"
+        else:
+            out[metric] = "undefined for every class"
+    if per_class:
+        out["per_class"] = per_class
     return out
 
 

@@ -298,7 +298,7 @@ def fit_bundle_detector(bundle, data, *, quantile: float = 0.95) -> dict:
     """The detector for a bundle being built: Mahalanobis state on the TRAINING split's features, flag threshold
     on the VALIDATION split, both through the bundle's own inference (TTA and clinical input included), so the
     scores match what :class:`medsight.predict.Predictor` computes on either backend."""
-    from medsight.evaluate import clinical_rows
+    from medsight.fusion import split_clinical_rows as clinical_rows
 
     tr = data.split("train")
     labels = tr.labels if bundle.task.name != "multilabel" else None

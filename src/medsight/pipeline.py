@@ -26,7 +26,7 @@ def load_data_for(cfg: RunConfig) -> Dataset:
     d = cfg.data
     data = load_dataset(d.name, size=d.size, root=d.root, download_missing=d.download, task=d.task, window=d.window,
                         label_columns=d.label_columns, clinical_columns=d.clinical_columns, intensity=d.intensity,
-                        seed=cfg.train.seed)
+                        seed=cfg.train.seed, positive_class=d.positive_class, allow_leakage=d.allow_leakage)
     if d.task is not None and d.task != data.task:
         data.task = d.task
     return data
@@ -73,6 +73,9 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
             atomic_write_text(stage / "config.yaml", dump_config(cfg))
         else:
             stage = staging_dir(out)
+        summary = training_summary(cfg, data)
+        if is_main and callback is not None:
+            callback("summary", {"lines": summary})
         fusion, model, tab = None, None, None
         if cfg.data.clinical_columns:
             model, tab, fusion = _fusion_parts(cfg, data)
@@ -80,7 +83,8 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
                      tab=tab)
         metrics: dict = {}
         if is_main:
-            metrics = _finish_bundle(cfg, data, result, fusion, stage, evaluate=evaluate)
+            metrics = _finish_bundle(cfg, data, result, fusion, stage, evaluate=evaluate, summary=summary,
+                                     callback=callback)
             publish(stage, out)
     except OSError as e:  # disk full, permissions: one line, and the previous bundle stays as it was
         raise MedsightError(f"cannot write the bundle for {out}: {e.strerror or e}"
@@ -88,8 +92,18 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
     return out, result, metrics
 
 
+def training_summary(cfg: RunConfig, data: Dataset) -> list[str]:
+    """What this run is about to do, in sentences: data, splits, classes, positive class, input size, device."""
+    import torch
+
+    from medsight.summary import describe_training
+    from medsight.utils import pick_device
+
+    return describe_training(data, cfg, pick_device(cfg.train.device), cfg.train.threads or torch.get_num_threads())
+
+
 def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dict | None, stage: Path, *,
-                   evaluate: bool) -> dict:
+                   evaluate: bool, summary: list[str], callback: Callback | None = None) -> dict:
     """Calibrate on val, fit the OOD detector, score the splits and write every file of the bundle into
     ``stage``, each once."""
     extra = {"train_seconds": round(result.seconds, 2)}
@@ -99,6 +113,11 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
                      data_name=data.name, best_epoch=result.best_epoch, monitor=cfg.train.monitor, extra=extra)
     if fusion is not None:
         meta["fusion"] = fusion
+    meta["data_facts"] = {"positive_class": getattr(data, "positive_class", None),
+                          "positive_class_source": getattr(data, "positive_class_source", None),
+                          "split_origin": getattr(data, "split_origin", None),
+                          "native_size": getattr(data, "native_size", None), "leakage": getattr(data, "leakage", None)}
+    meta["training_summary"] = summary
     bundle = Bundle(path=stage, meta=meta, model=result.model)
     val = data.split("val")
     meta.update(choose_calibration(bundle.task, split_logits(bundle, data, "val"), val.labels,
@@ -114,8 +133,13 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
     write_history(stage / "history.csv", result.history)
     metrics: dict = {}
     if evaluate:
+        from medsight.summary import warn_degenerate
+
         metrics = evaluate_splits(bundle, data, ("val", "test"), n_boot=cfg.train.n_boot)
         write_json(stage / "metrics.json", metrics)
+        meta["warnings"] = warn_degenerate(metrics, bundle.classes, bundle.positive_class)
+        if meta["warnings"] and callback is not None:
+            callback("warnings", {"lines": meta["warnings"]})
     write_meta(stage, meta)
     return metrics
 

@@ -269,23 +269,12 @@ class Predictor:
     # --- output ---------------------------------------------------------------------------------------------
     def _result(self, name: str, probs: np.ndarray) -> Prediction:
         """One row of ``probabilities(...)`` -> Prediction (class names, decision at the bundle's threshold)."""
-        t = self.task.name
-        if t == "binary":
-            p1 = float(probs)
-            per_class = {self.classes[0]: 1.0 - p1, self.classes[1]: p1}
-            d = int(self.task.decide(np.asarray([p1]), self.threshold)[0])
-            predicted, decision = self.classes[d], d
-        elif t == "multilabel":
-            per_class = {c: float(v) for c, v in zip(self.classes, probs)}
-            ds = self.task.decide(np.asarray(probs)[None], self.threshold)[0]
-            decision = [int(v) for v in ds]
-            predicted = [c for c, v in zip(self.classes, decision) if v]
-        else:
-            per_class = {c: float(v) for c, v in zip(self.classes, probs)}
-            d = int(self.task.decide(np.asarray(probs)[None], self.threshold)[0])
-            predicted, decision = self.classes[d], d
+        per_class = {c: float(v) for c, v in zip(self.classes, self.task.class_table(np.asarray(probs)[None])[0])}
+        d = self.task.decide(np.asarray(probs)[None], self.threshold)[0]
+        predicted = self.task.names(d, self.classes)
+        decision = [int(v) for v in d] if np.ndim(d) else int(d)
         thr = self.threshold
-        if thr is None and t in ("binary", "multilabel"):
+        if thr is None and self.task.uses_threshold:
             thr = 0.5
         return Prediction(file=name, probabilities=per_class, predicted=predicted, decision=decision,
                           threshold=thr, calibrated=self.calibrated, model_version=self.version)
@@ -360,7 +349,9 @@ class Predictor:
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
         used_names: set[str] = set()
-        for start in range(0, len(files), batch_size):
+        from medsight import progress
+
+        for start in progress.track(range(0, len(files), batch_size), f"predicting {len(files)} files, by batch"):
             chunk = list(enumerate(files[start:start + batch_size], start))
             xs, idx, tabs = [], [], []
             for i, f in chunk:

@@ -28,9 +28,11 @@ th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f2f2
 td.l,th.l{text-align:left}.ci{color:#666;font-size:.85em}
 .figs{display:flex;flex-wrap:wrap;gap:12px}.figs img{max-width:100%;border:1px solid #eee}
 .gallery{display:flex;flex-wrap:wrap;gap:10px}
-.card{border:2px solid #ccc;padding:4px;width:180px;font-size:.8em}
-.card img{width:100%;image-rendering:pixelated}.ok{border-color:#3a3}.bad{border-color:#c33}
+.card{border:2px solid #ccc;padding:4px;width:340px;font-size:.8em}
+.card img{width:100%}.ok{border-color:#3a3}.bad{border-color:#c33}
 .note{color:#555;font-size:.9em}
+.warn{background:#fff4e5;border-left:4px solid #e69500;padding:6px 10px;margin:8px 0}
+ul.facts{margin:4px 0;padding-left:20px}ul.facts li{margin:2px 0}
 """
 
 
@@ -74,6 +76,10 @@ def _fmt(v: Any, digits: int = 3) -> str:
 def _value_ci(entry: Mapping | None) -> str:
     if not entry:
         return "–"
+    v = entry.get("value")
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        why = entry.get("reason")
+        return f'undefined <span class="ci">({_esc(why)})</span>' if why else "undefined"
     ci = entry.get("ci")
     s = _esc(_fmt(entry.get("value")))
     if ci and len(ci) == 2 and all(c is not None and math.isfinite(c) for c in ci):
@@ -109,7 +115,7 @@ def plot_roc_pr(task, y_true, probs, class_names, threshold=None, title: str = "
     """ROC and precision-recall curves side by side; the binary operating point is marked."""
     y = np.asarray(y_true)
     p = np.asarray(probs, dtype=np.float64)
-    fig = _figure(8.4, 3.8)
+    fig = _figure(7.2, 3.7)
     ax_roc, ax_pr = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for name, yc, sc in _one_vs_rest(task, y, p, class_names):
         curves = _binary_curves(np.asarray(yc).astype(int), sc)
@@ -134,67 +140,175 @@ def plot_roc_pr(task, y_true, probs, class_names, threshold=None, title: str = "
 
 
 def plot_confusion(cm, class_names: Sequence[str], title: str = "") -> bytes:
-    """Confusion matrix heatmap with counts (rows = truth). A multilabel (K, 2, 2) stack is drawn
-    as one 2x2 panel per class."""
+    """Confusion matrix (rows = truth): each cell shows its count and its share of the true class (row %), and
+    is shaded by that share, so a rare class reads as clearly as a common one. A multilabel (K, 2, 2) stack is
+    drawn as one 2x2 panel per class."""
     cm = np.asarray(cm)
     if cm.ndim == 3:
         k = cm.shape[0]
-        fig = _figure(min(2.4 * k, 12), 2.6)
+        fig = _figure(min(2.6 * k, 13), 2.9)
         for c in range(k):
             ax = fig.add_subplot(1, k, c + 1)
             _draw_cm(ax, cm[c], ["neg", "pos"], str(class_names[c]))
         return _fig_png(fig)
     k = cm.shape[0]
-    fig = _figure(max(3.6, 0.6 * k + 2), max(3.2, 0.6 * k + 1.6))
+    fig = _figure(max(4.0, 0.8 * k + 2.2), max(3.6, 0.7 * k + 1.8))
     _draw_cm(fig.add_subplot(1, 1, 1), cm, class_names, title or "confusion matrix")
     return _fig_png(fig)
 
 
+def row_percentages(cm) -> np.ndarray:
+    """Each row of a confusion matrix as percentages of its true class (nan for an empty row)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    rows = cm.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(rows > 0, 100.0 * cm / np.where(rows > 0, rows, 1), np.nan)
+
+
 def _draw_cm(ax, cm, names, title):
-    ax.imshow(cm, cmap="Blues")
+    pct = row_percentages(cm)
+    ax.imshow(np.nan_to_num(pct), cmap="Blues", vmin=0, vmax=100)
     k = cm.shape[0]
-    hi = cm.max() if cm.size else 0
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", color="white" if cm[i, j] > hi / 2 else "black", fontsize=8)
-    names = [str(n) for n in names][:k]
+            share = "–" if np.isnan(pct[i, j]) else f"{pct[i, j]:.1f}%"
+            dark = not np.isnan(pct[i, j]) and pct[i, j] > 55
+            ax.text(j, i, f"{int(cm[i, j])}\n{share}", ha="center", va="center", fontsize=8,
+                    color="white" if dark else "black")
+    names = [_wrap(str(n)) for n in names][:k]
     ax.set_xticks(range(k), names, rotation=45 if k > 3 else 0, fontsize=7)
     ax.set_yticks(range(k), names, fontsize=7)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
+    ax.set(xlabel="predicted", ylabel="true (row % of the true class)", title=title)
+
+
+def _wrap(name: str, width: int = 14) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(name, width)) or name
 
 
 def plot_reliability(curves: Mapping[str, Mapping], title: str = "reliability") -> bytes:
-    """Reliability diagram: one line per named curve (e.g. before / after temperature scaling),
-    each a :func:`medsight.metrics.reliability_curve` dict."""
-    fig = _figure(4.2, 3.8)
-    ax = fig.add_subplot(1, 1, 1)
+    """Reliability diagram: one line per named curve (e.g. before / after temperature scaling), each a
+    :func:`medsight.metrics.reliability_curve` dict; below it, the number of cases in each bin per curve
+    (a point made of three cases deserves less trust than one made of three hundred)."""
+    merged: dict[str, Mapping] = {}
+    for name, rc in curves.items():  # identical curves (e.g. T = 1 kept) are drawn once, under both names
+        same = next((k for k, v in merged.items() if _same_curve(v, rc)), None)
+        if same is None:
+            merged[str(name)] = rc
+        else:
+            merged[f"{same} = {name}"] = merged.pop(same)
+    curves = merged
+    fig = _figure(4.6, 5.0)
+    gs = fig.add_gridspec(2, 1, height_ratios=(3, 1.2))
+    ax = fig.add_subplot(gs[0])
+    axc = fig.add_subplot(gs[1], sharex=ax)
     ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="perfect")
-    for name, rc in curves.items():
+    n = max(len(curves), 1)
+    for i, (name, rc) in enumerate(curves.items()):
         conf = np.asarray(rc["confidence"], dtype=np.float64)
         acc = np.asarray(rc["accuracy"], dtype=np.float64)
         ok = ~(np.isnan(conf) | np.isnan(acc))
-        ax.plot(conf[ok], acc[ok], "o-", ms=3, label=str(name))
-    ax.set(xlabel="mean predicted probability", ylabel="observed frequency", title=title, xlim=(0, 1), ylim=(0, 1))
+        line = ax.plot(conf[ok], acc[ok], "o-", ms=3, label=str(name))[0]
+        edges = np.asarray(rc.get("edges") or np.linspace(0, 1, len(conf) + 1), dtype=np.float64)
+        count = np.asarray(rc.get("count") or [], dtype=np.float64)
+        if count.size == len(edges) - 1:
+            width = np.diff(edges) / n
+            axc.bar(edges[:-1] + i * width, count, width=width, align="edge", color=line.get_color(), alpha=0.8)
+    ax.set(ylabel="observed frequency", title=title, xlim=(0, 1), ylim=(0, 1))
+    ax.tick_params(labelbottom=False)
     ax.legend(fontsize=7, loc="upper left")
+    axc.set(xlabel="mean predicted probability", ylabel="cases per bin", xlim=(0, 1))
     return _fig_png(fig)
 
 
-def plot_history(history: Sequence[Mapping[str, Any]]) -> bytes:
-    """Training curves: losses on the left, every other numeric series (val_auc, ...) on the right."""
-    keys = sorted({k for row in history for k, v in row.items() if k != "epoch" and _is_num(v)})
-    epochs = [row.get("epoch", i) for i, row in enumerate(history)]
+def _same_curve(a: Mapping, b: Mapping) -> bool:
+    try:
+        return all(np.allclose(np.asarray(a[k], dtype=np.float64), np.asarray(b[k], dtype=np.float64), equal_nan=True)
+                   for k in ("confidence", "accuracy"))
+    except (KeyError, ValueError, TypeError):
+        return False
+
+
+#: history series that are not metrics in [0, 1]
+_NOT_METRICS = ("epoch", "lr", "seconds")
+_PREFERRED = ("auc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "f1", "pr_auc", "ppv", "npv")
+
+
+def history_panels(history: Sequence[Mapping[str, Any]]) -> list[tuple[list[str], str, tuple | None]]:
+    """Which history series go on which panel: ``[(keys, y label, y limits)]``. Losses together; series whose
+    values all lie in [0, 1] (at most six, AUC and balanced accuracy first) on a [0, 1] axis; seconds per epoch
+    alone; the learning rate and anything else on no common scale are left out."""
+    keys = sorted({k for row in history for k, v in row.items() if k not in _NOT_METRICS and _is_num(v)})
     losses = [k for k in keys if "loss" in k]
-    others = [k for k in keys if k not in losses and k != "lr"]
-    fig = _figure(8.4, 3.4)
-    for pos, group, label in ((1, losses, "loss"), (2, others, "metric")):
-        ax = fig.add_subplot(1, 2, pos)
+    unit = [k for k in keys if k not in losses and all(0 <= float(r[k]) <= 1 for r in history if _is_num(r.get(k)))]
+    unit.sort(key=lambda k: next((i for i, p in enumerate(_PREFERRED) if k.endswith(p)), len(_PREFERRED)))
+    panels: list[tuple[list[str], str, tuple | None]] = [(losses, "loss", None),
+                                                         (unit[:6], "metric (validation)", (0, 1.02))]
+    if any(_is_num(r.get("seconds")) for r in history):
+        panels.append((["seconds"], "seconds per epoch", None))
+    return panels
+
+
+def plot_history(history: Sequence[Mapping[str, Any]], positive_class: str | None = None) -> bytes:
+    """Training curves on axes that fit them: losses on one panel; metrics in [0, 1] on a second, fixed to
+    [0, 1]; seconds per epoch on a third (when recorded). The learning rate is not drawn."""
+    epochs = [row.get("epoch", i) for i, row in enumerate(history)]
+    panels = history_panels(history)
+    fig = _figure(4.0 * len(panels), 3.4)
+
+    def label(k: str) -> str:
+        from medsight.summary import POSITIVE_DEPENDENT
+
+        base = k.replace("_", " ")
+        if positive_class and any(k.endswith(m) for m in POSITIVE_DEPENDENT):
+            return f"{base} ({positive_class})"
+        return base
+
+    for pos, (group, ylabel, ylim) in enumerate(panels, start=1):
+        ax = fig.add_subplot(1, len(panels), pos)
         for k in group:
             xs = [e for e, row in zip(epochs, history) if _is_num(row.get(k))]
             ys = [float(row[k]) for row in history if _is_num(row.get(k))]
-            ax.plot(xs, ys, "o-", ms=3, label=k)
-        ax.set(xlabel="epoch", ylabel=label)
-        if group:
+            ax.plot(xs, ys, "o-", ms=3, label=label(k))
+        ax.set(xlabel="epoch", ylabel=ylabel)
+        if ylim:
+            ax.set_ylim(*ylim)
+        if group and ylabel != "seconds per epoch":
             ax.legend(fontsize=7)
+    return _fig_png(fig)
+
+
+def plot_case(image, heatmap, title: str = "") -> bytes:
+    """One case: the plain image, the same image with the heatmap over it, and a colour bar for the heatmap.
+
+    ``image``: (H, W), (1, H, W) or (3, H, W) in [0, 1]; ``heatmap``: (H, W) in [0, 1] (Grad-CAM relevance,
+    relative to this image's maximum)."""
+    img = np.asarray(image, dtype=np.float64)
+    if img.ndim == 3:
+        img = img[0] if img.shape[0] == 1 else np.moveaxis(img[:3], 0, -1)
+    h = np.asarray(heatmap, dtype=np.float64)
+    fig = _figure(3.6, 1.9)
+    gs = fig.add_gridspec(1, 3, width_ratios=(1, 1, 0.07))
+    a0, a1, cax = fig.add_subplot(gs[0]), fig.add_subplot(gs[1]), fig.add_subplot(gs[2])
+    kw = {"cmap": "gray", "vmin": 0, "vmax": 1} if img.ndim == 2 else {}
+    a0.imshow(np.clip(img, 0, 1), interpolation="nearest", **kw)
+    a1.imshow(np.clip(img, 0, 1), interpolation="nearest", **kw)
+    a1.imshow(h, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    im = ScalarMappable(norm=Normalize(0, 1), cmap="jet")  # the bar shows the map's colours, not the blend
+    for ax, t in ((a0, "image"), (a1, "Grad-CAM")):
+        ax.set_title(t, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    cb = fig.colorbar(im, cax=cax)
+    cb.set_ticks([0, 0.5, 1])
+    cb.ax.tick_params(labelsize=6)
+    cb.set_label("relevance (0-1)", fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=8)
     return _fig_png(fig)
 
 
@@ -215,8 +329,11 @@ _LABELS = {
 }  # fmt: skip
 
 
-def metrics_table(split_metrics: Mapping[str, Mapping[str, Any]]) -> str:
-    """Summary table: rows = metrics, columns = splits, cells = value (95% CI)."""
+def metrics_table(split_metrics: Mapping[str, Mapping[str, Any]], positive_class: str | None = None) -> str:
+    """Summary table: rows = metrics, columns = splits, cells = value (95% CI), or "undefined" with the reason.
+    Binary metrics that depend on the positive class are labelled with it ("Sensitivity (malignant)")."""
+    from medsight.summary import metric_label
+
     splits = list(split_metrics)
     names: list[str] = []
     for m in split_metrics.values():
@@ -227,7 +344,28 @@ def metrics_table(split_metrics: Mapping[str, Mapping[str, Any]]) -> str:
     rows = [f'<tr><th class="l">metric</th>{head}</tr>']
     for k in names:
         cells = "".join(f"<td>{_value_ci(split_metrics[s].get(k))}</td>" for s in splits)
-        rows.append(f'<tr><td class="l">{_esc(_LABELS.get(k, k))}</td>{cells}</tr>')
+        rows.append(f'<tr><td class="l">{_esc(metric_label(k, positive_class))}</td>{cells}</tr>')
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def counts_table(task: str, splits: Mapping[str, Any], class_names: Sequence[str],
+                 positive_class: str | None = None) -> str:
+    """Cases per class (rows) and split (columns), with the prevalence of the positive class."""
+    from medsight.summary import class_counts
+
+    counts = {s: class_counts(task, np.asarray(d["y_true"]), class_names) for s, d in splits.items()}
+    sizes = {s: len(d["y_true"]) for s, d in splits.items()}
+    head = "".join(f"<th>{_esc(s)}</th>" for s in splits)
+    rows = [f'<tr><th class="l">{"cases with label" if task == "multilabel" else "class"}</th>{head}</tr>']
+    for c in class_names:
+        cells = "".join(f"<td>{counts[s][str(c)]}</td>" for s in splits)
+        mark = " (positive)" if positive_class is not None and str(c) == positive_class else ""
+        rows.append(f'<tr><td class="l">{_esc(c)}{mark}</td>{cells}</tr>')
+    rows.append('<tr><td class="l">total</td>' + "".join(f"<td>{sizes[s]}</td>" for s in splits) + "</tr>")
+    if positive_class is not None:
+        cells = "".join(f"<td>{_fmt(100.0 * counts[s][positive_class] / sizes[s], 1)}%</td>" if sizes[s] else "<td>–</td>"
+                        for s in splits)
+        rows.append(f'<tr><td class="l">prevalence of {_esc(positive_class)}</td>{cells}</tr>')
     return "<table>" + "".join(rows) + "</table>"
 
 
@@ -251,13 +389,49 @@ def _gallery(items: Sequence[Mapping[str, Any]]) -> str:
     parts = []
     for title, want in (("Correct", True), ("Wrong", False)):
         cards = [
-            f'<div class="card {"ok" if want else "bad"}">{_img(it["png"], it.get("caption", ""))}'
+            f'<div class="card {"ok" if want else "bad"}">{_img(_case_png(it), it.get("caption", ""))}'
             f"<div>{_esc(it.get('caption', ''))}</div></div>"
             for it in items
             if bool(it.get("correct")) == want
         ]
         parts.append(f"<h3>{title} ({len(cards)})</h3>")
         parts.append(f'<div class="gallery">{"".join(cards)}</div>' if cards else '<p class="note">none</p>')
+    return "".join(parts)
+
+
+def _case_png(item: Mapping[str, Any]) -> bytes:
+    if item.get("image") is not None and item.get("heatmap") is not None:
+        return plot_case(item["image"], item["heatmap"])
+    return item["png"]
+
+
+def _facts(lines: Sequence[str]) -> str:
+    items = []
+    for line in lines:
+        cls = ' class="warn"' if str(line).startswith("WARNING") else ""
+        items.append(f"<li{cls}>{_esc(line)}</li>")
+    return f'<ul class="facts">{"".join(items)}</ul>'
+
+
+def _ood_section(ood_flags: Mapping[str, Any] | None) -> str:
+    if ood_flags is None:
+        return ('<p class="note">Not available: this report was given no out-of-distribution results (the bundle '
+                "has no detector, or its scores were not computed for these splits).</p>")
+    parts = []
+    for split, info in ood_flags.items():
+        flagged = list(info.get("flagged") or [])
+        n = info.get("n")
+        thr = info.get("threshold")
+        head = f"{split}: {len(flagged)} case(s) flagged" + (f" of {n}" if n is not None else "")
+        if thr is not None:
+            head += f" (score above {_fmt(thr, 3)})"
+        parts.append(f"<h3>{_esc(head)}</h3>")
+        if flagged:
+            rows = ['<tr><th class="l">case</th><th>OOD score</th></tr>']
+            for f in flagged[:50]:
+                rows.append(f'<tr><td class="l">{_esc(f.get("case"))}</td><td>{_esc(_fmt(f.get("score"), 3))}</td></tr>')
+            more = f'<p class="note">and {len(flagged) - 50} more</p>' if len(flagged) > 50 else ""
+            parts.append("<table>" + "".join(rows) + "</table>" + more)
     return "".join(parts)
 
 
@@ -273,22 +447,34 @@ def build_report(
     class_names: Sequence[str],
     splits: Mapping[str, Mapping[str, Any]],
     threshold=None,
+    threshold_rule: str | None = None,
+    positive_class: str | None = None,
     history: Sequence[Mapping[str, Any]] | None = None,
     calibration: Mapping[str, Any] | None = None,
     gallery: Sequence[Mapping[str, Any]] | None = None,
+    facts: Sequence[str] | None = None,
+    warnings: Sequence[str] | None = None,
+    ood_flags: Mapping[str, Any] | None = None,
     extra_sections: Sequence[tuple[str, str]] | None = None,
 ) -> str:
     """Self-contained HTML report.
 
     ``splits``: ``{split_name: {"y_true", "probs", "metrics"}}`` where ``metrics`` is the output
     of :func:`medsight.metrics.evaluate_predictions` (computed here when missing).
-    ``threshold``: the binary / multilabel operating point (chosen on validation).
-    ``history``: list of per-epoch dicts (``epoch``, ``train_loss``, ``val_loss``, ``val_auc``...).
+    ``threshold`` / ``threshold_rule``: the binary / multilabel operating point and the rule that set it
+    (``youden``, ``sens=0.95``, ``0.5`` ...); the report says which, truthfully.
+    ``positive_class``: binary tasks; defaults to ``class_names[1]`` (the probability the model outputs).
+    ``history``: list of per-epoch dicts (``epoch``, ``train_loss``, ``val_loss``, ``val_auc``, ``seconds``...).
     ``calibration``: ``{"temperature", "ece_before", "ece_after", "curves": {label:
     reliability_curve dict}}`` (``"reliability_before"`` / ``"reliability_after"`` also accepted).
-    ``gallery``: list of ``{"png": bytes, "caption": str, "correct": bool}``.
+    ``gallery``: list of ``{"image", "heatmap", "caption", "correct"}`` (or ``"png"`` bytes instead of the arrays).
+    ``facts``: sentences about the data and the run (:func:`medsight.summary.describe_training`).
+    ``warnings``: default :func:`medsight.summary.warn_degenerate` of the metrics.
+    ``ood_flags``: ``{split: {"flagged": [{"case", "score"}], "n", "threshold"}}``; ``None`` = not available.
     ``extra_sections``: ``(title, html)`` pairs appended verbatim; the html must be trusted.
     """
+    from medsight.summary import quoted, split_line, threshold_rule_sentence, warn_degenerate
+
     if task not in M.TASKS:
         from .errors import choices_message
 
@@ -296,29 +482,47 @@ def build_report(
     if not splits:
         raise DataError("build_report needs at least one split of predictions")
     class_names = [str(c) for c in class_names]
+    if task == "binary" and positive_class is None and len(class_names) == 2:
+        positive_class = class_names[1]
+    if task != "binary":
+        positive_class = None
     body: list[str] = [f"<h1>{_esc(title)}</h1>"]
-    thr_txt = ""
-    if threshold is not None:
-        t = np.atleast_1d(np.asarray(threshold, dtype=np.float64))
-        thr_txt = f" · operating threshold {_esc(', '.join(f'{v:.4g}' for v in t))} (chosen on validation)"
-    body.append(
-        f'<p class="note">task: {_esc(task)} · classes: {_esc(", ".join(class_names))}{thr_txt} · '
-        "intervals are 95% percentile bootstrap CIs</p>"
-    )
+    parts = [f"task: {_esc(task)}", f"classes: {_esc(quoted(class_names))}"]
+    if positive_class is not None:
+        parts.append(f"positive class: <b>{_esc(positive_class)}</b> (sensitivity, PPV and the threshold are about "
+                     f"{_esc(positive_class)})")
+    if task in ("binary", "multilabel"):
+        parts.append("decision: " + _esc(threshold_rule_sentence(threshold_rule, threshold)))
+    else:
+        parts.append("decision: the most probable class (argmax)")
+    parts.append("intervals are 95% percentile bootstrap CIs")
+    body.append(f'<p class="note">{" · ".join(parts)}</p>')
 
     computed: dict[str, Mapping[str, Any]] = {}
     for name, s in splits.items():
         if "y_true" not in s or "probs" not in s:
             raise DataError(f"split {name!r} needs 'y_true' and 'probs'")
-        computed[name] = s.get("metrics") or M.evaluate_predictions(task, s["y_true"], s["probs"], threshold=threshold, n_boot=200)
+        computed[name] = s.get("metrics") or M.evaluate_predictions(task, s["y_true"], s["probs"], threshold=threshold,
+                                                                    n_boot=200, positive_class=positive_class)
+    if warnings is None:
+        warnings = warn_degenerate(computed, class_names, positive_class)
+    if warnings:
+        body.append("".join(f'<div class="warn">{_esc(w)}</div>' for w in warnings))
 
     body.append("<h2>Summary</h2>")
-    body.append(metrics_table(computed))
+    body.append(metrics_table(computed, positive_class))
+    body.append("<h3>Cases per class</h3>")
+    body.append(counts_table(task, splits, class_names, positive_class))
+
+    if facts:
+        body.append("<h2>Data and training</h2>")
+        body.append(_facts(facts))
 
     for name, s in splits.items():
         y, p = np.asarray(s["y_true"]), np.asarray(s["probs"], dtype=np.float64)
         m = computed[name]
         body.append(f"<h2>{_esc(name)} split <span class='note'>(n = {len(y)})</span></h2>")
+        body.append(f'<p class="note">{_esc(split_line(task, name, y, class_names, positive_class))}</p>')
         figs = [_img(plot_roc_pr(task, y, p, class_names, threshold if task == "binary" else None, name), f"ROC and PR curves, {name}")]
         cm = (m.get("confusion_matrix") or {}).get("value")
         if cm is not None:
@@ -330,25 +534,33 @@ def build_report(
 
     if calibration:
         body.append("<h2>Calibration</h2>")
-        facts = []
+        facts_c = []
         for key, label in (("temperature", "temperature T"), ("ece_before", "ECE before"), ("ece_after", "ECE after")):
             if key in calibration and calibration[key] is not None:
-                facts.append(f"{label}: {_esc(_fmt(calibration[key], 4))}")
-        body.append(f"<p>{' · '.join(facts)}</p>")
+                facts_c.append(f"{label}: {_esc(_fmt(calibration[key], 4))}")
+        body.append(f"<p>{' · '.join(facts_c)}</p>")
         curves = dict(calibration.get("curves") or {})
         for key, label in (("reliability_before", "before scaling"), ("reliability_after", "after scaling")):
             if calibration.get(key):
                 curves[label] = calibration[key]
         if curves:
+            what = f"P({positive_class})" if positive_class else "the top-class probability" if task in ("multiclass", "ordinal") else "each label's probability"
+            body.append(f'<p class="note">Binned {_esc(what)} against how often it came true; bars: cases per bin.</p>')
             body.append(f'<div class="figs">{_img(plot_reliability(curves), "reliability diagram")}</div>')
 
     if history:
         body.append("<h2>Training</h2>")
-        body.append(f'<div class="figs">{_img(plot_history(history), "training curves")}</div>')
+        body.append(f'<div class="figs">{_img(plot_history(history, positive_class), "training curves")}</div>')
 
     if gallery:
         body.append("<h2>Cases</h2>")
+        body.append('<p class="note">Each case: the image as the model saw it, then the Grad-CAM heatmap over it: '
+                    "red = regions that raised the score of the predicted class most; a dark map means no region "
+                    "stands out. Relative to the case's own maximum, not a probability.</p>")
         body.append(_gallery(gallery))
+
+    body.append("<h2>Out-of-distribution cases</h2>")
+    body.append(_ood_section(ood_flags))
 
     for sec_title, sec_html in extra_sections or ():
         body.append(f"<h2>{_esc(sec_title)}</h2>{sec_html}")
@@ -370,6 +582,9 @@ def write_report(path: str | os.PathLike, html_text: str) -> Path:
 
 __all__ = [
     "build_report",
+    "counts_table",
+    "plot_case",
+    "row_percentages",
     "metrics_table",
     "per_class_table",
     "plot_confusion",

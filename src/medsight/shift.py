@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medsight.config import EVAL_BATCH_SIZE
+from medsight import progress
 from medsight.errors import ConfigError, DataError, choices_message
 from medsight.inference import run_logits
 from medsight.transforms import to_float
@@ -235,7 +237,7 @@ def _shift_logits(model, images, *, name, severity, seed, batch_size, device, tt
 
 
 def evaluate_shift(model: nn.Module, task, images, labels, *, corruptions: Sequence[str] | None = None,
-                   severities: Sequence[int] = (1, 3, 5), seed: int = 0, batch_size: int = 256,
+                   severities: Sequence[int] = (1, 3, 5), seed: int = 0, batch_size: int = EVAL_BATCH_SIZE,
                    device: str | torch.device | None = None, temperature: float = 1.0, threshold=None,
                    tta_flip: Sequence[int] | None = None, tab=None) -> dict:
     """Metrics of ``model`` on clean and corrupted copies of ``images`` (uint8 or float in [0, 1], (N, C, *S)).
@@ -294,7 +296,7 @@ def evaluate_shift(model: nn.Module, task, images, labels, *, corruptions: Seque
               "tta_flip": list(tta_flip) if tta_flip else None, "clean": clean, "corruptions": {},
               "summary": {}}
     all_vals = []
-    for n in names:
+    for n in progress.track(names, "shift battery (corruptions)"):
         rows = []
         for s in sevs:
             m = metrics_for(n, s)

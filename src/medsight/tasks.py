@@ -104,6 +104,39 @@ class Task:
             return (probs >= thr).astype(np.int64)
         return probs.argmax(axis=1).astype(np.int64)  # multiclass and ordinal (class probabilities)
 
+    @property
+    def uses_threshold(self) -> bool:
+        """Binary and multilabel tasks decide by a threshold (chosen on validation); the others by argmax."""
+        return self.name in ("binary", "multilabel")
+
+    @property
+    def per_output_sigmoid(self) -> bool:
+        """True when each output logit is its own two-class problem (binary, multilabel, ordinal)."""
+        return self.name != "multiclass"
+
+    def as_threshold(self, value) -> float | list[float] | None:
+        """A chosen threshold in the form the bundle stores: one number (binary), one per label (multilabel),
+        ``None`` for argmax tasks."""
+        if not self.uses_threshold or value is None:
+            return None
+        if self.name == "multilabel":
+            return [float(v) for v in np.atleast_1d(value)]
+        return float(np.asarray(value).reshape(-1)[0])
+
+    def class_table(self, probs: np.ndarray) -> np.ndarray:
+        """Probabilities as one column per class (N, K): binary ``P(class 1)`` becomes ``[1 - p, p]``."""
+        probs = np.asarray(probs)
+        if self.name == "binary":
+            p = probs.reshape(-1)
+            return np.stack([1 - p, p], axis=1)
+        return probs
+
+    def names(self, row, classes: list[str]) -> str | list[str]:
+        """One label or decision row -> the class name (or, for multilabel, the list of positive labels)."""
+        if self.name == "multilabel":
+            return [c for c, v in zip(classes, np.asarray(row).reshape(-1)) if v]
+        return classes[int(np.asarray(row).reshape(-1)[0])]
+
     def class_weights(self, labels: np.ndarray) -> torch.Tensor:
         """'balanced' weights: n / (k * count_c); for multilabel, pos_weight = neg/pos per label."""
         labels = np.asarray(labels)

@@ -14,13 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from medsight.config import AugmentConfig
-
-
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    """Stored images -> float32 in [0, 1]: uint8 is divided by 255, float is taken as already normalised."""
-    if x.dtype == torch.uint8:
-        return x.float().div_(255.0)
-    return x.float()
+from medsight.inference import to_float  # noqa: F401 - re-exported: stored images -> float in [0, 1]
 
 
 def _rotation_matrices(angles: torch.Tensor, dims: int) -> torch.Tensor:

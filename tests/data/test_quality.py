@@ -105,3 +105,85 @@ def test_run_qc_bad_inputs(tmp_path):
     np.savez(z, foo=np.zeros(2))
     with pytest.raises(DataError, match="no '<split>_images'"):
         run_qc(z)
+
+
+# ------------------------------------------------------------------ raw dumps and accepted leakage
+
+
+@pytest.fixture
+def raw_dicom_dump(tmp_path, make_dicom_file):
+    """An unlabelled PACS-style dump: patient/series folders of DICOM slices, plus a flat extra file."""
+    rng = np.random.default_rng(5)
+    root = tmp_path / "dump"
+    a = [rng.integers(0, 4000, (24, 24), dtype=np.uint16) for _ in range(4)]
+    for i, px in enumerate(a):  # series A: 4 slices, identifying headers set
+        p = root / "P1" / "S1" / f"IM{i}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        make_dicom_file(p, px, series_uid="1.2.3.1", instance=i + 1, extra={"StudyDate": "20240101"})
+    for i in range(3):  # series B: 3 slices, no patient name / id
+        p = root / "P2" / "S9" / f"IM{i}.dcm"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        make_dicom_file(p, rng.integers(0, 4000, (24, 24), dtype=np.uint16), series_uid="1.2.3.2", instance=i + 1,
+                        extra={"PatientID": "", "PatientName": ""})
+    make_dicom_file(root / "P2" / "S9" / "copy.dcm", a[0], series_uid="1.2.3.2")  # exact copy of a series-A slice
+    (root / "P2" / "S9" / "bad.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00garbage")
+    (root / "notes.txt").write_text("exported 2024")
+    return root
+
+
+def test_qc_raw_dicom_dump_counts_series_and_identifying_headers(raw_dicom_dump):
+    rep = run_qc(raw_dicom_dump)
+    assert rep["source"] == "raw folder" and rep["labelled"] is False
+    assert rep["n_records"] == 9 and rep["n_skipped"] == 1 and rep["skipped"][0]["path"].endswith("notes.txt")
+    assert rep["n_unreadable"] == 1 and rep["unreadable"][0]["path"].endswith("bad.dcm")
+    assert rep["n_missing_labels"] == 0  # none expected in a raw dump
+    assert len(rep["exact_duplicates"]) == 1 and len(rep["exact_duplicates"][0]["items"]) == 2
+    d = rep["dicom"]
+    assert d["files"] == 8 and d["series"] == 2 and d["files_without_series_uid"] == 0
+    assert d["files_per_series"] == {"min": 4, "median": 4.0, "max": 4}  # A: 4 slices, B: 3 + the copy
+    assert d["modalities"] == {"CT": 8}
+    assert d["phi"] == {"files_with_any": 5, "files_with": {"PatientID": 5, "PatientName": 5, "StudyDate": 4}}
+    text = json.dumps(rep)
+    assert "PID-12345" not in text and "Doe" not in text and "1.2.3.1" not in text  # counts only, never values
+    assert rep["ok"] is False  # one unreadable file
+
+
+def test_qc_flat_unlabelled_folder_and_layout_choice(tmp_path):
+    rng = np.random.default_rng(2)
+    for i in range(6):
+        _save(tmp_path / "flat" / f"{i}.png", rng.integers(0, 255, (16, 16), dtype=np.uint8))
+    rep = run_qc(tmp_path / "flat")
+    assert rep["source"] == "raw folder" and rep["n_records"] == 6 and rep["ok"] is True
+    assert rep["dicom"] is None
+    with pytest.raises(DataError, match="expected one sub-folder per class"):
+        run_qc(tmp_path / "flat", layout="classes")
+    with pytest.raises(DataError, match="qc layout"):
+        run_qc(tmp_path / "flat", layout="tree")
+    # patient/study/series/file with nothing at the top: images three levels down, so not a class tree
+    _save(tmp_path / "deep" / "P1" / "ST1" / "SE1" / "a.png", rng.integers(0, 255, (16, 16), dtype=np.uint8))
+    _save(tmp_path / "deep" / "P2" / "ST1" / "SE1" / "b.png", rng.integers(0, 255, (16, 16), dtype=np.uint8))
+    assert run_qc(tmp_path / "deep")["source"] == "raw folder"
+    assert run_qc(tmp_path / "deep", layout="raw")["n_records"] == 2
+
+
+def test_qc_allow_leakage_records_the_finding(qc_tree):
+    strict = run_qc(qc_tree)
+    assert strict["source"] == "folder" and strict["leakage_accepted"] is None
+    (qc_tree / "test" / "a" / "broken.png").unlink()
+    rep = run_qc(qc_tree, allow_leakage=True)
+    assert rep["leakage_accepted"] == {"exact_duplicate_groups_across_splits": 1,
+                                       "near_duplicate_pairs_across_splits": 1}
+    assert rep["ok"] is True and run_qc(qc_tree)["ok"] is False
+
+
+def test_qc_cli_raw_and_allow_leakage(raw_dicom_dump, qc_tree, capsys):
+    from medsight.cli import main
+
+    (raw_dicom_dump / "P2" / "S9" / "bad.dcm").unlink()
+    assert main(["qc", str(raw_dicom_dump)]) == 0
+    out = capsys.readouterr().out
+    assert "raw folder" in out and "DICOM series" in out and "PatientID 5" in out
+    (qc_tree / "test" / "a" / "broken.png").unlink()
+    assert main(["qc", str(qc_tree)]) == 1
+    assert main(["qc", str(qc_tree), "--allow-leakage"]) == 0
+    assert "Leakage accepted" in capsys.readouterr().out

@@ -87,3 +87,17 @@ def test_leakage_identical_images():
     assert check_leakage(recs, imgs)["ok"]
     with pytest.raises(DataError, match="2 images for 3 records"):
         check_leakage(recs, imgs[:2])
+
+
+def test_accepted_leakage_is_counted_not_raised():
+    imgs = np.zeros((4, 1, 4, 4), np.float32)
+    imgs[1] = 1
+    recs = [{"split": "train", "patient_id": "Jane"}, {"split": "train", "patient_id": "Bob"},
+            {"split": "test", "patient_id": "Jane"}, {"split": "val", "patient_id": "Al"}]
+    with pytest.raises(DataError, match=r"data.allow_leakage=true, or qc --allow-leakage"):
+        check_leakage(recs, imgs)
+    got = check_leakage(recs, imgs, allow=True)
+    # Jane is in train and test; image #0 = #2 (train/test) and = #3 (val): two pairs across splits
+    assert got["findings"] == {"patients_in_several_splits": 1, "identical_images_across_splits": 2}
+    assert got["ok"] is False and got["accepted"] is True and "Jane" not in got["message"]
+    assert check_leakage(recs[:2], imgs[:2], allow=True)["findings"] == {}

@@ -210,7 +210,9 @@ def load_records(
         raise DataError(choices_message("intensity mode", intensity, INTENSITY_MODES))
     w = resolve_window(window)
     arrays, metas, errors = [], [], []
-    for rec in records:
+    from medsight import progress
+
+    for rec in progress.track(records, "reading images"):
         path = rec["path"]
         try:
             arr, meta = read_image(path, window=w)
@@ -272,11 +274,14 @@ def records_from(path: str | os.PathLike, *, label_cols=None, clinical_cols=None
 
 
 def load_user_dataset(path: str | os.PathLike, *, size: int = 28, task: str | None = None, window=None,
-                      label_cols=None, clinical_cols=None, seed: int = 0, intensity: str = "auto"):
+                      label_cols=None, clinical_cols=None, seed: int = 0, intensity: str = "auto",
+                      allow_leakage: bool = False):
     """A class-per-folder tree or CSV manifest -> :class:`medsight.data.sources.Dataset`.
 
     Splits come from the tree / manifest when given (all or none), else a stratified patient-level split
-    (70/15/15, seeded); a leakage check refuses splits that share patients or identical images.
+    (70/15/15, seeded); a leakage check refuses splits that share patients or identical images, unless
+    ``allow_leakage``: then the finding (counts) is kept in ``Dataset.leakage``. Classes are in sorted order (the
+    loader in :mod:`medsight.data.sources` then settles the positive class of a binary task).
     """
     from medsight.data.sources import Dataset, Split
     from medsight.data.splits import check_leakage, hashed_id, patient_split
@@ -293,15 +298,21 @@ def load_user_dataset(path: str | os.PathLike, *, size: int = 28, task: str | No
         unknown = sorted({s for s in given if s not in ("train", "val", "test")})
         if unknown:
             raise DataError(f"{src}: unknown split name(s) {', '.join(unknown)}; allowed: train, val, test")
+        where = "the manifest's split column" if src.is_file() else "the folder tree (train/val/test folders)"
+        split_origin = f"given in {where}"
     elif any(given):
         raise DataError(f"{src}: some samples have a split and some do not; give all or none")
     else:
         records = patient_split(records, seed=seed)
+        with_pid = sum(1 for r in records if r.get("patient_id"))
+        split_origin = (f"made here: 70/15/15 stratified by class, seed {seed}, "
+                        + (f"patient-level ({with_pid} of {len(records)} files carry a patient id)" if with_pid else
+                           "one group per file (no patient ids given, so files of one patient may share splits)"))
     # read one image to learn whether these are 2D images or volumes
     first, _ = read_image(records[0]["path"], window=resolve_window(window))
     dims = 3 if first.ndim == 4 and first.shape[1] > 1 else 2
     images, metas = load_records(records, size=[size] * dims, spatial_dims=dims, window=window, intensity=intensity)
-    check_leakage(records, images)
+    leakage = check_leakage(records, images, allow=allow_leakage)
     multilabel = isinstance(records[0]["label"], list)
     if multilabel:
         classes = list(records[0].get("label_names") or [str(i) for i in range(len(records[0]["label"]))])
@@ -332,4 +343,29 @@ def load_user_dataset(path: str | os.PathLike, *, size: int = 28, task: str | No
     recipe = dict(metas[0]["recipe"])
     recipe["source"] = {"kind": "folder" if src.is_dir() else "manifest"}
     return Dataset(name=src.stem if src.is_file() else src.name, task=task, classes=classes, spatial_dims=dims,
-                   splits=splits, recipe=recipe)
+                   splits=splits, recipe=recipe, split_origin=split_origin,
+                   native_size=native_size_summary(metas, [size] * dims),
+                   leakage=leakage if leakage.get("findings") else None)
+
+
+def native_size_summary(metas: list[dict], size: list[int]) -> dict:
+    """The files' own spatial sizes (from the reader's ``shape``) against the model input ``size``:
+    ``{"median": [...], "min": [...], "max": [...], "input": size, "factor": median/input (largest axis),
+    "resized": bool}``."""
+    dims = len(size)
+    shapes = []
+    for m in metas:
+        sh = m.get("shape")
+        if sh:
+            sp = [int(v) for v in sh[1:]]
+            if len(sp) == dims + 1 and sp[0] == 1:
+                sp = sp[1:]  # one-slice volume read as a 2D image
+            if len(sp) == dims:
+                shapes.append(sp)
+    if not shapes:
+        return {"median": None, "input": list(size), "factor": None, "resized": None}
+    a = np.asarray(shapes)
+    med = [int(v) for v in np.median(a, axis=0)]
+    factor = max(m / s for m, s in zip(med, size))
+    return {"median": med, "min": [int(v) for v in a.min(axis=0)], "max": [int(v) for v in a.max(axis=0)],
+            "input": list(size), "factor": round(float(factor), 3), "resized": bool((a != np.asarray(size)).any())}

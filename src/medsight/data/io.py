@@ -561,9 +561,15 @@ def _has_pixels(ds) -> bool:
     return any(t in ds for t in _PIXEL_TAGS)
 
 
+#: identifying header values kept (never logged) in ``meta["private"]``: qc counts which files carry them
+PRIVATE_KEYS = ("PatientID", "PatientName", "PatientBirthDate", "OtherPatientIDs", "StudyInstanceUID",
+                "SeriesInstanceUID", "AccessionNumber", "StudyDate", "SeriesDate", "AcquisitionDate",
+                "InstitutionName", "ReferringPhysicianName")
+
+
 def _private_ids(ds) -> dict:
     out = {}
-    for key in ("PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber", "StudyDate"):
+    for key in PRIVATE_KEYS:
         v = ds.get(key)
         if v not in (None, ""):
             out[key] = str(v)

@@ -73,6 +73,18 @@ _TABLE: dict[str, tuple[str, int, int, tuple[str, ...], dict[int, str]]] = {
 }
 
 
+#: the clinically meaningful positive class of every binary set: the finding a clinician looks for (the class a
+#: "sensitivity" is about). The loader puts it at index 1 so the model outputs P(positive).
+POSITIVE_CLASS: dict[str, str] = {
+    "breastmnist": "malignant",
+    "pneumoniamnist": "pneumonia",
+    "nodulemnist3d": "malignant",
+    "adrenalmnist3d": "hyperplasia",
+    "vesselmnist3d": "aneurysm",
+    "synapsemnist3d": "excitatory synapse",  # no disease here; the label MedMNIST codes as 1
+}
+
+
 @dataclass(frozen=True)
 class MedMNISTInfo:
     name: str
@@ -85,6 +97,11 @@ class MedMNISTInfo:
     @property
     def sizes(self) -> tuple[int, ...]:
         return tuple(sorted(self.md5))
+
+    @property
+    def positive_class(self) -> str | None:
+        """The default positive class of a binary set (``None`` for other tasks)."""
+        return POSITIVE_CLASS.get(self.name) if self.task == "binary" else None
 
     def filename(self, size: int) -> str:
         return f"{self.name}.npz" if size == 28 else f"{self.name}_{size}.npz"

@@ -4,6 +4,12 @@ class balance, size / spacing / intensity outliers and missing labels.
 ``run_qc`` accepts records (from :mod:`medsight.data.folders`), a folder or CSV manifest path, or a
 MedMNIST-style ``{split: (images, labels)}`` dict, and returns a JSON-serialisable report.
 ``render_qc`` turns the report into a rich Table for the CLI.
+
+A folder that is not a class-per-folder tree (a flat or nested dump of unlabelled files, e.g. DICOM straight from a
+PACS export) is checked as a *raw* folder: every file below it, no labels expected; DICOM files are also summarised
+per series (counts of SeriesInstanceUIDs, never the UIDs) and for identifying header values (how many files carry a
+PatientName, PatientID, dates..., never the values). A leakage finding (duplicates across splits) can be accepted
+with ``allow_leakage``: the report then records it (counts) and stays ``ok``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from medsight import progress
 from medsight.data.splits import image_hash
 from medsight.errors import DataError
 
@@ -98,7 +105,50 @@ def _robust_z(values: np.ndarray) -> np.ndarray:
     return 0.6745 * (values - med) / mad
 
 
-def _items_from_source(source) -> tuple[list[dict], Iterator | None, str]:
+LAYOUTS = ("auto", "classes", "raw")
+
+
+def _looks_raw(root: Path) -> bool:
+    """Whether a folder is a raw (unlabelled) dump rather than a class tree: it has files at its top level (a class
+    tree holds only folders there; a dump often carries a DICOMDIR or notes), or no sub-folder holds images within
+    two levels (class/file or class/series/file), as in patient/study/series/file."""
+    from medsight.data.folders import SPLIT_NAMES, _is_image_file
+
+    entries = [e for e in root.iterdir() if not e.name.startswith(".")]
+    if any(e.is_file() for e in entries):
+        return True
+    dirs = [e for e in entries if e.is_dir()]
+    if not dirs:
+        return True
+    if all(d.name.lower() in SPLIT_NAMES for d in dirs):
+        return False
+
+    def has_images(d: Path) -> bool:
+        return any(f.is_file() and _is_image_file(f) for f in d.iterdir() if not f.name.startswith("."))
+
+    return not any(has_images(d) or any(has_images(sub) for sub in d.iterdir() if sub.is_dir()) for d in dirs)
+
+
+def scan_raw_folder(root: str | os.PathLike) -> list[dict]:
+    """Records for every file below ``root`` (no labels, no splits); files that are not of an image type carry
+    ``"skip": True`` (counted, not read)."""
+    from medsight.data.folders import _is_image_file
+
+    r = Path(root)
+    records = []
+    for f in sorted(r.rglob("*")):
+        if not f.is_file() or any(part.startswith(".") for part in f.relative_to(r).parts):
+            continue
+        rec = {"path": str(f), "label": None, "split": None, "patient_id": None}
+        if not _is_image_file(f):
+            rec["skip"] = True
+        records.append(rec)
+    if not records:
+        raise DataError(f"qc: {r} holds no files")
+    return records
+
+
+def _items_from_source(source, layout: str = "auto") -> tuple[list[dict], Iterator | None, str]:
     """Normalise the input to records; for arrays dicts also return the in-memory images."""
     if isinstance(source, dict):
         records, arrays = [], []
@@ -119,6 +169,10 @@ def _items_from_source(source) -> tuple[list[dict], Iterator | None, str]:
         from medsight.data.folders import read_manifest, scan_class_folders
 
         if p.is_dir():
+            if layout == "raw":
+                return scan_raw_folder(p), None, "raw folder"
+            if layout == "auto" and _looks_raw(p):
+                return scan_raw_folder(p), None, "raw folder"
             return scan_class_folders(p), None, "folder"
         if p.suffix.lower() in (".csv", ".tsv"):
             return read_manifest(p), None, "manifest"
@@ -155,19 +209,37 @@ def run_qc(
     hash_size: int = 8,
     outlier_z: float = 3.5,
     max_examples: int = 20,
+    layout: str = "auto",
+    allow_leakage: bool = False,
 ) -> dict:
-    """Run every check and return a JSON-serialisable report (see docs/data.md for the keys)."""
-    from medsight.data.io import read_image
+    """Run every check and return a JSON-serialisable report (see docs/data.md for the keys).
 
-    records, arrays, kind = _items_from_source(source)
+    ``layout`` (folders): ``auto`` (a class tree when it looks like one, else raw), ``classes`` or ``raw``.
+    ``allow_leakage``: duplicates across splits are recorded under ``leakage_accepted`` (counts) instead of
+    failing the report."""
+    from medsight.data.io import PRIVATE_KEYS, read_image
+    from medsight.errors import choices_message
+
+    if layout not in LAYOUTS:
+        raise DataError(choices_message("qc layout", layout, LAYOUTS))
+    records, arrays, kind = _items_from_source(source, layout)
+    skipped = [r for r in records if r.get("skip")]
+    records = [r for r in records if not r.get("skip")]
+    raw = kind == "raw folder"
     n = len(records)
+    series: dict[str, int] = defaultdict(int)
+    series_of: list[str | None] = [None] * n
+    modalities: Counter = Counter()
+    n_dicom = 0
+    phi = Counter()
+    phi_any = 0
     unreadable: list[dict] = []
     exact: dict[str, list[int]] = defaultdict(list)
     phashes: list[int | None] = [None] * n
     shapes: list[tuple | None] = [None] * n
     spacings: list[tuple | None] = [None] * n
     medians = np.full(n, np.nan)
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(progress.track(records, "QC: reading images")):
         try:
             if arrays is not None:
                 arr = _arrays_as_chw(arrays[i]).astype(np.float32)
@@ -180,6 +252,16 @@ def run_qc(
         except Exception as e:  # defensive: QC must report, never crash
             unreadable.append({"index": i, "path": str(rec.get("path")), "split": rec.get("split"), "error": f"{type(e).__name__}: {e}"})
             continue
+        if meta.get("format") == "dicom":
+            n_dicom += 1
+            private = meta.get("private") or {}
+            uid = private.get("SeriesInstanceUID")
+            series_of[i] = uid
+            series[uid or ""] += 1
+            modalities[str(meta.get("modality") or "?")] += 1
+            found = [k for k in PRIVATE_KEYS if k not in ("StudyInstanceUID", "SeriesInstanceUID") and private.get(k)]
+            phi.update(found)
+            phi_any += bool(found)
         exact[image_hash(arr)].append(i)
         try:
             phashes[i] = _phash(arr, hash_size)
@@ -201,10 +283,15 @@ def run_qc(
             exact_groups.append({"hash": h[:12], "items": [item(i) for i in idx], "cross_split": len(splits) > 1})
             exact_pairs.update((a, b) for a in idx for b in idx if a < b)
     near = []
+    near_within_series = 0
     for i, j, d in _near_pairs(phashes, near_dup_threshold, hash_size * hash_size):
         if (i, j) in exact_pairs:
             continue
         si, sj = records[i].get("split"), records[j].get("split")
+        same_series = series_of[i] is not None and series_of[i] == series_of[j]
+        if same_series:  # neighbouring slices of one series look alike: expected, not a duplicate
+            near_within_series += 1
+            continue
         near.append({"a": item(i), "b": item(j), "distance": d, "cross_split": si != sj})
 
     # class balance and missing labels
@@ -215,7 +302,7 @@ def run_qc(
         if l is not None:
             s = str(r.get("split"))
             per_split[s][l] = per_split[s].get(l, 0) + 1
-    missing = [item(i) for i, l in enumerate(labels) if l is None]
+    missing = [] if raw else [item(i) for i, l in enumerate(labels) if l is None]
     counts = list(overall.values())
     ratio = float(max(counts) / min(counts)) if counts else None
     missing_classes = {s: sorted(set(overall) - set(c)) for s, c in per_split.items() if set(overall) - set(c)}
@@ -244,6 +331,19 @@ def run_qc(
 
     cross_exact = sum(1 for g in exact_groups if g["cross_split"])
     cross_near = sum(1 for p in near if p["cross_split"])
+    dicom = None
+    if n_dicom:
+        sizes = sorted(v for k, v in series.items() if k)
+        dicom = {
+            "files": n_dicom,
+            "series": len(sizes),
+            "files_per_series": ({"min": sizes[0], "median": float(np.median(sizes)), "max": sizes[-1]}
+                                 if sizes else None),
+            "files_without_series_uid": series.get("", 0),
+            "modalities": dict(sorted(modalities.items())),
+            "near_duplicate_pairs_within_series": near_within_series,
+            "phi": {"files_with_any": phi_any, "files_with": {k: phi[k] for k in PRIVATE_KEYS if phi.get(k)}},
+        }
     report: dict[str, Any] = {
         "source": kind,
         "n_records": n,
@@ -275,7 +375,16 @@ def run_qc(
         },
         "settings": {"near_dup_threshold": near_dup_threshold, "hash_size": hash_size, "outlier_z": outlier_z},
     }
-    report["ok"] = not (len(unreadable) or cross_exact or cross_near or len(missing))
+    report["labelled"] = not raw
+    report["n_skipped"] = len(skipped)
+    report["skipped"] = [{"path": r["path"], "reason": "not an image file type"} for r in skipped[:max_examples]]
+    report["summary"]["skipped"] = len(skipped)
+    report["dicom"] = dicom
+    leak = bool(cross_exact or cross_near)
+    report["leakage_accepted"] = ({"exact_duplicate_groups_across_splits": cross_exact,
+                                   "near_duplicate_pairs_across_splits": cross_near}
+                                  if leak and allow_leakage else None)
+    report["ok"] = not (len(unreadable) or (leak and not allow_leakage) or (len(missing) and not raw))
     return report
 
 
@@ -285,7 +394,7 @@ def render_qc(report: dict):
 
     s = report["summary"]
     cb = report["class_balance"]
-    t = Table(title=f"Data QC: {report['n_records']} records ({report['source']})")
+    t = Table(title=f"Data QC: {report['n_records']} files checked ({report['source']})")
     t.add_column("Check")
     t.add_column("Result", justify="right")
     t.add_column("Details")
@@ -295,12 +404,40 @@ def render_qc(report: dict):
 
     first = report["unreadable"][0]["error"] if report["unreadable"] else ""
     t.add_row("Unreadable files", flag(s["unreadable"]), first)
-    t.add_row("Exact duplicate groups", flag(s["exact_duplicate_groups"], False), f"{s['exact_duplicates_across_splits']} across splits")
-    t.add_row("Near duplicate pairs", flag(s["near_duplicate_pairs"], False), f"{s['near_duplicates_across_splits']} across splits (Hamming <= {report['settings']['near_dup_threshold']})")
+    labelled = report.get("labelled", True)
+    within = (report.get("dicom") or {}).get("near_duplicate_pairs_within_series")
+    near_note = f"Hamming <= {report['settings']['near_dup_threshold']}"
+    if within:
+        near_note += f"; {within} more within one series (neighbouring slices, not counted)"
+    t.add_row("Exact duplicate groups", flag(s["exact_duplicate_groups"], False),
+              f"{s['exact_duplicates_across_splits']} across splits" if labelled else "")
+    t.add_row("Near duplicate pairs", flag(s["near_duplicate_pairs"], False),
+              f"{s['near_duplicates_across_splits']} across splits ({near_note})" if labelled else near_note)
     bal = ", ".join(f"{k}: {v}" for k, v in list(cb["overall"].items())[:10])
     ratio = cb["imbalance_ratio"]
     t.add_row("Class balance", f"{ratio:.2f}x" if ratio else "-", bal)
-    t.add_row("Missing labels", flag(s["missing_labels"]), "")
+    if report.get("labelled", True):
+        t.add_row("Missing labels", flag(s["missing_labels"]), "")
+    else:
+        t.add_row("Labels", "-", "raw folder: none expected")
+    if s.get("skipped"):
+        t.add_row("Skipped files", flag(s["skipped"], False), "not an image file type")
+    if report.get("leakage_accepted"):
+        la = report["leakage_accepted"]
+        t.add_row("Leakage accepted", "[yellow]yes[/yellow]",
+                  f"{la['exact_duplicate_groups_across_splits']} exact groups, "
+                  f"{la['near_duplicate_pairs_across_splits']} near pairs across splits (--allow-leakage)")
+    dc = report.get("dicom")
+    if dc:
+        fps = dc["files_per_series"]
+        per = f", {fps['min']}-{fps['max']} files per series (median {fps['median']:g})" if fps else ""
+        mods = ", ".join(f"{k} {v}" for k, v in dc["modalities"].items())
+        t.add_row("DICOM series", str(dc["series"]), f"{dc['files']} DICOM files{per}; "
+                  f"{dc['files_without_series_uid']} without SeriesInstanceUID; modality {mods}")
+        ph = dc["phi"]
+        which = ", ".join(f"{k} {v}" for k, v in ph["files_with"].items()) or "none"
+        t.add_row("Identifying headers", flag(ph["files_with_any"], False),
+                  f"files carrying: {which} (counts only; de-identify with `medsight deid`)")
     t.add_row("Shape mismatch", flag(s["shape_mismatch"], False), f"common shape {report['outliers']['common_shape']}")
     t.add_row("Intensity outliers", flag(s["intensity_outliers"], False), f"robust z > {report['settings']['outlier_z']}")
     t.add_row("Spacing outliers", flag(s["spacing_outliers"], False), "")

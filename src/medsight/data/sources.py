@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 import urllib.request
 import zipfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medsight import progress
 from medsight.data.medmnist import INFO, MedMNISTInfo
 from medsight.errors import DataError, choices_message
 
@@ -39,12 +39,57 @@ class Split:
 
 @dataclass
 class Dataset:
+    """In-memory splits plus the facts a report must state about them.
+
+    Binary tasks: ``classes[1]`` is always the **positive class** (the finding; what "sensitivity" is about), so the
+    model's single output is P(positive). :meth:`set_positive_class` puts the chosen class there once, at load time;
+    ``positive_class_source`` says how it was chosen. ``split_origin`` says how the splits were made, ``native_size``
+    the files' own size before resizing (user data), and ``leakage`` the leakage finding (counts only) when
+    ``data.allow_leakage`` let training proceed despite it; the bundle and the report copy these.
+    """
+
     name: str
     task: str
     classes: list[str]
     spatial_dims: int
     splits: dict[str, Split]
     recipe: dict = field(default_factory=dict)
+    positive_class_source: str | None = None
+    split_origin: str = "official MedMNIST split"
+    native_size: dict | None = None
+    leakage: dict | None = None
+
+    @property
+    def positive_class(self) -> str | None:
+        """The positive class of a binary task (always ``classes[1]``); ``None`` for other tasks."""
+        return self.classes[1] if self.task == "binary" and len(self.classes) == 2 else None
+
+    def set_positive_class(self, choice: int | str, source: str) -> None:
+        """Make ``choice`` (a class name, or an index in the current class order) the positive class: it moves to
+        index 1 and every split's labels are remapped (``y -> 1 - y``) when it was at index 0."""
+        from medsight.errors import ConfigError
+
+        if self.task != "binary":
+            raise ConfigError(f"data.positive_class applies to binary tasks; {self.name} is a {self.task} task "
+                              f"with classes {', '.join(self.classes)}")
+        index = resolve_class(self.classes, choice)
+        if index == 0:
+            self.classes = [self.classes[1], self.classes[0]]
+            for s in self.splits.values():
+                s.labels = (1 - s.labels).astype(s.labels.dtype)
+        self.positive_class_source = source
+
+    def align_to(self, classes: list[str]) -> None:
+        """Put a binary task's classes in the order a trained model uses (``bundle.classes``), e.g. a bundle made
+        before the positive class moved to index 1; raises when the names differ."""
+        from medsight.errors import DataError as _DataError
+
+        if list(self.classes) == list(classes):
+            return
+        if self.task == "binary" and list(self.classes) == list(classes)[::-1]:
+            self.set_positive_class(classes[1], "as the model was trained")
+            return
+        raise _DataError(f"data {self.name} has classes {self.classes}, the model expects {list(classes)}")
 
     @property
     def in_channels(self) -> int:
@@ -58,6 +103,28 @@ class Dataset:
         if name not in self.splits:
             raise DataError(choices_message(f"split of {self.name}", name, self.splits))
         return self.splits[name]
+
+
+def resolve_class(classes: list[str], choice: int | str) -> int:
+    """Index of ``choice`` in ``classes``: an exact name, a case-insensitive name, or an integer index."""
+    from medsight.errors import ConfigError
+
+    names = [str(c) for c in classes]
+    if isinstance(choice, str):
+        if choice in names:
+            return names.index(choice)
+        low = [n.lower() for n in names]
+        if choice.strip().lower() in low:
+            return low.index(choice.strip().lower())
+    if not isinstance(choice, bool):
+        try:
+            i = int(str(choice).strip())
+        except ValueError:
+            i = None
+        if i is not None and 0 <= i < len(names):
+            return i
+    raise ConfigError(f"data.positive_class {choice!r} is not a class of this data; allowed: "
+                      + ", ".join(f"{n!r} (or {i})" for i, n in enumerate(names)))
 
 
 def default_data_dir() -> Path:
@@ -79,7 +146,11 @@ def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, out, length=1 << 20)
+            size = resp.headers.get("Content-Length")
+            with progress.task(f"downloading {dest.name} (MB)", total=int(size) / 1e6 if size else None) as bar:
+                while block := resp.read(1 << 20):
+                    out.write(block)
+                    bar.advance(len(block) / 1e6)
         if md5 is not None and (got := md5sum(Path(tmp))) != md5:
             raise DataError(f"downloaded {url} has MD5 {got}, expected {md5}; refusing it")
         os.replace(tmp, dest)
@@ -89,6 +160,13 @@ def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dest
+
+
+def _offline_hint(info, size: int, root: Path) -> str:
+    """What to do without network access (the same steps as the README's "Data without network access")."""
+    return (f"without network access, download {info.url(size)} on another machine, check its MD5 is "
+            f"{info.md5[size]}, and copy it to {root / info.filename(size)} (or set MEDSIGHT_DATA_DIR to the "
+            f"folder that holds {info.filename(size)})")
 
 
 def medmnist_path(name: str, size: int = 28, root: str | Path | None = None, download_missing: bool = True) -> Path:
@@ -101,11 +179,12 @@ def medmnist_path(name: str, size: int = 28, root: str | Path | None = None, dow
     expected = info.md5[size]
     if not path.exists():
         if not download_missing:
-            raise DataError(f"{path} not found and downloading is off; fetch {info.url(size)} (MD5 {expected})")
+            raise DataError(f"{path} not found and downloading is off; {_offline_hint(info, size, root)}")
         try:
             download(info.url(size), path, expected)
         except DataError as e:
-            raise DataError(f"{name} (size {size}) is not in {root} and could not be downloaded: {e}") from e
+            raise DataError(f"{name} (size {size}) is not in {root} and could not be downloaded ({e}); "
+                            f"{_offline_hint(info, size, root)}") from e
     got = md5sum(path)
     if got != expected:
         raise DataError(f"{path} has MD5 {got}, but the official {info.filename(size)} has {expected}; "
@@ -193,31 +272,54 @@ def dataset_from_npz(path: str | Path, *, name: str | None = None, task: str | N
                    splits=splits, recipe=recipe)
 
 
-def load_medmnist(name: str, size: int = 28, root: str | Path | None = None, download_missing: bool = True) -> Dataset:
+def load_medmnist(name: str, size: int = 28, root: str | Path | None = None, download_missing: bool = True,
+                  positive_class: int | str | None = None) -> Dataset:
+    """An official MedMNIST set; binary sets get their clinical positive class at index 1 (see
+    :data:`medsight.data.medmnist.POSITIVE_CLASS`) unless ``positive_class`` names another."""
     info = medmnist_info(name)
     path = medmnist_path(info.name, size, root, download_missing)
     ds = dataset_from_npz(path, name=info.name if size == 28 else f"{info.name}_{size}", task=info.task,
                           classes=list(info.classes), spatial_dims=info.spatial_dims)
     ds.recipe["source"] = {"medmnist": info.name, "size": size}
+    ds.split_origin = "official MedMNIST split"
+    ds.native_size = {"median": [size] * info.spatial_dims, "resized": False}
+    if positive_class is not None:
+        ds.set_positive_class(positive_class, "set by data.positive_class")
+    elif info.positive_class is not None:
+        ds.set_positive_class(info.positive_class, f"MedMNIST default for {info.name}")
     return ds
 
 
 def load_dataset(spec: str, *, size: int = 28, root: str | Path | None = None, download_missing: bool = True,
                  task: str | None = None, window: str | None = None, label_columns=None, clinical_columns=None,
-                 intensity: str = "auto", seed: int = 0) -> Dataset:
-    """Resolve ``--data``: a MedMNIST name, an .npz path, a class-per-folder tree or a CSV manifest."""
+                 intensity: str = "auto", seed: int = 0, positive_class: int | str | None = None,
+                 allow_leakage: bool = False) -> Dataset:
+    """Resolve ``--data``: a MedMNIST name, an .npz path, a class-per-folder tree or a CSV manifest.
+
+    This is the one place the positive class of a binary task is settled: ``positive_class`` (a name or an index
+    in the data's own class order), else the MedMNIST default, else (user data) the second class in sorted order,
+    which ``Dataset.positive_class_source`` then says was not chosen by anyone.
+    """
     p = Path(spec).expanduser()
     if spec.lower() in INFO:
-        return load_medmnist(spec, size, root, download_missing)
+        return load_medmnist(spec, size, root, download_missing, positive_class=positive_class)
     if p.suffix == ".npz":
-        return dataset_from_npz(p, task=task)
-    if p.exists():
+        ds = dataset_from_npz(p, task=task)
+        ds.split_origin = f"given in {p.name} (train/val/test arrays)"
+    elif p.exists():
         from medsight.data import folders
 
-        return folders.load_user_dataset(p, size=size, task=task, window=window, label_cols=label_columns,
-                                         clinical_cols=clinical_columns, intensity=intensity, seed=seed)
-    raise DataError(f"--data {spec!r} is neither a MedMNIST name ({', '.join(sorted(INFO))}), "
-                    "nor an existing .npz, folder or CSV manifest")
+        ds = folders.load_user_dataset(p, size=size, task=task, window=window, label_cols=label_columns,
+                                       clinical_cols=clinical_columns, intensity=intensity, seed=seed,
+                                       allow_leakage=allow_leakage)
+    else:
+        raise DataError(f"--data {spec!r} is neither a MedMNIST name ({', '.join(sorted(INFO))}), "
+                        "nor an existing .npz, folder or CSV manifest")
+    if positive_class is not None:
+        ds.set_positive_class(positive_class, "set by data.positive_class")
+    elif ds.task == "binary":
+        ds.set_positive_class(1, "not set: the second class in sorted order (choose with data.positive_class)")
+    return ds
 
 
 def local_status(root: str | Path | None = None) -> list[dict]:

@@ -92,11 +92,13 @@ def image_hash(array: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def check_leakage(records: list[dict], images=None) -> dict:
+def check_leakage(records: list[dict], images=None, *, allow: bool = False) -> dict:
     """Raise :class:`DataError` when splits share patient ids or identical images; else return a summary.
 
     ``images`` (optional) is an array or list aligned with ``records``; identical pixel bytes in two
-    different splits count as leakage.
+    different splits count as leakage. With ``allow`` (``data.allow_leakage`` / ``qc --allow-leakage``) a finding
+    is accepted, not raised: the summary's ``findings`` then holds its counts (``patients_in_several_splits``,
+    ``identical_images_across_splits``) and ``message`` the sentence the error would have been; counts only.
     """
     pid_splits: dict[str, set] = defaultdict(set)
     for rec in records:
@@ -124,6 +126,15 @@ def check_leakage(records: list[dict], images=None) -> dict:
             shown = ", ".join(f"#{a} ({sa}) = #{b} ({sb}) [{h}]" for a, b, sa, sb, h in dup_pairs[:5])
             more = f" and {len(dup_pairs) - 5} more" if len(dup_pairs) > 5 else ""
             problems.append(f"{len(dup_pairs)} identical image(s) in different splits: {shown}{more}")
+    summary = {"ok": not problems, "patients": len(pid_splits),
+               "images_checked": 0 if images is None else len(images), "findings": {}}
     if problems:
-        raise DataError("data leakage between splits: " + "; ".join(problems))
-    return {"ok": True, "patients": len(pid_splits), "images_checked": 0 if images is None else len(images)}
+        message = "data leakage between splits: " + "; ".join(problems)
+        if not allow:
+            raise DataError(message + " (to proceed and record it: data.allow_leakage=true, or qc --allow-leakage)")
+        summary["findings"] = {"patients_in_several_splits": len(leaked),
+                               "identical_images_across_splits": len(dup_pairs)}
+        summary["accepted"] = True
+        summary["message"] = (f"leakage accepted (data.allow_leakage): {len(leaked)} patient(s) in more than one "
+                              f"split, {len(dup_pairs)} identical image(s) in different splits")
+    return summary
