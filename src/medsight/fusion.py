@@ -406,7 +406,7 @@ def fit_fusion(model: FusionClassifier, task, train: tuple, val: tuple, *, cfg=N
     encoded (N, n_tab) array (ignored by ``mode='image'``); ``labels`` as in :class:`medsight.data.sources.Split`.
     ``task``: a :class:`medsight.tasks.Task`; ``cfg``: a :class:`medsight.config.RunConfig` (default ``RunConfig()``)."""
     from medsight.config import RunConfig
-    from medsight.data.sources import Dataset, Split
+    from medsight.data.dataset import Dataset, Split
     from medsight.tasks import Task
     from medsight.train import fit
 

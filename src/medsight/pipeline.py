@@ -63,7 +63,13 @@ def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> tuple[Path, Pat
 def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = None, resume: bool = False,
                  overwrite: bool = False, callback: Callback | None = None,
                  evaluate: bool = True) -> tuple[Path, FitResult, dict]:
+    from medsight.models import list_models
+
     out = Path(out_dir)
+    if cfg.model.name not in list_models():  # before any data is read or any summary printed
+        from medsight.errors import choices_message
+
+        raise ConfigError(choices_message("model", cfg.model.name, list_models()))
     data = data or load_data_for(cfg)
     is_main = int(os.environ.get("RANK", "0")) == 0  # fit() sets up the process group with the right backend
     stage, resume_from = None, None

@@ -283,7 +283,7 @@ def load_user_dataset(path: str | os.PathLike, *, size: int = 28, task: str | No
     ``allow_leakage``: then the finding (counts) is kept in ``Dataset.leakage``. Classes are in sorted order (the
     loader in :mod:`medsight.data.sources` then settles the positive class of a binary task).
     """
-    from medsight.data.sources import Dataset, Split
+    from medsight.data.dataset import Dataset, Split
     from medsight.data.splits import check_leakage, hashed_id, patient_split
 
     src = Path(path)
