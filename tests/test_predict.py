@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,7 +133,7 @@ def test_cli_predict_csv_json_table(served_bundle, breast_files, tmp_path, capsy
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG broken")
     assert main(["predict", str(served_bundle), str(breast_files["root"] / "png"), str(bad),
-                 "--out", str(csv_out), "--backend", "onnx"]) == 0
+                 "--out", str(csv_out), "--backend", "onnx"]) == 1  # a file failed: exit 1, every row written
     rows = list(csv.DictReader(csv_out.open()))
     assert len(rows) == len(breast_files["png"]) + 1
     classes = load_bundle(served_bundle).classes
@@ -208,3 +209,42 @@ def test_onnx_and_torch_agree_on_ood_scores_in_one_pass(served_bundle, breast_fi
     _, s_onnx, _ = o.predict_batch(batch)
     _, s_torch, _ = t.predict_batch(batch)
     np.testing.assert_allclose(s_onnx, s_torch, rtol=1e-3, atol=1e-3)
+
+
+def test_write_predictions_streams_rows_before_a_crash(predictors, breast_files, tmp_path):
+    """Each row is on disk when the next file is read: a crash mid-run keeps the rows already written."""
+    from medsight.predict import write_predictions
+
+    p = predictors["torch"]
+    seen: list[int] = []
+
+    def produce():
+        for pred in p.iter_predictions(breast_files["png"][:3], batch_size=1):
+            yield pred
+        raise RuntimeError("crash after three files")
+
+    for suffix in (".csv", ".jsonl"):
+        out = tmp_path / f"rows{suffix}"
+        with pytest.raises(RuntimeError, match="crash after three files"):
+            write_predictions(produce(), out, p.classes, on_row=lambda r: seen.append(len(out.read_text().splitlines())))
+        lines = out.read_text().splitlines()
+        if suffix == ".csv":
+            assert [Path(r["file"]).name for r in csv.DictReader(lines)] == [f.name for f in breast_files["png"][:3]]
+            assert seen[-3:] == [2, 3, 4]  # header + one more line on disk after each row
+        else:
+            assert [Path(json.loads(line)["file"]).name for line in lines] == [f.name for f in breast_files["png"][:3]]
+            assert seen[-3:] == [1, 2, 3]
+
+
+def test_cli_predict_escapes_markup_in_paths_and_exits_1_on_failures(served_bundle, breast_files, tmp_path, capsys):
+    d = tmp_path / "in[put]"
+    d.mkdir()
+    shutil.copy(breast_files["png"][0], d / "[bold]a[1].png")
+    (d / "[red]bad[x].png").write_bytes(b"\x89PNG broken")
+    capsys.readouterr()
+    assert main(["predict", str(served_bundle), str(d)]) == 1
+    got = capsys.readouterr()
+    assert "[red]bad[x].png" in got.err and got.err.count("error:") == 1 and "Traceback" not in got.err
+    assert "1 of 2 files could not be used" in got.out
+    assert main(["predict", str(served_bundle), str(d / "[bold]a[1].png"), "--out", str(tmp_path / "ok[1].jsonl")]) == 0
+    assert "1 predictions written to " + str(tmp_path / "ok[1].jsonl") in capsys.readouterr().out

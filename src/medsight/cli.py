@@ -471,69 +471,69 @@ def deid(
 def predict(
     bundle: Path = typer.Argument(..., help="bundle folder written by `medsight train`"),
     inputs: List[Path] = typer.Argument(..., help="PNG/JPEG/TIFF, DICOM or NIfTI files, or folders (walked recursively)"),
-    out: Optional[Path] = typer.Option(None, help="write results to .csv or .json (default: print a table)"),
+    out: Optional[Path] = typer.Option(None, help="stream results to .csv, .jsonl or .json (default: print a table)"),
     heatmaps: Optional[Path] = typer.Option(None, help="write a Grad-CAM overlay PNG per file into this folder"),
     backend: str = typer.Option("torch", help="torch or onnx (ONNX Runtime; exports model.onnx when missing)"),
     batch_size: int = typer.Option(64, help="files per batch"),
     clinical_csv: Optional[Path] = typer.Option(None, help="image + clinical models: CSV with a 'path' column "
                                                             "(file path or name) and the model's clinical columns"),
 ):
-    """Predict files with a bundle: probabilities, the decision at the bundle's threshold, and an OOD flag."""
-    from medsight.predict import Predictor, default_threads
-    from medsight.bundle import load_bundle
+    """Predict files with a bundle: probabilities, the decision at the bundle's threshold, and an OOD flag.
 
-    if out is not None and out.suffix.lower() not in (".csv", ".json"):
-        raise MedsightError(f"--out must end in .csv or .json, got {out.name!r}")
+    Rows are written as each batch finishes (a crash keeps the rows before it); exit status 1 when any file
+    could not be used."""
+    from rich.markup import escape
+
+    from medsight.bundle import load_bundle
+    from medsight.predict import OUTPUT_SUFFIXES, Predictor, default_threads, expand_inputs, write_predictions
+
+    if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise MedsightError(f"--out must end in .csv or .json (or .jsonl for JSON lines), got {out.name!r}")
     b = load_bundle(bundle)
     predictor = Predictor(b, backend=backend, threads=default_threads(b))
     from medsight.fusion import read_clinical_csv
 
     clinical = read_clinical_csv(clinical_csv) if clinical_csv is not None else None
-    results = predictor.predict_paths(inputs, batch_size=batch_size, heatmaps_dir=heatmaps, clinical=clinical)
-    if not results:
+    files = expand_inputs(inputs)
+    if not files:
         raise MedsightError(f"no image files found in {', '.join(map(str, inputs))}")
-    rows = [r.to_dict() for r in results]
+    results = predictor.iter_predictions(files, batch_size=batch_size, heatmaps_dir=heatmaps, clinical=clinical)
     classes = predictor.classes
-    n_err = sum(r["error"] is not None for r in rows)
+
+    def report_error(p) -> None:  # one line per unusable file, the reader's message (never a traceback)
+        if p.error is not None:
+            console.print(f"[red]error:[/red] {escape(p.error)}", highlight=False, soft_wrap=True)
+
     if out is not None:
-        from medsight.utils import atomic_write_text
-
-        if out.suffix.lower() == ".json":
-            atomic_write_text(out, json.dumps(rows, indent=2))
-        else:
-            import csv
-            import io
-
-            buf = io.StringIO()
-            w = csv.writer(buf)
-            w.writerow(["file", *[f"p_{c}" for c in classes], "predicted", "decision", "threshold", "calibrated",
-                        "model_version", "ood_score", "ood_flag", "error"])
-            for r in rows:
-                probs = [f"{r['probabilities'][c]:.6f}" if r["error"] is None else "" for c in classes]
-                pred = ";".join(r["predicted"]) if isinstance(r["predicted"], list) else (r["predicted"] or "")
-                dec = json.dumps(r["decision"]) if isinstance(r["decision"], list) else ("" if r["decision"] is None else r["decision"])
-                thr = json.dumps(r["threshold"]) if isinstance(r["threshold"], list) else ("" if r["threshold"] is None else r["threshold"])
-                ood = "" if r["ood_score"] is None else f"{r['ood_score']:.3f}"
-                w.writerow([r["file"], *probs, pred, dec, thr, r["calibrated"], r["model_version"], ood,
-                            "" if r["ood_flag"] is None else r["ood_flag"], r["error"] or ""])
-            atomic_write_text(out, buf.getvalue())
-        out_console.print(f"{len(rows)} predictions ({n_err} errors) written to {out}")
+        n, n_err = write_predictions(results, out, classes, on_row=report_error)
+        summary = f"{n} predictions written to {escape(str(out))}"
     else:
-        table = Table(title=f"{bundle} ({results[0].model_version}, threshold {results[0].threshold})")
+        rows = []
+        for p in results:
+            report_error(p)
+            rows.append(p)
+        n, n_err = len(rows), sum(not p.ok for p in rows)
+        table = Table(title=escape(f"{bundle} ({predictor.version}, threshold {predictor.threshold})"))
         table.add_column("file")
         for c in classes:
-            table.add_column(f"p({c})", justify="right")
+            table.add_column(escape(f"p({c})"), justify="right")
         table.add_column("predicted")
         table.add_column("OOD")
         table.add_column("error")
-        for r in rows:
+        for p in rows:
+            r = p.to_dict()
             probs = [f"{r['probabilities'][c]:.4f}" if r["error"] is None else "-" for c in classes]
             pred = ", ".join(r["predicted"]) if isinstance(r["predicted"], list) else (r["predicted"] or "-")
             ood = "-" if r["ood_flag"] is None else ("[yellow]flagged[/yellow]" if r["ood_flag"] else "ok")
-            table.add_row(r["file"], *probs, pred, ood, r["error"] or "")
+            table.add_row(escape(r["file"]), *probs, escape(pred), ood, escape(r["error"] or ""))
         out_console.print(table)
+        summary = f"{n} predictions"
     if heatmaps is not None:
-        out_console.print(f"heatmaps written to {heatmaps}")
+        out_console.print(f"heatmaps written to {escape(str(heatmaps))}", highlight=False, soft_wrap=True)
+    if n_err:
+        out_console.print(f"{summary}; {n_err} of {n} files could not be used (see the error column)", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    out_console.print(f"{summary}, no errors", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -18,18 +18,17 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from medsight.bundle import Bundle, load_bundle
+from medsight.data.io import budget_for, walk_readable
 from medsight.errors import ConfigError, DataError, MedsightError, choices_message, optional_import
 from medsight.data.preprocess import apply_recipe, load_one
 
 BACKENDS = ("torch", "onnx")
-#: file suffixes picked up when a folder is walked (DICOM files often have no suffix: see ``_wanted``)
-INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".ima", ".nii", ".nii.gz")
 
 
 @dataclass
@@ -79,20 +78,14 @@ def model_version(bundle: Bundle) -> str:
     return f"{bundle.meta['model']['name']}-{h.hexdigest()[:12]}"
 
 
-def _wanted(p: Path) -> bool:
-    name = p.name.lower()
-    if name.startswith("."):
-        return False
-    return name.endswith(INPUT_SUFFIXES) or "." not in name
-
-
 def expand_inputs(items: Iterable[str | Path]) -> list[Path]:
-    """Files as given; folders walked recursively (sorted) for image/DICOM/NIfTI files."""
+    """Files as given; folders walked recursively (sorted) for the files ``data.io`` reads
+    (:func:`medsight.data.io.walk_readable`: by suffix, or by content for suffix-less DICOM)."""
     out: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and _wanted(f))
+            out += walk_readable(p)
         else:
             out.append(p)
     return out
@@ -116,6 +109,8 @@ class Predictor:
         self.version = model_version(self.bundle)
         inp = self.bundle.meta["input"]
         self.input_shape = (int(inp["channels"]), *(int(s) for s in inp["size"]))
+        #: decode limits for every file this predictor reads (sized for the model's input)
+        self.budget = budget_for(inp)
         self.threads = threads
         self.model = self.bundle.model.eval()
         self.tta_flip = self.bundle.tta_flip
@@ -264,9 +259,11 @@ class Predictor:
         return apply_recipe(array, meta or {}, self.recipe, name=name)
 
     def load_file(self, path: str | Path, **reader_kw) -> np.ndarray:
+        reader_kw.setdefault("budget", self.budget)
         return load_one(path, self.recipe, name=str(path), **reader_kw)[0]
 
     def load_bytes(self, data: bytes, name: str, **reader_kw) -> np.ndarray:
+        reader_kw.setdefault("budget", self.budget)
         return load_one(data, self.recipe, name=name, **reader_kw)[0]
 
     # --- output ---------------------------------------------------------------------------------------------
@@ -338,6 +335,14 @@ class Predictor:
         """Files and folders (walked recursively) -> one Prediction per file, in order; a file that cannot be
         read or preprocessed gets ``error`` set and does not stop the batch. With ``heatmaps_dir`` a Grad-CAM
         overlay PNG is written per file (``<stem>.heatmap.png``, numbered on name clashes)."""
+        return list(self.iter_predictions(items, batch_size=batch_size, heatmaps_dir=heatmaps_dir, alpha=alpha,
+                                          clinical=clinical))
+
+    def iter_predictions(self, items: Sequence[str | Path], *, batch_size: int = 64,
+                         heatmaps_dir: str | Path | None = None, alpha: float | None = None,
+                         clinical: dict[str, dict] | None = None) -> Iterator[Prediction]:
+        """:meth:`predict_paths` as a generator: each batch's Predictions are yielded, in order, as soon as
+        the batch is done (what :func:`write_predictions` streams)."""
         files = expand_inputs(items)
         results: list[Prediction | None] = [None] * len(files)
         out_dir = Path(heatmaps_dir) if heatmaps_dir is not None else None
@@ -357,30 +362,38 @@ class Predictor:
                         tabs.append(self.encode_clinical([row] if row is not None else None, 1)[0])
                     xs.append(x)
                     idx.append(i)
-                except Exception as e:  # noqa: BLE001 - a bad file must not stop the batch
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as e:  # noqa: BLE001 - a bad file must not stop the batch (incl. PanicException)
                     results[i] = self._error(str(f), e)
-            if not xs:
-                continue
-            batch = np.stack(xs)
-            tab = np.stack(tabs) if tabs else None
-            probs, scores, flags = self.predict_batch(batch, tab)
-            heat = self.heatmaps(batch, tab) if out_dir is not None else None
-            for j, i in enumerate(idx):
-                pred = self._result(str(files[i]), probs[j])
-                if scores is not None:
-                    pred.ood_score, pred.ood_flag = float(scores[j]), bool(flags[j])
-                if heat is not None:
-                    stem = files[i].name.split(".")[0] or "image"
-                    name, k = f"{stem}.heatmap.png", 1
-                    while name in used_names:
-                        k += 1
-                        name = f"{stem}-{k}.heatmap.png"
-                    used_names.add(name)
-                    from medsight.utils import atomic_write_bytes
+            if xs:
+                self._predict_loaded(files, xs, idx, tabs, results, out_dir, used_names, alpha)
+            for i, _ in chunk:
+                if results[i] is not None:
+                    yield results[i]
+                results[i] = None
 
-                    atomic_write_bytes(out_dir / name, self.overlay(xs[j], heat[j], alpha))
-                results[i] = pred
-        return [r for r in results if r is not None]
+    def _predict_loaded(self, files, xs, idx, tabs, results, out_dir, used_names, alpha) -> None:
+        """One batch of loaded inputs -> Predictions into ``results`` (and heatmap PNGs)."""
+        batch = np.stack(xs)
+        tab = np.stack(tabs) if tabs else None
+        probs, scores, flags = self.predict_batch(batch, tab)
+        heat = self.heatmaps(batch, tab) if out_dir is not None else None
+        for j, i in enumerate(idx):
+            pred = self._result(str(files[i]), probs[j])
+            if scores is not None:
+                pred.ood_score, pred.ood_flag = float(scores[j]), bool(flags[j])
+            if heat is not None:
+                stem = files[i].name.split(".")[0] or "image"
+                name, k = f"{stem}.heatmap.png", 1
+                while name in used_names:
+                    k += 1
+                    name = f"{stem}-{k}.heatmap.png"
+                used_names.add(name)
+                from medsight.utils import atomic_write_bytes
+
+                atomic_write_bytes(out_dir / name, self.overlay(xs[j], heat[j], alpha))
+            results[i] = pred
 
     # --- explanations of files ------------------------------------------------------------------------------
     def explain_paths(self, items: Sequence[str | Path], out_dir: str | Path, *, method: str = "gradcam",
@@ -403,7 +416,9 @@ class Predictor:
                 probs, scores, flags = self.predict_batch(x[None], tab)
                 pred = self._result(str(f), probs[0])
                 heat = self.heatmaps(x[None], tab, method=method, class_idx=class_idx)[0]
-            except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # noqa: BLE001 - one bad file must not stop the others (incl. PanicException)
                 yield {"file": str(f), "error": self._error(str(f), e).error, "summary": "", "overlay": None}
                 continue
             stem = Path(f).name.split(".")[0] or "input"
@@ -420,3 +435,57 @@ class Predictor:
             if scores is not None and bool(flags[0]):
                 summary += " [out of distribution: not reliable]"
             yield {"file": str(f), "error": None, "summary": summary, "overlay": png}
+
+
+#: ``write_predictions`` formats, by the output file's suffix
+OUTPUT_SUFFIXES = (".csv", ".json", ".jsonl")
+
+
+def _csv_row(r: dict, classes: Sequence[str]) -> list:
+    import json
+
+    probs = [f"{r['probabilities'][c]:.6f}" if r["error"] is None else "" for c in classes]
+    pred = ";".join(r["predicted"]) if isinstance(r["predicted"], list) else (r["predicted"] or "")
+    dec = json.dumps(r["decision"]) if isinstance(r["decision"], list) else ("" if r["decision"] is None else r["decision"])
+    thr = json.dumps(r["threshold"]) if isinstance(r["threshold"], list) else ("" if r["threshold"] is None else r["threshold"])
+    ood = "" if r["ood_score"] is None else f"{r['ood_score']:.3f}"
+    return [r["file"], *probs, pred, dec, thr, r["calibrated"], r["model_version"], ood,
+            "" if r["ood_flag"] is None else r["ood_flag"], r["error"] or ""]
+
+
+def write_predictions(predictions: Iterable[Prediction], out: str | Path, classes: Sequence[str],
+                      on_row: Callable[[Prediction], None] | None = None) -> tuple[int, int]:
+    """Stream Predictions to ``out`` as they are produced: ``.csv`` (one row per file), ``.jsonl`` (one JSON
+    object per line) or ``.json`` (an array, closed at the end). Each row is flushed when written, so a
+    crash keeps every row before it. ``on_row`` is called after each row. Returns (rows, rows with an error)."""
+    import csv
+    import json
+
+    out = Path(out)
+    kind = out.suffix.lower()
+    if kind not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"output file must end in {', '.join(OUTPUT_SUFFIXES)}, got {out.name!r}")
+    n = n_err = 0
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh) if kind == ".csv" else None
+        if w is not None:
+            w.writerow(["file", *[f"p_{c}" for c in classes], "predicted", "decision", "threshold", "calibrated",
+                        "model_version", "ood_score", "ood_flag", "error"])
+        elif kind == ".json":
+            fh.write("[")
+        for p in predictions:
+            r = p.to_dict()
+            if w is not None:
+                w.writerow(_csv_row(r, classes))
+            elif kind == ".jsonl":
+                fh.write(json.dumps(r) + "\n")
+            else:
+                fh.write(("\n" if n == 0 else ",\n") + json.dumps(r, indent=None))
+            fh.flush()
+            n += 1
+            n_err += r["error"] is not None
+            if on_row is not None:
+                on_row(p)
+        if kind == ".json":
+            fh.write("\n]\n")
+    return n, n_err

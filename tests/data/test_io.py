@@ -461,3 +461,54 @@ def test_nifti_nan_and_bomb_refused(tmp_path):
         read_image(ok, max_elements=10)
     with pytest.raises(DataError, match="ok.nii: window='dicom' only applies to DICOM"):
         read_image(ok, window="dicom")
+
+
+# ----------------------------------------------------------------------------- format ownership and codestream parsers
+
+
+def test_sniff_nifti_gz_and_readable_files(tmp_path):
+    from medsight.data.io import file_format, is_readable_file, is_readable_name, walk_readable
+
+    nii = _nifti(tmp_path / "v.nii.gz", np.ones((4, 4, 4), np.float32))
+    assert sniff_format(nii.read_bytes()[:600]) == "nifti-gz"  # from the inflated header, no name needed
+    assert sniff_format(b"\x1f\x8b\x08", "scan.nii.gz") == "nifti-gz"
+    assert is_readable_name("A.DCM") and is_readable_name("v.nii.gz") and not is_readable_name(".x.png")
+    assert not is_readable_name("DICOMDIR") and not is_readable_name("notes.txt")
+    dcm = tmp_path / "sub" / "IM0001"  # suffix-less DICOM: found by content
+    dcm.parent.mkdir()
+    dcm.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    (tmp_path / "sub" / "README").write_text("not an image")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "a.png").write_bytes(b"x")
+    assert file_format(dcm) == "dicom" and is_readable_file(dcm)
+    assert not is_readable_file(tmp_path / "sub" / "README")
+    assert [p.name for p in walk_readable(tmp_path)] == ["IM0001", "v.nii.gz"]
+
+
+def test_codestream_header_parsers():
+    import struct
+
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    from medsight.data.io import j2k_frame_size, jpeg_frame_size, rle_check
+
+    def first_frame(name):
+        ds = pydicom.dcmread(str(Path(pydicom.__file__).parent / "data" / "test_files" / name))
+        return next(generate_frames(ds.PixelData, number_of_frames=1))
+
+    assert jpeg_frame_size(first_frame("SC_rgb_jpeg_dcmtk.dcm")) == (100, 100, 3)
+    assert jpeg_frame_size(first_frame("MR_small_jpeg_ls_lossless.dcm")) == (64, 64, 1)  # SOF55
+    assert j2k_frame_size(first_frame("MR_small_jp2klossless.dcm")) == (64, 64, 1)
+    rle = first_frame("SC_rgb_rle.dcm")
+    rle_check(rle, 3)
+    with pytest.raises(ValueError, match="lists 3 segments; .* needs 6"):
+        rle_check(rle, 6)
+    with pytest.raises(ValueError, match="not increasing"):
+        rle_check(struct.pack("<16I", 2, 64, 64, *[0] * 13) + b"\0" * 8, 2)
+    with pytest.raises(ValueError, match="SOI"):
+        jpeg_frame_size(b"\x00\x01")
+    with pytest.raises(ValueError, match="no JPEG frame header"):
+        jpeg_frame_size(b"\xff\xd8\xff\xe0\x00\x04ab\xff\xd9")
+    with pytest.raises(ValueError, match="not a JPEG 2000 codestream"):
+        j2k_frame_size(b"\x00" * 64)

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from medsight.data.io import DICOM_SUFFIXES, IMAGE_SUFFIXES, read_image, resolve_window
+from medsight.data.io import READABLE_SUFFIXES, file_format, is_readable_file, read_image, resolve_window
 from medsight.data.preprocess import INTENSITY_MODES, convert_channels, make_recipe, preprocess_array
 from medsight.errors import DataError, choices_message
 
@@ -32,19 +32,7 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
 
 
 def _is_image_file(p: Path) -> bool:
-    name = p.name.lower()
-    if name.startswith(".") or name in ("dicomdir", "thumbs.db", "desktop.ini"):
-        return False
-    if name.endswith((".nii", ".nii.gz")):
-        return True
-    suffix = p.suffix.lower()
-    return suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES and suffix != "" or (suffix == "" and _looks_dicom(p))
-
-
-def _looks_dicom(p: Path) -> bool:
-    from medsight.data.deid import is_dicom_file
-
-    return is_dicom_file(p)
+    return is_readable_file(p)  # data.io answers "can this file be read"
 
 
 def _class_samples(class_dir: Path) -> list[Path]:
@@ -58,7 +46,7 @@ def _class_samples(class_dir: Path) -> list[Path]:
         elif entry.is_dir():
             files = [f for f in entry.iterdir() if f.is_file() and not f.name.startswith(".")]
             subdirs = [f for f in entry.iterdir() if f.is_dir()]
-            dicoms = [f for f in files if f.suffix.lower() in (".dcm", ".dicom", ".ima") or (f.suffix == "" and _looks_dicom(f))]
+            dicoms = [f for f in files if file_format(f) == "dicom"]
             if not subdirs and len(dicoms) >= 2 and len(dicoms) == len([f for f in files if _is_image_file(f)]):
                 out.append(entry)  # a DICOM series folder is one volume sample
             else:
@@ -85,7 +73,7 @@ def scan_class_folders(root: str | os.PathLike) -> list[dict]:
             for f in _class_samples(class_dir):
                 records.append({"path": str(f), "label": class_dir.name, "split": split, "patient_id": None})
     if not records:
-        raise DataError(f"cannot scan {r}: no image files found (looked for {', '.join(sorted(IMAGE_SUFFIXES | {'.dcm', '.nii', '.nii.gz'}))})")
+        raise DataError(f"cannot scan {r}: no image files found (looked for {', '.join(READABLE_SUFFIXES)} and suffix-less DICOM)")
     return records
 
 

@@ -21,7 +21,7 @@ from typing import Iterable
 
 import numpy as np
 
-from medsight.data.io import FILE_WINDOW, apply_window, read_image, read_image_bytes, resolve_window
+from medsight.data.io import FILE_WINDOW, DecodeBudget, apply_window, budget_for, read_image, read_image_bytes, resolve_window
 from medsight.errors import DataError, choices_message
 
 INTENSITY_MODES = ("auto", "range", "minmax", "percentile", "none")
@@ -168,12 +168,17 @@ def apply_recipe(array: np.ndarray, meta: dict, recipe: dict, *, name: object = 
 
 
 def load_one(source: str | os.PathLike | bytes, recipe: dict, *, name: str | None = None,
-             **reader_kw) -> tuple[np.ndarray, dict]:
-    """Read one file (path, or bytes + ``name``) and apply a recipe: what predict, explain and serve call."""
+             budget: DecodeBudget | None = None, **reader_kw) -> tuple[np.ndarray, dict]:
+    """Read one file (path, or bytes + ``name``) and apply a recipe: what predict, explain and serve call.
+
+    The file is decoded within ``budget`` (default: ``budget_for(recipe)``, sized for the model's input), so
+    predict, explain and the service refuse the same oversized or lying files before decoding them."""
     window = recipe.get("window")
     read_window = tuple(window) if isinstance(window, list) else window
+    if budget is None:
+        budget = budget_for(recipe)
     if isinstance(source, (bytes, bytearray)):
-        arr, meta = read_image_bytes(source, name or "upload", window=read_window, **reader_kw)
+        arr, meta = read_image_bytes(source, name or "upload", window=read_window, budget=budget, **reader_kw)
     else:
-        arr, meta = read_image(source, window=read_window, **reader_kw)
+        arr, meta = read_image(source, window=read_window, budget=budget, **reader_kw)
     return apply_recipe(arr, meta, recipe, name=name or source), meta
