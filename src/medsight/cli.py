@@ -481,6 +481,7 @@ def serve(
     key = resolve_api_key(api_key, api_key_file)
     hosts = default_allowed_hosts(host) if allowed_hosts is None else [h for h in allowed_hosts.split(",") if h.strip()]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    sys.setswitchinterval(0.001)  # hand the GIL to the event loop (/healthz, uploads) more often than every 5 ms
     application = create_app(bundle, api_key=key, max_upload_mb=max_upload_mb, backend=backend, threads=threads,
                              workers=workers, queue=queue, deadline_s=deadline, body_timeout_s=body_timeout,
                              allowed_hosts=hosts)

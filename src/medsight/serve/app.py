@@ -145,8 +145,9 @@ def parse_clinical(raw: bytes) -> dict:
     return value
 
 
-def parse_form(body: bytes, content_type: str, field: str = "file") -> tuple[str, bytes, dict[str, bytes]]:
-    """multipart/form-data body (in memory) -> (filename, bytes) of ``field`` and the other fields' raw bytes.
+def parse_form(body: bytes | list[bytes], content_type: str, field: str = "file") -> tuple[str, bytes, dict[str, bytes]]:
+    """multipart/form-data body (in memory: bytes or the received chunks) -> (filename, bytes) of ``field`` and
+    the other fields' raw bytes.
 
     Only the fields in :data:`FORM_FIELDS` are accepted, each once; fields other than the file are capped at
     :data:`MAX_FIELD_BYTES` and a form at :data:`MAX_PARTS` parts (checked while parsing, before buffering)."""
@@ -212,7 +213,8 @@ def parse_form(body: bytes, content_type: str, field: str = "file") -> tuple[str
                  "on_part_end": on_part_end}
     try:
         parser = MultipartParser(boundary, callbacks)
-        parser.write(body)
+        for chunk in ([body] if isinstance(body, (bytes, bytearray)) else body):
+            parser.write(chunk)
         parser.finalize()
     except UploadError:
         raise
@@ -634,7 +636,7 @@ def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_uploa
                                     "description": "flat JSON object of clinical column values (required by "
                                                    f"image + clinical models; at most {MAX_FIELD_BYTES // 1024} KB)"}}}}}}}
 
-    async def read_body(request: Request) -> bytes:
+    async def read_body(request: Request) -> list[bytes]:
         loop = asyncio.get_running_loop()
         end = loop.time() + body_timeout_s
         chunks, size = [], 0
@@ -650,9 +652,9 @@ def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_uploa
             if size > limit + _MULTIPART_SLACK:
                 raise UploadError(413, f"upload is larger than the {max_upload_mb:g} MB limit")
             chunks.append(chunk)
-        return b"".join(chunks)
+        return chunks  # parsed chunk by chunk off the event loop: never joined here
 
-    def parse(body: bytes, content_type: str) -> tuple[str, bytes, dict | None]:
+    def parse(body: list[bytes], content_type: str) -> tuple[str, bytes, dict | None]:
         name, data, fields = parse_form(body, content_type)
         clinical = parse_clinical(fields["clinical"]) if "clinical" in fields else None
         if len(data) > limit:

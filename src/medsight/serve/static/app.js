@@ -47,7 +47,7 @@
         box.appendChild(label);
       }
       box.hidden = clinicalColumns.length === 0;
-      $("model-info").textContent = m.name + " · " + m.task + " · classes: " + m.classes.join(", ") +
+      $("model-info").textContent = m.name + " · " + m.task + " · classes: " + m.classes.map((c) => "\u201c" + c + "\u201d").join(", ") +
         " · threshold " + (m.threshold === null ? "default" : JSON.stringify(m.threshold)) +
         " · " + m.model_version;
       const margin = m.review_margin;
@@ -182,6 +182,10 @@
     }
   }
 
+  // Space opens a focused file input natively; Enter should too (keyboard users press Enter on a "button")
+  $("file").addEventListener("keydown", (e) => {
+    if (e.key === "Enter") { e.preventDefault(); e.target.click(); }
+  });
   $("file").addEventListener("change", (e) => { predict(e.target.files[0]); e.target.value = ""; });
   const drop = $("drop");
   ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
