@@ -140,8 +140,9 @@
     if (res.colorbar_png) $("colorbar").src = "data:image/png;base64," + res.colorbar_png;
     $("colorbar-box").hidden = !res.colorbar_png;
     if (res.display_size && model) {
-      $("image-note").textContent = "shown at " + res.display_size[0] + "\u00d7" + res.display_size[1] +
-        " px as windowed for the model; the model sees it resized to " + model.input.size.join("\u00d7");
+      const own = res.display_size.join("\u00d7"), input = model.input.size.join("\u00d7");
+      $("image-note").textContent = "shown at its own " + own + " px, windowed as for the model; " +
+        (own === input ? "the model sees it at this size" : "the model sees it resized to " + input);
     }
     $("result").hidden = false;
   }
