@@ -593,8 +593,11 @@ def test_serve_command_key_file_hosts_and_warning(served_bundle, tmp_path, monke
 
     from medsight.cli import main
 
+    import sys
+
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setattr(sys, "setswitchinterval", lambda s: seen.update(switch=s))  # not for the test process
     monkeypatch.delenv("MEDSIGHT_API_KEY", raising=False)
     keyfile = tmp_path / "key.txt"
     keyfile.write_text("file-key-123\n")
@@ -604,7 +607,7 @@ def test_serve_command_key_file_hosts_and_warning(served_bundle, tmp_path, monke
     assert c.get("/v1/model").status_code == 401
     assert c.get("/v1/model", headers={"X-API-Key": "file-key-123"}).status_code == 200
     assert c.get("/healthz", headers={"host": "rebound.example"}).status_code == 421  # loopback bind: loopback names
-    assert seen["app"].state.admission.capacity == 7 and seen["host"] == "127.0.0.1"
+    assert seen["app"].state.admission.capacity == 7 and seen["host"] == "127.0.0.1" and seen["switch"] == 0.001
     assert "warning" not in capsys.readouterr().err
 
     assert main(["serve", str(served_bundle), "--backend", "torch", "--host", "0.0.0.0"]) == 0
