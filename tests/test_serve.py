@@ -629,3 +629,22 @@ def test_serve_command_key_file_hosts_and_warning(served_bundle, tmp_path, monke
             bad.write_text("\n")
         assert main(["serve", str(served_bundle), "--api-key-file", str(bad)]) == 2
         assert why in capsys.readouterr().err
+
+
+def test_client_that_disconnects_mid_upload_is_no_500(served_bundle, caplog):
+    import socket
+
+    import httpx
+
+    app = create_app(served_bundle, backend="torch", workers=1, queue=0, body_timeout_s=30)
+    with caplog.at_level(logging.INFO, logger="medsight.serve"), _Server(app) as srv:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                  b"Content-Length: 100000\r\n\r\n--x\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nabc")
+        _wait_for(lambda: app.state.admission.active == 1)
+        s.close()  # gone before the body ended
+        _wait_for(lambda: app.state.admission.active == 0)  # its slot is free again, well before the 30 s timeout
+        assert httpx.get(srv.url + "/healthz").status_code == 200
+        _wait_for(lambda: sum("path=/v1/predict" in r.getMessage() for r in caplog.records) == 1)
+    lines = [r.getMessage() for r in caplog.records if "path=/v1/predict" in r.getMessage()]
+    assert "status=500" not in lines[0] and not any(r.exc_info for r in caplog.records)
