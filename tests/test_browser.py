@@ -1,6 +1,8 @@
-"""The web page in a real browser (Debian chromium via playwright): upload PNG and DICOM, compare with the API.
+"""The web page in a real browser (Debian chromium via playwright): upload PNG and DICOM, compare with the API;
+keyboard-only use, no stale result, no verdict for results that need review.
 
 Needs /usr/bin/chromium. With CI=true a missing browser FAILS the test; locally it is skipped.
+MEDSIGHT_SCREENSHOT_DIR=docs also writes page-1280.png and page-390.png there.
 """
 
 import os
@@ -65,6 +67,69 @@ def server(served_bundle):
     t.join(timeout=10)
 
 
+KEY = "browser-key"
+
+
+def _api(server, path_or_bytes, name="x.png"):
+    import httpx
+
+    data = path_or_bytes.read_bytes() if hasattr(path_or_bytes, "read_bytes") else path_or_bytes
+    r = httpx.post(server + "/v1/predict", files={"file": (name, data)}, headers={"X-API-Key": KEY}, timeout=30)
+    assert r.status_code == 200
+    return r.json()
+
+
+def _png_bytes(arr) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(arr, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            pg = browser.new_page()
+            pg.external = []
+            pg.choosers = []  # file choosers the page opened (interception on from the start: no race)
+            pg.on("filechooser", lambda fc: pg.choosers.append(fc))
+            pg.on("request", lambda req: None if req.url.startswith((server, "data:")) else pg.external.append(req.url))
+            pg.goto(server + "/")
+            pg.wait_for_selector("#key-row:not([hidden])")
+            yield pg
+        finally:
+            browser.close()
+
+
+def _unlock(page):
+    page.fill("#api-key", KEY)
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_function("() => document.getElementById('model-info').textContent.includes('simple_cnn')")
+
+
+def _upload(page, path):
+    page.set_input_files("#file", str(path))
+    page.wait_for_function(f"() => document.getElementById('result').dataset.file === '{path.name}' && "
+                           f"document.getElementById('result').dataset.state === 'done'")
+
+
+def _prominent_texts(page) -> list[str]:
+    """Visible text drawn bold or large inside the result panel."""
+    return page.evaluate("""() => [...document.querySelectorAll('#result *')].filter(e => {
+        const s = getComputedStyle(e); const r = e.getBoundingClientRect();
+        return r.width > 0 && r.height > 0 && s.visibility !== 'hidden' && e.childElementCount === 0 &&
+               (parseInt(s.fontWeight) >= 600 || parseFloat(s.fontSize) >= 20);
+    }).map(e => e.textContent)""")
+
+
 def test_page_shows_the_api_prediction(server, breast_files):
     import httpx
     from playwright.sync_api import sync_playwright
@@ -87,12 +152,19 @@ def test_page_shows_the_api_prediction(server, breast_files):
             page.wait_for_selector("#key-row:not([hidden])")
             page.fill("#api-key", "browser-key")
             page.dispatch_event("#api-key", "change")
-            page.wait_for_function("document.getElementById('model-info').textContent.includes('simple_cnn')")
+            page.wait_for_function("() => document.getElementById('model-info').textContent.includes('simple_cnn')")
             for f, exp in zip(files, expected):
                 page.set_input_files("#file", str(f))
-                page.wait_for_function(f"document.getElementById('result').dataset.state === 'done' && "
+                page.wait_for_function(f"() => document.getElementById('result').dataset.state === 'done' && "
                                        f"document.getElementById('result').dataset.file === '{f.name}'")
-                assert page.text_content("#pred-class") == exp["predicted"]
+                if exp["review"]:  # near the threshold: no verdict, the reasons instead
+                    assert not page.is_visible("#verdict") and page.is_visible("#review")
+                    assert page.text_content("#pred-class") == ""
+                    assert page.text_content("#review-reasons") == "".join(exp["review_reasons"])
+                else:
+                    assert page.is_visible("#verdict") and not page.is_visible("#review")
+                    assert page.text_content("#pred-class") == exp["predicted"]
+                assert page.get_attribute("#result", "data-predicted") == exp["predicted"]
                 rows = page.query_selector_all(".prob-row")
                 shown = {r.get_attribute("data-class"): (r.query_selector(".prob-text").text_content(),
                                                         float(r.get_attribute("data-prob"))) for r in rows}
@@ -108,10 +180,135 @@ def test_page_shows_the_api_prediction(server, breast_files):
             assert page.eval_on_selector("#heatmap", "e => e.style.opacity") == "0.8"
             # a bad file shows the API's error, not a crash
             bad = breast_files["root"] / "bad.png"
-            bad.write_bytes(b"\x89PNG broken")
+            bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")  # a PNG signature, then garbage
             page.set_input_files("#file", str(bad))
-            page.wait_for_function("document.getElementById('result').dataset.state === 'error'")
+            page.wait_for_function("() => document.getElementById('result').dataset.state === 'error'")
             assert "422" in page.text_content("#status")
             assert external == []
         finally:
             browser.close()
+
+
+def test_before_any_upload_no_result_is_visible(page):
+    _unlock(page)
+    assert not page.is_visible("#result") and page.query_selector("#result").bounding_box() is None
+    for sel in ("#verdict", "#review", "#probs", "#image", "#heatmap"):
+        assert not page.is_visible(sel), sel
+    assert page.is_visible("label[for=file]") and page.text_content("#status") == ""
+    assert page.external == []
+
+
+def _wait_chooser(page, n: int) -> None:
+    for _ in range(100):
+        if len(page.choosers) >= n:
+            return
+        page.wait_for_timeout(100)
+    pytest.fail(f"no file chooser opened ({len(page.choosers)} of {n})")
+
+
+def test_keyboard_only_upload(page, breast_files):
+    # API key by keyboard: Tab to the field, type it, Tab away (change event)
+    for _ in range(10):
+        if page.evaluate("document.activeElement.id") == "api-key":
+            break
+        page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    page.keyboard.type(KEY)
+    page.keyboard.press("Tab")
+    page.wait_for_function("() => document.getElementById('model-info').textContent.includes('simple_cnn')")
+    for _ in range(10):
+        if page.evaluate("document.activeElement.id") == "file":
+            break
+        page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "file"
+    # the focused control is visibly marked (focus ring on its label)
+    assert page.evaluate("getComputedStyle(document.querySelector('label[for=file]')).outlineStyle") == "solid"
+    # and announced with a name: its label
+    assert page.evaluate("document.getElementById('file').labels[0].textContent").startswith("Choose a scan")
+    f = breast_files["png"][3]
+    page.keyboard.press("Enter")
+    _wait_chooser(page, 1)
+    page.choosers[0].set_files(str(f))
+    page.wait_for_function(f"() => document.getElementById('result').dataset.file === '{f.name}'")
+    assert page.is_visible("#result") and page.get_attribute("#status", "aria-live") == "polite"
+    assert f.name in page.text_content("#status")
+    page.focus("#file")
+    page.keyboard.press(" ")  # Space opens it too
+    _wait_chooser(page, 2)
+
+
+def test_failed_upload_after_a_good_one_shows_no_prediction(page, breast_files):
+    _unlock(page)
+    good = breast_files["png"][2]
+    _upload(page, good)
+    shown = page.get_attribute("#result", "data-predicted")
+    assert page.is_visible("#result") and shown
+    bad = breast_files["root"] / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    page.set_input_files("#file", str(bad))
+    page.wait_for_function("() => document.getElementById('result').dataset.state === 'error'")
+    assert "422" in page.text_content("#status") and "broken.png" in page.text_content("#status")
+    assert not page.is_visible("#result") and page.query_selector("#result").bounding_box() is None
+    assert page.text_content("#pred-class") == "" and page.query_selector_all(".prob-row") == []
+    assert page.get_attribute("#image", "src") is None
+    body = page.inner_text("main")  # (the header names the classes)
+    assert "Prediction" not in body and shown not in body and "malignant" not in body
+
+
+def test_ood_scan_gets_no_verdict(page, server, breast_files):
+    import numpy as np
+
+    _unlock(page)
+    noise = breast_files["root"] / "noise.png"
+    noise.write_bytes(_png_bytes(np.random.default_rng(0).integers(0, 255, (28, 28))))
+    exp = _api(server, noise)
+    assert exp["ood_flag"] is True and exp["review"] is True
+    _upload(page, noise)
+    assert not page.is_visible("#verdict") and page.is_visible("#review")
+    assert "does not look like the training data" in page.text_content("#review")
+    for text in _prominent_texts(page):  # nothing bold or large names a class
+        assert not any(c in text for c in exp["probabilities"]), text
+    assert "needs review" in page.text_content("#status")
+
+
+def test_scan_shown_at_its_own_resolution_with_colour_scale(page, server, breast_files):
+    import numpy as np
+    from PIL import Image
+
+    _unlock(page)
+    img = Image.fromarray(breast_files["images"][5].reshape(28, 28).astype(np.uint8)).resize((200, 150))
+    wide = breast_files["root"] / "wide.png"
+    wide.write_bytes(_png_bytes(np.asarray(img)))
+    _upload(page, wide)
+    natural = page.evaluate("[document.getElementById('image').naturalWidth, document.getElementById('image').naturalHeight]")
+    heat = page.evaluate("[document.getElementById('heatmap').naturalWidth, document.getElementById('heatmap').naturalHeight]")
+    assert natural == heat == [200, 150]
+    box, hbox = page.query_selector("#image").bounding_box(), page.query_selector("#heatmap").bounding_box()
+    assert box == hbox and box["width"] / box["height"] == pytest.approx(200 / 150, rel=0.02)
+    assert page.is_visible("#colorbar") and page.text_content("#colorbar-box figcaption").startswith("0")
+    assert page.text_content("#colorbar-box figcaption").endswith("1")
+    assert "own 200\u00d7150 px" in page.text_content("#image-note") and "resized to 28\u00d728" in page.text_content("#image-note")
+    pos = page.text_content("#positive")
+    classes = list(_api(server, wide)["probabilities"])
+    assert pos.startswith(f"Probability of \u201c{classes[1]}\u201d")
+    assert "the scan does not look like the training data" in page.text_content("#rule") or "within 0.1" in page.text_content("#rule")
+
+
+def test_screenshots(page, breast_files, medmnist_dir):
+    """Screenshots of the page after a prediction, at 1280 and 390 px wide (MEDSIGHT_SCREENSHOT_DIR to keep them)."""
+    import numpy as np
+
+    out = os.environ.get("MEDSIGHT_SCREENSHOT_DIR")
+    _unlock(page)
+    scan = np.load(medmnist_dir / "breastmnist_64.npz")["test_images"][2]
+    f = breast_files["root"] / "breast_64.png"
+    f.write_bytes(_png_bytes(scan))
+    for width, height in ((1280, 900), (390, 1200)):
+        page.set_viewport_size({"width": width, "height": height})
+        _upload(page, f)
+        page.wait_for_function("() => document.getElementById('image').complete && document.getElementById('heatmap').complete")
+        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0, f"horizontal scroll at {width} px"
+        if out:
+            page.evaluate("() => document.activeElement.blur()")
+            page.screenshot(path=os.path.join(out, f"page-{width}.png"), full_page=True)

@@ -561,21 +561,37 @@ def serve(
     port: int = typer.Option(8000),
     api_key: Optional[str] = typer.Option(None, envvar="MEDSIGHT_API_KEY",
                                           help="require this key (X-API-Key or Authorization: Bearer); env MEDSIGHT_API_KEY"),
+    api_key_file: Optional[Path] = typer.Option(None, help="read the API key from this file (first line)"),
+    allowed_hosts: Optional[str] = typer.Option(None, help="comma-separated Host names to accept ('*' any; "
+                                                "default: localhost,127.0.0.1,[::1] for a loopback --host, any otherwise)"),
     max_upload_mb: float = typer.Option(50, help="largest accepted upload"),
     backend: str = typer.Option("onnx", help="onnx (ONNX Runtime) or torch"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads per inference (default: by model size)"),
+    workers: Optional[int] = typer.Option(None, min=1, help="predictions run at once (default: the core count)"),
+    queue: Optional[int] = typer.Option(None, min=0, help="predictions waiting beyond --workers before 503 (default: 2 x workers)"),
+    deadline: float = typer.Option(30.0, min=0.1, help="seconds a prediction may take, queue wait included (503/504 after)"),
+    body_timeout: float = typer.Option(60.0, min=0.1, help="seconds to receive an upload (408 after)"),
 ):
     """Serve a bundle: REST API (/v1/predict, /v1/model, /healthz, /docs) and a web page at /."""
     import logging
 
     import uvicorn
 
-    from medsight.serve.app import create_app
+    from medsight.serve.app import bind_warning, create_app, default_allowed_hosts, resolve_api_key
 
+    key = resolve_api_key(api_key, api_key_file)
+    hosts = default_allowed_hosts(host) if allowed_hosts is None else [h for h in allowed_hosts.split(",") if h.strip()]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    application = create_app(bundle, api_key=api_key or None, max_upload_mb=max_upload_mb, backend=backend,
-                             threads=threads)
-    console.print(f"serving {bundle} on http://{host}:{port}" + (" (API key required)" if api_key else ""), soft_wrap=True)
+    sys.setswitchinterval(0.001)  # hand the GIL to the event loop (/healthz, uploads) more often than every 5 ms
+    application = create_app(bundle, api_key=key, max_upload_mb=max_upload_mb, backend=backend, threads=threads,
+                             workers=workers, queue=queue, deadline_s=deadline, body_timeout_s=body_timeout,
+                             allowed_hosts=hosts)
+    warning = bind_warning(host, key)
+    if warning:
+        console.print(f"[yellow]{warning}[/yellow]", highlight=False, soft_wrap=True)
+    gate = application.state.admission
+    console.print(f"serving {bundle} on http://{host}:{port}" + (" (API key required)" if key else "")
+                  + f"; {gate.workers} workers, queue {gate.queue}", soft_wrap=True, highlight=False)
     uvicorn.run(application, host=host, port=port, access_log=False, log_level="warning")
 
 

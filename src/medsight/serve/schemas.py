@@ -11,6 +11,8 @@ class Health(BaseModel):
     status: str = "ok"
     model_version: str
     auth_required: bool = Field(description="whether /v1/* needs an API key (X-API-Key or Authorization: Bearer)")
+    busy: int = Field(0, description="predictions admitted now (running or queued)")
+    capacity: int = Field(0, description="most predictions admitted at once (workers + queue); more get 503")
 
 
 class InputSpec(BaseModel):
@@ -37,6 +39,9 @@ class ModelInfo(BaseModel):
     max_upload_mb: float
     clinical_columns: list[str] = Field(default_factory=list, description="clinical values required with each scan "
                                                                          "(form field 'clinical', a JSON object)")
+    review_margin: float = Field(description="a result is flagged for review when a probability is within this "
+                                             "of its threshold (multiclass: the top two within this of each other)")
+    ood_threshold: Optional[float] = Field(None, description="OOD scores above this are flagged (None: no detector)")
 
 
 class PredictResponse(BaseModel):
@@ -51,10 +56,20 @@ class PredictResponse(BaseModel):
     ood_score: Optional[float] = Field(None, description="out-of-distribution score (higher = less like the training data)")
     ood_flag: Optional[bool] = Field(None, description="true when the scan does not look like the training data: "
                                                        "treat the prediction as unreliable")
+    review: bool = Field(False, description="true when the result must not be read as a verdict: out of distribution "
+                                            "or within review_margin of the threshold (see review_reasons)")
+    review_reasons: list[str] = Field(default_factory=list, description="why the result needs review")
     heatmap_png: Optional[str] = Field(None, description="base64 PNG: Grad-CAM overlay on the model input "
                                                          "(alpha 0.45); only with ?explain=true")
     colormap_png: Optional[str] = Field(None, description="base64 PNG: the heatmap alone, colour-mapped")
     image_png: Optional[str] = Field(None, description="base64 PNG: the model input as the model saw it")
+    display_png: Optional[str] = Field(None, description="base64 PNG: the upload at its own resolution (longest side "
+                                                         "at most 1024 px), windowed/normalised by the bundle's recipe; "
+                                                         "3D: the middle axial slice; only with ?explain=true")
+    display_heatmap_png: Optional[str] = Field(None, description="base64 PNG: the heatmap resampled to display_png's "
+                                                                 "size, colour-mapped (overlay it with any opacity)")
+    display_size: Optional[list[int]] = Field(None, description="[width, height] of display_png")
+    colorbar_png: Optional[str] = Field(None, description="base64 PNG: the colour scale, heatmap 0 (left) to 1 (right)")
 
 
 class ErrorResponse(BaseModel):

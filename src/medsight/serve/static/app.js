@@ -2,6 +2,9 @@
 (function () {
   const $ = (id) => document.getElementById(id);
   let authRequired = false;
+  let model = null; // /v1/model
+  let clinicalColumns = [];
+  let current = 0; // id of the latest upload: answers to older uploads are dropped
 
   function headers() {
     const h = {};
@@ -14,8 +17,6 @@
     $("status").textContent = text;
     $("status").className = isError ? "error" : "";
   }
-
-  let clinicalColumns = [];
 
   async function loadModel() {
     try {
@@ -32,6 +33,7 @@
         return;
       }
       const m = await r.json();
+      model = m;
       clinicalColumns = m.clinical_columns || [];
       const box = $("clinical");
       box.textContent = "";
@@ -45,25 +47,70 @@
         box.appendChild(label);
       }
       box.hidden = clinicalColumns.length === 0;
-      $("model-info").textContent = m.name + " · " + m.task + " · classes: " + m.classes.join(", ") +
+      $("model-info").textContent = m.name + " · " + m.task + " · classes: " + m.classes.map((c) => "\u201c" + c + "\u201d").join(", ") +
         " · threshold " + (m.threshold === null ? "default" : JSON.stringify(m.threshold)) +
         " · " + m.model_version;
+      const margin = m.review_margin;
+      const near = m.task === "binary" || m.task === "multilabel"
+        ? "a probability is within " + margin + " of its threshold"
+        : "the two most likely classes are within " + margin + " of each other";
+      $("rule").textContent = "A result is shown as \u201cnot reliable: needs review\u201d instead of a prediction when " +
+        (m.ood_threshold !== null && m.ood_threshold !== undefined ? "the scan does not look like the training data " +
+          "(out-of-distribution score above " + m.ood_threshold.toFixed(1) + ") or when " : "") + near + ".";
     } catch (e) {
       $("model-info").textContent = "cannot reach the server";
     }
   }
 
+  // Forget everything about the previous result: nothing stale may stay on screen.
+  function clearResult() {
+    $("result").hidden = true;
+    delete $("result").dataset.file;
+    delete $("result").dataset.review;
+    $("verdict").hidden = true;
+    $("review").hidden = true;
+    $("pred-class").textContent = "";
+    $("review-reasons").textContent = "";
+    $("positive").textContent = "";
+    $("pred-meta").textContent = "";
+    $("image-note").textContent = "";
+    $("probs").textContent = "";
+    for (const id of ["image", "heatmap", "colorbar"]) $(id).removeAttribute("src");
+  }
+
+  function fmt(p) { return p.toFixed(4); }
+
   function showResult(res) {
-    $("pred-class").textContent = Array.isArray(res.predicted) ? (res.predicted.join(", ") || "none") : res.predicted;
-    const ood = $("ood-warning");
-    ood.hidden = res.ood_flag !== true;
-    ood.textContent = res.ood_flag ? "Warning: this scan does not look like the training data (OOD score " +
-      res.ood_score.toFixed(1) + "); the prediction is unreliable." : "";
-    $("pred-meta").textContent = "threshold " + JSON.stringify(res.threshold) +
-      (res.calibrated ? " · calibrated (T=" + res.temperature.toFixed(3) + ")" : " · uncalibrated") +
+    const review = res.review === true || res.ood_flag === true;
+    const reasons = res.review_reasons || [];
+    if (res.ood_flag === true && reasons.length === 0) reasons.push("the scan does not look like the training data");
+    const predicted = Array.isArray(res.predicted) ? (res.predicted.join(", ") || "none") : res.predicted;
+    $("result").dataset.review = String(review);
+    $("result").dataset.predicted = predicted;
+    if (review) {
+      const ul = $("review-reasons");
+      for (const why of reasons) {
+        const li = document.createElement("li");
+        li.textContent = why;
+        ul.appendChild(li);
+      }
+      $("review").hidden = false;
+    } else {
+      $("pred-class").textContent = predicted;
+      $("verdict").hidden = false;
+    }
+    const names = Object.keys(res.probabilities);
+    if (names.length === 2 && !Array.isArray(res.predicted)) {
+      // binary: name the positive class (from the API, else the model's class list) and its probability
+      const pos = res.positive_class || (model && model.classes && model.classes[1]) || names[1];
+      $("positive").textContent = "Probability of \u201c" + pos + "\u201d: " + fmt(res.probabilities[pos]) +
+        " (threshold " + (typeof res.threshold === "number" ? res.threshold.toFixed(3) : JSON.stringify(res.threshold)) + ")";
+    }
+    $("pred-meta").textContent = (review ? "model output: " + predicted + " · " : "") +
+      (res.calibrated ? "calibrated (T=" + res.temperature.toFixed(3) + ")" : "uncalibrated") +
+      (res.ood_score !== null && res.ood_score !== undefined ? " · OOD score " + res.ood_score.toFixed(1) : "") +
       " · " + res.model_version;
     const probs = $("probs");
-    probs.textContent = "";
     for (const [name, p] of Object.entries(res.probabilities)) {
       const row = document.createElement("div");
       row.className = "prob-row";
@@ -74,24 +121,36 @@
       label.textContent = name;
       const bar = document.createElement("span");
       bar.className = "bar";
+      bar.setAttribute("aria-hidden", "true");
       const fill = document.createElement("span");
       fill.className = "fill";
       fill.style.width = (100 * p).toFixed(1) + "%";
       bar.appendChild(fill);
       const text = document.createElement("span");
       text.className = "prob-text";
-      text.textContent = p.toFixed(4);
+      text.textContent = fmt(p);
       row.append(label, bar, text);
       probs.appendChild(row);
     }
-    if (res.image_png) $("image").src = "data:image/png;base64," + res.image_png;
-    if (res.colormap_png) $("heatmap").src = "data:image/png;base64," + res.colormap_png;
-    $("heatmap").hidden = !res.colormap_png;
+    const image = res.display_png || res.image_png;
+    const heat = res.display_heatmap_png || res.colormap_png;
+    if (image) $("image").src = "data:image/png;base64," + image;
+    if (heat) $("heatmap").src = "data:image/png;base64," + heat;
+    $("heatmap").hidden = !heat;
+    if (res.colorbar_png) $("colorbar").src = "data:image/png;base64," + res.colorbar_png;
+    $("colorbar-box").hidden = !res.colorbar_png;
+    if (res.display_size && model) {
+      const own = res.display_size.join("\u00d7"), input = model.input.size.join("\u00d7");
+      $("image-note").textContent = "shown at its own " + own + " px, windowed as for the model; " +
+        (own === input ? "the model sees it at this size" : "the model sees it resized to " + input);
+    }
     $("result").hidden = false;
   }
 
   async function predict(file) {
     if (!file) return;
+    const id = ++current;
+    clearResult();
     setStatus("predicting " + file.name + " …", false);
     $("result").dataset.state = "busy";
     const form = new FormData();
@@ -104,23 +163,30 @@
     try {
       const r = await fetch("/v1/predict?explain=true", { method: "POST", body: form, headers: headers() });
       const body = await r.json().catch(() => ({ detail: "unreadable response" }));
+      if (id !== current) return;
       if (!r.ok) {
         if (r.status === 401) $("key-row").hidden = false;
-        setStatus("error " + r.status + ": " + body.detail, true);
-        $("result").hidden = true;
+        clearResult();
+        setStatus(file.name + ": error " + r.status + ": " + body.detail, true);
         $("result").dataset.state = "error";
         return;
       }
       showResult(body);
-      setStatus(file.name + ": done", false);
+      setStatus(file.name + ": done" + (body.review ? " (needs review)" : ""), false);
       $("result").dataset.state = "done";
       $("result").dataset.file = file.name;
     } catch (e) {
+      if (id !== current) return;
+      clearResult();
       setStatus("request failed: " + e, true);
       $("result").dataset.state = "error";
     }
   }
 
+  // Space opens a focused file input natively; Enter should too (keyboard users press Enter on a "button")
+  $("file").addEventListener("keydown", (e) => {
+    if (e.key === "Enter") { e.preventDefault(); e.target.click(); }
+  });
   $("file").addEventListener("change", (e) => { predict(e.target.files[0]); e.target.value = ""; });
   const drop = $("drop");
   ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
@@ -132,5 +198,6 @@
   });
   $("api-key").addEventListener("change", loadModel);
   $("heatmap").style.opacity = 0.45;
+  clearResult();
   loadModel();
 })();
