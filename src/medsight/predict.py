@@ -45,6 +45,7 @@ class Prediction:
     error: str | None = None
     ood_score: float | None = None  # higher = less like the training data (None: the bundle has no detector)
     ood_flag: bool | None = None  # score above the threshold fitted on the validation split
+    positive_class: str | None = None  # binary: the class the probability and decision are about (classes[1])
     heatmap: np.ndarray | None = field(default=None, repr=False)
     image: np.ndarray | None = field(default=None, repr=False)  # the model input (C, *size) in [0, 1]
 
@@ -56,7 +57,7 @@ class Prediction:
         return {"file": self.file, "probabilities": self.probabilities, "predicted": self.predicted,
                 "decision": self.decision, "threshold": self.threshold, "calibrated": self.calibrated,
                 "model_version": self.model_version, "ood_score": self.ood_score, "ood_flag": self.ood_flag,
-                "error": self.error}
+                "positive_class": self.positive_class, "error": self.error}
 
 
 def default_threads(bundle: Bundle) -> int:
@@ -277,7 +278,8 @@ class Predictor:
         if thr is None and self.task.uses_threshold:
             thr = 0.5
         return Prediction(file=name, probabilities=per_class, predicted=predicted, decision=decision,
-                          threshold=thr, calibrated=self.calibrated, model_version=self.version)
+                          threshold=thr, calibrated=self.calibrated, model_version=self.version,
+                          positive_class=self.bundle.positive_class)
 
     def _error(self, name: str, e: BaseException) -> Prediction:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -449,8 +451,8 @@ def _csv_row(r: dict, classes: Sequence[str]) -> list:
     dec = json.dumps(r["decision"]) if isinstance(r["decision"], list) else ("" if r["decision"] is None else r["decision"])
     thr = json.dumps(r["threshold"]) if isinstance(r["threshold"], list) else ("" if r["threshold"] is None else r["threshold"])
     ood = "" if r["ood_score"] is None else f"{r['ood_score']:.3f}"
-    return [r["file"], *probs, pred, dec, thr, r["calibrated"], r["model_version"], ood,
-            "" if r["ood_flag"] is None else r["ood_flag"], r["error"] or ""]
+    return [r["file"], *probs, pred, dec, thr, r.get("positive_class") or "", r["calibrated"], r["model_version"],
+            ood, "" if r["ood_flag"] is None else r["ood_flag"], r["error"] or ""]
 
 
 def write_predictions(predictions: Iterable[Prediction], out: str | Path, classes: Sequence[str],
@@ -469,8 +471,8 @@ def write_predictions(predictions: Iterable[Prediction], out: str | Path, classe
     with open(out, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh) if kind == ".csv" else None
         if w is not None:
-            w.writerow(["file", *[f"p_{c}" for c in classes], "predicted", "decision", "threshold", "calibrated",
-                        "model_version", "ood_score", "ood_flag", "error"])
+            w.writerow(["file", *[f"p_{c}" for c in classes], "predicted", "decision", "threshold", "positive_class",
+                        "calibrated", "model_version", "ood_score", "ood_flag", "error"])
         elif kind == ".json":
             fh.write("[")
         for p in predictions:

@@ -27,8 +27,6 @@ import logging
 import math
 import os
 import secrets
-import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -44,14 +42,13 @@ from fastapi.staticfiles import StaticFiles
 from starlette.requests import ClientDisconnect
 
 from medsight import __version__
+from medsight.bundle import decision_text
 from medsight.errors import DataError
 from medsight.predict import Predictor, default_threads
 from medsight.serve.schemas import ErrorResponse, Health, InputSpec, ModelInfo, PredictResponse
 
 log = logging.getLogger("medsight.serve")
 STATIC = Path(__file__).parent / "static"
-#: decoded-size cap for uploads (array elements): larger images are refused with 422 (decompression bombs)
-MAX_ELEMENTS = 2**27
 _MULTIPART_SLACK = 64 * 1024  # multipart headers and boundaries around the file
 #: form fields other than the file (``clinical``): bytes per field, nesting depth of its JSON, parts per form
 MAX_FIELD_BYTES = 64 * 1024
@@ -83,7 +80,7 @@ def _looks_supported(head: bytes, name: str) -> bool:
     sniffing call site: the magic numbers live in ``medsight.data.io.sniff_format``."""
     from medsight.data.io import sniff_format
 
-    return sniff_format(head[:600], name) is not None
+    return sniff_format(head[:600], name) not in (None, "gzip")
 
 
 class UploadError(Exception):
@@ -466,28 +463,13 @@ def review_reasons(r, task: str, classes: list[str], margin: float = REVIEW_MARG
     return reasons
 
 
-def _bundle_onnx(bundle) -> Path | None:
-    """The bundle's model.onnx when it is there and newer than the weights, else None."""
-    p, w = bundle.path / "model.onnx", bundle.path / "model.pt"
-    return p if p.is_file() and p.stat().st_mtime >= w.stat().st_mtime else None
-
-
 def _predictor(bundle_path, backend: str, threads: int | None) -> Predictor:
-    """A Predictor that never writes into the bundle: a missing or stale model.onnx is exported to a private
-    temporary folder, loaded, and deleted (ONNX Runtime keeps the model in memory)."""
+    """The service's Predictor; it never writes into the bundle (a model.onnx that is missing or was not exported
+    from this bundle's model.pt is exported in memory, see ``medsight.export.onnx_for_bundle``)."""
     from medsight.bundle import load_bundle
 
     b = load_bundle(bundle_path)
-    threads = threads or default_threads(b)
-    if backend != "onnx" or b.fusion or _bundle_onnx(b) is not None:
-        return Predictor(b, backend=backend, threads=threads)
-    from medsight.export import export_onnx
-
-    tmp = tempfile.mkdtemp(prefix="medsight-serve-")
-    try:
-        return Predictor(b, backend=backend, threads=threads, onnx_path=export_onnx(b.path, out=Path(tmp) / "model.onnx"))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return Predictor(b, backend=backend, threads=threads or default_threads(b))
 
 
 def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_upload_mb: float = 50,
@@ -513,7 +495,8 @@ def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_uploa
         name=meta["model"]["name"], task=meta["task"], classes=bundle.classes,
         input=InputSpec(spatial_dims=meta["input"]["spatial_dims"], channels=meta["input"]["channels"],
                         size=list(meta["input"]["size"]), preprocessing=bundle.recipe),
-        threshold=bundle.threshold, temperature=bundle.temperature, calibrated=pred.calibrated,
+        threshold=bundle.threshold, threshold_rule=meta.get("threshold_rule"), decision_rule=decision_text(meta),
+        positive_class=bundle.positive_class, temperature=bundle.temperature, calibrated=pred.calibrated,
         model_version=pred.version, data=meta.get("data"), created=meta.get("created"),
         medsight_version=meta.get("medsight_version"), metrics=_metrics_summary(bundle.path),
         clinical_columns=list((bundle.fusion or {}).get("columns") or []),
@@ -572,8 +555,8 @@ def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_uploa
         import torch
 
         from medsight.explain import overlay_png
-        from medsight.preprocess import preprocess_array
-        from medsight.transforms import resize
+        from medsight.data.preprocess import preprocess_array
+        from medsight.augment import resize
 
         r = pred.recipe
         native = [int(s) for s in arr.shape[1:]]
@@ -605,7 +588,7 @@ def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_uploa
         window = pred.recipe.get("window")
         try:
             arr, meta_ = read_image_bytes(data, name, window=tuple(window) if isinstance(window, list) else window,
-                                          max_elements=MAX_ELEMENTS)
+                                          budget=pred.budget)  # fixed from the model's input, before decoding
             x = pred.preprocess(arr, meta_, name)
         except DataError as e:
             status = 422 if _looks_supported(data, name) else 415
@@ -620,9 +603,10 @@ def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_uploa
         out = {"request_id": rid, "probabilities": r.probabilities, "predicted": r.predicted,
                "decision": r.decision, "threshold": r.threshold, "calibrated": r.calibrated,
                "temperature": pred.temperature, "model_version": r.model_version,
-               "ood_score": r.ood_score, "ood_flag": r.ood_flag, "review": bool(reasons), "review_reasons": reasons}
+               "ood_score": r.ood_score, "ood_flag": r.ood_flag, "review": bool(reasons), "review_reasons": reasons,
+               "positive_class": r.positive_class}
         if explain:
-            out["heatmap_png"] = _b64png(pred.overlay(x, r.heatmap, 0.45))
+            out["heatmap_png"] = _b64png(pred.overlay(x, r.heatmap))
             out["colormap_png"] = _b64png(pred.overlay(x, r.heatmap, 1.0))
             out["image_png"] = _b64png(_image_png(x))
             out.update(display(arr, meta_, r.heatmap, name))

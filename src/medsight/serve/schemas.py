@@ -28,6 +28,11 @@ class ModelInfo(BaseModel):
     classes: list[str]
     input: InputSpec
     threshold: Optional[Union[float, list[float]]] = Field(description="operating threshold used for decisions")
+    threshold_rule: Optional[str] = Field(None, description="the rule that chose the threshold on the validation "
+                                                            "split (youden, f1, sens=0.95, ...) or a fixed number")
+    decision_rule: str = Field("", description="the threshold and how it was chosen, in words")
+    positive_class: Optional[str] = Field(None, description="binary tasks: the class whose probability, sensitivity "
+                                                            "and threshold are reported (the finding to detect)")
     temperature: float = Field(description="calibration temperature applied to the logits")
     calibrated: bool
     model_version: str
@@ -59,6 +64,8 @@ class PredictResponse(BaseModel):
     review: bool = Field(False, description="true when the result must not be read as a verdict: out of distribution "
                                             "or within review_margin of the threshold (see review_reasons)")
     review_reasons: list[str] = Field(default_factory=list, description="why the result needs review")
+    positive_class: Optional[str] = Field(None, description="binary tasks: the class the threshold and decision "
+                                                            "are about")
     heatmap_png: Optional[str] = Field(None, description="base64 PNG: Grad-CAM overlay on the model input "
                                                          "(alpha 0.45); only with ?explain=true")
     colormap_png: Optional[str] = Field(None, description="base64 PNG: the heatmap alone, colour-mapped")
