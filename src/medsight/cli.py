@@ -71,6 +71,24 @@ class _Progress:
             self.progress.console.print(f"resuming at epoch {info['epoch'] + 1}")
 
 
+def _show_tracking_warnings() -> None:
+    """Tracking problems (medsight.tracking warns, never fails the run) as one 'warning:' line each."""
+    import warnings
+
+    from medsight.tracking import TrackingWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, *args, **kwargs):
+        if issubclass(category, TrackingWarning):
+            console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", TrackingWarning)
+
+
 def b_thr(path) -> str:
     import json as _json
 
@@ -122,6 +140,10 @@ def train(
     operating_point: Optional[str] = typer.Option(None, help="threshold rule on val: youden, f1, sens=0.95, spec=0.9, or a number"),
     set_: List[str] = typer.Option([], "--set", help="any config value, e.g. --set train.schedule=step"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    track: Optional[bool] = typer.Option(None, "--track/--no-track", help="log the run to MLflow at "
+                                         "$MLFLOW_TRACKING_URI (default: ./mlflow.db); config track.enabled"),
+    track_required: bool = typer.Option(False, help="with --track: an unreachable tracking server is an error "
+                                        "(exit 2) instead of a warning; config track.required"),
 ):
     """Train a model and write a bundle (weights, config, preprocessing, history, metrics)."""
     from medsight.config import load_config
@@ -132,6 +154,10 @@ def train(
                  "train.device": device, "train.operating_point": operating_point}
     if augment is not None:
         overrides["augment.enabled"] = augment
+    if track is not None or track_required:
+        overrides["track.enabled"] = bool(track or track_required)
+    if track_required:
+        overrides["track.required"] = True
     for item in set_:
         if "=" not in item:
             raise MedsightError(f"--set expects key=value, got {item!r}")
@@ -142,6 +168,8 @@ def train(
     if resume and config is None and recipe is None and (out / "config.yaml").is_file():
         config = out / "config.yaml"  # continue the same run: its resolved config, then any flags given now
     cfg = load_config(config, overrides, recipe=recipe)
+    if cfg.track.enabled:
+        _show_tracking_warnings()
     with _Progress(progress) as bar:
         out_path, result, metrics = run_training(cfg, out, resume=resume, callback=bar)
     import torch.distributed as dist
@@ -152,6 +180,12 @@ def train(
         out_console.print(metrics_table(metrics, title=f"{cfg.model.name} on {cfg.data.name} "
                                                        f"(best epoch {result.best_epoch}, {result.seconds:.1f}s)"))
         out_console.print(f"bundle written to {out_path} (threshold {b_thr(out_path)})")
+        if cfg.track.enabled:
+            from medsight.tracking import read_side_file
+
+            side = read_side_file(out_path)
+            if side is not None:
+                out_console.print(f"tracked as MLflow run {side['run_id']} on {side['tracking_uri']}")
 
 
 @app.command()
@@ -169,6 +203,8 @@ def evaluate(
     shift_corruptions: Optional[str] = typer.Option(None, help="comma-separated corruption names (default: all)"),
     tta: bool = typer.Option(False, help="flip test-time augmentation in the shift battery"),
     json_out: bool = typer.Option(False, "--json", help="print metrics as JSON"),
+    track: bool = typer.Option(False, help="log the metrics and report to MLflow: a child run of the bundle's "
+                               "training run (its tracking.json), else a new run"),
 ):
     """Evaluate a bundle: metrics with 95% CIs per split into metrics.json, and a self-contained report.html."""
     from medsight.bundle import load_bundle
@@ -197,9 +233,19 @@ def evaluate(
     extra = []
     if shift:
         extra.append(_run_shift(b, ds, split[-1], shift_severities, shift_corruptions, tta))
+    path = None
     if report:
         path = write_bundle_report(b, ds, metrics, splits=splits, extra_sections=extra)
         out_console.print(f"report written to {path}")
+    if track:
+        from medsight.tracking import track_evaluation
+
+        _show_tracking_warnings()
+        t = track_evaluation(bundle, metrics, splits=split, data_name=ds.name, report=path,
+                             params={"data": ds.name, "splits": ",".join(split), "n_boot": n_boot,
+                                     "operating_point": operating_point or b.meta.get("threshold_rule")})
+        if t is not None and not t.failed:
+            out_console.print(f"tracked as MLflow run {t.run_id}")
 
 
 def _run_shift(b, ds, split_name: str, severities: str, corruptions: Optional[str], tta: bool) -> tuple[str, str]:
@@ -495,14 +541,25 @@ def bench_medmnist(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     out_dir: Path = typer.Option(Path("benchmarks/results"), help="where medmnist.md / medmnist.json go"),
     stem: str = typer.Option("medmnist", help="file name stem of the results"),
+    track: bool = typer.Option(False, help="log to MLflow: a parent run, with a child run per training run"),
 ):
     """Train the recommended recipes for several seeds; table vs the MedMNIST v2 paper and the reference recipe."""
     from medsight.benchmark import run_benchmark, to_markdown, write_results
 
+    import contextlib
+
     keys = [k.strip() for d in datasets for k in d.split(",") if k.strip()]
-    result = run_benchmark(keys, [int(s) for s in seeds.split(",")], device=device, quick=quick,
-                           ref_epochs=ref_epochs, epochs_cap=epochs_cap, amp=amp, threads=threads,
-                           log=lambda m: console.print(m, highlight=False))
+    tracked = contextlib.nullcontext()
+    if track:
+        from medsight.tracking import parent_run
+
+        _show_tracking_warnings()
+        tracked = parent_run(f"bench {stem}", params={"datasets": ",".join(keys), "seeds": seeds, "quick": quick,
+                                                      "epochs_cap": epochs_cap, "ref_epochs": ref_epochs})
+    with tracked:
+        result = run_benchmark(keys, [int(s) for s in seeds.split(",")], device=device, quick=quick,
+                               ref_epochs=ref_epochs, epochs_cap=epochs_cap, amp=amp, threads=threads,
+                               log=lambda m: console.print(m, highlight=False))
     md, js = write_results(result, out_dir, stem)
     out_console.print(to_markdown(result), highlight=False, soft_wrap=True)
     console.print(f"written {md} and {js}")

@@ -42,7 +42,12 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
     import os
 
     is_main = int(os.environ.get("RANK", "0")) == 0  # fit() sets up the process group with the right backend
+    tracker = None
     if is_main:
+        from medsight import tracking
+
+        tracker = tracking.start_training(cfg, data, out)  # None when off; before any file is written or trained
+        callback = tracker.epoch_callback(callback) if tracker is not None else callback
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
     fusion = None
@@ -75,6 +80,7 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
         calibrate_bundle(bundle, data, operating_point=cfg.train.operating_point, calibrate=cfg.train.calibrate)
         if evaluate:
             metrics = evaluate_and_store(bundle, data, n_boot=cfg.train.n_boot)
+        tracking.finish_training(tracker, out, metrics, log_model=cfg.track.log_model)  # after the bundle is whole
     return out, result, metrics
 
 
