@@ -64,7 +64,7 @@ def _started(cmd: list[str], url: str, log: Path, timeout: float, env: dict | No
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(15)
+            proc.wait(5)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -79,7 +79,9 @@ def mlflow_server(tmp_path_factory) -> str:
            "--backend-store-uri", f"sqlite:///{root / 'x.db'}", "--serve-artifacts",
            "--artifacts-destination", str(root / "art"), "--workers", "1"]
     uri = f"http://127.0.0.1:{port}"
-    with _started(cmd, f"{uri}/health", root / "server.log", timeout=120):
+    # no background job runner (7 huey consumers, for GenAI jobs medsight does not use): a faster start and stop
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with _started(cmd, f"{uri}/health", root / "server.log", timeout=120, env=env):
         yield uri
 
 
@@ -292,6 +294,48 @@ def test_parent_run_makes_training_runs_children(tracking_env, tmp_path):
     assert sorted(k.data.params["train.seed"] for k in kids) == ["0", "1"]
     assert all(k.info.status == "FINISHED" and "test_auc" in k.data.metrics for k in kids)
     assert client.get_run(parent.run_id).info.status == "FINISHED"
+
+
+def test_bench_track_cli_logs_a_child_per_training_run(tracking_env, tmp_path, medmnist_dir):
+    """`bench medmnist --quick --track` on the real BreastMNIST: the recipe's seed and the reference recipe."""
+    assert main(["bench", "medmnist", "--datasets", "breastmnist", "--seeds", "0", "--quick", "--track",
+                 "--out-dir", str(tmp_path), "--stem", "trackbench"]) == 0
+    client = MlflowClient(tracking_uri=tracking_env)
+    exp = client.get_experiment_by_name("medsight")
+    parents = client.search_runs([exp.experiment_id], "attributes.run_name = 'bench trackbench'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.params["datasets"] == "breastmnist" and parents[0].data.params["quick"] == "True"
+    kids = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert sorted(k.data.params["model.name"] for k in kids) == sorted(["resnet18", load_recipe_model("breastmnist")])
+    result = json.loads((tmp_path / "trackbench.json").read_text())
+    recipe_auc = result["rows"][0]["runs"][0]["test_auc"]
+    assert recipe_auc in [pytest.approx(k.data.metrics["test_auc"]) for k in kids]
+    assert all(k.data.tags["medsight.dataset"] == "breastmnist" for k in kids)
+
+
+def load_recipe_model(name: str) -> str:
+    from medsight.config import load_config
+
+    return load_config(None, recipe=name).model.name
+
+
+def test_evaluate_track_without_its_training_run_logs_a_standalone_run(tracked, tracking_env, tmp_path, capsys):
+    import shutil
+
+    bundle = tmp_path / "copy"
+    shutil.copytree(tracked["bundle"], bundle)
+    (bundle / "tracking.json").write_text(json.dumps({"run_id": "0" * 32}))
+    assert main(["evaluate", str(bundle), "--track", "--n-boot", "0", "--no-report"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: training run {'0' * 32} of {bundle} is not on {tracking_env}; logging a standalone "
+                   "evaluation run"], err
+    client = MlflowClient(tracking_uri=tracking_env)
+    runs = client.search_runs([client.get_experiment_by_name("medsight").experiment_id],
+                              "attributes.run_name = 'evaluate copy'")
+    assert len(runs) == 1 and "mlflow.parentRunId" not in runs[0].data.tags
+    saved = json.loads((bundle / "metrics.json").read_text())
+    assert runs[0].data.metrics["test_auc"] == pytest.approx(saved["test"]["auc"]["value"])
+    assert "test_auc_ci_low" not in runs[0].data.metrics  # --n-boot 0: no CIs, none invented
 
 
 # --- failure modes --------------------------------------------------------------------------------------------

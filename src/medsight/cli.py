@@ -72,21 +72,18 @@ class _Progress:
 
 
 def _show_tracking_warnings() -> None:
-    """Tracking problems (medsight.tracking warns, never fails the run) as one 'warning:' line each."""
-    import warnings
+    """Tracking problems (logged by medsight.tracking, never fatal to the run) as one 'warning:' line each."""
+    import logging
 
-    from medsight.tracking import TrackingWarning
+    class WarningLines(logging.Handler):
+        medsight_cli = True
 
-    shown = warnings.showwarning
+        def emit(self, record):
+            console.print(f"[yellow]warning:[/yellow] {record.getMessage()}", highlight=False, soft_wrap=True)
 
-    def show(message, category, *args, **kwargs):
-        if issubclass(category, TrackingWarning):
-            console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
-        else:
-            shown(message, category, *args, **kwargs)
-
-    warnings.showwarning = show
-    warnings.simplefilter("always", TrackingWarning)
+    lg = logging.getLogger("medsight.tracking")
+    if not any(getattr(h, "medsight_cli", False) for h in lg.handlers):
+        lg.addHandler(WarningLines(logging.WARNING))
 
 
 def b_thr(path) -> str:

@@ -22,8 +22,8 @@ run of that run (or a standalone run for a bundle trained without tracking); ``b
 with a child run per training run (each seed, and the reference recipe).
 
 Failure modes: before training, one connection check with 1 attempt and a 3 s timeout. An unreachable server is a
-warning and training goes on untracked, or, with ``track.required``, a :class:`TrackingError` (one line, exit 2)
-before anything is trained. Once the run has started, every MLflow call is best-effort: the first failure is one
+warning (a WARNING record on the ``medsight.tracking`` logger) and training goes on untracked, or, with
+``track.required``, a :class:`TrackingError` (one line, exit 2) before anything is trained. Once the run has started, every MLflow call is best-effort: the first failure is one
 warning and tracking stops for the rest of the run; the bundle, metrics and history are always written first and
 never depend on the tracking server.
 """
@@ -34,6 +34,7 @@ import atexit
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -64,12 +65,12 @@ class TrackingError(MedsightError):
     """The tracking server is required (``track.required``) but cannot be used."""
 
 
-class TrackingWarning(UserWarning):
-    """Tracking failed; the run itself went on."""
+#: tracking problems that do not stop the run are WARNING records here (the CLI prints them as "warning:" lines)
+log = logging.getLogger("medsight.tracking")
 
 
 def _default_warn(message: str) -> None:
-    warnings.warn(message, TrackingWarning, stacklevel=3)
+    log.warning(message)
 
 
 def _mlflow():
@@ -212,7 +213,6 @@ def _quiet_mlflow() -> Iterator[None]:
     """MLflow and urllib3 log retries, warnings and write 'View run at' lines to stdout; library code stays
     quiet (the CLI says where the run is)."""
     import io
-    import logging
 
     loggers = [logging.getLogger(n) for n in ("mlflow", "urllib3", "alembic")]
     levels = [lg.level for lg in loggers]
