@@ -355,7 +355,7 @@ def test_unreachable_server_warns_and_the_bundle_is_written(tmp_path):
     assert res.returncode == 0, res.stderr
     warn = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
     assert warn == [f"warning: MLflow tracking server {uri} cannot be used (MlflowException: connection refused); "
-                    "training goes on without tracking"], res.stderr
+                    "the training goes on without tracking"], res.stderr
     assert "Traceback" not in res.stderr and "Retrying" not in res.stderr
     assert (tmp_path / "r" / "model.pt").is_file() and (tmp_path / "r" / "metrics.json").is_file()
     assert not (tmp_path / "r" / "tracking.json").exists() and "tracked as" not in res.stdout
@@ -372,7 +372,7 @@ def test_required_unreachable_server_is_one_line_exit_2(tmp_path):
     err = res.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err == (f"error: MLflow tracking server {uri} cannot be used (MlflowException: connection refused); "
-                   "track.required is set, so nothing was trained")
+                   "track.required is set, so no training was done")
     assert not (tmp_path / "r").exists()
 
 
@@ -397,7 +397,7 @@ def test_silent_server_check_takes_seconds_not_minutes(monkeypatch):
         assert tracking.Tracker.start(experiment="x", warn=warnings_seen.append) is None
         took = time.monotonic() - t0
         assert warnings_seen == [f"MLflow tracking server {uri} cannot be used (MlflowException: read timed out); "
-                                 "training goes on without tracking"]
+                                 "the training goes on without tracking"]
         assert took < tracking.CHECK_TIMEOUT_S + 3, took
         with pytest.raises(tracking.TrackingError, match="track.required is set"):
             tracking.Tracker.start(experiment="x", required=True)
@@ -416,8 +416,12 @@ def test_failure_mid_run_is_one_warning_and_tracking_stops(tracking_env):
     cb("epoch", {"epoch": 3, "train_loss": 0.3, "val_loss": 0.4})
     assert calls == ["epoch"] * 3  # the trainer's own callback still gets every event
     assert len(seen) == 1 and seen[0].startswith("MLflow tracking stopped: cannot log metrics") and t.failed
-    hist = MlflowClient(tracking_uri=tracking_env).get_metric_history(t.run_id, "train_loss")
+    live = MlflowClient(tracking_uri=tracking_env)
+    hist = live.get_metric_history(t.run_id, "train_loss")
     assert [(m.step, m.value) for m in hist] == [(1, 0.5)]
+    t.client = live  # the server is back: the run is still ended, so it does not stay RUNNING forever
+    t.end()
+    assert live.get_run(t.run_id).info.status == "FINISHED" and len(seen) == 1
 
 
 # --- pure helpers ---------------------------------------------------------------------------------------------

@@ -227,9 +227,10 @@ def _quiet_mlflow() -> Iterator[None]:
             lg.setLevel(lv)
 
 
-def connect(uri: str, experiment: str, *, required: bool, warn: Warn | None = None):
+def connect(uri: str, experiment: str, *, required: bool, warn: Warn | None = None, doing: str = "training"):
     """One quick check (1 attempt, ``CHECK_TIMEOUT_S`` s) that the server answers; returns ``(client,
-    experiment_id)`` or None after a warning (raises :class:`TrackingError` when ``required``)."""
+    experiment_id)`` or None after a warning (raises :class:`TrackingError` when ``required``). ``doing`` names
+    what goes on without tracking (or, when required, what did not happen), for the message."""
     warn = warn or _default_warn
     MlflowClient = _mlflow()
     shown = safe_uri(uri)
@@ -242,8 +243,8 @@ def connect(uri: str, experiment: str, *, required: bool, warn: Warn | None = No
     except Exception as e:  # noqa: BLE001 - any failure of the tracking backend
         msg = f"MLflow tracking server {shown} cannot be used ({_why(e)})"
         if required:
-            raise TrackingError(f"{msg}; track.required is set, so nothing was trained") from None
-        warn(f"{msg}; training goes on without tracking")
+            raise TrackingError(f"{msg}; track.required is set, so no {doing} was done") from None
+        warn(f"{msg}; the {doing} goes on without tracking")
         return None
     return client, exp_id
 
@@ -269,13 +270,13 @@ class Tracker:
     def start(cls, *, experiment: str = "medsight", required: bool = False, run_name: str | None = None,
               params: dict[str, str] | None = None, tags: dict[str, str] | None = None,
               parent_run_id: str | None = None, experiment_id: str | None = None,
-              warn: Warn | None = None) -> "Tracker | None":
+              warn: Warn | None = None, doing: str = "training") -> "Tracker | None":
         """Connect, create the run and log params and tags. None (after a warning) when the server cannot be used,
         unless ``required``."""
         warn = warn or _default_warn
         _mlflow()
         uri = tracking_uri()
-        conn = connect(uri, experiment, required=required, warn=warn)
+        conn = connect(uri, experiment, required=required, warn=warn, doing=doing)
         if conn is None:
             return None
         client, exp_id = conn
@@ -290,7 +291,7 @@ class Tracker:
             msg = f"MLflow run cannot be created on {safe_uri(uri)} ({_why(e)})"
             if required:
                 raise TrackingError(msg) from None
-            warn(f"{msg}; going on without tracking")
+            warn(f"{msg}; the {doing} goes on without tracking")
             return None
         t = cls(client, run.info.run_id, run.info.experiment_id, uri, warn)
         if params:
@@ -311,15 +312,18 @@ class Tracker:
             return False
 
     def end(self, status: str = "FINISHED") -> None:
+        """Mark the run ended; tried even after a failure (else the server shows it RUNNING forever)."""
         if self.finished:
             return
         self.finished = True
-        self._call("end the run", self.client.set_terminated, self.run_id, status)
+        if self.failed:
+            with contextlib.suppress(Exception), _quiet_mlflow(), _http_env(RUN_HTTP_ENV):
+                self.client.set_terminated(self.run_id, status)
+        else:
+            self._call("end the run", self.client.set_terminated, self.run_id, status)
 
-    def _abandoned(self) -> None:  # the process is exiting before end(): the run failed or was interrupted
-        if not self.finished:
-            self.failed = False  # one last try, so the server does not show it RUNNING forever
-            self.end("FAILED")
+    def _abandoned(self) -> None:  # the process is exiting before end(): the command failed or was interrupted
+        self.end("FAILED")
 
     # -- logging
     def log_params(self, params: dict[str, str]) -> None:
@@ -414,7 +418,7 @@ def parent_run(name: str, *, experiment: str = "medsight", required: bool = Fals
     """A parent run; training runs started inside (``start_training``) become its children and are tracked even
     when their config does not ask for it (``bench --track``)."""
     t = Tracker.start(experiment=experiment, required=required, run_name=name,
-                      params={k: str(v) for k, v in (params or {}).items()}, tags=tags, warn=warn)
+                      params={k: str(v) for k, v in (params or {}).items()}, tags=tags, warn=warn, doing="benchmark")
     prev, Tracker._parent = Tracker._parent, t
     status = "FAILED"
     try:
@@ -487,7 +491,7 @@ def track_evaluation(bundle_dir: str | Path, metrics: dict, *, splits, data_name
                       params={k: str(v) for k, v in (params or {}).items()},
                       tags={"medsight.dataset": data_name, "medsight.bundle": str(Path(bundle_dir).resolve()),
                             "medsight.command": "evaluate"},
-                      parent_run_id=parent_id, experiment_id=exp_id, warn=warn)
+                      parent_run_id=parent_id, experiment_id=exp_id, warn=warn, doing="evaluation")
     if t is None:
         return None
     t.log_metrics(final_metrics({s: metrics[s] for s in splits if s in metrics}))
