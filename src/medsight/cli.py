@@ -209,6 +209,21 @@ class _Progress:
                 console.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
 
 
+def _show_tracking_warnings() -> None:
+    """Tracking problems (logged by medsight.tracking, never fatal to the run) as one 'warning:' line each."""
+    import logging
+
+    class WarningLines(logging.Handler):
+        medsight_cli = True
+
+        def emit(self, record):
+            console.print(f"[yellow]warning:[/yellow] {record.getMessage()}", highlight=False, soft_wrap=True)
+
+    lg = logging.getLogger("medsight.tracking")
+    if not any(getattr(h, "medsight_cli", False) for h in lg.handlers):
+        lg.addHandler(WarningLines(logging.WARNING))
+
+
 def result_meta(path) -> dict:
     return json.loads((Path(path) / "bundle.json").read_text())
 
@@ -257,6 +272,10 @@ def train(
     operating_point: Optional[str] = typer.Option(None, help="threshold rule on val: youden, f1, sens=0.95, spec=0.9, or a number"),
     set_: List[str] = typer.Option([], "--set", help="any config value, e.g. --set train.schedule=step"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    track: Optional[bool] = typer.Option(None, "--track/--no-track", help="log the run to MLflow at "
+                                         "$MLFLOW_TRACKING_URI (default: ./mlflow.db); config track.enabled"),
+    track_required: bool = typer.Option(False, help="with --track: an unreachable tracking server is an error "
+                                        "(exit 2) instead of a warning; config track.required"),
 ):
     """Train a model and write a bundle (weights, config, preprocessing, history, metrics)."""
     from medsight.config import load_config
@@ -267,6 +286,10 @@ def train(
                  "train.device": device, "train.operating_point": operating_point}
     if augment is not None:
         overrides["augment.enabled"] = augment
+    if track is not None or track_required:
+        overrides["track.enabled"] = bool(track or track_required)
+    if track_required:
+        overrides["track.required"] = True
     for item in set_:
         if "=" not in item:
             raise MedsightError(f"--set expects key=value, got {item!r}")
@@ -282,6 +305,8 @@ def train(
                 config = c
                 break
     cfg = load_config(config, overrides, recipe=recipe)
+    if cfg.track.enabled:
+        _show_tracking_warnings()
     with _Progress(progress) as bar:
         out_path, result, metrics = run_training(cfg, out, resume=resume, overwrite=overwrite, callback=bar)
     import torch.distributed as dist
@@ -294,6 +319,12 @@ def train(
         from medsight.bundle import decision_text
 
         _info(f"bundle written to {out_path} ({decision_text(result_meta(out_path))})")
+        if cfg.track.enabled:
+            from medsight.tracking import read_side_file
+
+            side = read_side_file(out_path)
+            if side is not None:
+                _info(f"tracked as MLflow run {side['run_id']} on {side['tracking_uri']}")
 
 
 @app.command()
@@ -311,6 +342,8 @@ def evaluate(
     shift_corruptions: Optional[str] = typer.Option(None, help="comma-separated corruption names (default: all)"),
     tta: bool = typer.Option(False, help="flip test-time augmentation in the shift battery"),
     json_out: bool = typer.Option(False, "--json", help="print metrics as JSON"),
+    track: bool = typer.Option(False, help="log the metrics and report to MLflow: a child run of the bundle's "
+                               "training run (its tracking.json), else a new run"),
 ):
     """Evaluate a bundle: metrics with 95% CIs per split into metrics.json, and a self-contained report.html."""
     from medsight.bundle import load_bundle
@@ -339,6 +372,15 @@ def evaluate(
     _info(f"metrics written to {r['metrics_path']}")
     if r["report_path"] is not None:
         _info(f"report written to {r['report_path']}")
+    if track:
+        from medsight.tracking import track_evaluation
+
+        _show_tracking_warnings()
+        t = track_evaluation(bundle, r["metrics"], splits=split, data_name=ds.name, report=r["report_path"],
+                             params={"data": ds.name, "splits": ",".join(split), "n_boot": n_boot,
+                                     "operating_point": operating_point or b.meta.get("threshold_rule")})
+        if t is not None and not t.failed:
+            _info(f"tracked as MLflow run {t.run_id}")
 
 
 def shift_table(res: dict, split_name: str) -> Table:
@@ -612,14 +654,25 @@ def bench_medmnist(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     out_dir: Path = typer.Option(Path("benchmarks/results"), help="where medmnist.md / medmnist.json go"),
     stem: str = typer.Option("medmnist", help="file name stem of the results"),
+    track: bool = typer.Option(False, help="log to MLflow: a parent run, with a child run per training run"),
 ):
     """Train the recommended recipes for several seeds; table vs the MedMNIST v2 paper and the reference recipe."""
     from medsight.bench import run_benchmark, to_markdown, write_results
 
+    import contextlib
+
     keys = [k.strip() for d in datasets for k in d.split(",") if k.strip()]
-    result = run_benchmark(keys, [int(s) for s in seeds.split(",")], device=device, quick=quick,
-                           ref_epochs=ref_epochs, epochs_cap=epochs_cap, amp=amp, threads=threads,
-                           log=lambda m: None if _Opts.quiet else console.print(m, highlight=False))
+    tracked = contextlib.nullcontext()
+    if track:
+        from medsight.tracking import parent_run
+
+        _show_tracking_warnings()
+        tracked = parent_run(f"bench {stem}", params={"datasets": ",".join(keys), "seeds": seeds, "quick": quick,
+                                                      "epochs_cap": epochs_cap, "ref_epochs": ref_epochs})
+    with tracked:
+        result = run_benchmark(keys, [int(s) for s in seeds.split(",")], device=device, quick=quick,
+                               ref_epochs=ref_epochs, epochs_cap=epochs_cap, amp=amp, threads=threads,
+                               log=lambda m: None if _Opts.quiet else console.print(m, highlight=False))
     md, js = write_results(result, out_dir, stem)
     out_console.print(to_markdown(result), highlight=False, soft_wrap=True)
     console.print(f"written {md} and {js}")

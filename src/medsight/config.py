@@ -102,11 +102,21 @@ class TrainConfig(_Strict):
         return v
 
 
+class TrackConfig(_Strict):
+    """MLflow tracking (``pip install medsight[track]``); the server is ``$MLFLOW_TRACKING_URI`` (default: MLflow's
+    local store in the working directory). See ``medsight.tracking``."""
+    enabled: bool = Field(False, description="log params, per-epoch metrics, final metrics and the bundle to MLflow")
+    experiment: str = Field("medsight", min_length=1, description="MLflow experiment name (created when missing)")
+    required: bool = Field(False, description="unreachable tracking server: error (exit 2) instead of a warning")
+    log_model: bool = Field(True, description="also log the bundle as an MLflow pyfunc model at runs:/<id>/model")
+
+
 class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    track: TrackConfig = Field(default_factory=TrackConfig)
 
 
 def _format_validation_error(e: ValidationError, source: str) -> str:

@@ -72,9 +72,14 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
         raise ConfigError(choices_message("model", cfg.model.name, list_models()))
     data = data or load_data_for(cfg)
     is_main = int(os.environ.get("RANK", "0")) == 0  # fit() sets up the process group with the right backend
-    stage, resume_from = None, None
+    stage, resume_from, tracker = None, None, None
     try:
         if is_main:
+            from medsight import tracking
+
+            # None when tracking is off; raises before anything is written when tracking is required but unusable
+            tracker = tracking.start_training(cfg, data, out)
+            callback = tracker.epoch_callback(callback) if tracker is not None else callback
             stage, resume_from = _prepare_out(out, resume=resume, overwrite=overwrite)
             atomic_write_text(stage / "config.yaml", dump_config(cfg))
         else:
@@ -91,7 +96,13 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
         if is_main:
             metrics = _finish_bundle(cfg, data, result, fusion, stage, evaluate=evaluate, summary=summary,
                                      callback=callback)
+            if tracker is not None:  # tracking.json travels inside the bundle, published with it
+                try:
+                    tracker.write_side_file(stage)
+                except OSError as e:
+                    tracker.warn(f"cannot write {stage / tracking.TRACKING_FILE}: {e.strerror}")
             publish(stage, out)
+            tracking.finish_training(tracker, out, metrics, log_model=cfg.track.log_model)  # warnings only
     except OSError as e:  # disk full, permissions: one line, and the previous bundle stays as it was
         raise MedsightError(f"cannot write the bundle for {out}: {e.strerror or e}"
                             + (f" ({e.filename})" if getattr(e, "filename", None) else "")) from e
