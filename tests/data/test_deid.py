@@ -7,7 +7,6 @@ import datetime as dt
 import hashlib
 import os
 import re
-import shutil
 import warnings
 from pathlib import Path
 
@@ -537,6 +536,8 @@ def test_errors(study, tmp_path):
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(DataError, match="not empty"):
         deidentify(src, tmp_path / "full")
+    with pytest.raises(DataError, match="write it outside the input and output folders"):
+        deidentify(src, tmp_path / "o6", mapping_csv=tmp_path / "o6" / "map.csv")
     with pytest.raises(DataError, match="secret is empty"):
         deidentify(src, tmp_path / "o5", secret="")
     bad = src / "broken.dcm"
@@ -545,3 +546,27 @@ def test_errors(study, tmp_path):
     summary = deidentify(src, tmp_path / "empty")
     assert summary["written"] == 2
     assert [e["path"] for e in summary["errors"]] == ["broken.dcm"]
+
+
+def test_every_date_shifts_by_one_offset_times_kept(tmp_path):
+    import pydicom
+
+    src = tmp_path / "in"
+    src.mkdir()
+    make_dicom(src / "a.dcm", np.zeros((4, 4), np.uint16), modality="MR",
+               extra={"PatientID": "P1", "StudyDate": "20200315", "StudyArrivalDate": "20200314", "StudyTime": "081500",
+                      "AcquisitionDateTime": "20200316093000.25+0100", "LastMenstrualDate": "20200201",
+                      "ContentDate": "20200101-20200131", "BurnedInAnnotation": "NO"})
+    deidentify(src, tmp_path / "out", secret="k")
+    (out,) = _outputs(tmp_path / "out")
+    ds = pydicom.dcmread(out)
+
+    def d(s):
+        return dt.date(int(s[:4]), int(s[4:6]), int(s[6:8]))
+
+    shift = d(ds.StudyDate) - d("20200315")
+    assert -3650 <= shift.days <= -1
+    for kw, orig in (("StudyArrivalDate", "20200314"), ("LastMenstrualDate", "20200201"), ("AcquisitionDateTime", "20200316")):
+        assert d(str(ds[kw].value)) - d(orig) == shift, kw  # StudyArrivalDate no longer gives the offset away
+    assert str(ds.AcquisitionDateTime)[8:] == "093000.25+0100" and ds.StudyTime == "081500"
+    assert ds.ContentDate in ("", None)  # a range is dropped, not half shifted

@@ -32,7 +32,8 @@ What :func:`deidentify` does to each DICOM file below ``in_dir`` (the input is n
 * a verifier then reads every output file back and searches its bytes (outside the pixel data, as
   UTF-8/Latin-1 and UTF-16) and its relative path for every original identifying value (removed or
   replaced names, identifiers, text, AE titles, URLs, dates, instance UIDs, and the input's folder
-  and file name parts). The run is built in a temporary folder that is renamed into place only when
+  and file name parts; UTF-16 only for values of 5 or more characters). A value that the file also
+  holds in a kept code or number, or in text medsight writes, is not counted. The run is built in a temporary folder that is renamed into place only when
   the verifier finds nothing; otherwise nothing is written and a :class:`DataError` names the kind
   of value and the output file (never the value).
 
@@ -56,6 +57,7 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
+from medsight.data.io import _ensure_transfer_syntax
 from medsight.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -167,8 +169,8 @@ class _Context:
 def _shift_date(value: str, days: int) -> str:
     """Shift a DA or DT value by whole days (the time part of a DT is kept); '' when not a date."""
     v = str(value).strip()
-    if len(v) < 8 or not v[:8].isdigit():
-        return ""
+    if len(v) < 8 or not v[:8].isdigit() or not re.fullmatch(r"\d{0,6}(\.\d{1,6})?([+-]\d{4})?", v[8:]):
+        return ""  # not one date (a range, free text): dropped rather than half shifted
     try:
         d = dt.date(int(v[:4]), int(v[4:6]), int(v[6:8])) + dt.timedelta(days=days)
     except (ValueError, OverflowError):
@@ -327,7 +329,7 @@ def implementation_class_uid() -> str:
     return str(generate_uid(entropy_srcs=["medsight de-identification"]))
 
 
-def _file_meta(ds, old_meta, ctx: _Context, sop_uid: str):
+def _file_meta(ds, old_meta, sop_uid: str):
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
 
@@ -409,9 +411,12 @@ def _header_bytes(path: Path) -> bytes:
     import pydicom
 
     raw = path.read_bytes()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = pydicom.dcmread(path, force=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, force=True)
+    except Exception:
+        return raw  # scan every byte
     for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if kw in ds:
             px = ds[kw].value
@@ -483,6 +488,10 @@ def deidentify(
     if dst == src or src in dst.parents:
         raise DataError(f"cannot de-identify {src}: the output folder {dst} must be outside the input folder")
     _prepare_out(dst)
+    if mapping_csv is not None:
+        mp = Path(mapping_csv).resolve()
+        if dst in mp.parents or src in mp.parents:
+            raise DataError(f"--mapping {mp}: the mapping re-identifies the output; write it outside the input and output folders")
     if secret is None:
         key = _secrets.token_bytes(32)
     else:
@@ -518,6 +527,7 @@ def deidentify(
                 continue
             try:
                 rec = _Record()
+                _ensure_transfer_syntax(ds)  # a file without file meta: the syntax it was read with
                 reason = burned_in_reason(ds)
                 patient_key = str(ds.get("PatientID", "") or ds.get("PatientName", "") or "")
                 if not patient_key:
@@ -546,12 +556,16 @@ def deidentify(
                 if target.exists():
                     summary["errors"].append({"path": str(rel), "error": "another input file has the same SOP Instance UID; not written"})
                     continue
-                ds.file_meta = _file_meta(ds, old_meta, ctx, sop_uid)
+                ds.file_meta = _file_meta(ds, old_meta, sop_uid)
                 rec.allowed.update({ctx.pseudonym(patient_key), sop_uid, str(ds.file_meta.get("MediaStorageSOPClassUID", "")),
                                     str(ds.file_meta.TransferSyntaxUID), implementation_class_uid()})
                 _set_method(ds)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                ds.save_as(target, enforce_file_format=True)
+                try:
+                    ds.save_as(target, enforce_file_format=True)
+                except BaseException:
+                    target.unlink(missing_ok=True)  # never leave a half-written file to be verified and kept
+                    raise
                 summary["written"] += 1
                 file_map.append((str(rel), out_rel.as_posix()))
                 allowed_by_file[out_rel.as_posix()] = rec.allowed
