@@ -510,7 +510,7 @@ def test_verifier_fails_the_run_and_writes_nothing(study, tmp_path, monkeypatch,
     ds.save_as(a, enforce_file_format=True)
     monkeypatch.setattr(deid_mod, "KEEP", KEEP | {"SeriesDescription"})  # a broken allow-list
     out = tmp_path / "out"
-    with pytest.raises(DataError, match=r"verifier: a person name from the input survived in ANON-[0-9A-F]+/[0-9./]+\.dcm; nothing written") as e:
+    with pytest.raises(DataError, match=r"verifier: an? (person name|identifier or text) from the input survived in ANON-[0-9A-F]+/[0-9./]+\.dcm; nothing written") as e:
         deidentify(src, out, secret="x")
     assert "Doe" not in str(e.value) and "Jane" not in str(e.value) and "Doe" not in caplog.text
     assert not out.exists() and not list(tmp_path.glob(".medsight-deid-*"))
@@ -570,3 +570,32 @@ def test_every_date_shifts_by_one_offset_times_kept(tmp_path):
         assert d(str(ds[kw].value)) - d(orig) == shift, kw  # StudyArrivalDate no longer gives the offset away
     assert str(ds.AcquisitionDateTime)[8:] == "093000.25+0100" and ds.StudyTime == "081500"
     assert ds.ContentDate in ("", None)  # a range is dropped, not half shifted
+
+
+def test_verifier_on_crafted_bytes(tmp_path):
+    """verify() itself: bounded matches, UTF-16, kept values excused, one line without the value."""
+    root = tmp_path / "w"
+    root.mkdir()
+    f = root / "x.dcm"
+    needles = {"DOE^JOHN": "person name", "1.2.3.4": "UID", "YBR": "file or folder name", "MRN-998877": "identifier or text"}
+    f.write_bytes(b"\x00" * 16 + b"1.2.3.45\x00YBR_FULL_422\x00" + b"xDOE^JOHNx")  # no hit: all part of longer runs
+    deid_mod.verify(root, needles, {"x.dcm": {"YBR_FULL_422"}})
+    with pytest.raises(DataError, match="a file or folder name from the input survived in x.dcm"):
+        deid_mod.verify(root, needles, {})  # YBR is a token of YBR_FULL_422 when that value is not a kept one
+    f.write_bytes(b"\x00" * 16 + "MRN-998877".encode("utf-16-le"))
+    with pytest.raises(DataError, match=r"^de-identification verifier: an identifier or text from the input survived in x\.dcm; nothing written$"):
+        deid_mod.verify(root, needles, {})
+    f.write_bytes(b"\x01" + "MRN-998877".encode("utf-16-le"))  # odd alignment
+    with pytest.raises(DataError, match="identifier or text"):
+        deid_mod.verify(root, needles, {})
+    f.write_bytes(b"ab 1.2.3.4\x00")
+    with pytest.raises(DataError, match="a UID from the input"):
+        deid_mod.verify(root, needles, {})
+
+
+def test_verifier_catches_a_leak_in_the_corpus(corpus, tmp_path, monkeypatch):
+    root, *_ = corpus
+    monkeypatch.setattr(deid_mod, "KEEP", KEEP | {"InstitutionName"})  # a broken allow-list
+    with pytest.raises(DataError, match=r"an? identifier or text from the input survived in ANON-"):
+        deidentify(root, tmp_path / "out", secret="s", allow_burned_in=True)
+    assert not (tmp_path / "out").exists()

@@ -264,14 +264,20 @@ def _clean(ds, ctx: _Context, patient_key: str, rec: _Record, keep_private: bool
             if vr == "SQ":
                 for item in elem.value or []:
                     _clean(item, ctx, patient_key, rec, keep_private)
-            elif kw in _DEFINED_TERMS and str(elem.value or "").strip() not in _DEFINED_TERMS[kw]:
-                rec.needle_elem(elem)
-                del ds[tag]
+            elif kw in _DEFINED_TERMS:
+                value = str(elem.value or "").strip()
+                if value in _DEFINED_TERMS[kw]:
+                    rec.allowed.add(value)
+                else:
+                    rec.needle_elem(elem)
+                    del ds[tag]
             elif vr == "UI":  # e.g. a UID kept inside a functional group: still remapped
                 rec.needle_elem(elem)
                 _map_values(elem, lambda v: _remap_uid(v, ctx))
                 rec.allowed.update(str(v) for v in _values(elem.value))
-            elif vr not in _TEXT_VRS:  # kept codes and numbers may contain a needle by chance; kept text may not
+            elif vr in _TEXT_VRS:
+                rec.needle_elem(elem)  # text is never trusted: were it ever allow-listed, the verifier fails the run
+            else:  # kept codes and numbers may contain a needle by chance
                 rec.allowed.update(str(v).strip() for v in _values(elem.value) if isinstance(v, (str, int, float)))
         elif vr == "UI":
             if _is_class_uid(kw):
@@ -383,27 +389,34 @@ def _path_needles(rel: Path) -> dict[str, str]:
     return out
 
 
-def _encodings(s: str) -> list[bytes]:
-    out = [s.encode("utf-8")]
-    for enc in ("latin-1", "utf-16-le"):
-        try:
-            b = s.encode(enc)
-        except UnicodeEncodeError:
-            continue
-        if b not in out:
-            out.append(b)
-    return out
+_ALNUM = re.compile(r"[A-Za-z0-9]+")
+_DIGITS = re.compile(r"[0-9]+")
 
 
-def _found(needle: bytes, data: bytes, wide: bool) -> bool:
-    """``needle`` occurs in ``data`` not as part of a longer letter/digit run (UIDs: of a longer dotted number)."""
-    if needle not in data:
+def _tokens(text: str) -> set[str]:
+    return set(_ALNUM.findall(text)) | set(_DIGITS.findall(text))
+
+
+def _key(value: str) -> str | None:
+    """The needle's longest letter/digit run: a bounded occurrence of the needle shows it as a whole token."""
+    runs = _ALNUM.findall(value)
+    return max(runs, key=len) if runs else None
+
+
+def _bounded(value: str, text: str) -> bool:
+    """``value`` occurs in ``text`` not as part of a longer letter/digit run (digits and UIDs: of a longer
+    dotted number)."""
+    if value not in text:
         return False
-    if wide:
-        return True  # UTF-16 needles are long and unambiguous enough
-    inner = rb"0-9." if re.fullmatch(rb"[0-9.]+", needle) else rb"A-Za-z0-9"
-    pat = rb"(?<![" + inner + rb"])" + re.escape(needle) + rb"(?![" + inner + rb"])"
-    return re.search(pat, data) is not None
+    inner = "0-9." if re.fullmatch(r"[0-9.]+", value) else "A-Za-z0-9"
+    return re.search(f"(?<![{inner}])" + re.escape(value) + f"(?![{inner}])", text) is not None
+
+
+def _views(data: bytes) -> tuple[list[str], list[str]]:
+    """Text views of raw bytes: (Latin-1 and UTF-8, UTF-16-LE at both byte alignments)."""
+    narrow = [data.decode("latin-1"), data.decode("utf-8", errors="replace")]
+    wide = [data.decode("utf-16-le", errors="replace"), data[1:].decode("utf-16-le", errors="replace")]
+    return narrow, wide
 
 
 def _header_bytes(path: Path) -> bytes:
@@ -429,28 +442,37 @@ def _header_bytes(path: Path) -> bytes:
 
 def verify(out_root: Path, needles: dict[str, str], allowed_by_file: dict[str, set[str]]) -> None:
     """Raise :class:`DataError` when any of ``needles`` (value -> kind) occurs in an output file below
-    ``out_root`` (outside its pixel data) or in its relative path, unless the value is one the file
-    legitimately holds (``allowed_by_file[rel]``: kept or generated values)."""
-    encoded = []
-    for value, kind in needles.items():
-        forms = [(b, len(b) > len(value.encode("utf-8"))) for b in _encodings(value)]
-        # UTF-16 forms only for values long enough not to turn up in binary fields by chance
-        encoded.append((value, kind, [(b, wide) for b, wide in forms if not wide or len(value) >= 5]))
+    ``out_root`` (outside its pixel data; as Latin-1/UTF-8, and as UTF-16 for values of 5 or more
+    characters) or in its relative path, unless the file legitimately holds it
+    (``allowed_by_file[rel]``: kept codes and numbers, generated values, or medsight's own text).
+
+    Needles are indexed by their longest letter/digit run, so each file costs one tokenisation plus
+    a check of the needles whose run it contains (linear in the output, not files x needles)."""
+    index: dict[str | None, list[str]] = {}
+    for value in needles:
+        index.setdefault(_key(value), []).append(value)
     generated = _generated_text()
     for path in sorted(p for p in out_root.rglob("*") if p.is_file()):
         rel = path.relative_to(out_root).as_posix()
-        data = _header_bytes(path)
-        rel_b = rel.removesuffix(".dcm").encode("utf-8")
+        narrow, wide = _views(_header_bytes(path))
+        rel_text = rel.removesuffix(".dcm")
+        tokens = _tokens(rel_text).union(*(_tokens(v) for v in narrow + wide))
+        candidates = list(index.get(None, ()))
+        for tok in tokens:
+            candidates.extend(index.get(tok, ()))
+        if not candidates:
+            continue
         allowed = {str(v).strip() for v in allowed_by_file.get(rel, set())} | generated
-        allowed_text = "\n".join(sorted(allowed)).encode("utf-8")
-        for value, kind, forms in encoded:
-            if value in allowed or _found(value.encode("utf-8"), allowed_text, False):
+        allowed_text = "\n".join(sorted(allowed))
+        for value in candidates:
+            if value in allowed or _bounded(value, allowed_text):
                 continue  # the file holds this text legitimately (a kept or generated value contains it)
-            for b, wide in forms:
-                if _found(b, rel_b, wide):
-                    raise DataError(f"de-identification verifier: a {kind} from the input survived in the output path {rel}; nothing written")
-                if _found(b, data, wide):
-                    raise DataError(f"de-identification verifier: a {kind} from the input survived in {rel}; nothing written")
+            kind = needles[value]
+            kind = ("an " if kind[0] in "aeiou" else "a ") + kind
+            if _bounded(value, rel_text):
+                raise DataError(f"de-identification verifier: {kind} from the input survived in the output path {rel}; nothing written")
+            if any(_bounded(value, v) for v in narrow) or (len(value) >= 5 and any(_bounded(value, v) for v in wide)):
+                raise DataError(f"de-identification verifier: {kind} from the input survived in {rel}; nothing written")
 
 
 def _prepare_out(dst: Path) -> None:
