@@ -390,15 +390,18 @@ def _path_needles(rel: Path) -> dict[str, str]:
 
 
 _ALNUM = re.compile(r"[A-Za-z0-9]+")
-_DIGITS = re.compile(r"[0-9]+")
+_NUMBER = re.compile(r"[0-9.]+")
 
 
 def _tokens(text: str) -> set[str]:
-    return set(_ALNUM.findall(text)) | set(_DIGITS.findall(text))
+    return set(_ALNUM.findall(text)) | set(_NUMBER.findall(text))
 
 
 def _key(value: str) -> str | None:
-    """The needle's longest letter/digit run: a bounded occurrence of the needle shows it as a whole token."""
+    """A token every bounded occurrence of the needle shows whole: a number or UID itself, else the needle's
+    longest letter/digit run."""
+    if _NUMBER.fullmatch(value):
+        return value
     runs = _ALNUM.findall(value)
     return max(runs, key=len) if runs else None
 
