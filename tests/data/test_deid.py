@@ -491,6 +491,7 @@ def test_keep_private(study, tmp_path):
     ds.save_as(a, enforce_file_format=True)
     deidentify(src, tmp_path / "kp", keep_private=True)
     assert any(any(e.tag.is_private for e in pydicom.dcmread(p)) for p in _outputs(tmp_path / "kp"))
+    assert all("private attributes: kept" in str(pydicom.dcmread(p).DeidentificationMethod) for p in _outputs(tmp_path / "kp"))
     deidentify(src, tmp_path / "rp")
     assert not any(any(e.tag.is_private for e in pydicom.dcmread(p)) for p in _outputs(tmp_path / "rp"))
     # a kept private tag that repeats the patient's name is caught by the verifier

@@ -124,6 +124,7 @@ _SECONDARY_CAPTURE = ("1.2.840.10008.5.1.4.1.1.7",)
 #: DeidentificationMethod (LO: at most 64 characters per value).
 DEID_METHOD = ["medsight allow-list: technical attributes kept, rest removed",
                "names pseudonymised, UIDs remapped, dates shifted per patient"]
+KEPT_PRIVATE = "except private attributes: kept as they were (keep_private)"
 IMPLEMENTATION_VERSION_NAME = "MEDSIGHT_DEID"
 
 _TEXT_VRS = {"PN", "LO", "SH", "LT", "ST", "UT", "UC", "AE", "UR"}
@@ -307,11 +308,11 @@ def _clean(ds, ctx: _Context, patient_key: str, rec: _Record, keep_private: bool
             del ds[tag]
 
 
-def _set_method(ds) -> None:
+def _set_method(ds, keep_private: bool) -> None:
     from pydicom.dataset import Dataset
 
     ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = DEID_METHOD
+    ds.DeidentificationMethod = DEID_METHOD + ([KEPT_PRIVATE] if keep_private else [])
     codes = []
     for value, meaning in (("113100", "Basic Application Confidentiality Profile"),
                            ("113107", "Retain Longitudinal Temporal Information Modified Dates Option")):
@@ -325,7 +326,7 @@ def _set_method(ds) -> None:
 
 
 def _generated_text() -> set[str]:
-    return {*DEID_METHOD, "YES", "MODIFIED", "DCM", "ANON", "PERSON", "113100", "113107", IMPLEMENTATION_VERSION_NAME,
+    return {*DEID_METHOD, KEPT_PRIVATE, "YES", "MODIFIED", "DCM", "ANON", "PERSON", "113100", "113107", IMPLEMENTATION_VERSION_NAME,
             "Basic Application Confidentiality Profile", "Retain Longitudinal Temporal Information Modified Dates Option"}
 
 
@@ -584,7 +585,7 @@ def deidentify(
                 ds.file_meta = _file_meta(ds, old_meta, sop_uid)
                 rec.allowed.update({ctx.pseudonym(patient_key), sop_uid, str(ds.file_meta.get("MediaStorageSOPClassUID", "")),
                                     str(ds.file_meta.TransferSyntaxUID), implementation_class_uid()})
-                _set_method(ds)
+                _set_method(ds, keep_private)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     ds.save_as(target, enforce_file_format=True)
