@@ -137,11 +137,15 @@ def test_qc_on_real_medmnist_and_deid(tmp_path, medmnist_dir, capsys):
     src = tmp_path / "in"
     src.mkdir()
     make_dicom(src / "a.dcm", np.zeros((8, 8), np.uint8))
-    assert main(["deid", str(src), str(tmp_path / "out")]) == 0
-    captured = capsys.readouterr()
-    assert "de-identified 1 files" in captured.out and "medsight.data.deid" not in captured.err
-    assert main(["--verbose", "deid", str(src), str(tmp_path / "out3")]) == 0  # library INFO logs on stderr
-    assert "INFO medsight.data.deid: de-identified 1 files" in capsys.readouterr().err
+    assert main(["deid", str(src), str(tmp_path / "out")]) == 0  # a Secondary Capture: held back by default
+    printed = capsys.readouterr().out
+    assert "de-identified 0 files" in printed and "1 held back" in printed and "held back, may carry burned-in text" in printed
+    assert main(["deid", str(src), str(tmp_path / "out1"), "--allow-burned-in"]) == 0
+    printed = capsys.readouterr().out
+    assert "de-identified 1 files" in printed and "written, may carry burned-in text" in printed
+    assert main(["deid", str(src), str(tmp_path / "out1")]) == 2  # not empty any more: one line, exit 2
+    assert "not empty" in capsys.readouterr().err
+    assert "medsight.data.deid" not in capsys.readouterr().err
     assert main(["deid", str(src), str(tmp_path / "out2"), "--secret-env", "NOPE_NOT_SET"]) == 2
 
 

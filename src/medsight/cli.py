@@ -482,12 +482,14 @@ def qc(
 @app.command()
 def deid(
     in_dir: Path = typer.Argument(..., help="folder of DICOM files (never modified)"),
-    out_dir: Path = typer.Argument(..., help="where de-identified copies are written"),
-    mapping: Optional[Path] = typer.Option(None, help="write an old->new identifier mapping CSV here (keep it safe)"),
+    out_dir: Path = typer.Argument(..., help="new or empty folder for the de-identified copies"),
+    mapping: Optional[Path] = typer.Option(None, help="write an old->new identifier and file-name mapping CSV here (identifying: keep it safe)"),
     secret_env: Optional[str] = typer.Option(None, help="environment variable holding the secret for reproducible pseudonyms"),
-    keep_private: bool = typer.Option(False, help="keep private tags (the profile removes them)"),
+    keep_private: bool = typer.Option(False, help="keep private tags (removed by default)"),
+    allow_burned_in: bool = typer.Option(False, help="also write images that may carry burned-in text (US/SC/XC/OT/ES, "
+                                                     "Secondary Capture, BurnedInAnnotation YES); they are listed either way"),
 ):
-    """De-identify DICOM files (PS3.15 Annex E Basic Profile): UIDs remapped, dates shifted, private tags removed."""
+    """De-identify DICOM files by allow-list (PS3.15 Basic Profile or stricter), then verify no original value survived."""
     import os
 
     from medsight.data.deid import deidentify
@@ -497,14 +499,20 @@ def deid(
         secret = os.environ.get(secret_env)
         if secret is None:
             raise MedsightError(f"--secret-env {secret_env}: that environment variable is not set")
-    summary = deidentify(in_dir, out_dir, mapping_csv=mapping, secret=secret, keep_private=keep_private)
+    summary = deidentify(in_dir, out_dir, mapping_csv=mapping, secret=secret, keep_private=keep_private,
+                         allow_burned_in=allow_burned_in)
     errors = summary.get("errors") or []
-    out_console.print(f"de-identified {summary.get('written', 0)} files into {out_dir} "
-                      f"({len(summary.get('skipped') or [])} skipped, {len(errors)} errors)")
+    burned = summary.get("burned_in") or []
+    held = 0 if summary.get("burned_in_written") else len(burned)
+    out_console.print(f"de-identified {summary.get('written', 0)} files into {out_dir}; verified: no original identifying "
+                      f"value outside the pixel data ({len(summary.get('skipped') or [])} skipped, {held} held back, {len(errors)} errors)")
     for e in errors:
-        out_console.print(f"  error: {e}")
-    for p in summary.get("burned_in_annotation") or []:
-        out_console.print(f"  burned-in annotation (pixels not cleaned): {p}")
+        out_console.print(f"  error: {e['path']}: {e['error']}")
+    for p in burned:
+        if summary.get("burned_in_written"):
+            out_console.print(f"  written, may carry burned-in text (pixels not cleaned): {p}")
+        else:
+            out_console.print(f"  held back, may carry burned-in text (--allow-burned-in to write it): {p}")
     if errors:
         raise typer.Exit(1)
 

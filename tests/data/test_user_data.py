@@ -102,8 +102,18 @@ def test_manifest_leakage_is_refused(tmp_path, breast_small):
 def test_deidentified_dicoms_train_and_predict_identically(tmp_path, breast_small):
     man = _write_dicom_manifest(tmp_path / "dcm", breast_small, with_split=True)
     deid_dir = tmp_path / "deid"
-    deidentify(tmp_path / "dcm", deid_dir, secret="test")
-    (deid_dir / "manifest.csv").write_text(man.read_text())
+    # ultrasound without BurnedInAnnotation is held back unless allowed; outputs get new names (mapping CSV)
+    summary = deidentify(tmp_path / "dcm", deid_dir, secret="test", allow_burned_in=True, mapping_csv=tmp_path / "map.csv")
+    assert summary["written"] == 200 and len(summary["burned_in"]) == 200
+    with open(tmp_path / "map.csv", newline="") as fh:
+        new_name = {r["original"]: r["new"] for r in csv.DictReader(fh) if r["kind"] == "file"}
+    rows = list(csv.DictReader(open(man)))
+    for r in rows:
+        r["path"] = new_name[r["path"]]
+    with open(deid_dir / "manifest.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
     a = load_dataset(str(man), size=28)
     b = load_dataset(str(deid_dir / "manifest.csv"), size=28)
     for s in a.splits:

@@ -1,27 +1,44 @@
-"""DICOM de-identification: PS3.15 Annex E Basic Application Level Confidentiality Profile,
-with the Retain Longitudinal Temporal Information with Modified Dates option.
+"""DICOM de-identification by allow-list, checked afterwards by a verifier.
 
-What :func:`deidentify` does to each DICOM file below ``in_dir`` (written to the same relative path
-below ``out_dir``; the input is never modified):
+What :func:`deidentify` does to each DICOM file below ``in_dir`` (the input is never modified):
 
-* every attribute of :data:`BASIC_PROFILE` gets its action (PS3.15 Table E.1-1a codes):
-  ``D`` dummy value, ``Z`` empty, ``X`` remove, ``K`` keep, ``C`` clean (treated as ``Z``),
-  ``U`` consistent new UID. Combined codes resolve to the most protective choice that keeps the
-  file valid: ``X/Z``, ``X/D``, ``X/Z/D`` -> ``X``; ``Z/D`` -> ``Z``; ``X/Z/U*`` -> keep the sequence
-  but remap the UIDs inside it.
-* dates (DA, and the date part of DT) of attributes that are not removed outright are shifted by a
-  per-patient offset derived from the secret, so intervals within a patient are preserved;
-  ``PatientBirthDate`` is emptied.
-* ``PatientID`` / ``PatientName`` become a pseudonym derived from the secret (so de-identified
-  patients stay separable for patient-level splits).
-* every UID that identifies an instance (not a SOP class / transfer syntax) is replaced by
-  ``generate_uid(entropy_srcs=[secret, uid])`` everywhere, including the file meta and nested
-  sequences, so references across files stay consistent.
-* all private tags, curves (50xx) and overlay comments/data (60xx,3000 / 60xx,4000) are removed.
-* ``PatientIdentityRemoved`` = ``YES``, ``DeidentificationMethod`` and
-  ``DeidentificationMethodCodeSequence`` (DCM 113100, 113107) are set.
-* pixel data are not touched (burned-in annotations are *not* removed: files flagged
-  ``BurnedInAnnotation = YES`` are listed in the summary).
+* **Allow-list.** Only attributes in :data:`KEEP` are kept verbatim: the pixel data and what is needed
+  to read it (image pixel module, rescale / LUT / window, geometry, multi-frame functional groups) and
+  acquisition-technical numbers. Everything else is handled by its value representation:
+
+  - ``PN``: ``PatientName`` becomes the patient pseudonym; the patient's other names are removed;
+    every other person name becomes ``PERSON-<hmac>``.
+  - ``PatientID`` becomes the patient pseudonym (secret-keyed HMAC: the same patient gets the same
+    pseudonym, so patient-level splits still work).
+  - ``DA`` and the date part of ``DT`` are shifted by one per-patient offset (1..3650 days back, from
+    the secret), so intervals are preserved; ``PatientBirthDate`` is emptied. ``TM`` values and the
+    time part of ``DT`` are kept: the shift is a whole number of days, so times stay consistent.
+  - ``UI``: UIDs that name a class or a transfer syntax are kept; every other UID is replaced by
+    ``generate_uid(entropy_srcs=[secret, uid])`` everywhere (file meta and nested sequences
+    included), so references across files stay consistent.
+  - everything else (AE titles, URLs, free text LO/LT/ST/UT/UC/SH, codes, numbers, OB/OW/UN
+    payloads, unknown public tags, overlays, curves, sequences not on the list) is removed.
+    Sequences on the list are walked with the same rules.
+* private tags are removed (unless ``keep_private``).
+* the file meta is rebuilt from the required elements only (SOP class, remapped SOP instance,
+  transfer syntax, medsight's implementation class UID and version name).
+* ``PatientIdentityRemoved`` = ``YES``, ``DeidentificationMethod``, the method code sequence
+  (DCM 113100 Basic Profile, 113107 Modified Dates) and ``LongitudinalTemporalInformationModified``.
+* outputs are named ``<pseudo-patient>/<study-uid>/<series-uid>/<sop-uid>.dcm`` (new UIDs), never by
+  input file or folder names.
+* files likely to carry burned-in text (``BurnedInAnnotation`` YES, or modality US/SC/XC/OT/ES or a
+  Secondary Capture SOP class without ``BurnedInAnnotation`` NO) are held back, and listed, unless
+  ``allow_burned_in``. Pixel data are never altered: burned-in text is not removed.
+* a verifier then reads every output file back and searches its bytes (outside the pixel data, as
+  UTF-8/Latin-1 and UTF-16) and its relative path for every original identifying value (removed or
+  replaced names, identifiers, text, AE titles, URLs, dates, instance UIDs, and the input's folder
+  and file name parts; UTF-16 only for values of 5 or more characters). A value that the file also
+  holds in a kept code or number, or in text medsight writes, is not counted. The run is built in a temporary folder that is renamed into place only when
+  the verifier finds nothing; otherwise nothing is written and a :class:`DataError` names the kind
+  of value and the output file (never the value).
+
+:data:`E1_1_TABLE` (``ps3_15_e1_1.csv``) is PS3.15 Table E.1-1 (tag, keyword, name, Basic Profile
+action) kept as data; the tests plant a value in every row and check it does not survive.
 """
 
 from __future__ import annotations
@@ -32,308 +49,88 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets as _secrets
+import shutil
 import tempfile
 import warnings
+from importlib import resources
 from pathlib import Path
 
+from medsight.data.io import _ensure_transfer_syntax
 from medsight.errors import DataError
 
 log = logging.getLogger(__name__)
 
-# PS3.15 Table E.1-1, Basic Profile column (keyword -> action code). The ~200 attributes most
-# found in imaging objects; curves / overlays / private groups are handled separately below.
-BASIC_PROFILE: dict[str, str] = {
-    "AccessionNumber": "Z",
-    "AcquisitionComments": "X",
-    "AcquisitionContextSequence": "X",
-    "AcquisitionDate": "X/Z",
-    "AcquisitionDateTime": "X/Z/D",
-    "AcquisitionDeviceProcessingDescription": "X/D",
-    "AcquisitionProtocolDescription": "X",
-    "AcquisitionTime": "X/Z",
-    "AcquisitionUID": "U",
-    "ActualHumanPerformersSequence": "X",
-    "AdditionalPatientHistory": "X",
-    "AdmissionID": "X",
-    "AdmittingDate": "X",
-    "AdmittingDiagnosesCodeSequence": "X",
-    "AdmittingDiagnosesDescription": "X",
-    "AdmittingTime": "X",
-    "AffectedSOPInstanceUID": "X",
-    "Allergies": "X",
-    "Arbitrary": "X",
-    "AuthorObserverSequence": "X",
-    "BranchOfService": "X",
-    "CassetteID": "X",
-    "CommentsOnThePerformedProcedureStep": "X",
-    "ConcatenationUID": "U",
-    "ConfidentialityConstraintOnPatientDataDescription": "X",
-    "ConsultingPhysicianName": "Z",
-    "ContentCreatorIdentificationCodeSequence": "X",
-    "ContentCreatorName": "Z/D",
-    "ContentDate": "Z/D",
-    "ContentSequence": "X",
-    "ContentTime": "Z/D",
-    "ContrastBolusAgent": "Z/D",
-    "ContributionDescription": "X",
-    "CountryOfResidence": "X",
-    "CurrentObserverTrial": "X",
-    "CurrentPatientLocation": "X",
-    "CurveDate": "X",
-    "CurveTime": "X",
-    "CustodialOrganizationSequence": "X",
-    "DataSetTrailingPadding": "X",
-    "DateOfLastCalibration": "X",
-    "DateOfSecondaryCapture": "X",
-    "DerivationDescription": "X",
-    "DetectorID": "X/D",
-    "DeviceDescription": "X",
-    "DeviceSerialNumber": "X/Z/D",
-    "DeviceUID": "U",
-    "DigitalSignatureUID": "U",
-    "DigitalSignaturesSequence": "X",
-    "DimensionOrganizationUID": "U",
-    "DischargeDate": "X",
-    "DischargeDiagnosisDescription": "X",
-    "DischargeTime": "X",
-    "DistributionAddress": "X",
-    "DistributionName": "X",
-    "DoseReferenceUID": "U",
-    "EthnicGroup": "X",
-    "FailedSOPInstanceUIDList": "U",
-    "FiducialUID": "U",
-    "FillerOrderNumberImagingServiceRequest": "Z",
-    "FrameComments": "X",
-    "FrameOfReferenceUID": "U",
-    "GantryID": "X",
-    "GeneratorID": "X",
-    "GraphicAnnotationSequence": "D",
-    "HumanPerformerName": "X",
-    "HumanPerformerOrganization": "X",
-    "IconImageSequence": "X",
-    "IdentifyingComments": "X",
-    "ImageComments": "X",
-    "ImagePresentationComments": "X",
-    "ImagingServiceRequestComments": "X",
-    "Impressions": "X",
-    "InstanceCoercionDateTime": "X",
-    "InstanceCreationDate": "X/D",
-    "InstanceCreationTime": "X/Z/D",
-    "InstanceCreatorUID": "U",
-    "InstitutionAddress": "X",
-    "InstitutionCodeSequence": "X/Z/D",
-    "InstitutionName": "X/Z/D",
-    "InstitutionalDepartmentName": "X",
-    "InstitutionalDepartmentTypeCodeSequence": "X",
-    "InsurancePlanIdentification": "X",
-    "IntendedRecipientsOfResultsIdentificationSequence": "X",
-    "InterpretationApproverSequence": "X",
-    "InterpretationAuthor": "X",
-    "InterpretationDiagnosisDescription": "X",
-    "InterpretationIDIssuer": "X",
-    "InterpretationRecorder": "X",
-    "InterpretationText": "X",
-    "InterpretationTranscriber": "X",
-    "IrradiationEventUID": "U",
-    "IssuerOfAdmissionID": "X",
-    "IssuerOfAdmissionIDSequence": "X",
-    "IssuerOfPatientID": "X",
-    "IssuerOfPatientIDQualifiersSequence": "X",
-    "IssuerOfServiceEpisodeID": "X",
-    "LargePaletteColorLookupTableUID": "U",
-    "LastMenstrualDate": "X",
-    "MedicalAlerts": "X",
-    "MedicalRecordLocator": "X",
-    "MilitaryRank": "X",
-    "ModifiedAttributesSequence": "X",
-    "ModifiedImageDescription": "X",
-    "ModifyingDeviceID": "X",
-    "NameOfPhysiciansReadingStudy": "X",
-    "NamesOfIntendedRecipientsOfResults": "X",
-    "Occupation": "X",
-    "OperatorIdentificationSequence": "X",
-    "OperatorsName": "X/Z/D",
-    "OrderCallbackPhoneNumber": "X",
-    "OrderCallbackTelecomInformation": "X",
-    "OrderEnteredBy": "X",
-    "OrderEntererLocation": "X",
-    "OriginalAttributesSequence": "X",
-    "OtherPatientIDs": "X",
-    "OtherPatientIDsSequence": "X",
-    "OtherPatientNames": "X",
-    "ParticipantSequence": "X",
-    "PatientAddress": "X",
-    "PatientAge": "X",
-    "PatientBirthDate": "Z",
-    "PatientBirthName": "X",
-    "PatientBirthTime": "X",
-    "PatientComments": "X",
-    "PatientID": "Z",
-    "PatientInstitutionResidence": "X",
-    "PatientInsurancePlanCodeSequence": "X",
-    "PatientMotherBirthName": "X",
-    "PatientName": "Z",
-    "PatientPrimaryLanguageCodeSequence": "X",
-    "PatientPrimaryLanguageModifierCodeSequence": "X",
-    "PatientReligiousPreference": "X",
-    "PatientSex": "Z",
-    "PatientSexNeutered": "X/Z",
-    "PatientSize": "X",
-    "PatientState": "X",
-    "PatientTelecomInformation": "X",
-    "PatientTelephoneNumbers": "X",
-    "PatientTransportArrangements": "X",
-    "PatientWeight": "X",
-    "PerformedLocation": "X",
-    "PerformedProcedureStepDescription": "X",
-    "PerformedProcedureStepEndDate": "X",
-    "PerformedProcedureStepEndDateTime": "X",
-    "PerformedProcedureStepEndTime": "X",
-    "PerformedProcedureStepID": "X",
-    "PerformedProcedureStepStartDate": "X",
-    "PerformedProcedureStepStartDateTime": "X",
-    "PerformedProcedureStepStartTime": "X",
-    "PerformedStationAETitle": "X",
-    "PerformedStationGeographicLocationCodeSequence": "X",
-    "PerformedStationName": "X",
-    "PerformedStationNameCodeSequence": "X",
-    "PerformingPhysicianIdentificationSequence": "X",
-    "PerformingPhysicianName": "X",
-    "PersonAddress": "X",
-    "PersonIdentificationCodeSequence": "D",
-    "PersonName": "D",
-    "PersonTelecomInformation": "X",
-    "PersonTelephoneNumbers": "X",
-    "PhysicianApprovingInterpretation": "X",
-    "PhysiciansOfRecord": "X",
-    "PhysiciansOfRecordIdentificationSequence": "X",
-    "PhysiciansReadingStudyIdentificationSequence": "X",
-    "PlacerOrderNumberImagingServiceRequest": "Z",
-    "PlateID": "X",
-    "PreMedication": "X",
-    "PregnancyStatus": "X",
-    "ProtocolName": "X/D",
-    "ReasonForStudy": "X",
-    "ReasonForTheImagingServiceRequest": "X",
-    "ReasonForTheRequestedProcedure": "X",
-    "ReferencedDigitalSignatureSequence": "X",
-    "ReferencedFrameOfReferenceUID": "U",
-    "ReferencedGeneralPurposeScheduledProcedureStepTransactionUID": "U",
-    "ReferencedImageSequence": "X/Z/U*",
-    "ReferencedPatientAliasSequence": "X",
-    "ReferencedPatientPhotoSequence": "X",
-    "ReferencedPatientSequence": "X",
-    "ReferencedPerformedProcedureStepSequence": "X/Z/D",
-    "ReferencedSOPInstanceMACSequence": "X",
-    "ReferencedSOPInstanceUID": "U",
-    "ReferencedSOPInstanceUIDInFile": "U",
-    "ReferencedSeriesSequence": "X/Z/U*",
-    "ReferencedStudySequence": "X/Z",
-    "ReferringPhysicianAddress": "X",
-    "ReferringPhysicianIdentificationSequence": "X",
-    "ReferringPhysicianName": "Z",
-    "ReferringPhysicianTelephoneNumbers": "X",
-    "RegionOfResidence": "X",
-    "RelatedFrameOfReferenceUID": "U",
-    "RequestAttributesSequence": "X",
-    "RequestedContrastAgent": "X",
-    "RequestedProcedureComments": "X",
-    "RequestedProcedureDescription": "X/Z",
-    "RequestedProcedureID": "X",
-    "RequestedProcedureLocation": "X",
-    "RequestedSOPInstanceUID": "U",
-    "RequestingPhysician": "X",
-    "RequestingService": "X",
-    "ResponsibleOrganization": "X",
-    "ResponsiblePerson": "X",
-    "ResultsComments": "X",
-    "ResultsDistributionListSequence": "X",
-    "ResultsIDIssuer": "X",
-    "ReviewerName": "X/Z",
-    "ScheduledHumanPerformersSequence": "X",
-    "ScheduledPatientInstitutionResidence": "X",
-    "ScheduledPerformingPhysicianIdentificationSequence": "X",
-    "ScheduledPerformingPhysicianName": "X",
-    "ScheduledProcedureStepDescription": "X",
-    "ScheduledProcedureStepEndDate": "X",
-    "ScheduledProcedureStepEndTime": "X",
-    "ScheduledProcedureStepID": "X",
-    "ScheduledProcedureStepLocation": "X",
-    "ScheduledProcedureStepStartDate": "X",
-    "ScheduledProcedureStepStartTime": "X",
-    "ScheduledStationAETitle": "X",
-    "ScheduledStationGeographicLocationCodeSequence": "X",
-    "ScheduledStationName": "X",
-    "ScheduledStationNameCodeSequence": "X",
-    "ScheduledStudyLocation": "X",
-    "ScheduledStudyLocationAETitle": "X",
-    "SeriesDate": "X/D",
-    "SeriesDescription": "X",
-    "SeriesInstanceUID": "U",
-    "SeriesTime": "X/D",
-    "ServiceEpisodeDescription": "X",
-    "ServiceEpisodeID": "X",
-    "SmokingStatus": "X",
-    "SOPInstanceUID": "U",
-    "SourceApplicationEntityTitle": "X",
-    "SourceImageSequence": "X/Z/U*",
-    "SpecialNeeds": "X",
-    "StationName": "X/Z/D",
-    "StorageMediaFileSetUID": "U",
-    "StudyComments": "X",
-    "StudyDate": "Z",
-    "StudyDescription": "X",
-    "StudyID": "Z",
-    "StudyIDIssuer": "X",
-    "StudyInstanceUID": "U",
-    "StudyTime": "Z",
-    "SynchronizationFrameOfReferenceUID": "U",
-    "TemplateExtensionCreatorUID": "U",
-    "TemplateExtensionOrganizationUID": "U",
-    "TextComments": "X",
-    "TextString": "X",
-    "TimezoneOffsetFromUTC": "X",
-    "TopicAuthor": "X",
-    "TopicKeywords": "X",
-    "TopicSubject": "X",
-    "TopicTitle": "X",
-    "TransactionUID": "U",
-    "UID": "U",
-    "VerifyingObserverIdentificationCodeSequence": "Z",
-    "VerifyingObserverName": "D",
-    "VerifyingObserverSequence": "D",
-    "VerifyingOrganization": "X",
-    "VisitComments": "X",
-}
 
-#: Dates that the Modified Dates option shifts instead of emptying (they are kept, shifted).
-_SHIFT_KEEP = {"StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "AcquisitionDateTime", "InstanceCreationDate"}
-#: Pseudonymised instead of emptied (so patients stay separable).
-_PSEUDONYM = {"PatientID", "PatientName"}
+def _load_table() -> list[dict]:
+    with resources.files("medsight.data").joinpath("ps3_15_e1_1.csv").open("r", encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+#: PS3.15 Table E.1-1 as rows {tag, keyword, name, basic_profile}.
+E1_1_TABLE: list[dict] = _load_table()
+
+#: Attributes kept verbatim (sequences among them are walked with the same rules). Nothing here
+#: names a person, place, institution, device or time: pixels, how to read them, and geometry.
+KEEP: frozenset[str] = frozenset(
+    """
+    SpecificCharacterSet ImageType Modality SeriesNumber InstanceNumber AcquisitionNumber ImagesInAcquisition
+    PatientOrientation PatientPosition ViewPosition BodyPartExamined Laterality ImageLaterality ConversionType
+    BurnedInAnnotation RecognizableVisualFeatures QualityControlImage PresentationLUTShape
+    LossyImageCompression LossyImageCompressionRatio LossyImageCompressionMethod
+    SamplesPerPixel PhotometricInterpretation Rows Columns BitsAllocated BitsStored HighBit PixelRepresentation
+    PlanarConfiguration PixelAspectRatio SmallestImagePixelValue LargestImagePixelValue PixelPaddingValue
+    PixelPaddingRangeLimit NumberOfFrames FrameIncrementPointer FrameTime
+    RedPaletteColorLookupTableDescriptor GreenPaletteColorLookupTableDescriptor BluePaletteColorLookupTableDescriptor
+    RedPaletteColorLookupTableData GreenPaletteColorLookupTableData BluePaletteColorLookupTableData
+    SegmentedRedPaletteColorLookupTableData SegmentedGreenPaletteColorLookupTableData
+    SegmentedBluePaletteColorLookupTableData
+    PixelData FloatPixelData DoubleFloatPixelData ExtendedOffsetTable ExtendedOffsetTableLengths
+    RescaleSlope RescaleIntercept RescaleType ModalityLUTSequence ModalityLUTType LUTDescriptor LUTData
+    VOILUTSequence WindowCenter WindowWidth VOILUTFunction
+    PixelSpacing ImagerPixelSpacing NominalScannedPixelSpacing PixelSpacingCalibrationType
+    EstimatedRadiographicMagnificationFactor SliceThickness SpacingBetweenSlices ImagePositionPatient
+    ImageOrientationPatient SliceLocation
+    SharedFunctionalGroupsSequence PerFrameFunctionalGroupsSequence PixelMeasuresSequence PlanePositionSequence
+    PlaneOrientationSequence PixelValueTransformationSequence FrameVOILUTSequence FrameContentSequence
+    FrameAcquisitionNumber InStackPositionNumber TemporalPositionIndex DimensionIndexValues
+    KVP XRayTubeCurrent ExposureTime Exposure ExposureInuAs ReconstructionDiameter GantryDetectorTilt
+    TableHeight RotationDirection CTDIvol SpiralPitchFactor DataCollectionDiameter
+    ScanningSequence SequenceVariant ScanOptions MRAcquisitionType RepetitionTime EchoTime InversionTime
+    EchoTrainLength FlipAngle MagneticFieldStrength ImagingFrequency NumberOfAverages EchoNumbers
+    DiffusionBValue PercentSampling PercentPhaseFieldOfView PixelBandwidth AcquisitionMatrix
+    InPlanePhaseEncodingDirection
+    DistanceSourceToDetector DistanceSourceToPatient BodyPartThickness CompressionForce
+    Units DecayCorrection CorrectedImage SeriesType
+    ReferencedImageSequence SourceImageSequence ReferencedSeriesSequence ReferencedFrameNumber
+    """.split()
+)
+
+#: Kept LO attributes whose values are defined terms: kept only when the value is one of them.
+_DEFINED_TERMS = {
+    "RescaleType": {"OD", "HU", "US", "MGML", "Z_EFF", "ED", "EDW", "HU_MOD", "PCT"},
+    "ModalityLUTType": {"OD", "HU", "US", "MGML", "Z_EFF", "ED", "EDW", "HU_MOD", "PCT"},
+}
+#: The patient's other names: removed, not pseudonymised.
+_REMOVE_PN = {"OtherPatientNames", "PatientBirthName", "PatientMotherBirthName"}
 #: UID attributes that name a class or syntax, not an instance: kept.
-_KEEP_UID_SUFFIXES = ("ClassUID",)
-_KEEP_UIDS = {"TransferSyntaxUID", "CodingSchemeUID", "ContextUID", "MappingResourceUID", "PrivateInformationCreatorUID", "ImplementationClassUID"}
+_KEEP_UIDS = {"TransferSyntaxUID", "CodingSchemeUID", "ContextUID", "MappingResourceUID", "PrivateInformationCreatorUID",
+              "ImplementationClassUID"}
+#: Modalities whose images often carry burned-in text; Secondary Capture SOP classes likewise.
+BURNED_IN_MODALITIES = frozenset({"US", "SC", "XC", "OT", "ES"})
+_SECONDARY_CAPTURE = ("1.2.840.10008.5.1.4.1.1.7",)
 
-_DUMMY_BY_VR = {
-    "PN": "ANONYMOUS",
-    "LO": "ANONYMIZED",
-    "SH": "ANON",
-    "LT": "ANONYMIZED",
-    "ST": "ANONYMIZED",
-    "UT": "ANONYMIZED",
-    "CS": "ANON",
-    "AE": "ANON",
-    "DA": "19000101",
-    "TM": "000000",
-    "DT": "19000101000000",
-    "AS": "000Y",
-    "IS": "0",
-    "DS": "0",
-}
+#: DeidentificationMethod (LO: at most 64 characters per value).
+DEID_METHOD = ["medsight allow-list: technical attributes kept, rest removed",
+               "names pseudonymised, UIDs remapped, dates shifted per patient"]
+KEPT_PRIVATE = "except private attributes: kept as they were (keep_private)"
+IMPLEMENTATION_VERSION_NAME = "MEDSIGHT_DEID"
 
-#: DeidentificationMethod (LO, at most 64 characters per value).
-DEID_METHOD = ["medsight PS3.15 Basic Application Confidentiality Profile", "Retain Longitudinal Temporal Information Modified Dates"]
+_TEXT_VRS = {"PN", "LO", "SH", "LT", "ST", "UT", "UC", "AE", "UR"}
+_KIND = {"PN": "person name", "LO": "identifier or text", "SH": "identifier or text", "LT": "free text", "ST": "free text",
+         "UT": "free text", "UC": "free text", "AE": "application entity title", "UR": "URL", "DA": "date", "DT": "date",
+         "UI": "UID"}
 
 
 class _Context:
@@ -360,6 +157,9 @@ class _Context:
             self.patient_map[patient_key] = "ANON-" + self.digest("patient", patient_key)[:12].upper()
         return self.patient_map[patient_key]
 
+    def person(self, name: str) -> str:
+        return "PERSON-" + self.digest("person", name)[:10].upper()
+
     def offset_days(self, patient_key: str) -> int:
         if patient_key not in self.offsets:
             # between 1 and 3650 days into the past, fixed per patient and secret
@@ -368,107 +168,154 @@ class _Context:
 
 
 def _shift_date(value: str, days: int) -> str:
+    """Shift a DA or DT value by whole days (the time part of a DT is kept); '' when not a date."""
     v = str(value).strip()
-    if len(v) < 8 or not v[:8].isdigit():
-        return ""
+    if len(v) < 8 or not v[:8].isdigit() or not re.fullmatch(r"\d{0,6}(\.\d{1,6})?([+-]\d{4})?", v[8:]):
+        return ""  # not one date (a range, free text): dropped rather than half shifted
     try:
         d = dt.date(int(v[:4]), int(v[4:6]), int(v[6:8])) + dt.timedelta(days=days)
-    except ValueError:
+    except (ValueError, OverflowError):
         return ""
     return d.strftime("%Y%m%d") + v[8:]
 
 
-def _is_instance_uid(elem) -> bool:
-    kw = elem.keyword or ""
-    if elem.VR != "UI" or kw in _KEEP_UIDS or kw.endswith(_KEEP_UID_SUFFIXES):
-        return False
-    return True
+def _values(value) -> list:
+    from pydicom.multival import MultiValue
+
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, MultiValue)):
+        return list(value)
+    return [value]
 
 
-def _remap_uid_value(value, ctx: _Context):
-    def one(v):
-        s = str(v).strip()
-        if not s or s.startswith("1.2.840.10008."):
-            return s  # a DICOM-defined UID (SOP class, transfer syntax, ...) is not identifying
-        return ctx.uid(s)
-
-    if isinstance(value, (list, tuple)) or (hasattr(value, "__iter__") and not isinstance(value, str)):
-        return [one(v) for v in value]
-    return one(value)
+#: UIDs the table says to replace (``U``) even though their name looks like a class UID.
+_TABLE_U = frozenset(r["keyword"] for r in E1_1_TABLE if "U" in r["basic_profile"])
 
 
-def _apply_profile(ds, ctx: _Context, patient_key: str, stats: dict) -> None:
-    """Apply the profile to ``ds`` and, recursively, to every nested sequence item."""
+def _is_class_uid(keyword: str) -> bool:
+    return keyword not in _TABLE_U and (keyword in _KEEP_UIDS or keyword.endswith("ClassUID"))
+
+
+def _remap_uid(value: str, ctx: _Context) -> str:
+    s = str(value).strip()
+    if not s or s.startswith("1.2.840.10008."):
+        return s  # a DICOM-defined UID (SOP class, transfer syntax, ...) identifies nobody
+    return ctx.uid(s)
+
+
+def _map_values(elem, fn) -> None:
+    vals = [fn(v) for v in _values(elem.value)]
+    elem.value = vals if len(vals) != 1 else vals[0]
+
+
+class _Record:
+    """Per input file: the identifying values removed or replaced (needles for the verifier), and the
+    values the output legitimately holds (kept or generated), which are not leaks."""
+
+    def __init__(self):
+        self.needles: dict[str, str] = {}  # value -> kind
+        self.allowed: set[str] = set()
+
+    def needle(self, value, kind: str) -> None:
+        s = str(value).strip().strip("\x00").strip()
+        if len(s) >= 3:
+            self.needles.setdefault(s, kind)
+
+    def needle_elem(self, elem) -> None:
+        if elem.VR == "SQ":
+            for item in elem.value or []:
+                for sub in item:
+                    self.needle_elem(sub)
+            return
+        kind = _KIND.get(elem.VR)
+        if kind is None:
+            return
+        for v in _values(elem.value):
+            s = str(v)
+            self.needle(s, kind)
+            if elem.VR == "PN":
+                for part in re.split(r"[\^=]", s):
+                    self.needle(part, kind)
+            elif elem.VR == "DT":
+                self.needle(s[:8], kind)
+
+
+def _clean(ds, ctx: _Context, patient_key: str, rec: _Record, keep_private: bool) -> None:
+    """Apply the allow-list to ``ds`` and, recursively, to the items of kept sequences."""
     days = ctx.offset_days(patient_key)
     for elem in list(ds):
         tag = elem.tag
         if tag.is_private:
-            continue  # handled by remove_private_tags
-        group = tag.group
-        if 0x5000 <= group <= 0x50FF and group % 2 == 0:
-            del ds[tag]
-            continue
-        if 0x6000 <= group <= 0x60FF and group % 2 == 0 and tag.element in (0x3000, 0x4000):
+            if keep_private:
+                continue
+            rec.needle_elem(elem)
             del ds[tag]
             continue
         kw = elem.keyword or ""
-        action = BASIC_PROFILE.get(kw)
-        if kw in _PSEUDONYM:
-            elem.value = ctx.pseudonym(patient_key)
-            stats["changed"] += 1
-            continue
-        if action is None:
-            if elem.VR == "SQ":
-                for item in elem.value:
-                    _apply_profile(item, ctx, patient_key, stats)
-            elif _is_instance_uid(elem) and elem.value not in (None, ""):
-                elem.value = _remap_uid_value(elem.value, ctx)
-            continue
-        if action == "U":
-            if elem.value not in (None, ""):
-                elem.value = _remap_uid_value(elem.value, ctx)
-            stats["changed"] += 1
-            continue
-        if action == "X/Z/U*":
-            for item in elem.value or []:
-                _apply_profile(item, ctx, patient_key, stats)
-            continue
-        if kw in _SHIFT_KEEP and elem.VR in ("DA", "DT"):
-            if elem.value not in (None, ""):
-                if elem.VM > 1:
-                    elem.value = [_shift_date(v, days) for v in elem.value]
-                else:
-                    elem.value = _shift_date(elem.value, days)
-            stats["changed"] += 1
-            continue
-        primary = action.split("/")[0]
-        if primary == "X":
+        vr = elem.VR
+        if tag.group == 0x0002 or not kw:
+            rec.needle_elem(elem)
             del ds[tag]
-        elif primary in ("Z", "C"):
-            if elem.VR == "SQ":
-                elem.value = []
-            else:
-                elem.value = None if elem.VR not in ("PN",) else ""
-        elif primary == "D":
-            if elem.VR == "SQ":
-                del ds[tag]  # a dummy sequence cannot be meaningful; remove
-            elif elem.VR in _DUMMY_BY_VR:
-                elem.value = _DUMMY_BY_VR[elem.VR]
-            elif elem.VR == "UI":
-                elem.value = ctx.uid(str(elem.value))
-            else:
+        elif kw in ("PatientID", "PatientName"):
+            rec.needle_elem(elem)
+            elem.value = ctx.pseudonym(patient_key)
+            rec.allowed.add(elem.value)
+        elif kw in KEEP:
+            if vr == "SQ":
+                for item in elem.value or []:
+                    _clean(item, ctx, patient_key, rec, keep_private)
+            elif kw in _DEFINED_TERMS:
+                value = str(elem.value or "").strip()
+                if value in _DEFINED_TERMS[kw]:
+                    rec.allowed.add(value)
+                else:
+                    rec.needle_elem(elem)
+                    del ds[tag]
+            elif vr == "UI":  # e.g. a UID kept inside a functional group: still remapped
+                rec.needle_elem(elem)
+                _map_values(elem, lambda v: _remap_uid(v, ctx))
+                rec.allowed.update(str(v) for v in _values(elem.value))
+            elif vr in _TEXT_VRS:
+                rec.needle_elem(elem)  # text is never trusted: were it ever allow-listed, the verifier fails the run
+            else:  # kept codes and numbers may contain a needle by chance
+                rec.allowed.update(str(v).strip() for v in _values(elem.value) if isinstance(v, (str, int, float)))
+        elif vr == "UI":
+            if _is_class_uid(kw):
+                rec.allowed.update(str(v).strip() for v in _values(elem.value))
+                continue
+            rec.needle_elem(elem)
+            _map_values(elem, lambda v: _remap_uid(v, ctx))
+            rec.allowed.update(str(v) for v in _values(elem.value))
+        elif vr == "PN":
+            rec.needle_elem(elem)
+            if kw in _REMOVE_PN:
                 del ds[tag]
-        # K: keep
-        stats["changed"] += 1
+            else:
+                _map_values(elem, lambda v: ctx.person(str(v)) if str(v).strip() else "")
+                rec.allowed.update(str(v) for v in _values(elem.value))
+        elif vr in ("DA", "DT"):
+            rec.needle_elem(elem)
+            if kw == "PatientBirthDate":
+                elem.value = ""
+            else:
+                _map_values(elem, lambda v: _shift_date(v, days))
+                rec.allowed.update(str(v) for v in _values(elem.value))
+        elif vr == "TM" and kw != "PatientBirthTime":
+            rec.allowed.update(str(v).strip() for v in _values(elem.value))  # kept: the shift is whole days
+        else:
+            rec.needle_elem(elem)
+            del ds[tag]
 
 
-def _set_method(ds) -> None:
+def _set_method(ds, keep_private: bool) -> None:
     from pydicom.dataset import Dataset
 
     ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = DEID_METHOD
+    ds.DeidentificationMethod = DEID_METHOD + ([KEPT_PRIVATE] if keep_private else [])
     codes = []
-    for value, meaning in (("113100", "Basic Application Confidentiality Profile"), ("113107", "Retain Longitudinal Temporal Information Modified Dates Option")):
+    for value, meaning in (("113100", "Basic Application Confidentiality Profile"),
+                           ("113107", "Retain Longitudinal Temporal Information Modified Dates Option")):
         item = Dataset()
         item.CodeValue = value
         item.CodingSchemeDesignator = "DCM"
@@ -478,22 +325,31 @@ def _set_method(ds) -> None:
     ds.LongitudinalTemporalInformationModified = "MODIFIED"
 
 
-def _atomic_save(ds, out_path: Path) -> None:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".deid-", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    try:
-        try:
-            ds.save_as(tmp, enforce_file_format=True)
-        except Exception:
-            ds.save_as(tmp, enforce_file_format=False)
-        os.replace(tmp, out_path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+def _generated_text() -> set[str]:
+    return {*DEID_METHOD, KEPT_PRIVATE, "YES", "MODIFIED", "DCM", "ANON", "PERSON", "113100", "113107", IMPLEMENTATION_VERSION_NAME,
+            "Basic Application Confidentiality Profile", "Retain Longitudinal Temporal Information Modified Dates Option"}
+
+
+def implementation_class_uid() -> str:
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=["medsight de-identification"]))
+
+
+def _file_meta(ds, old_meta, sop_uid: str):
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    fm = FileMetaDataset()
+    sop_class = ds.get("SOPClassUID") or (old_meta.get("MediaStorageSOPClassUID") if old_meta is not None else None)
+    if sop_class:
+        fm.MediaStorageSOPClassUID = str(sop_class)
+    fm.MediaStorageSOPInstanceUID = sop_uid
+    tsuid = old_meta.get("TransferSyntaxUID") if old_meta is not None else None
+    fm.TransferSyntaxUID = tsuid or ExplicitVRLittleEndian
+    fm.ImplementationClassUID = implementation_class_uid()
+    fm.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    return fm
 
 
 def is_dicom_file(p: Path) -> bool:
@@ -509,6 +365,128 @@ def is_dicom_file(p: Path) -> bool:
     return p.suffix.lower() in (".dcm", ".dicom") and head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
 
 
+def burned_in_reason(ds) -> str | None:
+    """Why ``ds`` may carry burned-in text (None when it is not expected to)."""
+    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if flag == "YES":
+        return "BurnedInAnnotation YES"
+    if flag == "NO":
+        return None
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality in BURNED_IN_MODALITIES:
+        return f"modality {modality} without BurnedInAnnotation"
+    if str(ds.get("SOPClassUID", "") or "").startswith(_SECONDARY_CAPTURE):
+        return "Secondary Capture without BurnedInAnnotation"
+    return None
+
+
+def _path_needles(rel: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    parts = list(rel.parent.parts) + [rel.stem if rel.suffix.lower() in (".dcm", ".dicom", ".ima") else rel.name]
+    for part in parts:
+        for tok in [part, *re.split(r"[^A-Za-z0-9]+", part)]:
+            if len(tok) >= 3:
+                out.setdefault(tok, "file or folder name")
+    return out
+
+
+_ALNUM = re.compile(r"[A-Za-z0-9]+")
+_NUMBER = re.compile(r"[0-9.]+")
+
+
+def _tokens(text: str) -> set[str]:
+    return set(_ALNUM.findall(text)) | set(_NUMBER.findall(text))
+
+
+def _key(value: str) -> str | None:
+    """A token every bounded occurrence of the needle shows whole: a number or UID itself, else the needle's
+    longest letter/digit run."""
+    if _NUMBER.fullmatch(value):
+        return value
+    runs = _ALNUM.findall(value)
+    return max(runs, key=len) if runs else None
+
+
+def _bounded(value: str, text: str) -> bool:
+    """``value`` occurs in ``text`` not as part of a longer letter/digit run (digits and UIDs: of a longer
+    dotted number)."""
+    if value not in text:
+        return False
+    inner = "0-9." if re.fullmatch(r"[0-9.]+", value) else "A-Za-z0-9"
+    return re.search(f"(?<![{inner}])" + re.escape(value) + f"(?![{inner}])", text) is not None
+
+
+def _views(data: bytes) -> tuple[list[str], list[str]]:
+    """Text views of raw bytes: (Latin-1 and UTF-8, UTF-16-LE at both byte alignments)."""
+    narrow = [data.decode("latin-1"), data.decode("utf-8", errors="replace")]
+    wide = [data.decode("utf-16-le", errors="replace"), data[1:].decode("utf-16-le", errors="replace")]
+    return narrow, wide
+
+
+def _header_bytes(path: Path) -> bytes:
+    """The output file's bytes without the pixel data payload (copied unchanged from the input)."""
+    import pydicom
+
+    raw = path.read_bytes()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, force=True)
+    except Exception:
+        return raw  # scan every byte
+    for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if kw in ds:
+            px = ds[kw].value
+            if isinstance(px, (bytes, bytearray)) and len(px) >= 16:
+                i = raw.rfind(px)  # the pixel data come last; the preamble may look the same
+                if i >= 0:
+                    raw = raw[:i] + raw[i + len(px):]
+    return raw
+
+
+def verify(out_root: Path, needles: dict[str, str], allowed_by_file: dict[str, set[str]]) -> None:
+    """Raise :class:`DataError` when any of ``needles`` (value -> kind) occurs in an output file below
+    ``out_root`` (outside its pixel data; as Latin-1/UTF-8, and as UTF-16 for values of 5 or more
+    characters) or in its relative path, unless the file legitimately holds it
+    (``allowed_by_file[rel]``: kept codes and numbers, generated values, or medsight's own text).
+
+    Needles are indexed by their longest letter/digit run, so each file costs one tokenisation plus
+    a check of the needles whose run it contains (linear in the output, not files x needles)."""
+    index: dict[str | None, list[str]] = {}
+    for value in needles:
+        index.setdefault(_key(value), []).append(value)
+    generated = _generated_text()
+    for path in sorted(p for p in out_root.rglob("*") if p.is_file()):
+        rel = path.relative_to(out_root).as_posix()
+        narrow, wide = _views(_header_bytes(path))
+        rel_text = rel.removesuffix(".dcm")
+        tokens = _tokens(rel_text).union(*(_tokens(v) for v in narrow + wide))
+        candidates = list(index.get(None, ()))
+        for tok in tokens:
+            candidates.extend(index.get(tok, ()))
+        if not candidates:
+            continue
+        allowed = {str(v).strip() for v in allowed_by_file.get(rel, set())} | generated
+        allowed_text = "\n".join(sorted(allowed))
+        for value in candidates:
+            if value in allowed or _bounded(value, allowed_text):
+                continue  # the file holds this text legitimately (a kept or generated value contains it)
+            kind = needles[value]
+            kind = ("an " if kind[0] in "aeiou" else "a ") + kind
+            if _bounded(value, rel_text):
+                raise DataError(f"de-identification verifier: {kind} from the input survived in the output path {rel}; nothing written")
+            if any(_bounded(value, v) for v in narrow) or (len(value) >= 5 and any(_bounded(value, v) for v in wide)):
+                raise DataError(f"de-identification verifier: {kind} from the input survived in {rel}; nothing written")
+
+
+def _prepare_out(dst: Path) -> None:
+    if dst.exists():
+        if not dst.is_dir():
+            raise DataError(f"cannot de-identify into {dst}: exists and is not a folder")
+        if any(dst.iterdir()):
+            raise DataError(f"cannot de-identify into {dst}: the folder is not empty (give a new or empty folder)")
+
+
 def deidentify(
     in_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -516,14 +494,18 @@ def deidentify(
     mapping_csv: str | os.PathLike | None = None,
     secret: str | bytes | None = None,
     keep_private: bool = False,
+    allow_burned_in: bool = False,
 ) -> dict:
-    """De-identify every DICOM file below ``in_dir`` into ``out_dir`` (same relative paths).
+    """De-identify every DICOM file below ``in_dir`` into ``out_dir`` (which must be new or empty).
 
     ``secret`` makes UIDs, pseudonyms and date offsets reproducible across runs (keep it secret:
     whoever has it can link outputs back to inputs by re-running); when None a random one is used.
-    Returns a JSON-serialisable summary; non-DICOM files are skipped and listed, unreadable DICOM
-    files are listed under ``errors``. ``mapping_csv`` (only if given) receives the
-    original -> new identifiers; it is identifying and must be stored securely.
+    Returns a JSON-serialisable summary: counts, ``skipped`` (non-DICOM files), ``errors``
+    (unreadable files), ``burned_in`` (files that may carry burned-in text: held back unless
+    ``allow_burned_in``; these three list input paths relative to ``in_dir``). ``mapping_csv``
+    (only if given) receives the original -> new identifiers and file names; it is identifying and
+    must be stored securely. Raises :class:`DataError` when the verifier finds an original value in
+    the output (then nothing is written).
     """
     pydicom = __import__("pydicom")
     src, dst = Path(in_dir).resolve(), Path(out_dir).resolve()
@@ -531,77 +513,123 @@ def deidentify(
         raise DataError(f"cannot de-identify {src}: not a folder")
     if dst == src or src in dst.parents:
         raise DataError(f"cannot de-identify {src}: the output folder {dst} must be outside the input folder")
-    if dst.exists() and not dst.is_dir():
-        raise DataError(f"cannot de-identify into {dst}: exists and is not a folder")
+    _prepare_out(dst)
+    if mapping_csv is not None:
+        mp = Path(mapping_csv).resolve()
+        if dst in mp.parents or src in mp.parents:
+            raise DataError(f"--mapping {mp}: the mapping re-identifies the output; write it outside the input and output folders")
     if secret is None:
         key = _secrets.token_bytes(32)
     else:
         key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+        if not key:
+            raise DataError("cannot de-identify: the secret is empty (give a long random string, or none for a random one)")
     ctx = _Context(key)
     files = sorted(p for p in src.rglob("*") if p.is_file())
-    summary: dict = {"in_dir": str(src), "out_dir": str(dst), "written": 0, "skipped": [], "errors": [], "burned_in_annotation": []}
-    stats = {"changed": 0}
+    summary: dict = {"in_dir": str(src), "out_dir": str(dst), "written": 0, "skipped": [], "errors": [],
+                     "burned_in": [], "burned_in_written": bool(allow_burned_in)}
     studies: set[str] = set()
-    for f in files:
-        rel = f.relative_to(src)
-        if f.name.upper() == "DICOMDIR":
-            summary["skipped"].append(str(rel))  # a DICOMDIR indexes identifying data; rebuild it instead
-            continue
-        if not is_dicom_file(f):
-            summary["skipped"].append(str(rel))
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(f, force=True)
-            if len(ds) == 0:
-                raise ValueError("empty dataset")
-        except Exception as e:
-            summary["errors"].append({"path": str(rel), "error": f"not a readable DICOM file ({type(e).__name__})"})
-            continue
-        try:
-            patient_key = str(ds.get("PatientID", "") or ds.get("PatientName", "") or "")
-            if not patient_key:
-                patient_key = "study:" + str(ds.get("StudyInstanceUID", "") or rel)
-            if "StudyInstanceUID" in ds:
-                studies.add(str(ds.StudyInstanceUID))
-            if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
-                summary["burned_in_annotation"].append(str(rel))
-            if not keep_private:
-                ds.remove_private_tags()
-            _apply_profile(ds, ctx, patient_key, stats)
-            fm = getattr(ds, "file_meta", None)
-            if fm is not None:
-                for elem in list(fm):
-                    if elem.keyword == "MediaStorageSOPInstanceUID":
-                        elem.value = ds.SOPInstanceUID if "SOPInstanceUID" in ds else ctx.uid(str(elem.value))
-                    elif elem.keyword == "SourceApplicationEntityTitle":
-                        del fm[elem.tag]
-                    elif elem.tag.is_private:
-                        del fm[elem.tag]
-            _set_method(ds)
-            _atomic_save(ds, dst / rel)
-            summary["written"] += 1
-        except Exception as e:
-            summary["errors"].append({"path": str(rel), "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"})
+    needles: dict[str, str] = {}
+    allowed_by_file: dict[str, set[str]] = {}
+    file_map: list[tuple[str, str]] = []
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".medsight-deid-", dir=dst.parent))
+    try:
+        for f in files:
+            rel = f.relative_to(src)
+            needles.update({k: v for k, v in _path_needles(rel).items() if k not in needles})
+            if f.name.upper() == "DICOMDIR" or not is_dicom_file(f):
+                summary["skipped"].append(str(rel))  # a DICOMDIR indexes identifying data; rebuild it instead
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    ds = pydicom.dcmread(f, force=True)
+                if len(ds) == 0:
+                    raise ValueError("empty dataset")
+                _ = list(ds)  # parse every element now, so a broken file fails here
+            except Exception as e:
+                summary["errors"].append({"path": str(rel), "error": f"not a readable DICOM file ({type(e).__name__})"})
+                continue
+            try:
+                rec = _Record()
+                _ensure_transfer_syntax(ds)  # a file without file meta: the syntax it was read with
+                reason = burned_in_reason(ds)
+                patient_key = str(ds.get("PatientID", "") or ds.get("PatientName", "") or "")
+                if not patient_key:
+                    patient_key = "study:" + str(ds.get("StudyInstanceUID", "") or rel)
+                old_meta = getattr(ds, "file_meta", None)
+                if old_meta is not None:
+                    for elem in old_meta:
+                        if elem.keyword not in ("TransferSyntaxUID", "MediaStorageSOPClassUID", "ImplementationClassUID",
+                                                "FileMetaInformationVersion", "FileMetaInformationGroupLength"):
+                            rec.needle_elem(elem)
+                old_sop = ds.get("SOPInstanceUID") or (old_meta.get("MediaStorageSOPInstanceUID") if old_meta is not None else None)
+                if "StudyInstanceUID" in ds:
+                    studies.add(str(ds.StudyInstanceUID))
+                study = ds.get("StudyInstanceUID") or f"no-study:{patient_key}"
+                series = ds.get("SeriesInstanceUID") or f"no-series:{study}"
+                _clean(ds, ctx, patient_key, rec, keep_private)
+                sop_uid = ctx.uid(str(old_sop)) if old_sop else ctx.uid(f"file:{rel}")
+                if "SOPInstanceUID" in ds:
+                    ds.SOPInstanceUID = sop_uid
+                out_rel = Path(ctx.pseudonym(patient_key), ctx.uid(str(study)), ctx.uid(str(series)), sop_uid + ".dcm")
+                if reason is not None:
+                    summary["burned_in"].append(str(rel))
+                    if not allow_burned_in:
+                        continue
+                target = work / out_rel
+                if target.exists():
+                    summary["errors"].append({"path": str(rel), "error": "another input file has the same SOP Instance UID; not written"})
+                    continue
+                ds.file_meta = _file_meta(ds, old_meta, sop_uid)
+                rec.allowed.update({ctx.pseudonym(patient_key), sop_uid, str(ds.file_meta.get("MediaStorageSOPClassUID", "")),
+                                    str(ds.file_meta.TransferSyntaxUID), implementation_class_uid()})
+                _set_method(ds, keep_private)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    ds.save_as(target, enforce_file_format=True)
+                except BaseException:
+                    target.unlink(missing_ok=True)  # never leave a half-written file to be verified and kept
+                    raise
+                summary["written"] += 1
+                file_map.append((str(rel), out_rel.as_posix()))
+                allowed_by_file[out_rel.as_posix()] = rec.allowed
+                needles.update({k: v for k, v in rec.needles.items() if k not in needles})
+            except Exception as e:
+                needles.update({k: v for k, v in rec.needles.items() if k not in needles})
+                summary["errors"].append({"path": str(rel), "error": f"cannot de-identify ({type(e).__name__})"})
+        verify(work, needles, allowed_by_file)
+        if dst.exists():
+            dst.rmdir()  # empty (checked above)
+        os.replace(work, dst)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     summary["patients"] = len(ctx.patient_map)
     summary["studies"] = len(studies)
     summary["uids_remapped"] = len(ctx.uid_map)
     summary["mapping_csv"] = None
     if mapping_csv is not None:
-        mp = Path(mapping_csv)
-        mp.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".map-", suffix=".tmp", dir=mp.parent)
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(["kind", "original", "new"])
-            for old, new in sorted(ctx.patient_map.items()):
-                w.writerow(["patient", old, new])
-            for old, days in sorted(ctx.offsets.items()):
-                w.writerow(["date_offset_days", old, days])
-            for old, new in sorted(ctx.uid_map.items()):
-                w.writerow(["uid", old, new])
-        os.replace(tmp, mp)
-        summary["mapping_csv"] = str(mp)
-    log.info("de-identified %d files (%d skipped, %d errors)", summary["written"], len(summary["skipped"]), len(summary["errors"]))
+        summary["mapping_csv"] = str(_write_mapping(Path(mapping_csv), ctx, file_map))
+    log.info("de-identified %d files (%d skipped, %d held back or flagged, %d errors)", summary["written"],
+             len(summary["skipped"]), len(summary["burned_in"]), len(summary["errors"]))
     return summary
+
+
+def _write_mapping(mp: Path, ctx: _Context, file_map: list[tuple[str, str]]) -> Path:
+    from medsight.utils import atomic_write_text
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["kind", "original", "new"])
+    for old, new in sorted(ctx.patient_map.items()):
+        w.writerow(["patient", old, new])
+    for old, days in sorted(ctx.offsets.items()):
+        w.writerow(["date_offset_days", old, days])
+    for old, new in sorted(ctx.uid_map.items()):
+        w.writerow(["uid", old, new])
+    for old, new in file_map:
+        w.writerow(["file", old, new])
+    return atomic_write_text(mp, buf.getvalue())
