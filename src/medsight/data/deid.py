@@ -353,16 +353,11 @@ def _file_meta(ds, old_meta, sop_uid: str):
 
 
 def is_dicom_file(p: Path) -> bool:
-    """A DICOM Part 10 file ('DICM' after the 128-byte preamble), or a .dcm/.dicom file that starts with a group
-    0002/0008 element (no preamble)."""
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    if head[128:132] == b"DICM":
-        return True
-    return p.suffix.lower() in (".dcm", ".dicom") and head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+    """Is ``p`` a DICOM file? Asked of the reader (``medsight.data.io.file_format``), the one owner of file
+    signatures."""
+    from medsight.data.io import file_format
+
+    return file_format(p) == "dicom"
 
 
 def burned_in_reason(ds) -> str | None:
@@ -535,7 +530,9 @@ def deidentify(
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".medsight-deid-", dir=dst.parent))
     try:
-        for f in files:
+        from medsight import progress
+
+        for f in progress.track(files, "de-identifying"):
             rel = f.relative_to(src)
             needles.update({k: v for k, v in _path_needles(rel).items() if k not in needles})
             if f.name.upper() == "DICOMDIR" or not is_dicom_file(f):
