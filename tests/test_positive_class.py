@@ -116,3 +116,36 @@ def test_align_to_an_older_bundles_class_order(medmnist_dir):
     np.testing.assert_array_equal(ds.splits["test"].labels, _raw_labels(medmnist_dir, "breastmnist", "test"))
     with pytest.raises(DataError, match="the model expects"):
         ds.align_to(["benign", "cancer"])
+
+
+def test_malignant_is_named_by_predict_the_service_and_metrics(served_bundle, breast_files, tmp_path):
+    """BreastMNIST: metrics.json, `predict` rows, /v1/model and /v1/predict all name malignant as the positive
+    class, and the sensitivity in metrics.json is TP / (TP + FN) of malignant cases in its confusion matrix."""
+    import csv
+
+    from fastapi.testclient import TestClient
+
+    from medsight.cli import main
+    from medsight.serve.app import create_app
+
+    m = json.loads((served_bundle / "metrics.json").read_text())["test"]
+    assert m["positive_class"] == "malignant"
+    cm = np.asarray(m["confusion_matrix"]["value"])  # rows: true [normal/benign, malignant], columns: predicted
+    tp, fn = cm[1, 1], cm[1, 0]
+    assert tp + fn == 42
+    assert m["sensitivity"]["value"] == pytest.approx(tp / (tp + fn))
+    assert m["specificity"]["value"] == pytest.approx(cm[0, 0] / cm[0].sum())
+
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(served_bundle), str(breast_files["png"][0]), "--out", str(out)]) == 0
+    row = next(csv.DictReader(out.open()))
+    assert row["positive_class"] == "malignant" and "p_malignant" in row
+
+    client = TestClient(create_app(served_bundle))
+    info = client.get("/v1/model").json()
+    assert info["positive_class"] == "malignant" and info["classes"][1] == "malignant"
+    assert "fixed threshold 0.5" in info["decision_rule"]  # the served_bundle fixture fixes 0.5: said as such
+    png = breast_files["png"][0]
+    r = client.post("/v1/predict", files={"file": (png.name, png.read_bytes(), "image/png")}).json()
+    assert r["positive_class"] == "malignant"
+    assert (r["predicted"] == "malignant") == (r["probabilities"]["malignant"] >= r["threshold"])

@@ -480,8 +480,12 @@ def test_tracking_off_touches_no_server(tmp_path, monkeypatch):
     from medsight.config import load_config
     from medsight.data.sources import load_dataset
 
+    from medsight.pipeline import run_training
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", _dead_uri())
-    (tmp_path / "tracking.json").write_text('{"run_id": "old"}')
-    cfg = load_config(None, {"data.name": str(make_npz(tmp_path / "t.npz"))})
-    assert tracking.start_training(cfg, load_dataset(cfg.data.name), tmp_path) is None
-    assert not (tmp_path / "tracking.json").exists()  # a stale side file never names a run it did not come from
+    cfg = load_config(None, {"data.name": str(make_npz(tmp_path / "t.npz")), "train.epochs": 1, "train.n_boot": 0})
+    assert tracking.start_training(cfg, load_dataset(cfg.data.name), tmp_path / "b") is None
+    out, _, _ = run_training(cfg, tmp_path / "b")
+    (out / "tracking.json").write_text('{"run_id": "old"}')  # an older run's side file
+    out, _, _ = run_training(cfg, out, overwrite=True)
+    assert not (out / "tracking.json").exists()  # a side file never outlives the bundle it came with

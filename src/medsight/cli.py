@@ -41,6 +41,9 @@ def _configure_logging(level: int, fmt: str = "%(levelname)s %(name)s: %(message
     handler = logging.StreamHandler(sys.stderr)
     handler._medsight_cli = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter(fmt))
+    # tracking warnings have their own one-line printer (_show_tracking_warnings) once it is installed
+    handler.addFilter(lambda r: not (r.name == "medsight.tracking" and any(
+        getattr(h, "medsight_cli", False) for h in logging.getLogger("medsight.tracking").handlers)))
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
