@@ -23,9 +23,7 @@ import io
 import multiprocessing as mp
 import os
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 
@@ -36,7 +34,7 @@ SRC = os.path.join(HERE, "..", "src")
 sys.path.insert(0, SRC)
 sys.path.insert(0, HERE)
 
-from _common import breast_pngs, bundle_or_train, pct  # noqa: E402
+from _common import breast_pngs, bundle_or_train, pct, serve_process  # noqa: E402
 
 HOST = "127.0.0.1"  # never anything else
 
@@ -146,26 +144,13 @@ def main(argv=None) -> int:
     bundle = bundle_or_train(args.bundle, args.model)
     bombs = build_bombs(breast_pngs(1)[0])
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("MEDSIGHT_API_KEY", None)
-    log = tempfile.TemporaryFile()
-    server = subprocess.Popen([sys.executable, "-m", "medsight", "serve", str(bundle), "--host", HOST,
-                               "--port", str(port), "--backend", args.backend], env=env,
-                              stdout=subprocess.DEVNULL, stderr=log)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if Healthz(port).once()[1]:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                log.seek(0)
-                print("server did not start:", log.read().decode()[-2000:], file=sys.stderr)
-                return 1
-            time.sleep(0.2)
-
+        started = serve_process(bundle, port, "--backend", args.backend, host=HOST)
+        started.__enter__()
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
+    try:
         probe = Healthz(port)
         idle, idle_err = [], 0
         for _ in range(args.idle_probes):
@@ -203,12 +188,7 @@ def main(argv=None) -> int:
             p.join(30)
         wall = time.perf_counter() - t_start
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        started.__exit__(None, None, None)
 
     print(f"medsight serve under bombs: {args.model if not args.bundle else bundle}, backend {args.backend}, "
           f"{args.clients} bomb clients for {wall:.1f} s, cpu_count={os.cpu_count()}, {HOST} only")

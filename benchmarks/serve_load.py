@@ -12,7 +12,6 @@ import http.client
 import json
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -23,7 +22,7 @@ SRC = os.path.join(HERE, "..", "src")
 sys.path.insert(0, SRC)
 sys.path.insert(0, HERE)
 
-from _common import breast_pngs, bundle_or_train, pct  # noqa: E402
+from _common import breast_pngs, bundle_or_train, pct, serve_process  # noqa: E402
 
 
 def free_port() -> int:
@@ -57,30 +56,14 @@ def main(argv=None) -> int:
     pngs = breast_pngs(32)
     bodies = [multipart(p) for p in pngs]
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("MEDSIGHT_API_KEY", None)
-    import tempfile
-
-    log = tempfile.TemporaryFile()  # the server logs one line per request: never a pipe that can fill up
-    server = subprocess.Popen([sys.executable, "-m", "medsight", "serve", str(bundle), "--port", str(port),
-                               "--backend", args.backend, "--queue", str(args.clients if args.queue is None else args.queue)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=log)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                c.request("GET", "/healthz")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                log.seek(0)
-                print("server did not start:", log.read().decode()[-2000:], file=sys.stderr)
-                return 1
-            time.sleep(0.2)
-
+        started = serve_process(bundle, port, "--backend", args.backend, "--queue",
+                                str(args.clients if args.queue is None else args.queue))
+        started.__enter__()
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
+    try:
         path = "/v1/predict" + ("?explain=true" if args.explain else "")
         lock = threading.Lock()
         counter = {"next": 0}
@@ -127,12 +110,7 @@ def main(argv=None) -> int:
             t.join()
         wall = time.perf_counter() - t_start
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        started.__exit__(None, None, None)
 
     n = len(latencies)
     print(f"medsight serve load test: {args.model if not args.bundle else bundle}, backend {args.backend}, "

@@ -1,7 +1,8 @@
 import torch
 
 from medsight.config import AugmentConfig
-from medsight.augment import BatchAugment, resize, to_float
+from medsight.augment import BatchAugment, resize
+from medsight.inference import to_float
 
 
 def test_to_float_scales_uint8():

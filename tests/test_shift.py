@@ -160,7 +160,7 @@ def test_pneumonia_model_under_shift(medmnist_dir):
     assert r3["tta_flip"] == [2]
     # the clean row with TTA is the metric of the averaged logits of the image and its left-right mirror
     from medsight.metrics import compute_metrics
-    from medsight.augment import to_float
+    from medsight.inference import to_float
 
     x = to_float(torch.as_tensor(test.images[:200]))
     with torch.no_grad():

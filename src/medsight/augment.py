@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from medsight.config import AugmentConfig
-from medsight.inference import to_float  # noqa: F401 - re-exported: stored images -> float in [0, 1]
 
 
 def _rotation_matrices(angles: torch.Tensor, dims: int) -> torch.Tensor:

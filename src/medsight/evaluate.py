@@ -20,10 +20,10 @@ from medsight import metrics as M
 from medsight.bundle import Bundle
 from medsight.data.sources import Dataset
 from medsight.errors import MedsightError
-from medsight.explain import explain_batch, overlay
+from medsight.explain import explain_batch
 from medsight.fusion import split_clinical_rows
 from medsight.inference import run_logits
-from medsight.augment import to_float
+from medsight.inference import to_float
 
 
 def check_compatible(bundle: Bundle, data: Dataset) -> None:

@@ -41,7 +41,6 @@ from medsight.config import EVAL_BATCH_SIZE
 from medsight import progress
 from medsight.errors import ConfigError, DataError, choices_message
 from medsight.inference import run_logits
-from medsight.augment import to_float
 
 SEVERITIES = (1, 2, 3, 4, 5)
 

@@ -33,7 +33,8 @@ from medsight.errors import ConfigError, MedsightError
 from medsight.inference import autocast_ctx, run_logits
 from medsight.models import create_model
 from medsight.tasks import Task
-from medsight.augment import BatchAugment, to_float
+from medsight.augment import BatchAugment
+from medsight.inference import to_float
 from medsight.utils import atomic_torch_save, atomic_write_text, pick_device, seed_everything
 
 Callback = Callable[[str, dict], None]
