@@ -70,7 +70,7 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(512, ge=1)
     operating_point: str = Field("0.5", description="threshold chosen on val: youden, f1, sens=0.95, spec=0.9, or a number")
     calibrate: bool = Field(True, description="fit a temperature on the validation split")
-    ood: bool = Field(True, description="fit an out-of-distribution detector (Mahalanobis on features; threshold on val)")
+    ood: bool = Field(True, description="fit an out-of-distribution detector (features + input statistics; thresholds on val)")
     n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the 95% CIs in metrics.json")
     tta_flip: list[int] = Field(default_factory=list, description="test-time augmentation: average logits over "
                                 "flips of these spatial axes (1-based), used for validation and stored in the bundle")

@@ -202,7 +202,7 @@ class Predictor:
                 return logits, None
             from medsight.ood import score_from_outputs
 
-            return logits, score_from_outputs(logits, feats, self.ood)
+            return logits, score_from_outputs(logits, feats, self.ood, x=x)
         if self.ood is not None:  # PyTorch: logits and features from one pass on a private, hooked copy
             from medsight.ood import detect
 
