@@ -180,13 +180,11 @@ def cell(d: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["test FA", "val FA"]
     others = sorted({k for r in rows for k in r["other_sets"]})
     same = sorted({k for r in rows for k in r["same_set_resized"]})
     lines = ["| recipe (data, epochs) | own test false alarms | val | "
              + " | ".join(others) + " | " + " | ".join(SYNTHETIC) + " | same set resized |",
              "|---" * (3 + len(others) + len(SYNTHETIC) + 1) + "|"]
-    del cols
     for r in rows:
         cells = [f"{r['recipe']} ({r['data']}, {r['epochs']} ep)", cell(r["test_false_alarm"]),
                  cell(r["val_false_alarm"])]

@@ -491,12 +491,15 @@ def fit_combined_detector(train_features, train_labels, train_inputs, val_featur
 
 
 # --------------------------------------------------------------------------------------------- one entry point
-def ood_scores(model: nn.Module, images, *, score: str = "combined", state: dict | None = None,
+def ood_scores(model: nn.Module, images, *, score: str | None = None, state: dict | None = None,
                temperature: float = 1.0, task: str | None = None, batch_size: int = 256,
                device: str | torch.device | None = None, return_logits: bool = False):
     """OOD score per image (higher = more OOD). ``score='combined'`` needs a detector from
-    :func:`fit_ood_detector`; ``'mahalanobis'`` a state from :func:`fit_mahalanobis` (or a detector). With
+    :func:`fit_ood_detector`; ``'mahalanobis'`` a state from :func:`fit_mahalanobis` (or a detector); ``None``:
+    the state's own score (a bare :func:`fit_mahalanobis` state: ``'mahalanobis'``). With
     ``return_logits=True`` returns ``(scores, logits)`` so a predictor gets both from one forward pass."""
+    if score is None:
+        score = state.get("score", "mahalanobis") if state is not None else "mahalanobis"
     if score not in SCORES:
         raise ConfigError(choices_message("OOD score", score, SCORES))
     if score in ("combined", "mahalanobis"):
