@@ -6,7 +6,7 @@ detector's quality is measured, not the classifier's), one model is trained on t
 detectors are fitted from the SAME features in the same process:
 
 - ``new``: the default combined detector (:func:`medsight.ood.fit_combined_detector`: feature Mahalanobis +
-  input statistics + downsampled-pixel PPCA, fitted on train, thresholds calibrated on val to <= 4 % false
+  input statistics + downsampled-pixel PPCA, fitted on train, thresholds calibrated on val to <= 3 % false
   alarms), saved to ``ood.npz`` and read back before scoring (the bundle format is what is measured);
 - ``old``: features-only Mahalanobis, threshold at the 95th percentile of validation scores.
 

@@ -253,7 +253,7 @@ def test_combined_detector_flags_noise_and_blanks_from_arrays():
     assert det["score"] == "combined" and det["threshold"] == 1.0 and det["format"] == ood.FORMAT_COMBINED
     assert sorted(det["thresholds"]) == sorted(ood.COMPONENTS) and 0.96 <= det["quantile"] <= 1
     val = ood.score_from_outputs(None, fva, det, x=xva)
-    assert (val > 1).mean() <= 0.04
+    assert (val > 1).mean() <= 0.03
     rng = np.random.default_rng(3)
     feats = rng.standard_normal((20, 6))  # features look normal: only the inputs give these away
     for x in (np.zeros((20, 1, 16, 16)), np.ones((20, 1, 16, 16)), rng.random((20, 1, 16, 16))):
@@ -269,7 +269,8 @@ def test_combined_detector_flags_noise_and_blanks_from_arrays():
         ood.fit_combined_detector(fva, None, xva, fva, xva, components=["features", "texture"])
     only_inputs = ood.fit_combined_detector(None, None, _smooth_images(40, 5), None, xva,
                                             components=["intensity", "pixels"])
-    assert "means" not in only_inputs and (ood.score_from_outputs(None, None, only_inputs, x=np.ones((2, 1, 16, 16))) > 1).all()
+    assert "means" not in only_inputs
+    assert (ood.score_from_outputs(None, None, only_inputs, x=np.ones((2, 1, 16, 16))) > 1).all()
 
 
 def test_combined_detector_round_trips_through_ood_npz(tmp_path):

@@ -16,9 +16,13 @@ Every score is oriented the same way: **higher = more out-of-distribution**.
   Features alone miss foreign images whose features land near a class mean (a chest X-ray or uniform noise
   shown to a breast-ultrasound model); the input components see what the image looks like, the feature
   component what the model makes of it. The per-component quantile is the lowest (most sensitive) one whose
-  union of flags stays at or below ``false_alarm`` (default 4 %) on validation; the reported ``ood_score`` is
-  ``max_k score_k / threshold_k`` (flag: > 1). Input statistics are computed in numpy from the preprocessed
-  model input, so the PyTorch and ONNX backends score identically (:func:`score_from_outputs` with ``x``).
+  union of flags stays at or below ``false_alarm`` (default 3 %, counted conservatively as
+  ``(flagged + 1) / (n + 1)``) on validation; the input components' thresholds pool out-of-fold training scores
+  with validation (small validation sets give noisy tail quantiles). With fewer than ``1 / false_alarm - 1``
+  validation images no quantile qualifies and the thresholds are the largest in-distribution scores. The
+  reported ``ood_score`` is ``max_k score_k / threshold_k`` (flag: > 1). Input statistics are computed in numpy
+  from the preprocessed model input, so the PyTorch and ONNX backends score identically
+  (:func:`score_from_outputs` with ``x``).
   ``benchmarks/ood_matrix.py`` measures every packaged recipe against the other MedMNIST sets and synthetic
   images (``benchmarks/results/ood_matrix.md``).
 - ``"mahalanobis"``: the feature component alone, threshold at the ``quantile`` (0.95) of validation scores
@@ -397,7 +401,7 @@ def combined_score(scores: dict, thresholds: dict) -> np.ndarray:
                            axis=1), axis=1)
 
 
-def calibrate_thresholds(val_scores: dict, false_alarm: float = 0.04, extra: dict | None = None
+def calibrate_thresholds(val_scores: dict, false_alarm: float = 0.03, extra: dict | None = None
                          ) -> tuple[float, dict]:
     """One quantile ``q`` for all components: the lowest (most sensitive) whose thresholds flag, by any
     component, at most ``false_alarm`` of the VALIDATION images, counted conservatively as
@@ -461,7 +465,7 @@ def out_of_fold_scores(stats, pixels, comps: list, grid, folds: int = 5) -> dict
 
 
 def fit_combined_detector(train_features, train_labels, train_inputs, val_features, val_inputs, *,
-                          false_alarm: float = 0.04, components=COMPONENTS, layer: str | None = None,
+                          false_alarm: float = 0.03, components=COMPONENTS, layer: str | None = None,
                           shrinkage: float = 1e-3) -> dict:
     """The combined detector from arrays: components fitted on TRAIN, thresholds calibrated on VAL.
 
@@ -552,7 +556,7 @@ def ood_flags(scores, threshold: float) -> np.ndarray:
 
 
 def fit_ood_detector(model: nn.Module, train_images, train_labels, val_images, *, score: str = "combined",
-                     quantile: float = 0.95, false_alarm: float = 0.04, temperature: float = 1.0,
+                     quantile: float = 0.95, false_alarm: float = 0.03, temperature: float = 1.0,
                      task: str | None = None, batch_size: int = 256,
                      device: str | torch.device | None = None) -> dict:
     """Everything a predictor needs: the score's state (fitted on TRAIN) and the flag threshold (fitted on VAL).
