@@ -39,6 +39,7 @@ to / from a ``bundle.json``-compatible dict of lists.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -294,14 +295,17 @@ def pixel_grid(spatial_shape) -> list[int]:
     return [min(side, int(s)) for s in spatial_shape]
 
 
+@functools.lru_cache(maxsize=64)
 def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) area-averaging weights (each output cell: the mean of the input cells it covers)."""
+    """(n_out, n_in) area-averaging weights (each output cell: the mean of the input cells it covers); cached,
+    read-only."""
     edges = np.linspace(0.0, n_in, n_out + 1)
     m = np.zeros((n_out, n_in))
     for o in range(n_out):
         lo, hi = edges[o], edges[o + 1]
         for i in range(int(np.floor(lo)), int(np.ceil(hi))):
             m[o, i] = (min(hi, i + 1) - max(lo, i)) / (hi - lo)
+    m.setflags(write=False)
     return m
 
 
