@@ -125,7 +125,7 @@ def test_evaluate_shift_and_ood_detector_in_bundle(breast_run, tmp_path, capsys)
     run = tmp_path / "copy"
     shutil.copytree(breast_run, run)
     meta = json.loads((run / "bundle.json").read_text())
-    assert meta["ood"]["score"] == "mahalanobis" and (run / "ood.npz").is_file()
+    assert meta["ood"]["score"] == "combined" and (run / "ood.npz").is_file()
     assert main(["evaluate", str(run), "--split", "test", "--shift", "--shift-severities", "1,5",
                  "--shift-corruptions", "gaussian_noise,contrast", "--n-boot", "0"]) == 0
     res = json.loads((run / "shift_test.json").read_text())

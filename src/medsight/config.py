@@ -82,7 +82,7 @@ class TrainConfig(_Strict):
                                  "validation split by a rule: youden (Youden's J), f1, sens=0.95, spec=0.9; or a fixed "
                                  "number such as 0.5 (not tuned)")
     calibrate: bool = Field(True, description="fit a temperature on the validation split")
-    ood: bool = Field(True, description="fit an out-of-distribution detector (Mahalanobis on features; threshold on val)")
+    ood: bool = Field(True, description="fit an out-of-distribution detector (features + input statistics; thresholds on val)")
     n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the 95% CIs in metrics.json")
     tta_flip: list[int] = Field(default_factory=list, description="test-time augmentation: average logits over "
                                 "flips of these spatial axes (1-based), used for validation and stored in the bundle")

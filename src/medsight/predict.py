@@ -223,7 +223,7 @@ class Predictor:
             return logits, None
         from medsight.ood import score_from_outputs
 
-        return logits, score_from_outputs(logits, feats, self.ood)
+        return logits, score_from_outputs(logits, feats, self.ood, x=x)
 
     def encode_clinical(self, rows: Sequence[dict] | None, n: int) -> np.ndarray | None:
         """Clinical rows -> the image + clinical model's tabular input (None for image-only bundles)."""
