@@ -10,7 +10,7 @@ detectors are fitted from the SAME features in the same process:
   alarms), saved to ``ood.npz`` and read back before scoring (the bundle format is what is measured);
 - ``old``: features-only Mahalanobis, threshold at the 95th percentile of validation scores.
 
-Other sets go through the model's own preprocessing recipe (:func:`medsight.preprocess.apply_recipe`, as
+Other sets go through the model's own preprocessing recipe (:func:`medsight.data.preprocess.apply_recipe`, as
 ``medsight predict`` does): a 2D image shown to a 3D model, or a 3D volume shown to a 2D model, is refused by
 shape before any model runs. The same set at another resolution is resized to the model's input and reported
 apart (in distribution: it should be flagged about as often as the own test split).
@@ -84,7 +84,7 @@ def synthetic(kind: str, n: int, shape: tuple[int, ...], rng: np.random.Generato
 
 def to_model_input(images: np.ndarray, recipe: dict) -> np.ndarray:
     """Stored images (uint8, (N, C, *S)) -> model inputs through the model's recipe (DataError when refused)."""
-    from medsight.preprocess import apply_recipe
+    from medsight.data.preprocess import apply_recipe
 
     return np.stack([apply_recipe(img.astype(np.float32), {}, recipe, name="image") for img in images])
 
