@@ -379,33 +379,31 @@ def combined_score(scores: dict, thresholds: dict) -> np.ndarray:
 
 def calibrate_thresholds(val_scores: dict, false_alarm: float = 0.03, extra: dict | None = None
                          ) -> tuple[float, dict]:
-    """Per-component thresholds from in-distribution scores, each a split-conformal bound: the lowest order
-    statistic ``t`` of the component's calibration pool with ``(#pool > t + 1) / (n + 1) <= a``.
-
-    The pool is the VALIDATION scores, plus ``extra`` (out-of-fold training scores of the input components, which
-    are not fitted on the images they score). A component calibrated on validation alone (the features: a
-    Mahalanobis distance whose training-split scores are in-sample) gets ``a = false_alarm / K`` for K
-    components, since thresholds read off a few dozen validation images are optimistic; a component with the
-    larger pooled sample gets ``a = false_alarm``. Returns ``(the smallest quantile used, {component:
-    threshold})``."""
+    """One quantile ``q`` for all components: the lowest (most sensitive) whose thresholds flag, by any
+    component, at most ``false_alarm`` of the VALIDATION images, counted conservatively as
+    ``(flagged + 1) / (n + 1)`` (the split-conformal bound). ``extra``: more in-distribution scores per component
+    (out-of-fold training scores of the input components) pooled with the validation scores to set that
+    component's threshold at ``q``. A component with validation scores alone (the features: a Mahalanobis distance
+    whose training scores are in-sample) is set at ``1 - (1 - q) / K`` for K components, because a threshold read
+    off a few dozen validation images near their maximum is optimistic. Returns ``(q, {component: threshold})``."""
     if not 0 < false_alarm < 1:
         raise ConfigError(f"OOD false_alarm must be in (0, 1), got {false_alarm}")
     names = list(val_scores)
     if not names or any(np.asarray(val_scores[k]).size == 0 for k in names):
         raise DataError("calibrate_thresholds: no validation scores")
-    thresholds, quantiles = {}, []
-    for k in names:
-        pool = np.concatenate([np.asarray(val_scores[k], dtype=np.float64).reshape(-1),
-                               np.asarray((extra or {}).get(k, []), dtype=np.float64).reshape(-1)])
-        if not np.isfinite(pool).all():
-            raise DataError("calibrate_thresholds: validation scores contain NaN or infinite values")
-        a = false_alarm if len((extra or {}).get(k, [])) else false_alarm / len(names)
-        n = len(pool)
-        allowed = max(0, int(np.floor(a * (n + 1) - 1)))  # scores above t that the bound still permits
-        ordered = np.sort(pool)
-        thresholds[k] = float(max(ordered[n - 1 - min(allowed, n - 1)], 1e-12))
-        quantiles.append((n - 1 - min(allowed, n - 1)) / max(1, n - 1))
-    return float(min(quantiles)), thresholds
+    s = np.stack([np.asarray(val_scores[k], dtype=np.float64).reshape(-1) for k in names], axis=1)
+    pooled = [len((extra or {}).get(k, [])) > 0 for k in names]
+    pools = [np.concatenate([s[:, j], np.asarray((extra or {}).get(k, []), dtype=np.float64).reshape(-1)])
+             for j, k in enumerate(names)]
+    if not all(np.isfinite(p).all() for p in pools):
+        raise DataError("calibrate_thresholds: validation scores contain NaN or infinite values")
+    n, k_comp = len(s), len(names)
+    for q in np.arange(1 - false_alarm, 1.0, 0.0005).tolist() + [1.0]:
+        t = np.maximum([np.quantile(p, q if pool else 1 - (1 - q) / k_comp) for p, pool in zip(pools, pooled)],
+                       1e-12)
+        if ((s > t).any(axis=1).sum() + 1) / (n + 1) <= false_alarm or q == 1.0:
+            return float(q), {k: float(v) for k, v in zip(names, t)}
+    raise AssertionError("unreachable")
 
 
 def _input_states(stats, pixels, comps: list, grid) -> dict:
