@@ -232,11 +232,16 @@ def result_meta(path) -> dict:
 
 
 def metrics_table(metrics: dict, title: str = "metrics") -> Table:
-    """Rows = metrics, columns = splits; values with their 95% CI when present."""
+    """Rows = metrics (named with the positive class they are about), columns = splits; values with their 95% CI
+    when present; an undefined value shows its reason."""
+    from medsight.summary import metric_label
+
     splits = [s for s in metrics if isinstance(metrics[s], dict)]
+    positive = next((metrics[s].get("positive_class") for s in splits if metrics[s].get("positive_class")), None)
     names: list[str] = []
     for s in splits:
-        names += [k for k, v in metrics[s].items() if isinstance(v, dict) and isinstance(v.get("value"), (int, float)) and k not in names]
+        names += [k for k, v in metrics[s].items() if isinstance(v, dict) and k not in names
+                  and (isinstance(v.get("value"), (int, float)) or (v.get("value") is None and v.get("reason")))]
     table = Table(title=title)
     table.add_column("metric")
     for s in splits:
@@ -246,11 +251,11 @@ def metrics_table(metrics: dict, title: str = "metrics") -> Table:
         for s in splits:
             v = metrics[s].get(n)
             if not isinstance(v, dict) or v.get("value") is None:
-                cells.append("-")
+                cells.append(escape(f"undefined: {v['reason']}") if isinstance(v, dict) and v.get("reason") else "-")
                 continue
             ci = v.get("ci")
             cells.append(f"{v['value']:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else ""))
-        table.add_row(n, *cells)
+        table.add_row(escape(metric_label(n, positive)), *cells)
     return table
 
 
@@ -366,10 +371,10 @@ def evaluate(
 
         out_console.print_json(json.dumps(json_safe(shown)))
     else:
-        thr = r["threshold"]
-        out_console.print(metrics_table(shown, title=f"{bundle} on {ds.name} (threshold "
-                                                     f"{thr if thr is not None else 'argmax'}"
-                                                     f"{', ' + r['rule'] if r['rule'] else ''}; T={b.temperature:.2f})"))
+        from medsight.bundle import decision_text
+
+        decided = decision_text({**b.meta, "threshold": r["threshold"], "threshold_rule": r["rule"]})
+        out_console.print(metrics_table(shown, title=f"{bundle} on {ds.name}: {decided}"))
     if r["shift"] is not None:
         out_console.print(shift_table(r["shift"], split[-1]))
     _info(f"metrics written to {r['metrics_path']}")
