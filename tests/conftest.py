@@ -13,6 +13,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# the dataset cache of this test session (subprocesses inherit it): never the user's own ~/.cache/medsight
+if "MEDSIGHT_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["MEDSIGHT_CACHE_DIR"] = tempfile.mkdtemp(prefix="medsight-test-cache-")
+
 
 def _medmnist_dir() -> Path:
     env = os.environ.get("MEDSIGHT_DATA_DIR")
