@@ -22,6 +22,7 @@ rows in hand in the process (the page cache is the kernel's, not the process's R
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -299,6 +300,25 @@ def open_entry(cache_dir: Path, key: str) -> dict | None:
     return meta
 
 
+@contextlib.contextmanager
+def _building(cache_dir: Path, key: str):
+    """One builder per entry: other processes wanting the same entry wait here, then find it built."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(cache_dir / f".lock-{key[:16]}", "a+")
+    except OSError as e:
+        raise DataError(f"cannot create the dataset cache in {cache_dir}: {e.strerror or e} "
+                        "(set data.cache_dir to a writable folder)") from e
+    with fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass  # no locking here: two processes may build the same entry, the first rename wins
+        yield
+
+
 def _new_tmp(cache_dir: Path, key: str) -> Path:
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -405,15 +425,25 @@ def build_folder_entry(records: Sequence[dict], *, decode: Callable, settings: d
     found = open_entry(cache_dir, key)
     if found is not None:
         return found
-    paths = [str(r["path"]) for r in records]
-    arr0, _ = decode(paths[0])  # the layout guess: channels and dtype of the first image
-    c = channels or (3 if arr0.shape[0] == 3 else 1)
-    dtype = np.uint8 if quantise(arr0, np.uint8) is not None else np.uint16
-    while True:
-        try:
-            return _build_folder(paths, decode, key, cache_dir, workers, c, dtype, settings, fixed=channels)
-        except _Widen as w:
-            c, dtype = w.args
+    with _building(cache_dir, key):
+        found = open_entry(cache_dir, key)  # built meanwhile by another process (e.g. another torchrun rank)
+        if found is not None:
+            return found
+        paths = [str(r["path"]) for r in records]
+        c, dtype = channels or 1, np.uint8
+        for p in paths[:16]:  # the layout guess: channels and dtype of the first readable image
+            try:
+                arr0, _ = decode(p)
+            except DataError:
+                continue
+            c = channels or (3 if arr0.shape[0] == 3 else 1)
+            dtype = np.uint8 if quantise(arr0, np.uint8) is not None else np.uint16
+            break
+        while True:
+            try:
+                return _build_folder(paths, decode, key, cache_dir, workers, c, dtype, settings, fixed=channels)
+            except _Widen as w:
+                c, dtype = w.args
 
 
 def _build_folder(paths, decode, key, cache_dir, workers, c, dtype, settings, fixed):
@@ -504,6 +534,12 @@ def extract_archive(path: Path, md5: str, cache_dir: Path, keys: Sequence[str]) 
     found = open_entry(cache_dir, key)
     if found is not None:
         return found
+    with _building(cache_dir, key):
+        found = open_entry(cache_dir, key)
+        return found if found is not None else _extract(path, md5, cache_dir, keys, key)
+
+
+def _extract(path: Path, md5: str, cache_dir: Path, keys: Sequence[str], key: str) -> dict:
     try:
         zf = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as e:
@@ -563,6 +599,8 @@ def clear(cache_dir: str | os.PathLike | None = None, key: str | None = None) ->
     n = freed = 0
     for e in list(d.iterdir()):
         if not e.is_dir():
+            if e.name.startswith(".lock-") and key is None:
+                e.unlink(missing_ok=True)
             continue
         tmp = e.name.startswith(".tmp-")
         if key is not None and (tmp or not e.name.startswith(key)):
