@@ -110,7 +110,7 @@ tr, va = ds.splits["train"], ds.splits["val"]
 rows = np.random.default_rng(0).permutation(len(tr))[:k]
 out = {}
 weights = {}
-for mode in ("memory", "stream", "memory", "stream"):
+for mode in ("memory", "stream") * 3:
     img = tr.images.take(rows)
     ds.splits["train"] = Split(images=np.asarray(img) if mode == "memory" else img, labels=tr.labels[rows])
     ds.splits["val"] = Split(images=np.asarray(va.images.take(np.arange(256))), labels=va.labels[:256])
@@ -122,6 +122,32 @@ for mode in ("memory", "stream", "memory", "stream"):
     weights[mode] = r.model.state_dict()
 same = all(torch.equal(weights["memory"][n], weights["stream"][n]) for n in weights["memory"])
 print(json.dumps({"images": k, "memory_img_s": out["memory"], "stream_img_s": out["stream"], "same_weights": same}))
+"""
+
+
+TRAIN = """
+import sys, json, time
+import numpy as np
+from medsight.config import load_config
+from medsight.data.dataset import Split
+from medsight.pipeline import load_data_for, run_training
+folder, size, cache_dir, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+cfg = load_config(None, {"data.name": folder, "data.size": size, "data.cache_dir": cache_dir, "data.stream": True,
+                         "data.workers": 1, "model.name": "simple_cnn", "model.width": 0.25, "train.epochs": 1,
+                         "train.batch_size": 64, "train.threads": 1, "train.ood": False, "train.n_boot": 100,
+                         "train.device": "cpu"})
+t = time.perf_counter()
+ds = load_data_for(cfg)  # the whole folder (all splits), streamed from the cache
+load_s = time.perf_counter() - t
+tr = ds.splits["train"]
+full = len(tr)
+if n < full:  # the epoch runs over the first n rows of a seeded permutation of the train split
+    rows = np.sort(np.random.default_rng(0).permutation(full)[:n])
+    ds.splits["train"] = Split(images=tr.images.take(rows), labels=tr.labels[rows], ids=[tr.ids[i] for i in rows])
+bundle, result, metrics = run_training(cfg, out, data=ds)
+print(json.dumps({"load_seconds": load_s, "train_split": full, "epoch_images": len(ds.splits["train"]),
+                  "epoch_seconds": result.history[0]["seconds"], "streamed": result.extra["streamed"],
+                  "test_auc": metrics["test"].get("auc")}))
 """
 
 
@@ -139,6 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--predict-n", type=int, default=4000, help="files predicted (from the train split)")
     ap.add_argument("--subset", type=int, default=4096, help="train images of the in-memory vs streamed comparison")
+    ap.add_argument("--train-n", default="2000,10000", help="images per streamed training epoch (comma-separated runs)")
     ap.add_argument("--steps", default="prep,train,predict,throughput")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     a = ap.parse_args(argv)
@@ -172,22 +199,15 @@ def main(argv=None) -> int:
         save()
     bundle = work / "bundle"
     if "train" in steps:
-        shutil.rmtree(bundle, ignore_errors=True)
-        cmd = [PY, "-m", "medsight", "train", "--data", a.folder, "--model", "simple_cnn", "--epochs", "1",
-               "--batch-size", "64", "--out", str(bundle), "--no-progress", "--device", "cpu",
-               "--set", f"data.size={a.size}", "--set", "model.width=0.25", "--set", "train.threads=1",
-               "--set", "data.stream=true", "--set", "data.workers=1", "--set", "train.ood=false",
-               "--set", "train.n_boot=100", "--set", f"data.cache_dir={cache_dir}"]
-        log = work / "train.log"
-        m = run_measured(cmd, env, log)
-        hist = (bundle / "history.csv").read_text().splitlines() if (bundle / "history.csv").is_file() else []
-        train_seconds = float(dict(zip(hist[0].split(","), hist[1].split(",")))["seconds"]) if len(hist) > 1 else None
-        n_train = result.get("prep", {}).get("first", {}).get("splits", {}).get("train")
-        result["train"] = {**m, "epoch_seconds": train_seconds, "train_images": n_train,
-                           "img_s": round(n_train / train_seconds, 1) if n_train and train_seconds else None,
-                           "command": " ".join(cmd[1:]).replace(str(cache_dir), "<cache>")}
-        print("train", result["train"], flush=True)
-        save()
+        for n in [int(v) for v in a.train_n.split(",")]:
+            shutil.rmtree(bundle, ignore_errors=True)
+            log = work / f"train_{n}.log"
+            m = run_measured([PY, "-c", TRAIN, a.folder, str(a.size), str(cache_dir), str(n), str(bundle)], env, log)
+            r = _last_json(log)
+            r["img_s"] = round(r["epoch_images"] / r["epoch_seconds"], 1)
+            result.setdefault("train", {})[str(n)] = {**m, **r}
+            print("train", n, result["train"][str(n)], flush=True)
+            save()
     if "predict" in steps:
         files = sorted(Path(a.folder, "train").rglob("*.png"))[: a.predict_n]
         lst = work / "predict_inputs"
@@ -207,8 +227,12 @@ def main(argv=None) -> int:
         log = work / "throughput.log"
         m = run_measured([PY, "-c", THROUGHPUT, a.folder, str(a.size), str(cache_dir), str(a.subset), "1"], env, log)
         r = _last_json(log)
+        import statistics
+
         best_m, best_s = max(r["memory_img_s"]), max(r["stream_img_s"])
-        result["throughput"] = {**r, "ratio_best": round(best_s / best_m, 3), **{f"process_{k}": v for k, v in m.items()}}
+        med = statistics.median(s / m_ for s, m_ in zip(r["stream_img_s"], r["memory_img_s"]))
+        result["throughput"] = {**r, "ratio_best": round(best_s / best_m, 3), "ratio_median_pairs": round(med, 3),
+                                **{f"process_{k}": v for k, v in m.items()}}
         print("throughput", result["throughput"], flush=True)
         save()
     save()
@@ -233,11 +257,11 @@ def to_markdown(r: dict) -> str:
                      f"{x['pss_tree_mb']:.0f} | splits {x['splits']}, stored {x['dtype']} |")
     if "second_over_first" in p:
         L.append(f"| second / first | {100 * p['second_over_first']:.2f}% | | | |")
-    if "train" in r:
-        t = r["train"]
-        L.append(f"| `medsight train`, 1 epoch streamed | {t['seconds']:.0f} (epoch {t['epoch_seconds']:.0f}) | "
-                 f"{t['rss_main_mb']:.0f} | {t['pss_tree_mb']:.0f} | {t['train_images']} train images, "
-                 f"{t['img_s']} img/s; incl. validation, calibration, test metrics, bundle |")
+    for n, t in sorted(r.get("train", {}).items(), key=lambda kv: int(kv[0])):
+        L.append(f"| train 1 epoch, streamed: {t['epoch_images']} of the {t['train_split']} train images | "
+                 f"{t['seconds']:.0f} (epoch {t['epoch_seconds']:.0f}) | {t['rss_main_mb']:.0f} | "
+                 f"{t['pss_tree_mb']:.0f} | {t['img_s']} img/s; process total incl. loading the whole folder from "
+                 "the cache, validation, calibration, test metrics, bundle |")
     if "predict" in r:
         q = r["predict"]
         L.append(f"| `medsight predict` | {q['seconds']:.0f} | {q['rss_main_mb']:.0f} | {q['pss_tree_mb']:.0f} | "
@@ -246,15 +270,16 @@ def to_markdown(r: dict) -> str:
         h = r["throughput"]
         L.append("")
         L.append(f"In-memory vs streamed training, {h['images']} images that fit, same model (simple_cnn width 0.25, "
-                 "1 thread), same cached inputs, alternated in one process (memory, stream, memory, stream):")
+                 "1 thread), same cached inputs, alternated in one process (memory, stream, memory, stream, ...):")
         L.append("")
         L.append("| path | img/s (runs) |")
         L.append("|---|---|")
         L.append(f"| in memory | {', '.join(f'{v:.1f}' for v in h['memory_img_s'])} |")
         L.append(f"| streamed (1 reader process) | {', '.join(f'{v:.1f}' for v in h['stream_img_s'])} |")
         L.append("")
-        L.append(f"Streamed / in-memory (best run each): {100 * h['ratio_best']:.1f}%. Final weights identical: "
-                 f"{h['same_weights']}.")
+        L.append(f"Streamed / in-memory: {100 * h['ratio_best']:.1f}% (best run each), "
+                 f"{100 * h.get('ratio_median_pairs', float('nan')):.1f}% (median over the back-to-back pairs). "
+                 f"Final weights identical: {h['same_weights']}.")
     return "\n".join(L) + "\n"
 
 

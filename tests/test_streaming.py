@@ -188,3 +188,29 @@ def test_two_torchrun_ranks_read_disjoint_shards_that_cover_the_split(tmp_path):
     a, b = torch.load(single / "weights.pt"), torch.load(multi / "weights.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)  # the DDP tolerance of test_distributed.py
+
+
+def test_whole_job_streamed_equals_in_memory(tmp_path):
+    """Training, calibration, OOD fitting, metrics and the shift battery read a streamed split batch by batch and
+    give the same numbers as in memory."""
+    from medsight.bundle import load_bundle
+    from medsight.pipeline import run_training
+    from medsight.shift import evaluate_shift
+
+    root = _tree(tmp_path / "tree", n=12)
+    outs = {}
+    for stream in (False, True):
+        cfg = _cfg(root, tmp_path, stream, **{"train.epochs": 1, "train.n_boot": 20, "train.ood": True})
+        data = load_data_for(cfg)
+        out, res, metrics = run_training(cfg, tmp_path / f"run_{stream}", data=data)
+        b = load_bundle(out)
+        test = data.splits["test"]
+        shift = evaluate_shift(b.model, b.task, test.images, test.labels, corruptions=["gaussian_noise"],
+                               severities=(2,), seed=0)
+        with np.load(out / "ood.npz") as z:
+            ood = {k: z[k].tolist() for k in z.files}
+        outs[stream] = (res.extra["streamed"], metrics, b.meta["threshold"], b.meta["temperature"], b.meta["ood"],
+                        ood, shift)
+    assert outs[False][0] is False and outs[True][0] is True
+    assert outs[False][5]  # the OOD detector was fitted (on the training split's features)
+    assert outs[False][1:] == outs[True][1:]
