@@ -220,8 +220,10 @@ def main(argv=None) -> int:
                "--workers", "1"]
         m = run_measured(cmd, env, work / "predict.log")
         rows = sum(1 for _ in open(out)) - 1
-        result["predict"] = {**m, "files": rows, "img_s": round(rows / m["seconds"], 1)}
-        print("predict", result["predict"], flush=True)
+        if "files" in result.get("predict", {}):  # an older single-run layout
+            result["predict"] = {str(result["predict"]["files"]): result["predict"]}
+        result.setdefault("predict", {})[str(rows)] = {**m, "files": rows, "img_s": round(rows / m["seconds"], 1)}
+        print("predict", result["predict"][str(rows)], flush=True)
         save()
     if "throughput" in steps:
         log = work / "throughput.log"
@@ -262,8 +264,9 @@ def to_markdown(r: dict) -> str:
                  f"{t['seconds']:.0f} (epoch {t['epoch_seconds']:.0f}) | {t['rss_main_mb']:.0f} | "
                  f"{t['pss_tree_mb']:.0f} | {t['img_s']} img/s; process total incl. loading the whole folder from "
                  "the cache, validation, calibration, test metrics, bundle |")
-    if "predict" in r:
-        q = r["predict"]
+    pred = r.get("predict", {})
+    pred = {str(pred["files"]): pred} if "files" in pred else pred
+    for _, q in sorted(pred.items(), key=lambda kv: int(kv[0])):
         L.append(f"| `medsight predict` | {q['seconds']:.0f} | {q['rss_main_mb']:.0f} | {q['pss_tree_mb']:.0f} | "
                  f"{q['files']} files, {q['img_s']} img/s, 1 decode worker, torch threads as the bundle sets (2 here) |")
     if "throughput" in r:

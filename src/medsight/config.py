@@ -45,7 +45,8 @@ class DataConfig(_Strict):
     memory_budget_gb: Optional[float] = Field(None, gt=0, description="decoded data one process may hold in "
                                               "memory (default: a quarter of RAM / processes on the node)")
     workers: Optional[int] = Field(None, ge=0, description="processes decoding files into the cache and reading "
-                                   "streamed batches (default: the cores, at most 8; 0 = in the main process)")
+                                   "streamed batches (default: decoding uses the cores, at most 8, for 256 files or "
+                                   "more; streaming reads with the cores less one, at most 4; 0 = in the main process)")
 
 
 class ModelConfig(_Strict):
