@@ -13,6 +13,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# the dataset cache of this test session (subprocesses inherit it): never the user's own ~/.cache/medsight
+if "MEDSIGHT_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["MEDSIGHT_CACHE_DIR"] = tempfile.mkdtemp(prefix="medsight-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MEDSIGHT_CACHE_DIR"], True)
+
 
 def _medmnist_dir() -> Path:
     env = os.environ.get("MEDSIGHT_DATA_DIR")

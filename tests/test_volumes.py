@@ -12,6 +12,7 @@ from medsight.config import load_config
 from medsight.data.sources import load_dataset
 from medsight.errors import DataError
 from medsight.evaluate import split_logits
+from medsight.inference import to_float
 from medsight.pipeline import run_training
 from medsight.predict import Predictor
 from medsight.volumes import write_nifti_manifest
@@ -42,7 +43,7 @@ def test_nifti_manifest_reads_back_the_volumes(manifest, adrenal):
     assert ds.recipe["spatial_dims"] == 3 and ds.recipe["size"] == [28, 28, 28]
     src = adrenal.splits["train"].images[:120].astype(np.float32) / 255
     # same voxels (binary shape masks: any per-volume normalisation maps {0, 255} to {0, 1})
-    assert np.allclose(ds.splits["train"].images, src, atol=1e-6)
+    assert np.allclose(to_float(torch.as_tensor(ds.splits["train"].images)).numpy(), src, atol=1e-6)
     small = load_dataset(str(manifest), size=16)
     assert small.splits["val"].images.shape == (40, 1, 16, 16, 16)
 

@@ -533,6 +533,8 @@ def predict(
     heatmaps: Optional[Path] = typer.Option(None, help="write a Grad-CAM overlay PNG per file into this folder"),
     backend: str = typer.Option("torch", help="torch or onnx (ONNX Runtime; exports model.onnx when missing)"),
     batch_size: int = typer.Option(64, help="files per batch"),
+    workers: Optional[int] = typer.Option(None, min=0, help="processes decoding files, a batch ahead (default: "
+                                          "none for one batch, else up to 4); memory stays bounded by two batches"),
     clinical_csv: Optional[Path] = typer.Option(None, help="image + clinical models: CSV with a 'path' column "
                                                             "(file path or name) and the model's clinical columns"),
 ):
@@ -543,7 +545,8 @@ def predict(
     from rich.markup import escape
 
     from medsight.bundle import load_bundle
-    from medsight.predict import OUTPUT_SUFFIXES, Predictor, default_threads, expand_inputs, write_predictions
+    from medsight.predict import (OUTPUT_SUFFIXES, Predictor, default_threads, default_workers, expand_inputs,
+                                  write_predictions)
 
     if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise MedsightError(f"--out must end in .csv or .json (or .jsonl for JSON lines), got {out.name!r}")
@@ -555,7 +558,8 @@ def predict(
     files = expand_inputs(inputs)
     if not files:
         raise MedsightError(f"no image files found in {', '.join(map(str, inputs))}")
-    results = predictor.iter_predictions(files, batch_size=batch_size, heatmaps_dir=heatmaps, clinical=clinical)
+    results = predictor.iter_predictions(files, batch_size=batch_size, heatmaps_dir=heatmaps, clinical=clinical,
+                                         workers=default_workers(len(files), batch_size) if workers is None else workers)
     classes = predictor.classes
 
     def report_error(p) -> None:  # one line per unusable file, the reader's message (never a traceback)
@@ -692,6 +696,42 @@ def bench_medmnist(
     md, js = write_results(result, out_dir, stem)
     out_console.print(to_markdown(result), highlight=False, soft_wrap=True)
     console.print(f"written {md} and {js}")
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="the dataset cache: files decoded once, read back by every run")
+app.add_typer(cache_app, name="cache")
+_CACHE_DIR_HELP = "cache folder (default: $MEDSIGHT_CACHE_DIR or ~/.cache/medsight, as data.cache_dir)"
+
+
+@cache_app.command("ls")
+def cache_ls(cache_dir: Optional[Path] = typer.Option(None, "--dir", help=_CACHE_DIR_HELP)):
+    """List the cache entries: what they were decoded from, size, date, and whether each is intact."""
+    from rich.markup import escape
+
+    from medsight.data.cache import list_entries, resolve_dir
+
+    d = resolve_dir(cache_dir)
+    rows = list_entries(d)
+    table = Table(title=escape(f"dataset cache in {d}"))
+    for col in ("key", "kind", "source", "images", "MB", "created", "state"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["key"][:12], r["kind"] or "-", escape(str(r["source"] or "-")), str(r["n"] or "-"),
+                      f"{r['bytes'] / 1e6:.1f}", r["created"] or "-",
+                      "ok" if r["ok"] else escape(f"corrupt: {r['problem']} (rebuilt on next use)"))
+    out_console.print(table)
+    out_console.print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB", highlight=False)
+
+
+@cache_app.command("clear")
+def cache_clear(cache_dir: Optional[Path] = typer.Option(None, "--dir", help=_CACHE_DIR_HELP),
+                key: Optional[str] = typer.Option(None, help="only entries whose key starts with this")):
+    """Remove cache entries (all, or those matching --key); the next run decodes its files again."""
+    from medsight.data.cache import clear, resolve_dir
+
+    n, freed = clear(cache_dir, key)
+    out_console.print(f"removed {n} entries ({freed / 1e6:.1f} MB) from {resolve_dir(cache_dir)}", highlight=False,
+                      soft_wrap=True)
 
 
 def _click_exceptions(*names: str) -> tuple:

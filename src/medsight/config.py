@@ -38,6 +38,17 @@ class DataConfig(_Strict):
                                 "finding (counts) is recorded in the bundle and the report")
 
 
+    cache_dir: Optional[str] = Field(None, description="dataset cache: files decoded once, kept at their storage "
+                                     "dtype; default $MEDSIGHT_CACHE_DIR or ~/.cache/medsight (`medsight cache ls|clear`)")
+    stream: Union[bool, Literal["auto"]] = Field("auto", description="read training batches from the disk cache "
+                                                 "instead of memory: auto = when the data exceeds data.memory_budget_gb")
+    memory_budget_gb: Optional[float] = Field(None, gt=0, description="decoded data one process may hold in "
+                                              "memory (default: a quarter of RAM / processes on the node)")
+    workers: Optional[int] = Field(None, ge=0, description="processes decoding files into the cache and reading "
+                                   "streamed batches (default: decoding uses the cores, at most 8, for 256 files or "
+                                   "more; streaming reads with the cores less one, at most 4; 0 = in the main process)")
+
+
 class ModelConfig(_Strict):
     name: str = "simple_cnn"
     fusion: Literal["concat", "film", "gated", "image", "tabular"] = Field(

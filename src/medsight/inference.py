@@ -6,7 +6,9 @@ ONNX backend applies the same test-time-augmentation rule through :func:`tta_vie
 every backend gives the same numbers for the same bundle.
 
 Rules, in one place:
-- stored images are uint8 (divided by 255) or float already in [0, 1] (``to_float``);
+- stored images are uint8 (divided by 255), uint16 (divided by 65535: the dataset cache's finer dtype) or float
+  already in [0, 1] (``to_float``); they may be a :class:`medsight.data.cache.DiskArray` (rows read from disk per
+  batch), so a pass never holds more than a batch of them;
 - test-time augmentation (``tta_flip``: spatial axes, 1-based, as stored in ``bundle.json``) averages the
   **logits** (and penultimate features) of the image and of its flip along each listed axis, one flip at a time;
   for a 2D image axis 1 is up-down and axis 2 left-right;
@@ -37,10 +39,19 @@ class Outputs:
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
-    """Stored images -> float32 in [0, 1]: uint8 is divided by 255, float is taken as already normalised."""
+    """Stored images -> float32 in [0, 1]: uint8 is divided by 255, uint16 by 65535, float is taken as already
+    normalised."""
     if x.dtype == torch.uint8:
         return x.float().div_(255.0)
+    if x.dtype == torch.uint16:
+        return x.float().div_(65535.0)
     return x.float()
+
+
+def rows_tensor(images, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of stored images (tensor, array or DiskArray) as a tensor: only those rows are read."""
+    part = images[start:stop]
+    return part if isinstance(part, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(part))
 
 
 def check_flips(tta_flip: Sequence[int] | None, spatial_dims: int) -> tuple[int, ...]:
@@ -129,10 +140,10 @@ def run_model(model: nn.Module, images, *, tab=None, tta_flip: Sequence[int] | N
     battery). Returns float32 CPU tensors."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    x_all = torch.as_tensor(images)
-    if x_all.dim() not in (4, 5):
+    x_all = images if hasattr(images, "shape") and hasattr(images, "__getitem__") else np.asarray(images)
+    if len(x_all.shape) not in (4, 5):
         raise DataError(f"images must have shape (N, C, H, W) or (N, C, D, H, W), got {tuple(x_all.shape)}")
-    flips = check_flips(tta_flip, x_all.dim() - 2)
+    flips = check_flips(tta_flip, len(x_all.shape) - 2)
     tab_all = None if tab is None else torch.as_tensor(np.asarray(tab, dtype=np.float32))
     if tab_all is not None and len(tab_all) != len(x_all):
         raise DataError(f"{len(x_all)} images but {len(tab_all)} clinical rows")
@@ -146,7 +157,7 @@ def run_model(model: nn.Module, images, *, tab=None, tta_flip: Sequence[int] | N
     try:
         with tap:
             for bi, i in enumerate(range(0, len(x_all), batch_size)):
-                x = to_float(x_all[i:i + batch_size].to(dev, non_blocking=True))
+                x = to_float(rows_tensor(x_all, i, i + batch_size).to(dev, non_blocking=True))
                 if transform is not None:
                     x = transform(x, bi)
                 if channels_last:

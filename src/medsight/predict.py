@@ -340,25 +340,79 @@ class Predictor:
         return list(self.iter_predictions(items, batch_size=batch_size, heatmaps_dir=heatmaps_dir, alpha=alpha,
                                           clinical=clinical))
 
+    def _loaded_batches(self, files: list[Path], batch_size: int, workers: int) -> Iterator[list]:
+        """Per batch, ``[(index, file, array or None, exception or None)]``. With ``workers`` > 0 the files are
+        decoded in that many forked processes and the next batch is decoded while this one runs, so at most two
+        batches of arrays exist at a time."""
+        starts = range(0, len(files), batch_size)
+        if workers <= 0:
+            for start in starts:
+                out = []
+                for i, f in enumerate(files[start:start + batch_size], start):
+                    try:
+                        out.append((i, f, self.load_file(f), None))
+                    except (KeyboardInterrupt, SystemExit):
+                        raise
+                    except BaseException as e:  # noqa: BLE001 - a bad file must not stop the batch (incl. PanicException)
+                        out.append((i, f, None, e))
+                yield out
+            return
+        import multiprocessing as mp
+
+        global _LOADER
+        _LOADER = self
+        pool = mp.get_context("fork").Pool(workers, initializer=_loader_init)
+
+        def submit(start: int):
+            chunk = files[start:start + batch_size]
+            parts = [chunk[k::workers] for k in range(workers)]  # interleaved: equal shares, any order
+            return start, len(chunk), pool.map_async(_load_paths, [p for p in parts if p])
+
+        try:
+            pending = submit(starts[0]) if len(starts) else None
+            for n, _ in enumerate(starts):
+                start, size, job = pending
+                pending = submit(starts[n + 1]) if n + 1 < len(starts) else None
+                parts, out = job.get(), [None] * size
+                for k, part in enumerate(parts):
+                    for j, (x, err) in enumerate(part):
+                        pos = k + j * workers
+                        out[pos] = (start + pos, files[start + pos], x, err)
+                yield out
+        finally:
+            pool.terminate()
+            pool.join()
+            _LOADER = None
+
     def iter_predictions(self, items: Sequence[str | Path], *, batch_size: int = 64,
                          heatmaps_dir: str | Path | None = None, alpha: float | None = None,
-                         clinical: dict[str, dict] | None = None) -> Iterator[Prediction]:
+                         clinical: dict[str, dict] | None = None, workers: int = 0) -> Iterator[Prediction]:
         """:meth:`predict_paths` as a generator: each batch's Predictions are yielded, in order, as soon as
-        the batch is done (what :func:`write_predictions` streams)."""
+        the batch is done (what :func:`write_predictions` streams). ``workers`` > 0 decodes files in that many
+        processes, a batch ahead; memory stays bounded by two batches whatever the number of files."""
         files = expand_inputs(items)
         results: list[Prediction | None] = [None] * len(files)
         out_dir = Path(heatmaps_dir) if heatmaps_dir is not None else None
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
         used_names: set[str] = set()
+        loaded = self._loaded_batches(files, batch_size, workers)
+        try:
+            yield from self._predict_batches(files, loaded, batch_size, results, out_dir, used_names, alpha, clinical)
+        finally:
+            loaded.close()  # stops the decode workers, also when the caller stops early
+
+    def _predict_batches(self, files, loaded, batch_size, results, out_dir, used_names, alpha, clinical):
         from medsight import progress
 
         for start in progress.track(range(0, len(files), batch_size), f"predicting {len(files)} files, by batch"):
-            chunk = list(enumerate(files[start:start + batch_size], start))
+            chunk = next(loaded)
             xs, idx, tabs = [], [], []
-            for i, f in chunk:
+            for i, f, x, err in chunk:
+                if err is not None:
+                    results[i] = self._error(str(f), err)
+                    continue
                 try:
-                    x = self.load_file(f)
                     if self.fusion:  # clinical values matched by path or file name
                         row = (clinical or {}).get(str(f)) or (clinical or {}).get(Path(f).name)
                         tabs.append(self.encode_clinical([row] if row is not None else None, 1)[0])
@@ -370,7 +424,7 @@ class Predictor:
                     results[i] = self._error(str(f), e)
             if xs:
                 self._predict_loaded(files, xs, idx, tabs, results, out_dir, used_names, alpha)
-            for i, _ in chunk:
+            for i, *_ in chunk:
                 if results[i] is not None:
                     yield results[i]
                 results[i] = None
@@ -441,6 +495,37 @@ class Predictor:
 
 #: ``write_predictions`` formats, by the output file's suffix
 OUTPUT_SUFFIXES = (".csv", ".json", ".jsonl")
+
+
+_LOADER: "Predictor | None" = None  # the predictor whose load_file forked decode workers call
+
+
+def _loader_init() -> None:
+    torch.set_num_threads(1)  # a decode worker: one thread each (resizing uses torch)
+
+
+def _load_paths(paths: list[Path]) -> list[tuple]:
+    """In a decode worker: ``(array, None)`` or ``(None, exception)`` per file, as ``load_file`` gives them."""
+    import pickle
+
+    out = []
+    for p in paths:
+        try:
+            out.append((_LOADER.load_file(p), None))
+        except BaseException as e:  # noqa: BLE001 - reported per file by the parent
+            try:
+                pickle.dumps(e)
+            except Exception:  # noqa: BLE001 - an exception that cannot cross processes: keep its words
+                e = DataError(f"cannot use {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            out.append((None, e))
+    return out
+
+
+def default_workers(n_files: int, batch_size: int) -> int:
+    """Decode processes for ``predict``: none for one batch or less, else up to 4 (one core left to the model)."""
+    if n_files <= batch_size:
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 def _csv_row(r: dict, classes: Sequence[str]) -> list:

@@ -256,9 +256,12 @@ def evaluate_shift(model: nn.Module, task, images, labels, *, corruptions: Seque
     """
     from medsight.metrics import compute_metrics
 
-    x = torch.as_tensor(images) if not isinstance(images, torch.Tensor) else images
+    from medsight.data.cache import DiskArray
+
+    # rows on disk (a streamed split) stay there: run_model reads them one batch at a time
+    x = images if isinstance(images, (torch.Tensor, DiskArray)) else torch.as_tensor(images)
     labels = np.asarray(labels)
-    if x.dim() not in (4, 5):
+    if len(x.shape) not in (4, 5):
         raise DataError(f"evaluate_shift needs images of shape (N, C, H, W) or (N, C, D, H, W), got {tuple(x.shape)}")
     if len(x) != len(labels):
         raise DataError(f"evaluate_shift: {len(x)} images but {len(labels)} labels")
@@ -266,7 +269,7 @@ def evaluate_shift(model: nn.Module, task, images, labels, *, corruptions: Seque
         raise DataError("evaluate_shift: no images")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    dims = x.dim() - 2
+    dims = len(x.shape) - 2
     names = list(corruptions) if corruptions is not None else corruptions_for(dims)
     if not names:
         raise ConfigError("evaluate_shift: no corruptions given")

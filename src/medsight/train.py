@@ -2,8 +2,9 @@
 
 ``prepare`` (device, seed, model, optimiser, schedule) -> per epoch ``train_one_epoch`` + ``evaluate_logits`` on
 validation -> early stopping / best-epoch selection on validation only -> atomic checkpoints every epoch ->
-bundle with the best weights. Data lives on the device as uint8 tensors; batches are index slices, augmented as
-a batch. Determinism: the permutation, augmentation and dropout of epoch ``e`` come from seed ``(seed, e)``, so
+bundle with the best weights. Data that fits the memory budget lives on the device as uint8 tensors and batches
+are index slices; larger data is streamed (rows read from the disk cache by DataLoader workers, see ``_batches``)
+in the same order; either way a batch is augmented as a batch on the device. Determinism: the permutation, augmentation and dropout of epoch ``e`` come from seed ``(seed, e)``, so
 a run resumed from the checkpoint of epoch ``e-1`` continues exactly as an uninterrupted one.
 
 Distributed: under ``torchrun`` (WORLD_SIZE > 1) each rank takes its share of every global batch, gradients are
@@ -30,7 +31,7 @@ from torch import nn
 from medsight.config import RunConfig
 from medsight.data.sources import Dataset
 from medsight.errors import ConfigError, MedsightError
-from medsight.inference import autocast_ctx, run_logits
+from medsight.inference import autocast_ctx, rows_tensor, run_logits
 from medsight.models import create_model
 from medsight.tasks import Task
 from medsight.augment import BatchAugment
@@ -109,17 +110,18 @@ def memory_format(spatial_dims: int) -> torch.memory_format:
 
 
 def input_stats(images) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of stored training images, after scaling to [0, 1]."""
-    x = torch.as_tensor(images)
-    dims = [0] + list(range(2, x.dim()))
-    mean = torch.zeros(x.shape[1], dtype=torch.float64)
+    """Per-channel mean and std of stored training images, after scaling to [0, 1] (read a chunk at a time)."""
+    shape = tuple(images.shape)
+    dims = [0] + list(range(2, len(shape)))
+    mean = torch.zeros(shape[1], dtype=torch.float64)
     sq = torch.zeros_like(mean)
     n = 0
-    for i in range(0, len(x), 4096):
-        xf = to_float(x[i:i + 4096]).double()
+    step = 4096 if int(np.prod(shape[1:])) <= 4096 else max(1, (1 << 23) // int(np.prod(shape[1:])))
+    for i in range(0, shape[0], step):
+        xf = to_float(rows_tensor(images, i, i + step)).double()
         mean += xf.sum(dims)
         sq += (xf * xf).sum(dims)
-        n += xf.numel() // x.shape[1]
+        n += xf.numel() // shape[1]
     mean /= n
     std = (sq / n - mean * mean).clamp_min(0).sqrt()
     return mean.float(), std.float()
@@ -129,11 +131,56 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+class _Rows(torch.utils.data.Dataset):
+    """``rows[i]`` = the stored images of one batch's indices (a DataLoader item, read in a worker)."""
+
+    def __init__(self, images, batches: list[np.ndarray]):
+        self.images, self.batches = images, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(self.images[self.batches[i]]))
+
+
+def stream_workers(requested: int | None) -> int:
+    """DataLoader workers reading streamed batches: ``data.workers``, else up to 4 (one core left to train)."""
+    if requested is not None:
+        return requested
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def _batches(x_train, perm: torch.Tensor, batch_size: int, dinfo: DistInfo, device: torch.device, workers: int):
+    """This rank's stored-image batches of an epoch, in ``perm`` order: index slices of the tensor in memory, or
+    (streaming) rows read from the disk cache by a DataLoader with ``workers`` processes and pinned memory, each
+    rank reading only its share of every global batch (the rows a single process would give this rank)."""
+    if isinstance(x_train, torch.Tensor):
+        perm_dev = perm.to(device)  # one host-to-device copy per epoch, not per step
+        for start in range(0, len(perm), batch_size):
+            idx = perm_dev[start:start + batch_size]
+            if dinfo.world > 1:
+                idx = idx[dinfo.rank::dinfo.world]
+            yield x_train.index_select(0, idx)
+        return
+    order = perm.numpy()
+    shards = [order[s:s + batch_size][dinfo.rank::dinfo.world] for s in range(0, len(order), batch_size)]
+    loader = torch.utils.data.DataLoader(_Rows(x_train, shards), batch_size=None, shuffle=False,
+                                         num_workers=workers, pin_memory=device.type == "cuda",
+                                         prefetch_factor=4 if workers else None,
+                                         multiprocessing_context="fork" if workers else None)
+    for xb in loader:
+        yield xb.to(device, non_blocking=True)
+
+
 def train_one_epoch(model, opt, sched, task: Task, augment: BatchAugment, x_train: torch.Tensor,
                     y_train: torch.Tensor, *, cfg: RunConfig, epoch: int, device: torch.device,
                     class_weights: torch.Tensor | None, dinfo: DistInfo, ema=None,
                     on_step: Callable[[int, int, float], None] | None = None,
-                    tab_train: torch.Tensor | None = None) -> float:
+                    tab_train: torch.Tensor | None = None, workers: int = 0) -> float:
+    """One epoch. ``x_train``: the stored training images as a tensor on the device (in memory), or rows read
+    from disk per batch (a :class:`~medsight.data.cache.DiskArray`: streaming, ``workers`` reader processes); both
+    see the same batches in the same order."""
     model.train()
     t = cfg.train
     gen = epoch_generator(t.seed, epoch)
@@ -143,6 +190,7 @@ def train_one_epoch(model, opt, sched, task: Task, augment: BatchAugment, x_trai
     perm_dev = perm.to(device)  # one host-to-device copy per epoch, not per step
     steps = math.ceil(n / t.batch_size)
     total, count = torch.zeros((), device=device), 0
+    stored = _batches(x_train, perm, t.batch_size, dinfo, device, workers)
     for step in range(steps):
         idx = perm_dev[step * t.batch_size:(step + 1) * t.batch_size]
         b = len(idx)
@@ -157,7 +205,7 @@ def train_one_epoch(model, opt, sched, task: Task, augment: BatchAugment, x_trai
             # the update equals the single-process one also when the last batch does not split evenly
             scale = dinfo.world * len(idx) / b
         idx_dev = idx
-        x = to_float(x_train.index_select(0, idx_dev))
+        x = to_float(next(stored))
         if aug_params is not None:
             x = augment.apply(x, aug_params)
         if t.channels_last and x.dim() in (4, 5):
@@ -177,6 +225,7 @@ def train_one_epoch(model, opt, sched, task: Task, augment: BatchAugment, x_trai
         count += len(idx)
         if on_step is not None:
             on_step(step + 1, steps, loss.item())
+    stored.close()  # stops the reader processes of a streamed epoch
     if dinfo.world > 1:  # the mean over the global epoch, weighted by each rank's sample count
         tc = torch.stack([total.float(), torch.tensor(float(count), device=device)])
         dist.all_reduce(tc)
@@ -236,7 +285,8 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
         raise MedsightError(f"dataset {data.name} has no validation split; model selection needs one")
 
     train_split, val_split = data.splits["train"], data.splits["val"]
-    x_train = torch.as_tensor(train_split.images).to(device)
+    streaming = not isinstance(train_split.images, (np.ndarray, torch.Tensor))  # a DiskArray: read per batch
+    x_train = train_split.images if streaming else torch.as_tensor(train_split.images).to(device)
     y_train = task.targets(train_split.labels).to(device)
     tab_train = None if tab is None else torch.as_tensor(np.asarray(tab["train"], dtype=np.float32)).to(device)
     class_weights = task.class_weights(train_split.labels).to(device) if t.class_weights == "balanced" else None
@@ -297,6 +347,7 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
         train_loss = train_one_epoch(
             train_model, opt, sched, task, augment, x_train, y_train, cfg=cfg, epoch=epoch, device=device,
             class_weights=class_weights, dinfo=dinfo, ema=ema, tab_train=tab_train,
+            workers=stream_workers(cfg.data.workers) if streaming else 0,
             # per-step events cost a device sync (loss.item()): only when someone listens
             on_step=None if callback is None else
             (lambda s, n, l: emit("step", {"epoch": epoch, "step": s, "steps": n, "loss": l})))
@@ -339,7 +390,8 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
     final.eval()
     return FitResult(model=final, history=history, best_epoch=best_epoch, best_value=best_value, model_spec=spec,
                      stopped_early=stopped, seconds=time.perf_counter() - t0,
-                     extra={"device": str(device), "world": dinfo.world, "rank": dinfo.rank})
+                     extra={"device": str(device), "world": dinfo.world, "rank": dinfo.rank,
+                            "streamed": streaming})
 
 
 def history_csv(history: list[dict]) -> str:

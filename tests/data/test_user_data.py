@@ -44,10 +44,10 @@ def test_class_folder_png_tree_trains(tmp_path, breast_small, breast):
     ds = load_dataset(str(root), size=28)
     assert ds.task == "binary" and len(ds.classes) == 2
     assert {k: len(v) for k, v in ds.splits.items()} == {"train": 120, "val": 40, "test": 40}
-    # the PNG path reproduces the archive's pixels exactly (8-bit PNG -> /255)
+    # the PNG path reproduces the archive's pixels exactly: 8-bit PNGs at their own size are cached as uint8
     order = np.argsort(ds.splits["test"].ids)
-    assert np.allclose(np.sort(ds.splits["train"].images.reshape(-1)),
-                       np.sort(breast_small["train"][0].reshape(-1) / 255.0), atol=1e-6)
+    assert ds.splits["train"].images.dtype == np.uint8
+    assert np.array_equal(np.sort(ds.splits["train"].images.reshape(-1)), np.sort(breast_small["train"][0].reshape(-1)))
     out, result, metrics = run_training(_cfg(root), tmp_path / "run", data=ds)
     assert load_bundle(out).meta["preprocessing"]["source"]["kind"] == "folder"
     assert "auc" in metrics["test"] and len(order) == 40

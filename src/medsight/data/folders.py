@@ -15,6 +15,7 @@ JSON-serialisable *recipe* from :func:`make_recipe`; training (:func:`load_recor
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 from pathlib import Path
@@ -183,6 +184,15 @@ def read_manifest(
     return records
 
 
+def decode_record(path, *, size, window, intensity: str, percentiles) -> tuple[np.ndarray, dict]:
+    """One file through the reader and the recipe: float32 ``(C, *size)`` in [0, 1] (its own channel count) and
+    the reader's meta. What :func:`load_records` and the dataset cache (:mod:`medsight.data.cache`) decode with."""
+    arr, meta = read_image(path, window=window)
+    arr = preprocess_array(arr, meta, size=size, channels=None, intensity=intensity, window=window,
+                           percentiles=percentiles, name=path)
+    return arr, meta
+
+
 def load_records(
     records: list[dict],
     *,
@@ -215,8 +225,7 @@ def load_records(
     for rec in progress.track(records, "reading images"):
         path = rec["path"]
         try:
-            arr, meta = read_image(path, window=w)
-            arr = preprocess_array(arr, meta, size=size, channels=None, intensity=intensity, window=w, percentiles=percentiles, name=path)
+            arr, meta = decode_record(path, size=size, window=w, intensity=intensity, percentiles=percentiles)
         except DataError as e:
             errors.append({"path": str(path), "error": str(e)})
             continue
@@ -275,13 +284,20 @@ def records_from(path: str | os.PathLike, *, label_cols=None, clinical_cols=None
 
 def load_user_dataset(path: str | os.PathLike, *, size: int = 28, task: str | None = None, window=None,
                       label_cols=None, clinical_cols=None, seed: int = 0, intensity: str = "auto",
-                      allow_leakage: bool = False):
+                      allow_leakage: bool = False, cache_dir=None, stream: str | bool = "auto",
+                      memory_budget_gb: float | None = None, workers: int | None = None):
     """A class-per-folder tree or CSV manifest -> :class:`medsight.data.sources.Dataset`.
 
     Splits come from the tree / manifest when given (all or none), else a stratified patient-level split
     (70/15/15, seeded); a leakage check refuses splits that share patients or identical images, unless
     ``allow_leakage``: then the finding (counts) is kept in ``Dataset.leakage``. Classes are in sorted order (the
     loader in :mod:`medsight.data.sources` then settles the positive class of a binary task).
+
+    Files are decoded once into the dataset cache (:mod:`medsight.data.cache`, in ``cache_dir``); a second load of
+    the same files with the same settings decodes nothing. Splits hold the cached arrays (uint8, or uint16 when
+    8 bits would not be exact) in memory, or as :class:`~medsight.data.cache.DiskArray` rows read on demand when
+    they exceed ``memory_budget_gb`` or ``stream`` is true. ``workers``: decoding processes (default: the cores,
+    at most 8; 0 decodes in this process).
     """
     from medsight.data.dataset import Dataset, Split
     from medsight.data.splits import check_leakage, hashed_id, patient_split
@@ -308,11 +324,15 @@ def load_user_dataset(path: str | os.PathLike, *, size: int = 28, task: str | No
         split_origin = (f"made here: 70/15/15 stratified by class, seed {seed}, "
                         + (f"patient-level ({with_pid} of {len(records)} files carry a patient id)" if with_pid else
                            "one group per file (no patient ids given, so files of one patient may share splits)"))
-    # read one image to learn whether these are 2D images or volumes
-    first, _ = read_image(records[0]["path"], window=resolve_window(window))
-    dims = 3 if first.ndim == 4 and first.shape[1] > 1 else 2
-    images, metas = load_records(records, size=[size] * dims, spatial_dims=dims, window=window, intensity=intensity)
-    leakage = check_leakage(records, images, allow=allow_leakage)
+    # 2D images or volumes: known from a cache entry of these files, else read one image to learn it
+    dims = _cached_dims(records, size, window, intensity, cache_dir)
+    if dims is None:
+        first, _ = read_image(records[0]["path"], window=resolve_window(window))
+        dims = 3 if first.ndim == 4 and first.shape[1] > 1 else 2
+    images, metas, hashes, channels = _cached_images(records, size=[size] * dims, window=window,
+                                                    intensity=intensity, cache_dir=cache_dir, stream=stream,
+                                                    memory_budget_gb=memory_budget_gb, workers=workers)
+    leakage = check_leakage(records, hashes=hashes, allow=allow_leakage)
     multilabel = isinstance(records[0]["label"], list)
     if multilabel:
         classes = list(records[0].get("label_names") or [str(i) for i in range(len(records[0]["label"]))])
@@ -333,19 +353,70 @@ def load_user_dataset(path: str | os.PathLike, *, size: int = 28, task: str | No
         idx = [i for i, r in enumerate(records) if r["split"] == s]
         if not idx:
             continue
-        splits[s] = Split(images=images[idx], labels=labels[idx],
+        splits[s] = Split(images=images(idx), labels=labels[idx],
                           ids=[os.path.relpath(records[i]["path"], src if src.is_dir() else src.parent) for i in idx],
                           clinical=None if clinical is None else [clinical[i] for i in idx],
                           patients=[hashed_id(records[i]["patient_id"]) if records[i].get("patient_id") else None
                                     for i in idx])
     if "train" not in splits or "val" not in splits:
         raise DataError(f"{src}: needs train and val samples (found splits: {', '.join(splits) or 'none'})")
-    recipe = dict(metas[0]["recipe"])
+    recipe = make_recipe(size=[size] * dims, spatial_dims=dims, channels=channels, intensity=intensity,
+                         window=resolve_window(window), percentiles=(0.5, 99.5))
     recipe["source"] = {"kind": "folder" if src.is_dir() else "manifest"}
     return Dataset(name=src.stem if src.is_file() else src.name, task=task, classes=classes, spatial_dims=dims,
                    splits=splits, recipe=recipe, split_origin=split_origin,
                    native_size=native_size_summary(metas, [size] * dims),
                    leakage=leakage if leakage.get("findings") else None)
+
+
+def _cache_settings(size, window, intensity) -> dict:
+    """What a cached decode depends on besides the files (part of the cache key)."""
+    w = resolve_window(window)
+    return {"size": list(size), "window": w if w is None or isinstance(w, str) else [float(v) for v in w],
+            "intensity": intensity, "percentiles": [0.5, 99.5]}
+
+
+def _cached_dims(records, size: int, window, intensity, cache_dir) -> int | None:
+    from medsight.data import cache
+
+    d = cache.resolve_dir(cache_dir)
+    for dims in (2, 3):
+        if cache.open_entry(d, cache.folder_key(records, _cache_settings([size] * dims, window, intensity))):
+            return dims
+    return None
+
+
+def _cached_images(records, *, size, window, intensity, cache_dir, stream, memory_budget_gb, workers):
+    """Decode ``records`` through the dataset cache: ``(images(rows) -> array, metas, hashes, channels)``."""
+    import functools
+
+    from medsight.data import cache
+
+    w = resolve_window(window)
+    percentiles = (0.5, 99.5)
+    settings = _cache_settings(size, window, intensity)
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if len(records) >= 256 else 0
+    decode = functools.partial(decode_record, size=list(size), window=w, intensity=intensity, percentiles=percentiles)
+    entry = cache.build_folder_entry(records, decode=decode, settings=settings, cache_dir=cache.resolve_dir(cache_dir),
+                                     workers=workers)
+    errors = entry["errors"]
+    if errors:
+        first = "; ".join(e["error"] for e in errors[:3])
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise DataError(f"{len(errors)} of {len(records)} files could not be loaded: {first}{more}")
+    path = Path(entry["path"]) / "images.npy"
+    on_disk = cache.choose_stream(entry["arrays"]["images.npy"]["bytes"], stream, memory_budget_gb)
+    if on_disk:
+        def images(rows):
+            return cache.DiskArray(path, rows)
+    else:
+        whole = cache.load_array(path, stream=False)
+
+        def images(rows):
+            return whole[rows]
+    hashes = json.loads((Path(entry["path"]) / "hashes.json").read_text())
+    return images, [{"shape": s} for s in entry["shapes"]], hashes, int(entry["channels"])
 
 
 def native_size_summary(metas: list[dict], size: list[int]) -> dict:

@@ -124,6 +124,17 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
 
 def _channel_first(images: np.ndarray, spatial_dims: int, path: Path) -> np.ndarray:
     """(N, *spatial) or (N, *spatial, C) -> (N, C, *spatial)."""
+    from medsight.data.cache import DiskArray
+
+    if isinstance(images, DiskArray):  # rows read on demand: the layout is applied per read
+        raw = images._row_shape
+        if len(raw) == spatial_dims:
+            images.layout = "none"
+        elif len(raw) == spatial_dims + 1 and raw[-1] in (1, 3, 4):
+            images.layout = "last"
+        else:
+            raise DataError(f"{path}: images of shape {raw} are not {spatial_dims}D gray or RGB")
+        return images
     if images.ndim == spatial_dims + 1:
         return images[:, None]
     if images.ndim == spatial_dims + 2 and images.shape[-1] in (1, 3, 4):
@@ -131,10 +142,33 @@ def _channel_first(images: np.ndarray, spatial_dims: int, path: Path) -> np.ndar
     raise DataError(f"{path}: images of shape {images.shape[1:]} are not {spatial_dims}D gray or RGB")
 
 
+def _cached_npz(path: Path, md5: str, cache_dir, stream, memory_budget_gb) -> dict:
+    """The archive's arrays from the dataset cache (extracted once, streamed): labels in memory, images in memory
+    or as :class:`~medsight.data.cache.DiskArray` (still in the archive's own layout, see ``_channel_first``)."""
+    from medsight.data import cache
+
+    entry = cache.extract_archive(path, md5, cache.resolve_dir(cache_dir), NPZ_KEYS)
+    root = Path(entry["path"])
+    nbytes = sum(entry["arrays"][f"{s}_images.npy"]["bytes"] for s in SPLITS)
+    on_disk = cache.choose_stream(nbytes, stream, memory_budget_gb)
+    arrays = {}
+    for k in NPZ_KEYS:
+        if k.endswith("_images") and on_disk:
+            arrays[k] = cache.DiskArray(root / f"{k}.npy")
+        else:
+            arrays[k] = np.load(root / f"{k}.npy", allow_pickle=False)
+    for s in SPLITS:
+        ni, nl = len(arrays[f"{s}_images"]), len(arrays[f"{s}_labels"])
+        if ni != nl or ni == 0:
+            raise DataError(f"{path}: {s}_images has {ni} items and {s}_labels {nl}")
+    return arrays
+
+
 def dataset_from_npz(path: str | Path, *, name: str | None = None, task: str | None = None,
-                     classes: list[str] | None = None, spatial_dims: int | None = None) -> Dataset:
+                     classes: list[str] | None = None, spatial_dims: int | None = None,
+                     arrays: dict | None = None) -> Dataset:
     path = Path(path)
-    arrays = read_npz(path)
+    arrays = read_npz(path) if arrays is None else arrays
     img = arrays["train_images"]
     if spatial_dims is None:
         # (N,H,W) gray 2D, (N,H,W,3) RGB 2D, (N,D,H,W) gray 3D
@@ -171,13 +205,27 @@ def dataset_from_npz(path: str | Path, *, name: str | None = None, task: str | N
 
 
 def load_medmnist(name: str, size: int = 28, root: str | Path | None = None, download_missing: bool = True,
-                  positive_class: int | str | None = None) -> Dataset:
+                  positive_class: int | str | None = None, *, cache_dir=None, stream: str | bool = "auto",
+                  memory_budget_gb: float | None = None) -> Dataset:
     """An official MedMNIST set; binary sets get their clinical positive class at index 1 (see
-    :data:`medsight.data.medmnist.POSITIVE_CLASS`) unless ``positive_class`` names another."""
+    :data:`medsight.data.medmnist.POSITIVE_CLASS`) unless ``positive_class`` names another.
+
+    The archive is extracted once into the dataset cache (:mod:`medsight.data.cache`); later loads of the same
+    file (same size and mtime) skip the MD5 check and the decompression, and splits above the memory budget (or
+    with ``stream`` true) are read from disk on demand."""
+    from medsight.data import cache
+
     info = medmnist_info(name)
-    path = medmnist_path(info.name, size, root, download_missing)
+    if size not in info.md5:
+        raise DataError(f"{name} is released at sizes {', '.join(map(str, info.sizes))}, not {size}")
+    local = (Path(root).expanduser() if root else default_data_dir()) / info.filename(size)
+    if cache.find_archive_entry(local, info.md5[size], cache.resolve_dir(cache_dir)) is not None:
+        path = local  # extracted before from this very file (MD5 checked then; size and mtime unchanged)
+    else:
+        path = medmnist_path(info.name, size, root, download_missing)
+    arrays = _cached_npz(path, info.md5[size], cache_dir, stream, memory_budget_gb)
     ds = dataset_from_npz(path, name=info.name if size == 28 else f"{info.name}_{size}", task=info.task,
-                          classes=list(info.classes), spatial_dims=info.spatial_dims)
+                          classes=list(info.classes), spatial_dims=info.spatial_dims, arrays=arrays)
     ds.recipe["source"] = {"medmnist": info.name, "size": size}
     ds.split_origin = "official MedMNIST split"
     ds.native_size = {"median": [size] * info.spatial_dims, "resized": False}
@@ -191,7 +239,8 @@ def load_medmnist(name: str, size: int = 28, root: str | Path | None = None, dow
 def load_dataset(spec: str, *, size: int = 28, root: str | Path | None = None, download_missing: bool = True,
                  task: str | None = None, window: str | None = None, label_columns=None, clinical_columns=None,
                  intensity: str = "auto", seed: int = 0, positive_class: int | str | None = None,
-                 allow_leakage: bool = False) -> Dataset:
+                 allow_leakage: bool = False, cache_dir=None, stream: str | bool = "auto",
+                 memory_budget_gb: float | None = None, workers: int | None = None) -> Dataset:
     """Resolve ``--data``: a MedMNIST name, an .npz path, a class-per-folder tree or a CSV manifest.
 
     This is the one place the positive class of a binary task is settled: ``positive_class`` (a name or an index
@@ -200,7 +249,8 @@ def load_dataset(spec: str, *, size: int = 28, root: str | Path | None = None, d
     """
     p = Path(spec).expanduser()
     if spec.lower() in INFO:
-        return load_medmnist(spec, size, root, download_missing, positive_class=positive_class)
+        return load_medmnist(spec, size, root, download_missing, positive_class=positive_class,
+                             cache_dir=cache_dir, stream=stream, memory_budget_gb=memory_budget_gb)
     if p.suffix == ".npz":
         ds = dataset_from_npz(p, task=task)
         ds.split_origin = f"given in {p.name} (train/val/test arrays)"
@@ -209,7 +259,8 @@ def load_dataset(spec: str, *, size: int = 28, root: str | Path | None = None, d
 
         ds = folders.load_user_dataset(p, size=size, task=task, window=window, label_cols=label_columns,
                                        clinical_cols=clinical_columns, intensity=intensity, seed=seed,
-                                       allow_leakage=allow_leakage)
+                                       allow_leakage=allow_leakage, cache_dir=cache_dir, stream=stream,
+                                       memory_budget_gb=memory_budget_gb, workers=workers)
     else:
         raise DataError(f"--data {spec!r} is neither a MedMNIST name ({', '.join(sorted(INFO))}), "
                         "nor an existing .npz, folder or CSV manifest")

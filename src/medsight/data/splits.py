@@ -92,10 +92,11 @@ def image_hash(array: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def check_leakage(records: list[dict], images=None, *, allow: bool = False) -> dict:
+def check_leakage(records: list[dict], images=None, *, allow: bool = False, hashes=None) -> dict:
     """Raise :class:`DataError` when splits share patient ids or identical images; else return a summary.
 
-    ``images`` (optional) is an array or list aligned with ``records``; identical pixel bytes in two
+    ``images`` (optional) is an array or list aligned with ``records`` (or ``hashes``: their :func:`image_hash`
+    values, e.g. from the dataset cache); identical pixel bytes in two
     different splits count as leakage. With ``allow`` (``data.allow_leakage`` / ``qc --allow-leakage``) a finding
     is accepted, not raised: the summary's ``findings`` then holds its counts (``patients_in_several_splits``,
     ``identical_images_across_splits``) and ``message`` the sentence the error would have been; counts only.
@@ -111,12 +112,13 @@ def check_leakage(records: list[dict], images=None, *, allow: bool = False) -> d
         shown = ", ".join(leaked[:5]) + (f" and {len(leaked) - 5} more" if len(leaked) > 5 else "")
         problems.append(f"{len(leaked)} patient(s) appear in more than one split (sha256 prefixes: {shown})")
     dup_pairs = []
-    if images is not None:
-        if len(images) != len(records):
-            raise DataError(f"check_leakage: {len(images)} images for {len(records)} records")
+    if images is not None or hashes is not None:
+        digests = hashes if hashes is not None else (image_hash(np.asarray(img)) for img in images)
+        count = len(hashes) if hashes is not None else len(images)
+        if count != len(records):
+            raise DataError(f"check_leakage: {count} images for {len(records)} records")
         seen: dict[str, tuple[int, str]] = {}
-        for i, (rec, img) in enumerate(zip(records, images)):
-            h = image_hash(np.asarray(img))
+        for i, (rec, h) in enumerate(zip(records, digests)):
             split = rec.get("split")
             if h in seen and seen[h][1] != split and split is not None and seen[h][1] is not None:
                 dup_pairs.append((seen[h][0], i, seen[h][1], split, h[:8]))
@@ -127,7 +129,7 @@ def check_leakage(records: list[dict], images=None, *, allow: bool = False) -> d
             more = f" and {len(dup_pairs) - 5} more" if len(dup_pairs) > 5 else ""
             problems.append(f"{len(dup_pairs)} identical image(s) in different splits: {shown}{more}")
     summary = {"ok": not problems, "patients": len(pid_splits),
-               "images_checked": 0 if images is None else len(images), "findings": {}}
+               "images_checked": 0 if images is None and hashes is None else len(records), "findings": {}}
     if problems:
         message = "data leakage between splits: " + "; ".join(problems)
         if not allow:
