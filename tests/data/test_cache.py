@@ -203,11 +203,15 @@ def test_disk_array_indexes_like_numpy(tmp_path):
     np.testing.assert_array_equal(rgb[2:4], ref[2:4, :, :3, :3])
 
 
-def test_choose_stream_follows_the_budget():
+def test_choose_stream_follows_the_budget(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert cache.choose_stream(2_000_000_000, "auto", 1.0) is True
     assert cache.choose_stream(500_000_000, "auto", 1.0) is False
     assert cache.choose_stream(10, True, 1.0) is True and cache.choose_stream(10, "true") is True
     assert cache.choose_stream(10**15, False) is False
+    # under torchrun with several processes each rank streams its own share instead of holding the whole split
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cache.choose_stream(10, "auto", 1.0) is True and cache.choose_stream(10, False) is False
 
 
 def test_cache_ls_and_clear(tmp_path, capsys):

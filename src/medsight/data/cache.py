@@ -74,12 +74,15 @@ def memory_budget_bytes(budget_gb: float | None = None) -> int:
 
 def choose_stream(nbytes: int, stream: str | bool = "auto", budget_gb: float | None = None) -> bool:
     """Stream (read batches from disk) or hold in memory: ``stream`` 'true'/'false' forces it, 'auto' streams
-    when the stored arrays (``nbytes``) exceed the memory budget."""
+    when the stored arrays (``nbytes``) exceed the memory budget, and always under torchrun with several
+    processes, where each rank then reads only its share of every batch instead of holding the whole split."""
     s = str(stream).lower()
     if s in ("true", "1", "yes", "on"):
         return True
     if s in ("false", "0", "no", "off"):
         return False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return True
     return nbytes > memory_budget_bytes(budget_gb)
 
 
