@@ -74,6 +74,8 @@ class TrainConfig(_Strict):
     patience: Optional[int] = Field(None, ge=1, description="early stopping: epochs without improvement")
     ema: float = Field(0.0, ge=0, lt=1, description="EMA decay of weights (0 = off)")
     seed: int = 0
+    ensemble: int = Field(1, ge=1, le=32, description="seed ensemble: N members (seeds seed..seed+N-1) trained into "
+                          "one bundle; predictions are the mean of their logits, the spread is reported")
     amp: Literal["auto", "on", "off"] = "auto"
     threads: Optional[int] = Field(None, ge=1)
     device: Optional[str] = None
@@ -112,6 +114,9 @@ class TrackConfig(_Strict):
 
 
 class RunConfig(_Strict):
+    auto: bool = Field(False, description="fill every setting not given explicitly from the data by the automatic "
+                       "recipe rule (medsight.autorecipe); `medsight train` turns it on when no --recipe or --config "
+                       "is given")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

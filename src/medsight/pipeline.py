@@ -71,6 +71,9 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
 
         raise ConfigError(choices_message("model", cfg.model.name, list_models()))
     data = data or load_data_for(cfg)
+    auto = None
+    if cfg.auto:  # the automatic recipe: settings the user did not give, chosen from the data itself
+        data, auto = _apply_auto(cfg, data)
     is_main = int(os.environ.get("RANK", "0")) == 0  # fit() sets up the process group with the right backend
     stage, resume_from, tracker = None, None, None
     try:
@@ -84,7 +87,7 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
             atomic_write_text(stage / "config.yaml", dump_config(cfg))
         else:
             stage = staging_dir(out)
-        summary = training_summary(cfg, data)
+        summary = training_summary(cfg, data) + (auto["reasons"] if auto else [])
         if is_main and callback is not None:
             callback("summary", {"lines": summary})
         fusion, model, tab = None, None, None
@@ -95,7 +98,7 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
         metrics: dict = {}
         if is_main:
             metrics = _finish_bundle(cfg, data, result, fusion, stage, evaluate=evaluate, summary=summary,
-                                     callback=callback)
+                                     callback=callback, auto=auto)
             if tracker is not None:  # tracking.json travels inside the bundle, published with it
                 try:
                     tracker.write_side_file(stage)
@@ -109,6 +112,21 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
     return out, result, metrics
 
 
+def _apply_auto(cfg: RunConfig, data: Dataset) -> tuple[Dataset, dict]:
+    """Fill the settings the user did not give by the automatic recipe rule (``medsight.autorecipe``); files are
+    re-read at the rule's input size when it differs from the one they were read at."""
+    from medsight import autorecipe
+
+    facts = autorecipe.facts_of(data)
+    size = None if "data.size" in autorecipe.explicit_keys(cfg) else autorecipe.choose_size(facts)
+    if size is not None and size != min(data.input_size):
+        cfg.data.size = size
+        data = load_data_for(cfg)
+    recipe = autorecipe.choose(facts, size)
+    applied = autorecipe.apply(cfg, recipe)
+    return data, {"rule": "medsight.autorecipe", "applied": applied, "reasons": recipe.reasons}
+
+
 def training_summary(cfg: RunConfig, data: Dataset) -> list[str]:
     """What this run is about to do, in sentences: data, splits, classes, positive class, input size, device."""
     import torch
@@ -120,7 +138,8 @@ def training_summary(cfg: RunConfig, data: Dataset) -> list[str]:
 
 
 def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dict | None, stage: Path, *,
-                   evaluate: bool, summary: list[str], callback: Callback | None = None) -> dict:
+                   evaluate: bool, summary: list[str], callback: Callback | None = None,
+                   auto: dict | None = None) -> dict:
     """Calibrate on val, fit the OOD detector, score the splits and write every file of the bundle into
     ``stage``, each once."""
     extra = {"train_seconds": round(result.seconds, 2)}
@@ -130,6 +149,8 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
                      data_name=data.name, best_epoch=result.best_epoch, monitor=cfg.train.monitor, extra=extra)
     if fusion is not None:
         meta["fusion"] = fusion
+    if auto is not None:
+        meta["auto_recipe"] = auto
     meta["data_facts"] = {"positive_class": getattr(data, "positive_class", None),
                           "positive_class_source": getattr(data, "positive_class_source", None),
                           "split_origin": getattr(data, "split_origin", None),
