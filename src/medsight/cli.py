@@ -202,6 +202,8 @@ class _Progress:
                 self.sink.update(self.task.key, completed=0)
         elif event == "early_stop":
             self._print(f"early stop at epoch {info['epoch']} (best epoch {info['best_epoch']})")
+        elif event == "member":
+            self._print(f"ensemble member {info['member']}/{info['members']} done (best epoch {info['best_epoch']})")
         elif event == "resumed":
             self._print(f"resuming at epoch {info['epoch'] + 1}")
         elif event == "summary":

@@ -243,3 +243,41 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.standardize(x))
+
+class MemberMean(nn.Module):
+    """(N, members, outputs) member logits -> their mean (N, outputs). A module of its own so the stacked member
+    logits can be tapped like any layer input (``medsight.inference.run_model(..., members=True)``, ONNX output
+    ``members``)."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z.mean(dim=1)
+
+
+class Ensemble(nn.Module):
+    """A seed ensemble: ``forward`` returns the mean of the members' logits, so inference, calibration, ONNX
+    export, Grad-CAM and the OOD detector (the last member's penultimate features) see one model."""
+
+    def __init__(self, members):
+        super().__init__()
+        members = list(members)
+        if len(members) < 1:
+            raise ConfigError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.combine = MemberMean()
+
+    def set_input_stats(self, mean, std) -> None:
+        for m in self.members:
+            m.set_input_stats(mean, std)
+
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        return self.combine(torch.stack([m(x, *extra) for m in self.members], dim=1))
+
+
+def member_spread(member_logits, task, temperature: float = 1.0):
+    """Standard deviation over members of the calibrated probabilities (``task``: a :class:`medsight.tasks.Task`):
+    (N, members, outputs) logits -> (N,) for a binary task (of P(positive)), else (N, classes)."""
+    z = torch.as_tensor(member_logits, dtype=torch.float32)
+    n, m, k = z.shape
+    p = task.probabilities(z.reshape(n * m, k), temperature)
+    p = p.reshape(n, m, *p.shape[1:])
+    return p.std(dim=1, unbiased=False).numpy()

@@ -93,8 +93,16 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
         fusion, model, tab = None, None, None
         if cfg.data.clinical_columns:
             model, tab, fusion = _fusion_parts(cfg, data)
-        result = fit(cfg, data, stage, resume=resume, resume_from=resume_from, callback=callback, model=model,
-                     tab=tab)
+        if cfg.train.ensemble > 1:
+            if fusion is not None or resume:
+                raise ConfigError("train.ensemble > 1 works for image models without --resume (members keep no "
+                                  "checkpoints); train members one at a time for image + clinical models")
+            from medsight.train import fit_ensemble
+
+            result = fit_ensemble(cfg, data, callback=callback)
+        else:
+            result = fit(cfg, data, stage, resume=resume, resume_from=resume_from, callback=callback, model=model,
+                         tab=tab)
         metrics: dict = {}
         if is_main:
             metrics = _finish_bundle(cfg, data, result, fusion, stage, evaluate=evaluate, summary=summary,
@@ -119,11 +127,10 @@ def _apply_auto(cfg: RunConfig, data: Dataset) -> tuple[Dataset, dict]:
 
     facts = autorecipe.facts_of(data)
     size = None if "data.size" in autorecipe.explicit_keys(cfg) else autorecipe.choose_size(facts)
-    if size is not None and size != min(data.input_size):
-        cfg.data.size = size
-        data = load_data_for(cfg)
     recipe = autorecipe.choose(facts, size)
     applied = autorecipe.apply(cfg, recipe)
+    if size is not None and size != min(data.input_size):
+        data = load_data_for(cfg)  # the files again, at the rule's input size (cfg.data.size is now set)
     return data, {"rule": "medsight.autorecipe", "applied": applied, "reasons": recipe.reasons}
 
 
@@ -151,6 +158,8 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
         meta["fusion"] = fusion
     if auto is not None:
         meta["auto_recipe"] = auto
+    if result.extra.get("ensemble"):
+        meta["ensemble"] = result.extra["ensemble"]
     meta["data_facts"] = {"positive_class": getattr(data, "positive_class", None),
                           "positive_class_source": getattr(data, "positive_class_source", None),
                           "split_origin": getattr(data, "split_origin", None),

@@ -357,3 +357,70 @@ def history_csv(history: list[dict]) -> str:
 
 def write_history(path: Path, history: list[dict]) -> None:
     atomic_write_text(path, history_csv(history))
+
+# --------------------------------------------------------------------------------------------- seed ensembles
+def _fit_member(cfg_json: dict, data: Dataset) -> dict:
+    """One ensemble member in a worker process: returns what the parent needs to rebuild it (no files)."""
+    cfg = RunConfig.model_validate(cfg_json)
+    r = fit(cfg, data)
+    return {"state": _state_dict(r.model), "history": r.history, "best_epoch": r.best_epoch,
+            "best_value": r.best_value, "spec": r.model_spec, "seconds": r.seconds}
+
+
+def ensemble_workers(cfg: RunConfig, members: int) -> int:
+    """Processes to train members in: as many as the cores allow at ``train.threads`` each (CPU only, one
+    process, not under torchrun); 1 means one after another."""
+    if members < 2 or int(os.environ.get("WORLD_SIZE", "1")) > 1 or pick_device(cfg.train.device).type != "cpu":
+        return 1
+    per = cfg.train.threads or 1
+    return max(1, min(members, (os.cpu_count() or 1) // per))
+
+
+def fit_ensemble(cfg: RunConfig, data: Dataset, *, callback: Callback | None = None,
+                 workers: int | None = None) -> FitResult:
+    """``train.ensemble`` members with seeds ``seed, seed+1, ...`` (each selected on validation by itself), in
+    parallel processes where the cores allow (``workers``; default :func:`ensemble_workers`), else one after
+    another; returns one :class:`FitResult` whose model is a :class:`medsight.models.Ensemble`. Members write no
+    checkpoints: an interrupted ensemble run starts again."""
+    from medsight.models import Ensemble
+
+    n = cfg.train.ensemble
+    emit = callback or (lambda event, info: None)
+    cfgs = [cfg.model_copy(deep=True) for _ in range(n)]
+    for k, c in enumerate(cfgs):
+        c.train.seed = cfg.train.seed + k
+        c.train.ensemble = 1
+    workers = ensemble_workers(cfg, n) if workers is None else max(1, min(workers, n))
+    t0 = time.perf_counter()
+    results: list[FitResult] = []
+    if workers > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_fit_member, c.model_dump(mode="json"), data) for c in cfgs]
+            for k, fut in enumerate(futures):
+                try:
+                    out = fut.result()
+                except MedsightError:
+                    raise
+                except Exception as e:
+                    raise MedsightError(f"ensemble member {k + 1}/{n} failed: {type(e).__name__}: {e}") from e
+                task = Task(data.task, len(data.classes))
+                model = build_model(cfgs[k], task, data.spatial_dims, data.in_channels, data.input_size)
+                model.load_state_dict(out["state"])
+                results.append(FitResult(model=model.eval(), history=out["history"], best_epoch=out["best_epoch"],
+                                         best_value=out["best_value"], model_spec=out["spec"],
+                                         seconds=out["seconds"]))
+                emit("member", {"member": k + 1, "members": n, "best_epoch": out["best_epoch"]})
+    else:
+        for k, c in enumerate(cfgs):
+            results.append(fit(c, data, callback=callback))
+            emit("member", {"member": k + 1, "members": n, "best_epoch": results[-1].best_epoch})
+    history = [{"member": k + 1, **row} for k, r in enumerate(results) for row in r.history]
+    info = {"members": n, "seeds": [c.train.seed for c in cfgs], "best_epochs": [r.best_epoch for r in results],
+            "best_values": [r.best_value for r in results], "workers": workers}
+    return FitResult(model=Ensemble([r.model for r in results]).eval(), history=history,
+                     best_epoch=max(r.best_epoch for r in results),
+                     best_value=float(np.mean([r.best_value for r in results])), model_spec=results[0].model_spec,
+                     seconds=time.perf_counter() - t0, extra={"ensemble": info})
