@@ -202,6 +202,9 @@ class _Progress:
                 self.sink.update(self.task.key, completed=0)
         elif event == "early_stop":
             self._print(f"early stop at epoch {info['epoch']} (best epoch {info['best_epoch']})")
+        elif event == "pretrained":
+            self._print(f"pretrained weights {info['source']}: {info['filled']} of {info['weight_tensors']} weight "
+                        f"tensors loaded (sha256 {info['sha256'][:12]}), head {info['head']} trained from scratch")
         elif event == "member":
             self._print(f"ensemble member {info['member']}/{info['members']} done (best epoch {info['best_epoch']})")
         elif event == "resumed":

@@ -45,6 +45,11 @@ class ModelConfig(_Strict):
     stem: Literal["auto", "small", "standard"] = "auto"
     width: float = Field(1.0, gt=0, le=8)
     dropout: float = Field(0.0, ge=0, lt=1)
+    pretrained: Optional[str] = Field(None, description="initial weights to fine-tune: imagenet (2D ResNet-18/34/50, "
+                                      "DenseNet-121, EfficientNet-B0), medicalnet (3D ResNet-18/34/50) or a path to a "
+                                      "state dict; downloaded once, hash-checked, cached (medsight.pretrained)")
+    pretrained_sha256: Optional[str] = Field(None, description="expected sha256 (or its leading hex digits) of the "
+                                             "pretrained weights file")
 
 
 class AugmentConfig(_Strict):
@@ -68,6 +73,8 @@ class TrainConfig(_Strict):
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     step_milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="fractions of epochs for 'step'")
     warmup_epochs: int = Field(0, ge=0)
+    backbone_lr: float = Field(0.1, gt=0, le=1, description="with model.pretrained: learning rate of the pretrained "
+                               "layers as a fraction of train.lr (the new head trains at train.lr)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     class_weights: Literal["none", "balanced"] = "none"
     monitor: Literal["auc", "loss", "accuracy", "balanced_accuracy", "f1"] = "auc"

@@ -160,6 +160,8 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
         meta["auto_recipe"] = auto
     if result.extra.get("ensemble"):
         meta["ensemble"] = result.extra["ensemble"]
+    if result.extra.get("pretrained"):
+        meta["pretrained"] = result.extra["pretrained"]
     meta["data_facts"] = {"positive_class": getattr(data, "positive_class", None),
                           "positive_class_source": getattr(data, "positive_class_source", None),
                           "split_origin": getattr(data, "split_origin", None),

@@ -75,13 +75,28 @@ def model_spec(cfg: RunConfig, task: Task, data: Dataset) -> dict:
             "width": cfg.model.width, "dropout": cfg.model.dropout}
 
 
+def param_groups(cfg: RunConfig, model: nn.Module) -> list[dict]:
+    """One group at ``train.lr``; when fine-tuning pretrained weights, the backbone at ``lr * backbone_lr`` and the
+    new head (the last Linear) at ``lr``."""
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not cfg.model.pretrained or t.backbone_lr == 1.0:
+        return [{"params": params, "lr": t.lr}]
+    from medsight.pretrained import head_parameters
+
+    head = head_parameters(model)
+    return [{"params": [p for p in params if id(p) not in head], "lr": t.lr * t.backbone_lr, "name": "backbone"},
+            {"params": [p for p in params if id(p) in head], "lr": t.lr, "name": "head"}]
+
+
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     t = cfg.train
+    groups = param_groups(cfg, model)
     if t.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
 
 
 def build_schedule(cfg: RunConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
@@ -241,8 +256,15 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
     class_weights = task.class_weights(train_split.labels).to(device) if t.class_weights == "balanced" else None
 
     torch.manual_seed(t.seed)
+    pretrained = None
     if model is None:
         model = build_model(cfg, task, data.spatial_dims, data.in_channels, data.input_size)
+        if cfg.model.pretrained and not resume:  # a resumed run takes every weight from its checkpoint
+            from medsight.pretrained import apply_pretrained
+
+            pretrained = apply_pretrained(model, cfg.model.name, cfg.model.pretrained, data.spatial_dims,
+                                          sha256=cfg.model.pretrained_sha256)
+            emit("pretrained", pretrained)
     model.set_input_stats(*input_stats(train_split.images))
     model = model.to(device)
     if t.channels_last and data.spatial_dims in (2, 3):
@@ -338,7 +360,8 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
     final.eval()
     return FitResult(model=final, history=history, best_epoch=best_epoch, best_value=best_value, model_spec=spec,
                      stopped_early=stopped, seconds=time.perf_counter() - t0,
-                     extra={"device": str(device), "world": dinfo.world, "rank": dinfo.rank})
+                     extra={"device": str(device), "world": dinfo.world, "rank": dinfo.rank,
+                            **({"pretrained": pretrained} if pretrained else {})})
 
 
 def history_csv(history: list[dict]) -> str:
