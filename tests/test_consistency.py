@@ -146,6 +146,12 @@ def test_every_path_gives_the_same_probabilities(trained):
             assert served["ood_flag"] == a.ood_flag
         compared += 1
     assert compared == len(files) == N["test"]
+    if torch_p.members:  # the bundle says how the members did beside the ensemble, in its summary and numbers
+        meta = json.loads((out / "bundle.json").read_text())
+        ens = meta["ensemble"]
+        assert ens["members"] == torch_p.members == len(ens["splits"]["test"]["members"])
+        assert ens["seeds"] == list(range(ens["members"]))
+        assert any(line.startswith("seed ensemble of") for line in meta["training_summary"])
 
 
 def test_left_right_tta_makes_mirror_images_agree(tmp_path_factory):

@@ -186,6 +186,16 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
 
         metrics = evaluate_splits(bundle, data, ("val", "test"), n_boot=cfg.train.n_boot)
         write_json(stage / "metrics.json", metrics)
+        if meta.get("ensemble"):  # members beside the ensemble, and how much they disagree (in the report's summary)
+            from medsight.evaluate import ensemble_summary
+
+            ens = meta["ensemble"]["splits"] = ensemble_summary(bundle, data)
+            for s, e in ens.items():
+                aucs = ", ".join(f"{r['auc']:.3f}" for r in e["members"])
+                meta["training_summary"].append(
+                    f"seed ensemble of {len(e['members'])} members, {s}: ensemble AUC "
+                    f"{float((metrics[s].get('auc') or {}).get('value', float('nan'))):.3f}, members {aucs}; members' probabilities differ by "
+                    f"{e['mean_spread']:.3f} (sd) on average, at most {e['max_spread']:.3f}")
         meta["warnings"] = warn_degenerate(metrics, bundle.classes, bundle.positive_class)
         if meta["warnings"] and callback is not None:
             callback("warnings", {"lines": meta["warnings"]})
