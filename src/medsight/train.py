@@ -187,7 +187,7 @@ def train_one_epoch(model, opt, sched, task: Task, augment: BatchAugment, x_trai
         sched.step()
         if ema is not None:
             ema.update_parameters(model)
-        total += loss.detach() * len(idx)
+        total.add_(loss.detach(), alpha=len(idx))  # one op per step, no host sync
         count += len(idx)
         if on_step is not None:
             on_step(step + 1, steps, loss.item())
