@@ -61,11 +61,16 @@ def test_large_inputs_get_a_strided_first_conv():
 
 
 def test_explicit_settings_win_over_the_rule():
-    cfg = load_config(None, {"train.epochs": 3, "model.name": "simple_cnn", "augment.enabled": False})
+    cfg = load_config(None, {"train.epochs": 3, "model.width": 2.0, "augment.enabled": False})
     applied = autorecipe.apply(cfg, choose(_facts()))
-    assert cfg.train.epochs == 3 and cfg.model.name == "simple_cnn" and cfg.augment.enabled is False
-    assert "train.epochs" not in applied and "model.name" not in applied
+    assert cfg.train.epochs == 3 and cfg.model.width == 2.0 and cfg.augment.enabled is False
+    assert "train.epochs" not in applied and "model.width" not in applied and cfg.model.name == "cnn6"
     assert cfg.model.dropout == 0.3 and applied["model.dropout"] == 0.3
+    # a model chosen by the user keeps its own width, stem and dropout; the schedule still comes from the rule
+    own = load_config(None, {"model.name": "resnet18"})
+    applied = autorecipe.apply(own, choose(_facts(spatial_dims=3, stored_size=[28, 28, 28])))
+    assert own.model.width == 1.0 and own.model.dropout == 0.0 and own.model.stem == "auto"
+    assert not any(k.startswith("model.") for k in applied) and own.train.batch_size == 32
     # a second application changes nothing: every setting is now explicit (what a resumed run relies on)
     assert autorecipe.apply(cfg, choose(_facts(n_train=10))) == {}
 

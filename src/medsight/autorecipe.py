@@ -13,8 +13,8 @@ A rule over facts the data states about itself (not a table of known datasets):
 - **augmentation**: 2D: left-right flip, rotation 15 deg, zoom 10%, shift 5%, brightness / contrast 10%; 3D: flips
   along every axis, brightness / contrast 10%; test-time augmentation averages over the same flips.
 
-Every setting the user gave explicitly (``--epochs``, ``--set``, a YAML key) wins over the rule; the chosen
-settings are written into the run's ``config.yaml`` and ``bundle.json`` (``auto_recipe``).
+Every setting the user gave explicitly (``--epochs``, ``--set``, a YAML key) wins over the rule (a model chosen
+with ``--model`` keeps its own width, stem and dropout); the chosen settings are written into the run's ``config.yaml`` and ``bundle.json`` (``auto_recipe``).
 """
 
 from __future__ import annotations
@@ -121,11 +121,14 @@ def explicit_keys(cfg) -> set[str]:
 
 
 def apply(cfg, recipe: AutoRecipe) -> dict[str, Any]:
-    """Set every setting of ``recipe`` the user did not set explicitly; returns the settings applied."""
+    """Set every setting of ``recipe`` the user did not set explicitly; returns the settings applied. When the user
+    chose the model (``model.name``), the rule's model settings (width, stem, dropout: sized for ``cnn6``) are
+    left at that model's defaults too."""
     given = explicit_keys(cfg)
+    own_model = "model.name" in given
     applied = {}
     for key, value in recipe.settings.items():
-        if key in given:
+        if key in given or (own_model and key.startswith("model.")):
             continue
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
