@@ -112,3 +112,26 @@ def test_ensemble_members_are_trained_from_consecutive_seeds(tmp_path):
     for a, b in zip(res.model.members[1].state_dict().values(), single.model.state_dict().values()):
         assert torch.equal(a, b)
     assert not torch.equal(res.model.members[0].net[0].weight, res.model.members[1].net[0].weight)
+
+
+def test_gradcam_and_onnx_work_on_an_ensemble(tmp_path):
+    """No special cases: Grad-CAM explains the ensemble's mean logit (its target layer is found inside a member),
+    and the ONNX export carries logits, features and the member logits."""
+    import onnxruntime as ort
+
+    from medsight.explain import explain_batch
+    from medsight.export import _export_bytes
+    from medsight.models import Ensemble
+
+    torch.manual_seed(0)
+    ens = Ensemble([create_model("cnn6", input_size=16, width=0.25) for _ in range(2)]).eval()
+    x = torch.rand(3, 1, 16, 16)
+    heat = explain_batch(ens, x.numpy())
+    assert heat.shape == (3, 16, 16) and np.isfinite(heat).all() and (heat.max(axis=(1, 2)) > 0).all()
+    sess = ort.InferenceSession(_export_bytes(ens, (x[:1],), 17), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["logits", "features", "members"]
+    logits, feats, members = sess.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        each = torch.stack([m(x) for m in ens.members], dim=1).numpy()
+    np.testing.assert_allclose(members, each, atol=1e-5)
+    np.testing.assert_allclose(logits, each.mean(1), atol=1e-5)
