@@ -387,7 +387,7 @@ def _fit_member(cfg_json: dict, data: Dataset) -> dict:
     cfg = RunConfig.model_validate(cfg_json)
     r = fit(cfg, data)
     return {"state": _state_dict(r.model), "history": r.history, "best_epoch": r.best_epoch,
-            "best_value": r.best_value, "spec": r.model_spec, "seconds": r.seconds}
+            "best_value": r.best_value, "spec": r.model_spec, "seconds": r.seconds, "extra": r.extra}
 
 
 def ensemble_workers(cfg: RunConfig, members: int) -> int:
@@ -434,7 +434,7 @@ def fit_ensemble(cfg: RunConfig, data: Dataset, *, callback: Callback | None = N
                 model.load_state_dict(out["state"])
                 results.append(FitResult(model=model.eval(), history=out["history"], best_epoch=out["best_epoch"],
                                          best_value=out["best_value"], model_spec=out["spec"],
-                                         seconds=out["seconds"]))
+                                         seconds=out["seconds"], extra=out["extra"]))
                 emit("member", {"member": k + 1, "members": n, "best_epoch": out["best_epoch"]})
     else:
         for k, c in enumerate(cfgs):
@@ -446,4 +446,6 @@ def fit_ensemble(cfg: RunConfig, data: Dataset, *, callback: Callback | None = N
     return FitResult(model=Ensemble([r.model for r in results]).eval(), history=history,
                      best_epoch=max(r.best_epoch for r in results),
                      best_value=float(np.mean([r.best_value for r in results])), model_spec=results[0].model_spec,
-                     seconds=time.perf_counter() - t0, extra={"ensemble": info})
+                     seconds=time.perf_counter() - t0,
+                     extra={"ensemble": info, **({"pretrained": results[0].extra["pretrained"]}
+                                                 if results[0].extra.get("pretrained") else {})})
