@@ -114,12 +114,12 @@ def main() -> None:
     if a.table:
         md = table()
         (RESULTS / "cpu_recipes.md").write_text(md)
-        readme = HERE.parents[0] / "README.md"
-        text = readme.read_text()
         start, end = "<!-- cpu-recipes:start -->", "<!-- cpu-recipes:end -->"
-        if start in text and end in text:
-            text = text.split(start)[0] + start + "\n" + md + end + text.split(end, 1)[1]
-            readme.write_text(text)
+        for readme in (HERE.parents[0] / "README.md", HERE / "README.md"):
+            text = readme.read_text()
+            if start in text and end in text:
+                text = text.split(start)[0] + start + "\n" + md + end + text.split(end, 1)[1]
+                readme.write_text(text)
         print(md)
 
 
