@@ -57,7 +57,7 @@ def _ms(rows, key):
     return [statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0]
 
 
-def run_dataset(name: str, seeds, extra: dict, data_dir: str) -> dict:
+def run_dataset(name: str, seeds, extra: dict, data_dir: str, reference: bool = True) -> dict:
     import torch
 
     import reference_loop
@@ -67,12 +67,13 @@ def run_dataset(name: str, seeds, extra: dict, data_dir: str) -> dict:
            "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     ref, med = [], []
     for s in seeds:
-        ref.append(reference_loop.run(name, data_dir, s))
-        print(f"{name} reference seed {s}: {ref[-1]}", flush=True)
+        if reference:
+            ref.append(reference_loop.run(name, data_dir, s))
+            print(f"{name} reference seed {s}: {ref[-1]}", flush=True)
         med.append(medsight_run(name, s, extra))
         print(f"{name} medsight seed {s}: " + json.dumps({k: v for k, v in med[-1].items() if k != 'settings'}),
               flush=True)
-    for label, rows in (("reference", ref), ("medsight", med)):
+    for label, rows in (("reference", ref), ("medsight", med)) if reference else (("medsight", med),):
         out[label] = {"runs": rows, **{k: _ms(rows, k) for k in ("test_auc", "test_acc", "val_auc", "wall_s", "cpu_s")}}
     return out
 
@@ -106,10 +107,11 @@ def main() -> None:
     ap.add_argument("--extra", default="{}", help="JSON overrides on top of the automatic recipe")
     ap.add_argument("--stem", default="cpu")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--no-reference", action="store_true", help="medsight runs only (a variant of the recipe)")
     a = ap.parse_args()
     data_dir = os.environ.get("MEDSIGHT_DATA_DIR", str(HERE.parents[1] / "shared" / "data" / "medmnist"))
     for name in a.datasets:
-        res = run_dataset(name, a.seeds, json.loads(a.extra), data_dir)
+        res = run_dataset(name, a.seeds, json.loads(a.extra), data_dir, reference=not a.no_reference)
         (RESULTS / f"{a.stem}_{name}.json").write_text(json.dumps(res, indent=1))
     if a.table:
         md = table()
