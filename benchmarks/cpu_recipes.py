@@ -103,6 +103,14 @@ def table() -> str:
             lines.append(f"| {name} | {label} ({n} seeds) | {x['test_auc'][0]:.3f} ± {x['test_auc'][1]:.3f} | "
                          f"{x['test_acc'][0]:.3f} ± {x['test_acc'][1]:.3f} | {x['wall_s'][0]:.0f} | "
                          f"{x['cpu_s'][0]:.0f} | {t[0]} / {t[1]} |")
+        ens = RESULTS / f"cpu_ens3_{name}.json"
+        if ens.is_file():
+            e = json.loads(ens.read_text())
+            x = e["medsight"]
+            lines.append(f"| {name} | medsight, automatic recipe + `--ensemble 3` ({len(e['seeds'])} runs, seeds "
+                         f"{', '.join(map(str, e['seeds']))}) | {x['test_auc'][0]:.3f} ± {x['test_auc'][1]:.3f} | "
+                         f"{x['test_acc'][0]:.3f} ± {x['test_acc'][1]:.3f} | {x['wall_s'][0]:.0f} | "
+                         f"{x['cpu_s'][0]:.0f} | {t[0]} / {t[1]} |")
         for label, (auc, acc) in PAPER.get(name, {}).items():
             lines.append(f"| {name} | paper: {label} | {auc:.3f} | {acc:.3f} | - | - | |")
     return "\n".join(lines) + "\n"
