@@ -21,13 +21,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from medsight.config import load_config  # noqa: E402
 from medsight.metrics import compute_metrics  # noqa: E402
 from medsight.pipeline import load_data_for, run_training  # noqa: E402
-from medsight.train import evaluate_logits  # noqa: E402
+from medsight.inference import run_logits  # noqa: E402
 
 AUG = {"augment.enabled": True}
 AUG3D = {"augment.enabled": True, "augment.flip": [1, 2, 3], "augment.rotate": 10}
 S = "model.name"
+AUTO = {"auto": True}  # the automatic recipe (medsight.autorecipe); overrides on top of it below
 CANDIDATES: dict[str, dict[str, dict]] = {
     "breastmnist": {
+        "auto": {**AUTO},
+        "auto_w1.5": {**AUTO, "model.width": 1.5},
+        "auto_ls0.1": {**AUTO, "train.label_smoothing": 0.1},
+        "auto_ema": {**AUTO, "train.ema": 0.99},
         "cnn_e60": {S: "simple_cnn", "train.epochs": 60},
         "cnn_e60_aug": {S: "simple_cnn", "train.epochs": 60, **AUG},
         "cnn_e100_aug_ema": {S: "simple_cnn", "train.epochs": 100, "train.ema": 0.99, **AUG},
@@ -44,6 +49,8 @@ CANDIDATES: dict[str, dict[str, dict]] = {
         "cnn_e60_aug": {S: "simple_cnn", "train.epochs": 60, **AUG},
     },
     "pneumoniamnist": {
+        "auto": {**AUTO},
+        "auto_w0.5_e30": {**AUTO, "model.width": 0.5, "train.epochs": 30},
         "cnn_e12": {S: "simple_cnn", "train.epochs": 12, "train.batch_size": 64},
         "cnn_e12_aug": {S: "simple_cnn", "train.epochs": 12, "train.batch_size": 64, **AUG},
         "cnn_w2_e8_aug": {S: "simple_cnn", "model.width": 2, "train.epochs": 8, "train.batch_size": 64, **AUG},
@@ -53,6 +60,8 @@ CANDIDATES: dict[str, dict[str, dict]] = {
                              "train.batch_size": 64, **AUG},
     },
     "adrenalmnist3d": {
+        "auto": {**AUTO},
+        "auto_w1": {**AUTO, "model.width": 1.0},
         "cnn3d_e8": {S: "simple_cnn", "train.epochs": 8},
         "cnn3d_e8_aug": {S: "simple_cnn", "train.epochs": 8, **AUG3D},
         "cnn3d_h_e15_aug": {S: "simple_cnn", "model.width": 0.5, "train.epochs": 15, **AUG3D},
@@ -70,7 +79,7 @@ def split_name(ds: str) -> tuple[str, int]:
 
 def val_scores(model, data, tta: list[int], device) -> dict:
     val = data.split("val")
-    z = evaluate_logits(model.to(device), val.images, device=device, tta_flip=tta)
+    z = run_logits(model.to(device), val.images, device=device, tta_flip=tta)
     p = torch.sigmoid(z.reshape(-1)).numpy()
     m = compute_metrics("binary", val.labels.reshape(-1), p)
     return {"auc": m["auc"], "acc": m["accuracy"]}

@@ -71,6 +71,9 @@ CASES = {
     "multiclass": ("multiclass", {"train.tta_flip": [2]}),
     "multilabel": ("multilabel", {"data.label_columns": ["a", "b", "c"]}),
     "ordinal": ("ordinal", {"data.task": "ordinal"}),
+    "2d-binary-ensemble": ("2d", {"train.ensemble": 2, "train.tta_flip": [2]}),
+    "3d-binary-ensemble": ("3d", {"train.ensemble": 2}),
+    "multiclass-ensemble": ("multiclass", {"train.ensemble": 3, "model.name": "cnn6"}),
     "image+clinical": ("fusion", {"data.clinical_columns": ["age", "site"], "model.fusion": "concat",
                                   "train.tta_flip": [2]}),
 }
@@ -129,11 +132,26 @@ def test_every_path_gives_the_same_probabilities(trained):
                     _rows(served["probabilities"], classes)):
             np.testing.assert_allclose(got, evaluated, atol=ATOL, err_msg=f"{name}: {f.name}")
         assert a.predicted == b.predicted == served["predicted"]
+        if torch_p.members:  # seed ensembles: the members' spread agrees too, and is the spread of real members
+            spreads = [a.member_spread, b.member_spread, served["member_spread"]]
+            assert all(s is not None for s in spreads), spreads
+            flat = [np.atleast_1d(list(s.values()) if isinstance(s, dict) else s) for s in spreads]
+            for got in flat[1:]:
+                np.testing.assert_allclose(got, flat[0], atol=1e-4, err_msg=f"{name}: {f.name} spread")
+            assert float(np.max(flat[0])) > 0  # members trained from different seeds disagree somewhat
+        else:
+            assert a.member_spread is None and "member_spread" not in served
         if a.ood_score is not None:  # the OOD score comes from the same pass on every backend
             assert b.ood_score == pytest.approx(a.ood_score, rel=1e-4, abs=1e-3)
             assert served["ood_flag"] == a.ood_flag
         compared += 1
     assert compared == len(files) == N["test"]
+    if torch_p.members:  # the bundle says how the members did beside the ensemble, in its summary and numbers
+        meta = json.loads((out / "bundle.json").read_text())
+        ens = meta["ensemble"]
+        assert ens["members"] == torch_p.members == len(ens["splits"]["test"]["members"])
+        assert ens["seeds"] == list(range(ens["members"]))
+        assert any(line.startswith("seed ensemble of") for line in meta["training_summary"])
 
 
 def test_left_right_tta_makes_mirror_images_agree(tmp_path_factory):

@@ -100,7 +100,7 @@ def tracked(mlflow_server, tmp_path_factory) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
         rc = main(["train", "--data", str(npz), "--model", "simple_cnn", "--epochs", "2", "--out", str(out),
-                   "--no-progress", "--track", "--set", "train.n_boot=50", "--set", "track.experiment=t-train"])
+                   "--no-progress", "--no-auto", "--track", "--set", "train.n_boot=50", "--set", "track.experiment=t-train"])
     assert rc == 0
     side = json.loads((out / "tracking.json").read_text())
     return {"npz": npz, "bundle": out, "run_id": side["run_id"], "side": side, "root": root,
@@ -349,7 +349,7 @@ def test_unreachable_server_warns_and_the_bundle_is_written(tmp_path):
     uri = _dead_uri()
     t0 = time.monotonic()
     res = subprocess.run(_subproc.medsight_cmd("train", "--data", str(npz), "--model", "simple_cnn", "--epochs", "1",
-                                               "--out", str(tmp_path / "r"), "--no-progress", "--track",
+                                               "--out", str(tmp_path / "r"), "--no-progress", "--no-auto", "--track",
                                                "--set", "train.n_boot=0"),
                          capture_output=True, text=True, env=_subproc.env(MLFLOW_TRACKING_URI=uri), timeout=300)
     assert res.returncode == 0, res.stderr

@@ -177,6 +177,17 @@ def build_from_spec(spec: dict) -> nn.Module:
                         stem=spec.get("stem", "auto"), width=spec.get("width", 1.0), dropout=spec.get("dropout", 0.0))
 
 
+def build_model_from_meta(meta: dict) -> nn.Module:
+    """The (untrained) network a ``bundle.json`` describes: one model, or a seed ensemble of ``ensemble.members``
+    models of the same spec."""
+    ens = meta.get("ensemble")
+    if ens:
+        from medsight.models import Ensemble
+
+        return Ensemble([build_from_spec(meta["model"]) for _ in range(int(ens["members"]))])
+    return build_from_spec(meta["model"])
+
+
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     p = Path(path)
     meta_path = p / "bundle.json"
@@ -196,7 +207,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         if not f.is_file() or sha256_file(f) != digest:
             raise MedsightError(f"{f} does not match the sha256 recorded in {meta_path.name}: the bundle was "
                                 "modified or mixed with another run's files; retrain or restore it")
-    model = build_from_spec(meta["model"])
+    model = build_model_from_meta(meta)
     if meta.get("fusion"):
         from medsight.fusion import build_fusion
 

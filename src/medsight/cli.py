@@ -202,6 +202,11 @@ class _Progress:
                 self.sink.update(self.task.key, completed=0)
         elif event == "early_stop":
             self._print(f"early stop at epoch {info['epoch']} (best epoch {info['best_epoch']})")
+        elif event == "pretrained":
+            self._print(f"pretrained weights {info['source']}: {info['filled']} of {info['weight_tensors']} weight "
+                        f"tensors loaded (sha256 {info['sha256'][:12]}), head {info['head']} trained from scratch")
+        elif event == "member":
+            self._print(f"ensemble member {info['member']}/{info['members']} done (best epoch {info['best_epoch']})")
         elif event == "resumed":
             self._print(f"resuming at epoch {info['epoch'] + 1}")
         elif event == "summary":
@@ -280,6 +285,11 @@ def train(
     operating_point: Optional[str] = typer.Option(None, help="threshold rule on val: youden, f1, sens=0.95, spec=0.9, or a number"),
     set_: List[str] = typer.Option([], "--set", help="any config value, e.g. --set train.schedule=step"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    auto: Optional[bool] = typer.Option(None, "--auto/--no-auto", help="choose every setting not given from the "
+                                        "data (model, epochs, augmentation, input size for files); default: on "
+                                        "unless --recipe, --config or --resume is given"),
+    ensemble: Optional[int] = typer.Option(None, help="train N seed-ensemble members into one bundle (mean of "
+                                           "their logits; spread reported)"),
     track: Optional[bool] = typer.Option(None, "--track/--no-track", help="log the run to MLflow at "
                                          "$MLFLOW_TRACKING_URI (default: ./mlflow.db); config track.enabled"),
     track_required: bool = typer.Option(False, help="with --track: an unreachable tracking server is an error "
@@ -294,6 +304,9 @@ def train(
                  "train.device": device, "train.operating_point": operating_point}
     if augment is not None:
         overrides["augment.enabled"] = augment
+    if ensemble is not None:
+        overrides["train.ensemble"] = ensemble
+    overrides["auto"] = auto if auto is not None else (recipe is None and config is None and not resume)
     if track is not None or track_required:
         overrides["track.enabled"] = bool(track or track_required)
     if track_required:

@@ -56,6 +56,11 @@ class ModelConfig(_Strict):
     stem: Literal["auto", "small", "standard"] = "auto"
     width: float = Field(1.0, gt=0, le=8)
     dropout: float = Field(0.0, ge=0, lt=1)
+    pretrained: Optional[str] = Field(None, description="initial weights to fine-tune: imagenet (2D ResNet-18/34/50, "
+                                      "DenseNet-121, EfficientNet-B0), medicalnet (3D ResNet-18/34/50) or a path to a "
+                                      "state dict; downloaded once, hash-checked, cached (medsight.pretrained)")
+    pretrained_sha256: Optional[str] = Field(None, description="expected sha256 (or its leading hex digits) of the "
+                                             "pretrained weights file")
 
 
 class AugmentConfig(_Strict):
@@ -79,12 +84,16 @@ class TrainConfig(_Strict):
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     step_milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="fractions of epochs for 'step'")
     warmup_epochs: int = Field(0, ge=0)
+    backbone_lr: float = Field(0.1, gt=0, le=1, description="with model.pretrained: learning rate of the pretrained "
+                               "layers as a fraction of train.lr (the new head trains at train.lr)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     class_weights: Literal["none", "balanced"] = "none"
     monitor: Literal["auc", "loss", "accuracy", "balanced_accuracy", "f1"] = "auc"
     patience: Optional[int] = Field(None, ge=1, description="early stopping: epochs without improvement")
     ema: float = Field(0.0, ge=0, lt=1, description="EMA decay of weights (0 = off)")
     seed: int = 0
+    ensemble: int = Field(1, ge=1, le=32, description="seed ensemble: N members (seeds seed..seed+N-1) trained into "
+                          "one bundle; predictions are the mean of their logits, the spread is reported")
     amp: Literal["auto", "on", "off"] = "auto"
     threads: Optional[int] = Field(None, ge=1)
     device: Optional[str] = None
@@ -123,6 +132,9 @@ class TrackConfig(_Strict):
 
 
 class RunConfig(_Strict):
+    auto: bool = Field(False, description="fill every setting not given explicitly from the data by the automatic "
+                       "recipe rule (medsight.autorecipe); `medsight train` turns it on when no --recipe or --config "
+                       "is given")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

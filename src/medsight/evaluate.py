@@ -315,3 +315,28 @@ def write_cases(bundle: Bundle, data: Dataset, split: str, path: Path) -> Path:
         true, pred = (";".join(v) if isinstance(v, list) else v for v in (true, pred))
         w.writerow([case, true, *[f"{v:.8f}" for v in p2[i]], pred])
     return atomic_write_text(path, buf.getvalue())
+
+
+def ensemble_summary(bundle: Bundle, data: Dataset, splits=("val", "test")) -> dict:
+    """A seed ensemble on each split: every member's AUC / accuracy (at the ensemble's temperature and threshold)
+    beside the ensemble's, and the mean and largest spread of the members' probabilities (see
+    :func:`medsight.models.member_spread`)."""
+    from medsight.inference import run_model
+    from medsight.metrics import compute_metrics
+    from medsight.models import member_spread
+
+    task = bundle.task
+    out = {}
+    for s in [s for s in splits if s in data.splits]:
+        check_compatible(bundle, data)
+        res = run_model(bundle.model, data.split(s).images, tta_flip=bundle.tta_flip, members=True,
+                        tab=split_clinical_rows(bundle, data, s))
+        y = data.split(s).labels
+        rows = []
+        for k in range(res.members.shape[1]):
+            p = task.probabilities(res.members[:, k], bundle.temperature).numpy()
+            m = compute_metrics(task.name, y, p, threshold=bundle.threshold)
+            rows.append({"auc": float(m.get("auc", float("nan"))), "accuracy": float(m.get("accuracy", float("nan")))})
+        spread = np.asarray(member_spread(res.members, task, bundle.temperature))
+        out[s] = {"members": rows, "mean_spread": float(spread.mean()), "max_spread": float(spread.max())}
+    return out

@@ -3,7 +3,7 @@
 The exported graph is the whole :class:`medsight.models.Classifier` (standardisation included): input
 ``input`` float32 ``(N, C, *size)`` in [0, 1] (and ``clinical`` float32 ``(N, n_tab)``, the encoded clinical
 row, for an image + clinical model), outputs ``logits`` ``(N, outputs)`` and ``features`` (the penultimate
-features, for the OOD detector). Test-time augmentation, probabilities, temperature and the decision stay in
+features, for the OOD detector); a seed ensemble also ``members`` ``(N, members, outputs)`` (member logits). Test-time augmentation, probabilities, temperature and the decision stay in
 Python (``medsight.inference``, ``medsight.tasks``), shared by every backend.
 
 The file records the sha256 of the ``model.pt`` it was exported from (metadata ``medsight.source_sha256``):
@@ -36,10 +36,14 @@ def _export_bytes(model: torch.nn.Module, example: tuple, opset: int, source_sha
     from medsight.errors import ConfigError
     from medsight.ood import WithFeatures
 
+    from medsight.inference import member_layer
+
     try:
         net, outputs = WithFeatures(model).eval(), ["logits", "features"]
     except ConfigError:
         net, outputs = model, ["logits"]
+    if member_layer(model) is not None and len(outputs) == 2:  # a seed ensemble: its member logits as well
+        net, outputs = _WithMembers(net, model).eval(), outputs + ["members"]
     inputs = ["input", "clinical"][:len(example)]
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -57,6 +61,26 @@ def _export_bytes(model: torch.nn.Module, example: tuple, opset: int, source_sha
         entry.key, entry.value = SOURCE_KEY, source_sha256
         data = m.SerializeToString()
     return data
+
+
+class _WithMembers(torch.nn.Module):
+    """``(logits, features) -> (logits, features, member logits (N, members, outputs))`` of a seed ensemble."""
+
+    def __init__(self, net: torch.nn.Module, model: torch.nn.Module):
+        super().__init__()
+        from medsight.inference import member_layer
+
+        self.net = net
+        self._tap = dict(model.named_modules())[member_layer(model)]
+
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor):
+        box: list[torch.Tensor] = []
+        h = self._tap.register_forward_hook(lambda m, inp, out: box.append(inp[0]))
+        try:
+            logits, feats = self.net(x, *extra)
+        finally:
+            h.remove()
+        return logits, feats, box[0]
 
 
 def source_sha256(onnx_bytes: bytes) -> str | None:

@@ -36,6 +36,7 @@ from medsight.config import EVAL_BATCH_SIZE
 class Outputs:
     logits: torch.Tensor  # (N, outputs) float32 on the CPU
     features: torch.Tensor | None = None  # (N, D) penultimate features when asked
+    members: torch.Tensor | None = None  # (N, members, outputs) member logits of an ensemble, when asked
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -116,6 +117,33 @@ def _feature_tap(model: nn.Module, box: list, layer: str | None = None):
         h.remove()
 
 
+def member_layer(model: nn.Module) -> str | None:
+    """Name of an ensemble's :class:`medsight.models.MemberMean` (its input: the stacked member logits), or
+    None for a single model."""
+    from medsight.models import MemberMean
+
+    return next((n for n, m in model.named_modules() if isinstance(m, MemberMean)), None)
+
+
+@contextlib.contextmanager
+def _members_tap(model: nn.Module, box: list):
+    """Record the stacked member logits of an ensemble for forwards run by this thread only."""
+    name = member_layer(model)
+    if name is None:
+        raise ConfigError(f"{type(model).__name__} is not an ensemble: it has no member logits")
+    me = threading.get_ident()
+
+    def hook(_m, inp, _out):
+        if threading.get_ident() == me:
+            box.append(inp[0].detach().float())
+
+    h = dict(model.named_modules())[name].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
 def autocast_ctx(device: torch.device, amp: str):
     on = amp == "on" or (amp == "auto" and device.type == "cuda")
     if not on:
@@ -132,12 +160,14 @@ def _device_of(model: nn.Module) -> torch.device:
 def run_model(model: nn.Module, images, *, tab=None, tta_flip: Sequence[int] | None = (),
               batch_size: int = EVAL_BATCH_SIZE, device: str | torch.device | None = None, amp: str = "off",
               channels_last: bool = False, features: bool = False, layer: str | None = None,
+              members: bool = False,
               transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> Outputs:
     """Logits (and penultimate features) of ``model`` over stored images ``(N, C, *spatial)``.
 
     ``tab``: encoded clinical rows (N, n_tab) for an image + clinical model. ``tta_flip``: see the module doc.
     ``transform(x, batch_index)``: applied to each float batch before the model (e.g. a corruption of the shift
-    battery). Returns float32 CPU tensors."""
+    battery). ``members``: also the member logits of an ensemble (``Outputs.members``, averaged over the TTA views
+    like the logits). Returns float32 CPU tensors."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     x_all = images if hasattr(images, "shape") and hasattr(images, "__getitem__") else np.asarray(images)
@@ -153,9 +183,12 @@ def run_model(model: nn.Module, images, *, tab=None, tta_flip: Sequence[int] | N
     logits_out: list[torch.Tensor] = []
     feats_out: list[torch.Tensor] = []
     box: list[torch.Tensor] = []
+    mbox: list[torch.Tensor] = []
+    members_out: list[torch.Tensor] = []
     tap = _feature_tap(model, box, layer) if features else contextlib.nullcontext()
+    mtap = _members_tap(model, mbox) if members else contextlib.nullcontext()
     try:
-        with tap:
+        with tap, mtap:
             for bi, i in enumerate(range(0, len(x_all), batch_size)):
                 x = to_float(rows_tensor(x_all, i, i + batch_size).to(dev, non_blocking=True))
                 if transform is not None:
@@ -163,21 +196,27 @@ def run_model(model: nn.Module, images, *, tab=None, tta_flip: Sequence[int] | N
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
                 extra = () if tab_all is None else (tab_all[i:i + batch_size].to(dev),)
-                zs, fs = [], []
+                zs, fs, ms = [], [], []
                 for v in tta_views(x, flips):
                     box.clear()
+                    mbox.clear()
                     with autocast_ctx(dev, amp):
                         zs.append(model(v, *extra).float())
                     if features:
                         fs.append(box[-1])
+                    if members:
+                        ms.append(mbox[-1])
                 logits_out.append(combine_views(zs).cpu())
                 if features:
                     feats_out.append(combine_views(fs).cpu())
+                if members:
+                    members_out.append(combine_views(ms).cpu())
     finally:
         model.train(was_training)
     if not logits_out:
-        return Outputs(torch.empty(0), torch.empty(0) if features else None)
-    return Outputs(torch.cat(logits_out), torch.cat(feats_out) if features else None)
+        return Outputs(torch.empty(0), torch.empty(0) if features else None, torch.empty(0) if members else None)
+    return Outputs(torch.cat(logits_out), torch.cat(feats_out) if features else None,
+                   torch.cat(members_out) if members else None)
 
 
 def run_logits(model: nn.Module, images, **kw) -> torch.Tensor:

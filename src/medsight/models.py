@@ -108,6 +108,42 @@ def simple_cnn(*, spatial_dims, in_channels, num_outputs, input_size, small_stem
     return SimpleCNN(spatial_dims, in_channels, num_outputs, input_size, width=width, dropout=dropout)
 
 
+def _bn(d):
+    return nn.BatchNorm2d if d == 2 else nn.BatchNorm3d
+
+
+class CNN6(nn.Sequential):
+    """Six 3x3 conv + BatchNorm + ReLU layers in three stages of widths (c, 2c, 4c), max-pool 2 after the first two
+    stages, global average pool, dropout, Dense(out). ``c = 32 * width``. ``small_stem=False`` gives the first
+    conv stride 2 (downsample at once: what large inputs and 3D volumes need on a CPU budget)."""
+
+    def __init__(self, spatial_dims, in_channels, num_outputs, input_size, width=1.0, dropout=0.0, small_stem=True):
+        c = max(1, round(32 * width))
+        conv, bn, pool = _conv(spatial_dims), _bn(spatial_dims), _pool(spatial_dims)
+        widths = [(in_channels, c), (c, c), (c, 2 * c), (2 * c, 2 * c), (2 * c, 4 * c), (4 * c, 4 * c)]
+        stride0 = 1 if small_stem else 2
+        side = min(input_size) // stride0 // 4
+        if side < 1:
+            raise ConfigError(f"cnn6 needs inputs of at least {4 * stride0} px per side, got {input_size}")
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(widths):
+            layers += [conv(a, b, 3, stride=stride0 if i == 0 else 1, padding=1, bias=False), bn(b),
+                       nn.ReLU(inplace=True)]
+            if i in (1, 3):
+                layers.append(pool(2))
+        layers += [nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1), nn.Flatten()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(4 * c, num_outputs))
+        super().__init__(*layers)
+
+
+@register_model("cnn6", "small-image CNN: 6 conv+BatchNorm layers (32-64-128 x width), GAP, dropout, 2D/3D")
+def cnn6(*, spatial_dims, in_channels, num_outputs, input_size, small_stem, width, dropout):
+    return CNN6(spatial_dims, in_channels, num_outputs, input_size, width=width, dropout=dropout,
+                small_stem=small_stem)
+
+
 def _monai_resnet(layers, block, *, spatial_dims, in_channels, num_outputs, small_stem, width, dropout, **_):
     from monai.networks.nets import ResNet
 
@@ -207,3 +243,41 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.standardize(x))
+
+class MemberMean(nn.Module):
+    """(N, members, outputs) member logits -> their mean (N, outputs). A module of its own so the stacked member
+    logits can be tapped like any layer input (``medsight.inference.run_model(..., members=True)``, ONNX output
+    ``members``)."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z.mean(dim=1)
+
+
+class Ensemble(nn.Module):
+    """A seed ensemble: ``forward`` returns the mean of the members' logits, so inference, calibration, ONNX
+    export, Grad-CAM and the OOD detector (the last member's penultimate features) see one model."""
+
+    def __init__(self, members):
+        super().__init__()
+        members = list(members)
+        if len(members) < 1:
+            raise ConfigError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.combine = MemberMean()
+
+    def set_input_stats(self, mean, std) -> None:
+        for m in self.members:
+            m.set_input_stats(mean, std)
+
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        return self.combine(torch.stack([m(x, *extra) for m in self.members], dim=1))
+
+
+def member_spread(member_logits, task, temperature: float = 1.0):
+    """Standard deviation over members of the calibrated probabilities (``task``: a :class:`medsight.tasks.Task`):
+    (N, members, outputs) logits -> (N,) for a binary task (of P(positive)), else (N, classes)."""
+    z = torch.as_tensor(member_logits, dtype=torch.float32)
+    n, m, k = z.shape
+    p = task.probabilities(z.reshape(n * m, k), temperature)
+    p = p.reshape(n, m, *p.shape[1:])
+    return p.std(dim=1, unbiased=False).numpy()

@@ -73,6 +73,9 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
 
         raise ConfigError(choices_message("model", cfg.model.name, list_models()))
     data = data or load_data_for(cfg)
+    auto = None
+    if cfg.auto:  # the automatic recipe: settings the user did not give, chosen from the data itself
+        data, auto = _apply_auto(cfg, data)
     is_main = int(os.environ.get("RANK", "0")) == 0  # fit() sets up the process group with the right backend
     stage, resume_from, tracker = None, None, None
     try:
@@ -86,18 +89,26 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
             atomic_write_text(stage / "config.yaml", dump_config(cfg))
         else:
             stage = staging_dir(out)
-        summary = training_summary(cfg, data)
+        summary = training_summary(cfg, data) + (auto["reasons"] if auto else [])
         if is_main and callback is not None:
             callback("summary", {"lines": summary})
         fusion, model, tab = None, None, None
         if cfg.data.clinical_columns:
             model, tab, fusion = _fusion_parts(cfg, data)
-        result = fit(cfg, data, stage, resume=resume, resume_from=resume_from, callback=callback, model=model,
-                     tab=tab)
+        if cfg.train.ensemble > 1:
+            if fusion is not None or resume:
+                raise ConfigError("train.ensemble > 1 works for image models without --resume (members keep no "
+                                  "checkpoints); train members one at a time for image + clinical models")
+            from medsight.train import fit_ensemble
+
+            result = fit_ensemble(cfg, data, callback=callback)
+        else:
+            result = fit(cfg, data, stage, resume=resume, resume_from=resume_from, callback=callback, model=model,
+                         tab=tab)
         metrics: dict = {}
         if is_main:
             metrics = _finish_bundle(cfg, data, result, fusion, stage, evaluate=evaluate, summary=summary,
-                                     callback=callback)
+                                     callback=callback, auto=auto)
             if tracker is not None:  # tracking.json travels inside the bundle, published with it
                 try:
                     tracker.write_side_file(stage)
@@ -111,6 +122,20 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = 
     return out, result, metrics
 
 
+def _apply_auto(cfg: RunConfig, data: Dataset) -> tuple[Dataset, dict]:
+    """Fill the settings the user did not give by the automatic recipe rule (``medsight.autorecipe``); files are
+    re-read at the rule's input size when it differs from the one they were read at."""
+    from medsight import autorecipe
+
+    facts = autorecipe.facts_of(data)
+    size = None if "data.size" in autorecipe.explicit_keys(cfg) else autorecipe.choose_size(facts)
+    recipe = autorecipe.choose(facts, size)
+    applied = autorecipe.apply(cfg, recipe)
+    if size is not None and size != min(data.input_size):
+        data = load_data_for(cfg)  # the files again, at the rule's input size (cfg.data.size is now set)
+    return data, {"rule": "medsight.autorecipe", "applied": applied, "reasons": recipe.reasons}
+
+
 def training_summary(cfg: RunConfig, data: Dataset) -> list[str]:
     """What this run is about to do, in sentences: data, splits, classes, positive class, input size, device."""
     import torch
@@ -122,7 +147,8 @@ def training_summary(cfg: RunConfig, data: Dataset) -> list[str]:
 
 
 def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dict | None, stage: Path, *,
-                   evaluate: bool, summary: list[str], callback: Callback | None = None) -> dict:
+                   evaluate: bool, summary: list[str], callback: Callback | None = None,
+                   auto: dict | None = None) -> dict:
     """Calibrate on val, fit the OOD detector, score the splits and write every file of the bundle into
     ``stage``, each once."""
     extra = {"train_seconds": round(result.seconds, 2)}
@@ -132,6 +158,12 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
                      data_name=data.name, best_epoch=result.best_epoch, monitor=cfg.train.monitor, extra=extra)
     if fusion is not None:
         meta["fusion"] = fusion
+    if auto is not None:
+        meta["auto_recipe"] = auto
+    if result.extra.get("ensemble"):
+        meta["ensemble"] = result.extra["ensemble"]
+    if result.extra.get("pretrained"):
+        meta["pretrained"] = result.extra["pretrained"]
     meta["data_facts"] = {"positive_class": getattr(data, "positive_class", None),
                           "positive_class_source": getattr(data, "positive_class_source", None),
                           "split_origin": getattr(data, "split_origin", None),
@@ -156,6 +188,16 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
 
         metrics = evaluate_splits(bundle, data, ("val", "test"), n_boot=cfg.train.n_boot)
         write_json(stage / "metrics.json", metrics)
+        if meta.get("ensemble"):  # members beside the ensemble, and how much they disagree (in the report's summary)
+            from medsight.evaluate import ensemble_summary
+
+            ens = meta["ensemble"]["splits"] = ensemble_summary(bundle, data)
+            for s, e in ens.items():
+                aucs = ", ".join(f"{r['auc']:.3f}" for r in e["members"])
+                meta["training_summary"].append(
+                    f"seed ensemble of {len(e['members'])} members, {s}: ensemble AUC "
+                    f"{float((metrics[s].get('auc') or {}).get('value', float('nan'))):.3f}, members {aucs}; members' probabilities differ by "
+                    f"{e['mean_spread']:.3f} (sd) on average, at most {e['max_spread']:.3f}")
         meta["warnings"] = warn_degenerate(metrics, bundle.classes, bundle.positive_class)
         if meta["warnings"] and callback is not None:
             callback("warnings", {"lines": meta["warnings"]})

@@ -46,6 +46,8 @@ class Prediction:
     ood_score: float | None = None  # higher = less like the training data (None: the bundle has no detector)
     ood_flag: bool | None = None  # score above the threshold fitted on the validation split
     positive_class: str | None = None  # binary: the class the probability and decision are about (classes[1])
+    #: seed ensembles: standard deviation of the members' probabilities (binary: of P(positive); else per class)
+    member_spread: float | dict[str, float] | None = None
     heatmap: np.ndarray | None = field(default=None, repr=False)
     image: np.ndarray | None = field(default=None, repr=False)  # the model input (C, *size) in [0, 1]
 
@@ -57,7 +59,8 @@ class Prediction:
         return {"file": self.file, "probabilities": self.probabilities, "predicted": self.predicted,
                 "decision": self.decision, "threshold": self.threshold, "calibrated": self.calibrated,
                 "model_version": self.model_version, "ood_score": self.ood_score, "ood_flag": self.ood_flag,
-                "positive_class": self.positive_class, "error": self.error}
+                "positive_class": self.positive_class, "error": self.error,
+                **({"member_spread": self.member_spread} if self.member_spread is not None else {})}
 
 
 def default_threads(bundle: Bundle) -> int:
@@ -115,6 +118,8 @@ class Predictor:
         self.threads = threads
         self.model = self.bundle.model.eval()
         self.tta_flip = self.bundle.tta_flip
+        #: seed ensembles: the number of members (None for one model); predictions carry the members' spread
+        self.members = int(self.bundle.meta["ensemble"]["members"]) if self.bundle.meta.get("ensemble") else None
         self._explain_model: torch.nn.Module | None = None
         self._explain_lock = threading.Lock()
         self._session = None
@@ -137,6 +142,11 @@ class Predictor:
             self._n_out = int(self.bundle.meta["model"]["num_outputs"])
             # model.onnx from `medsight export` carries the penultimate features as a second output
             self._feat = (outs[1].name, int(outs[1].shape[1])) if len(outs) > 1 else None
+            # ... and, for a seed ensemble, the member logits (N, members, outputs) as a third
+            self._mem = outs[2].name if len(outs) > 2 else None
+            if self.members and self._mem is None:
+                raise MedsightError(f"the ONNX model for {self.bundle.path} has no member logits output for this "
+                                    "ensemble; re-export it with `medsight export`")
             if self.ood is not None and self._feat is None:
                 raise MedsightError(f"the ONNX model for {self.bundle.path} has no features output for the OOD "
                                     "detector; re-export it with `medsight export`")
@@ -174,56 +184,69 @@ class Predictor:
             binding = self._session.io_binding()
             binding.bind_cpu_input(self._in_name, inp)
             binding.bind_output(self._out_name, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-            feat = None
+            feat = mem = None
             if self._feat is not None:
                 feat = np.zeros((1, self._feat[1]), np.float32)
                 binding.bind_output(self._feat[0], "cpu", 0, np.float32, list(feat.shape), feat.ctypes.data)
-            slot = self._local.slot = (binding, inp, out, feat)
-        binding, inp, out, feat = slot
+            if self._mem is not None:
+                mem = np.zeros((1, self.members, self._n_out), np.float32)
+                binding.bind_output(self._mem, "cpu", 0, np.float32, list(mem.shape), mem.ctypes.data)
+            slot = self._local.slot = (binding, inp, out, feat, mem)
+        binding, inp, out, feat, mem = slot
         inp[...] = x
         self._session.run_with_iobinding(binding)
-        return out.copy(), (None if feat is None else feat.copy())
+        return out.copy(), (None if feat is None else feat.copy()), (None if mem is None else mem.copy())
 
-    def _onnx_outputs(self, x: np.ndarray, tab: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-        """ONNX Runtime over the TTA views of the batch, combined by the same rule as medsight.inference."""
+    def _onnx_outputs(self, x: np.ndarray, tab: np.ndarray | None):
+        """ONNX Runtime over the TTA views of the batch, combined by the same rule as medsight.inference:
+        (logits, features or None, member logits or None)."""
         from medsight.inference import combine_views, tta_views
 
-        zs, fs = [], []
+        zs, fs, ms = [], [], []
         for v in tta_views(x, self.tta_flip):
             if tab is None and x.shape[0] == 1:
-                z, f = self._run_one(v)
+                z, f, m = self._run_one(v)
             else:
                 feeds = {self._in_name: np.ascontiguousarray(v, dtype=np.float32)}
                 if self._tab_name is not None:
                     feeds[self._tab_name] = np.ascontiguousarray(tab, dtype=np.float32)
                 outs = self._session.run(None, feeds)
-                z, f = outs[0], (outs[1] if len(outs) > 1 else None)
+                z, f, m = outs[0], (outs[1] if len(outs) > 1 else None), (outs[2] if len(outs) > 2 else None)
             zs.append(z)
             fs.append(f)
+            ms.append(m)
         feats = None if fs[0] is None else combine_views(fs)
-        return combine_views(zs), feats
+        members = None if ms[0] is None else combine_views(ms)
+        return combine_views(zs), feats, members
 
     def outputs(self, x: np.ndarray, tab: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, C, *size) model inputs (+ encoded clinical rows for an image + clinical model) -> (logits, OOD scores
         or None), from one pass of the model (per TTA view) on either backend."""
+        logits, scores, _ = self._outputs(x, tab)
+        return logits, scores
+
+    def _outputs(self, x: np.ndarray, tab: np.ndarray | None = None):
+        """:meth:`outputs` plus the member logits of a seed ensemble (None for one model)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.shape[1:] != self.input_shape:
             raise DataError(f"input batch has shape {x.shape}; the model expects (N, {', '.join(map(str, self.input_shape))})")
         if self.fusion and (tab is None or len(tab) != len(x)):
             raise DataError(f"this model needs clinical columns {', '.join(self.fusion['columns'])} for every image")
         if self._session is not None:
-            logits, feats = self._onnx_outputs(x, tab)
+            logits, feats, members = self._onnx_outputs(x, tab)
         else:
             from medsight.inference import run_model
 
-            out = run_model(self.model, x, tab=tab, tta_flip=self.tta_flip, features=self.ood is not None)
+            out = run_model(self.model, x, tab=tab, tta_flip=self.tta_flip, features=self.ood is not None,
+                            members=bool(self.members))
             logits = out.logits.numpy()
             feats = None if out.features is None else out.features.numpy()
+            members = None if out.members is None else out.members.numpy()
         if self.ood is None:
-            return logits, None
+            return logits, None, members
         from medsight.ood import score_from_outputs
 
-        return logits, score_from_outputs(logits, feats, self.ood, x=x)
+        return logits, score_from_outputs(logits, feats, self.ood, x=x), members
 
     def encode_clinical(self, rows: Sequence[dict] | None, n: int) -> np.ndarray | None:
         """Clinical rows -> the image + clinical model's tabular input (None for image-only bundles)."""
@@ -246,13 +269,31 @@ class Predictor:
 
     def predict_batch(self, x: np.ndarray, tab: np.ndarray | None = None):
         """-> (probabilities, OOD scores or None, OOD flags or None) from one forward pass."""
-        logits, scores = self.outputs(x, tab)
+        return self._predict_batch(x, tab)[:3]
+
+    def _predict_batch(self, x: np.ndarray, tab: np.ndarray | None = None):
+        """:meth:`predict_batch` plus the members' spread of a seed ensemble (None for one model)."""
+        logits, scores, members = self._outputs(x, tab)
         probs = self.task.probabilities(torch.from_numpy(np.asarray(logits)), self.temperature).numpy()
+        spread = None
+        if members is not None:
+            from medsight.models import member_spread
+
+            spread = member_spread(members, self.task, self.temperature)
         if scores is None:
-            return probs, None, None
+            return probs, None, None, spread
         from medsight.ood import ood_flags
 
-        return probs, scores, ood_flags(scores, self.ood["threshold"])
+        return probs, scores, ood_flags(scores, self.ood["threshold"]), spread
+
+    def _spread(self, spread, j: int):
+        """Row ``j`` of a batch's member spread, as a Prediction carries it."""
+        if spread is None:
+            return None
+        row = spread[j]
+        if np.ndim(row) == 0:
+            return float(row)
+        return {c: float(v) for c, v in zip(self.classes, self.task.class_table(np.asarray(row)[None])[0])}
 
     # --- input ----------------------------------------------------------------------------------------------
     def preprocess(self, array: np.ndarray, meta: dict | None = None, name: str = "image") -> np.ndarray:
@@ -314,8 +355,9 @@ class Predictor:
         """One preprocessed input (C, *size) (+ its clinical values for a fusion model) -> Prediction."""
         batch = x[None]
         tab = self.encode_clinical(None if clinical is None else [clinical], 1)
-        probs, scores, flags = self.predict_batch(batch, tab)
+        probs, scores, flags, spread = self._predict_batch(batch, tab)
         pred = self._result(name, probs[0])
+        pred.member_spread = self._spread(spread, 0)
         if scores is not None:
             pred.ood_score, pred.ood_flag = float(scores[0]), bool(flags[0])
         pred.image = x
@@ -433,10 +475,11 @@ class Predictor:
         """One batch of loaded inputs -> Predictions into ``results`` (and heatmap PNGs)."""
         batch = np.stack(xs)
         tab = np.stack(tabs) if tabs else None
-        probs, scores, flags = self.predict_batch(batch, tab)
+        probs, scores, flags, spread = self._predict_batch(batch, tab)
         heat = self.heatmaps(batch, tab) if out_dir is not None else None
         for j, i in enumerate(idx):
             pred = self._result(str(files[i]), probs[j])
+            pred.member_spread = self._spread(spread, j)
             if scores is not None:
                 pred.ood_score, pred.ood_flag = float(scores[j]), bool(flags[j])
             if heat is not None:

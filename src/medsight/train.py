@@ -77,13 +77,28 @@ def model_spec(cfg: RunConfig, task: Task, data: Dataset) -> dict:
             "width": cfg.model.width, "dropout": cfg.model.dropout}
 
 
+def param_groups(cfg: RunConfig, model: nn.Module) -> list[dict]:
+    """One group at ``train.lr``; when fine-tuning pretrained weights, the backbone at ``lr * backbone_lr`` and the
+    new head (the last Linear) at ``lr``."""
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not cfg.model.pretrained or t.backbone_lr == 1.0:
+        return [{"params": params, "lr": t.lr}]
+    from medsight.pretrained import head_parameters
+
+    head = head_parameters(model)
+    return [{"params": [p for p in params if id(p) not in head], "lr": t.lr * t.backbone_lr, "name": "backbone"},
+            {"params": [p for p in params if id(p) in head], "lr": t.lr, "name": "head"}]
+
+
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     t = cfg.train
+    groups = param_groups(cfg, model)
     if t.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
 
 
 def build_schedule(cfg: RunConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
@@ -221,7 +236,7 @@ def train_one_epoch(model, opt, sched, task: Task, augment: BatchAugment, x_trai
         sched.step()
         if ema is not None:
             ema.update_parameters(model)
-        total += loss.detach() * len(idx)
+        total.add_(loss.detach(), alpha=len(idx))  # one op per step, no host sync
         count += len(idx)
         if on_step is not None:
             on_step(step + 1, steps, loss.item())
@@ -292,8 +307,15 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
     class_weights = task.class_weights(train_split.labels).to(device) if t.class_weights == "balanced" else None
 
     torch.manual_seed(t.seed)
+    pretrained = None
     if model is None:
         model = build_model(cfg, task, data.spatial_dims, data.in_channels, data.input_size)
+        if cfg.model.pretrained and not resume:  # a resumed run takes every weight from its checkpoint
+            from medsight.pretrained import apply_pretrained
+
+            pretrained = apply_pretrained(model, cfg.model.name, cfg.model.pretrained, data.spatial_dims,
+                                          sha256=cfg.model.pretrained_sha256)
+            emit("pretrained", pretrained)
     model.set_input_stats(*input_stats(train_split.images))
     model = model.to(device)
     if t.channels_last and data.spatial_dims in (2, 3):
@@ -391,7 +413,7 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
     return FitResult(model=final, history=history, best_epoch=best_epoch, best_value=best_value, model_spec=spec,
                      stopped_early=stopped, seconds=time.perf_counter() - t0,
                      extra={"device": str(device), "world": dinfo.world, "rank": dinfo.rank,
-                            "streamed": streaming})
+                            "streamed": streaming, **({"pretrained": pretrained} if pretrained else {})})
 
 
 def history_csv(history: list[dict]) -> str:
@@ -410,3 +432,72 @@ def history_csv(history: list[dict]) -> str:
 
 def write_history(path: Path, history: list[dict]) -> None:
     atomic_write_text(path, history_csv(history))
+
+# --------------------------------------------------------------------------------------------- seed ensembles
+def _fit_member(cfg_json: dict, data: Dataset) -> dict:
+    """One ensemble member in a worker process: returns what the parent needs to rebuild it (no files)."""
+    cfg = RunConfig.model_validate(cfg_json)
+    r = fit(cfg, data)
+    return {"state": _state_dict(r.model), "history": r.history, "best_epoch": r.best_epoch,
+            "best_value": r.best_value, "spec": r.model_spec, "seconds": r.seconds, "extra": r.extra}
+
+
+def ensemble_workers(cfg: RunConfig, members: int) -> int:
+    """Processes to train members in: as many as the cores allow at ``train.threads`` each (CPU only, one
+    process, not under torchrun); 1 means one after another."""
+    if members < 2 or int(os.environ.get("WORLD_SIZE", "1")) > 1 or pick_device(cfg.train.device).type != "cpu":
+        return 1
+    per = cfg.train.threads or 1
+    return max(1, min(members, (os.cpu_count() or 1) // per))
+
+
+def fit_ensemble(cfg: RunConfig, data: Dataset, *, callback: Callback | None = None,
+                 workers: int | None = None) -> FitResult:
+    """``train.ensemble`` members with seeds ``seed, seed+1, ...`` (each selected on validation by itself), in
+    parallel processes where the cores allow (``workers``; default :func:`ensemble_workers`), else one after
+    another; returns one :class:`FitResult` whose model is a :class:`medsight.models.Ensemble`. Members write no
+    checkpoints: an interrupted ensemble run starts again."""
+    from medsight.models import Ensemble
+
+    n = cfg.train.ensemble
+    emit = callback or (lambda event, info: None)
+    cfgs = [cfg.model_copy(deep=True) for _ in range(n)]
+    for k, c in enumerate(cfgs):
+        c.train.seed = cfg.train.seed + k
+        c.train.ensemble = 1
+    workers = ensemble_workers(cfg, n) if workers is None else max(1, min(workers, n))
+    t0 = time.perf_counter()
+    results: list[FitResult] = []
+    if workers > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_fit_member, c.model_dump(mode="json"), data) for c in cfgs]
+            for k, fut in enumerate(futures):
+                try:
+                    out = fut.result()
+                except MedsightError:
+                    raise
+                except Exception as e:
+                    raise MedsightError(f"ensemble member {k + 1}/{n} failed: {type(e).__name__}: {e}") from e
+                task = Task(data.task, len(data.classes))
+                model = build_model(cfgs[k], task, data.spatial_dims, data.in_channels, data.input_size)
+                model.load_state_dict(out["state"])
+                results.append(FitResult(model=model.eval(), history=out["history"], best_epoch=out["best_epoch"],
+                                         best_value=out["best_value"], model_spec=out["spec"],
+                                         seconds=out["seconds"], extra=out["extra"]))
+                emit("member", {"member": k + 1, "members": n, "best_epoch": out["best_epoch"]})
+    else:
+        for k, c in enumerate(cfgs):
+            results.append(fit(c, data, callback=callback))
+            emit("member", {"member": k + 1, "members": n, "best_epoch": results[-1].best_epoch})
+    history = [{"member": k + 1, **row} for k, r in enumerate(results) for row in r.history]
+    info = {"members": n, "seeds": [c.train.seed for c in cfgs], "best_epochs": [r.best_epoch for r in results],
+            "best_values": [r.best_value for r in results], "workers": workers}
+    return FitResult(model=Ensemble([r.model for r in results]).eval(), history=history,
+                     best_epoch=max(r.best_epoch for r in results),
+                     best_value=float(np.mean([r.best_value for r in results])), model_spec=results[0].model_spec,
+                     seconds=time.perf_counter() - t0,
+                     extra={"ensemble": info, **({"pretrained": results[0].extra["pretrained"]}
+                                                 if results[0].extra.get("pretrained") else {})})

@@ -38,8 +38,10 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0) -> Path:
-    """Download to ``dest`` atomically (temp file + rename), verifying the MD5 before the rename."""
+def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0, *,
+             sha256: str | None = None) -> Path:
+    """Download to ``dest`` atomically (temp file + rename), verifying the MD5 (or the sha256, or its leading hex
+    digits) before the rename."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
@@ -51,6 +53,13 @@ def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0
                     bar.advance(len(block) / 1e6)
         if md5 is not None and (got := md5sum(Path(tmp))) != md5:
             raise DataError(f"downloaded {url} has MD5 {got}, expected {md5}; refusing it")
+        if sha256 is not None:
+            h = hashlib.sha256()
+            with open(tmp, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+            if not h.hexdigest().startswith(sha256.lower()):
+                raise DataError(f"downloaded {url} has sha256 {h.hexdigest()[:16]}..., expected {sha256}; refusing it")
         os.replace(tmp, dest)
     except OSError as e:
         raise DataError(f"cannot download {url} to {dest}: {e}") from e

@@ -501,6 +501,7 @@ def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_uploa
         medsight_version=meta.get("medsight_version"), metrics=_metrics_summary(bundle.path),
         clinical_columns=list((bundle.fusion or {}).get("columns") or []),
         max_upload_mb=max_upload_mb, review_margin=REVIEW_MARGIN, ood_threshold=ood_threshold,
+        ensemble_members=pred.members,
     )
 
     app = _App(title="medsight", version=__version__, docs_url=None, redoc_url=None,
@@ -605,6 +606,8 @@ def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_uploa
                "temperature": pred.temperature, "model_version": r.model_version,
                "ood_score": r.ood_score, "ood_flag": r.ood_flag, "review": bool(reasons), "review_reasons": reasons,
                "positive_class": r.positive_class}
+        if r.member_spread is not None:
+            out["member_spread"] = r.member_spread
         if explain:
             out["heatmap_png"] = _b64png(pred.overlay(x, r.heatmap))
             out["colormap_png"] = _b64png(pred.overlay(x, r.heatmap, 1.0))

@@ -47,6 +47,8 @@ class ModelInfo(BaseModel):
     review_margin: float = Field(description="a result is flagged for review when a probability is within this "
                                              "of its threshold (multiclass: the top two within this of each other)")
     ood_threshold: Optional[float] = Field(None, description="OOD scores above this are flagged (None: no detector)")
+    ensemble_members: Optional[int] = Field(None, description="seed ensembles: the number of members whose mean "
+                                                              "logits are served (None: one model)")
 
 
 class PredictResponse(BaseModel):
@@ -66,6 +68,9 @@ class PredictResponse(BaseModel):
     review_reasons: list[str] = Field(default_factory=list, description="why the result needs review")
     positive_class: Optional[str] = Field(None, description="binary tasks: the class the threshold and decision "
                                                             "are about")
+    member_spread: Optional[Union[float, dict[str, float]]] = Field(
+        None, description="seed ensembles: standard deviation of the members' probabilities (binary: of the positive "
+                          "class; otherwise per class); absent for a single model")
     heatmap_png: Optional[str] = Field(None, description="base64 PNG: Grad-CAM overlay on the model input "
                                                          "(alpha 0.45); only with ?explain=true")
     colormap_png: Optional[str] = Field(None, description="base64 PNG: the heatmap alone, colour-mapped")
