@@ -57,6 +57,15 @@ class Bundle:
         return self.meta.get("fusion")
 
     @property
+    def weights_sha256(self) -> str:
+        """sha256 of ``model.pt``: the digest ``bundle.json`` records (checked when the bundle was loaded), so the
+        weights are hashed once, not again by every consumer (model version, ONNX source check)."""
+        digest = (self.meta.get("files") or {}).get("model.pt")
+        if digest is None:  # a bundle written before artefacts were hashed
+            digest = self.meta.setdefault("files", {})["model.pt"] = sha256_file(self.path / "model.pt")
+        return digest
+
+    @property
     def positive_class(self) -> str | None:
         """Binary tasks: the class the model's output is the probability of (always ``classes[1]``)."""
         return self.classes[1] if self.meta["task"] == "binary" else None

@@ -117,7 +117,6 @@ def parity_error(model: torch.nn.Module, onnx_bytes: bytes | str | Path, input_s
 def onnx_bytes_for(bundle, opset: int = DEFAULT_OPSET, *, atol: float = PARITY_ATOL) -> bytes:
     """The bundle's model as ONNX bytes, checked against PyTorch (max abs diff <= ``atol``) and stamped with the
     sha256 of its ``model.pt``."""
-    from medsight.utils import sha256_file
 
     optional_import("onnx")
     model = bundle.model.eval()
@@ -127,7 +126,7 @@ def onnx_bytes_for(bundle, opset: int = DEFAULT_OPSET, *, atol: float = PARITY_A
     n_tab = int(bundle.fusion["n_tab"]) if bundle.fusion else 0
     example = (torch.rand(1, *shape, generator=gen),) + ((torch.randn(1, n_tab, generator=gen),) if n_tab else ())
     try:
-        data = _export_bytes(model, example, opset, sha256_file(bundle.path / "model.pt"))
+        data = _export_bytes(model, example, opset, bundle.weights_sha256)
     except Exception as e:
         raise MedsightError(f"ONNX export of {bundle.path} ({bundle.meta['model']['name']}) failed: "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
@@ -141,10 +140,9 @@ def onnx_for_bundle(bundle, path: str | Path | None = None) -> bytes:
     """ONNX bytes to serve ``bundle`` with: ``path`` (default ``model.onnx`` in the bundle) when it was exported
     from this bundle's ``model.pt``, otherwise a fresh in-memory export (nothing is written into the bundle).
     An explicit ``path`` that belongs to other weights is refused."""
-    from medsight.utils import sha256_file
 
     p = Path(path) if path is not None else bundle.path / ONNX_NAME
-    want = sha256_file(bundle.path / "model.pt")
+    want = bundle.weights_sha256
     if p.is_file():
         data = p.read_bytes()
         if source_sha256(data) == want:

@@ -537,8 +537,10 @@ def ood_flags(scores, threshold: float) -> np.ndarray:
 def fit_ood_detector(model: nn.Module, train_images, train_labels, val_images, *, score: str = "combined",
                      quantile: float = 0.95, false_alarm: float = 0.03, temperature: float = 1.0,
                      task: str | None = None, batch_size: int = EVAL_BATCH_SIZE,
-                     device: str | torch.device | None = None) -> dict:
+                     device: str | torch.device | None = None, train_tab=None, val_tab=None,
+                     tta_flip=()) -> dict:
     """Everything a predictor needs: the score's state (fitted on TRAIN) and the flag threshold (fitted on VAL).
+    ``*_tab`` (encoded clinical rows) and ``tta_flip`` make the features those the model serves with.
 
     ``combined``: per-component thresholds at the quantile that flags at most ``false_alarm`` of validation
     (``quantile`` is then ignored; the chosen one is stored); single scores: the ``quantile`` of validation.
@@ -547,8 +549,10 @@ def fit_ood_detector(model: nn.Module, train_images, train_labels, val_images, *
         raise ConfigError(choices_message("OOD score", score, SCORES))
     if score == "combined":
         layer, _ = last_linear(model)
-        _, ftr = logits_and_features(model, train_images, batch_size=batch_size, device=device, layer=layer)
-        _, fva = logits_and_features(model, val_images, batch_size=batch_size, device=device, layer=layer)
+        _, ftr = logits_and_features(model, train_images, batch_size=batch_size, device=device, layer=layer,
+                                     tab=train_tab, tta_flip=tta_flip)
+        _, fva = logits_and_features(model, val_images, batch_size=batch_size, device=device, layer=layer,
+                                     tab=val_tab, tta_flip=tta_flip)
         det = fit_combined_detector(ftr.numpy(), train_labels, train_images, fva.numpy(), val_images,
                                     false_alarm=false_alarm, layer=layer)
         det.update({"temperature": float(temperature), "task": task})
@@ -704,12 +708,7 @@ def fit_bundle_detector(bundle, data) -> dict:
     from medsight.fusion import split_clinical_rows
 
     tr, va = data.split("train"), data.split("val")
-    layer = last_linear(bundle.model)[0]
-    _, ftr = logits_and_features(bundle.model, tr.images, layer=layer, tta_flip=bundle.tta_flip,
-                                 tab=split_clinical_rows(bundle, data, "train"))
-    _, fva = logits_and_features(bundle.model, va.images, layer=layer, tta_flip=bundle.tta_flip,
-                                 tab=split_clinical_rows(bundle, data, "val"))
-    labels = tr.labels if bundle.task.name != "multilabel" else None
-    det = fit_combined_detector(ftr.numpy(), labels, tr.images, fva.numpy(), va.images, layer=layer)
-    det.update({"temperature": 1.0, "task": bundle.task.name})
-    return det
+    return fit_ood_detector(bundle.model, tr.images, tr.labels if bundle.task.name != "multilabel" else None,
+                            va.images, task=bundle.task.name, tta_flip=bundle.tta_flip,
+                            train_tab=split_clinical_rows(bundle, data, "train"),
+                            val_tab=split_clinical_rows(bundle, data, "val"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import io
-import hashlib
 import os
 import threading
 from dataclasses import dataclass, field
@@ -75,11 +74,7 @@ def default_threads(bundle: Bundle) -> int:
 
 def model_version(bundle: Bundle) -> str:
     """``<model name>-<first 12 hex of sha256(model.pt)>``: changes whenever the weights change."""
-    h = hashlib.sha256()
-    with open(bundle.path / "model.pt", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"{bundle.meta['model']['name']}-{h.hexdigest()[:12]}"
+    return f"{bundle.meta['model']['name']}-{bundle.weights_sha256[:12]}"
 
 
 def expand_inputs(items: Iterable[str | Path]) -> list[Path]:

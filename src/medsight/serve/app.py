@@ -556,7 +556,7 @@ def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_uploa
         import torch
 
         from medsight.explain import overlay_png
-        from medsight.data.preprocess import preprocess_array
+        from medsight.data.preprocess import apply_recipe
         from medsight.augment import resize
 
         r = pred.recipe
@@ -566,9 +566,8 @@ def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_uploa
         if len(native) == 2:
             s = min(1.0, DISPLAY_MAX_SIDE / max(native))
             native = [max(1, round(v * s)) for v in native]
-        img = preprocess_array(arr, meta_, size=native, channels=None, intensity=r.get("intensity", "auto"),
-                               window=r.get("window"), percentiles=r.get("percentiles", (0.5, 99.5)),
-                               value_range=r.get("range"), name=name)
+        # the bundle's own recipe, at the scan's own size and channels
+        img = apply_recipe(arr, meta_, {**r, "size": native, "channels": None}, name=name)
         if img.ndim == 4:  # volume: middle axial slice, in-plane size capped
             img, heat = img[:, img.shape[1] // 2], heat[heat.shape[0] // 2]
             h, w = img.shape[1:]
