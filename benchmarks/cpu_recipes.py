@@ -34,14 +34,16 @@ PAPER = {  # MedMNIST v2 (Yang et al. 2023), Table 3, 28 px, test split (AUC, AC
 }
 
 
-def medsight_run(name: str, seed: int, extra: dict) -> dict:
+def medsight_run(name: str, seed: int, extra: dict, recipe: str | None = None) -> dict:
     import torch
 
     from medsight.config import load_config
     from medsight.pipeline import run_training
 
-    cfg = load_config(None, {"data.name": name, "auto": True, "train.seed": seed, "train.threads": 1,
-                             "train.device": "cpu", "train.n_boot": 0, **extra})
+    # a packaged recipe as `medsight train --recipe NAME` loads it (the automatic rule off), else no flags (rule on)
+    base = {"train.seed": seed, "train.threads": 1, "train.device": "cpu", "train.n_boot": 0}
+    cfg = (load_config(None, {**base, **extra}, recipe=recipe) if recipe else
+           load_config(None, {"data.name": name, "auto": True, **base, **extra}))
     import resource
 
     def cpu() -> float:  # this process and its finished children (ensemble members trained in worker processes)
@@ -65,20 +67,21 @@ def _ms(rows, key):
     return [statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0]
 
 
-def run_dataset(name: str, seeds, extra: dict, data_dir: str, reference: bool = True) -> dict:
+def run_dataset(name: str, seeds, extra: dict, data_dir: str, reference: bool = True,
+                recipe: str | None = None) -> dict:
     import torch
 
     import reference_loop
 
     torch.set_num_threads(1)
-    out = {"dataset": name, "seeds": list(seeds), "extra": extra, "host": platform.node(), "cores": os.cpu_count(),
+    out = {"dataset": name, "seeds": list(seeds), "extra": extra, "recipe": recipe, "host": platform.node(), "cores": os.cpu_count(),
            "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     ref, med = [], []
     for s in seeds:
         if reference:
             ref.append(reference_loop.run(name, data_dir, s))
             print(f"{name} reference seed {s}: {ref[-1]}", flush=True)
-        med.append(medsight_run(name, s, extra))
+        med.append(medsight_run(name, s, extra, recipe))
         print(f"{name} medsight seed {s}: " + json.dumps({k: v for k, v in med[-1].items() if k != 'settings'}),
               flush=True)
     for label, rows in (("reference", ref), ("medsight", med)) if reference else (("medsight", med),):
@@ -86,34 +89,52 @@ def run_dataset(name: str, seeds, extra: dict, data_dir: str, reference: bool = 
     return out
 
 
+def _row(name: str, label: str, x: dict, target: str) -> str:
+    return (f"| {name} | {label} | {x['test_auc'][0]:.3f} ± {x['test_auc'][1]:.3f} | {x['test_acc'][0]:.3f} ± "
+            f"{x['test_acc'][1]:.3f} | {x['wall_s'][0]:.0f} (max {max(r['wall_s'] for r in x['runs']):.0f}) | "
+            f"{x['cpu_s'][0]:.0f} | {target} |")
+
+
+def _load(stem: str) -> dict | None:
+    f = RESULTS / f"{stem}.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
 def table() -> str:
     lines = ["| dataset | method | test AUC | test ACC | wall s / run | CPU s / run | target AUC / ACC |",
              "|---|---|---|---|---|---|---|"]
     for name in TARGETS:
-        f = RESULTS / f"cpu_{name}.json"
         t = TARGETS[name]
-        if not f.is_file():
-            lines.append(f"| {name} | not run | - | - | - | - | {t[0]} / {t[1]} |")
+        target = f"{t[0]} / {t[1]}"
+        r = _load(f"cpu_{name}")
+        if r is None:
+            lines.append(f"| {name} | not run | - | - | - | - | {target} |")
             continue
-        r = json.loads(f.read_text())
         n = len(r["seeds"])
-        for label, key in (("medsight, automatic recipe (no flags)", "medsight"),
-                           ("plain PyTorch reference loop, same process", "reference")):
-            x = r[key]
-            lines.append(f"| {name} | {label} ({n} seeds) | {x['test_auc'][0]:.3f} ± {x['test_auc'][1]:.3f} | "
-                         f"{x['test_acc'][0]:.3f} ± {x['test_acc'][1]:.3f} | {x['wall_s'][0]:.0f} | "
-                         f"{x['cpu_s'][0]:.0f} | {t[0]} / {t[1]} |")
-        ens = RESULTS / f"cpu_ens3_{name}.json"
-        if ens.is_file():
-            e = json.loads(ens.read_text())
-            x = e["medsight"]
-            lines.append(f"| {name} | medsight, automatic recipe + `--ensemble 3` ({len(e['seeds'])} runs, seeds "
-                         f"{', '.join(map(str, e['seeds']))}) | {x['test_auc'][0]:.3f} ± {x['test_auc'][1]:.3f} | "
-                         f"{x['test_acc'][0]:.3f} ± {x['test_acc'][1]:.3f} | {x['wall_s'][0]:.0f} | "
-                         f"{x['cpu_s'][0]:.0f} | {t[0]} / {t[1]} |")
+        lines.append(_row(name, f"medsight, no flags: automatic recipe ({n} seeds)", r["medsight"], target))
+        lines.append(_row(name, f"plain PyTorch reference loop, same process ({n} seeds)", r["reference"], target))
+        e = _load(f"cpu_recipe_{name}") or _load(f"cpu_ens3_{name}")
+        if e is not None:
+            lines.append(_row(name, f"medsight, `--recipe {name}` (automatic recipe + `--ensemble 3`; "
+                              f"{len(e['seeds'])} runs, seeds {', '.join(map(str, e['seeds']))})", e["medsight"],
+                              target))
         for label, (auc, acc) in PAPER.get(name, {}).items():
             lines.append(f"| {name} | paper: {label} | {auc:.3f} | {acc:.3f} | - | - | |")
     return "\n".join(lines) + "\n"
+
+
+def untuned_table() -> str:
+    """The rule on data it was not tuned on (64 px / 64^3 releases) beside the packaged recipe for that data."""
+    lines = ["| data | method | test AUC | test ACC | wall s / run | CPU s / run | |", "|---|---|---|---|---|---|---|"]
+    for name, recipe in (("breastmnist_64", "breastmnist_64"), ("adrenalmnist3d_64", None)):
+        r = _load(f"cpu_{name}")
+        if r is not None:
+            lines.append(_row(name, f"medsight, no flags: automatic recipe ({len(r['seeds'])} seeds)",
+                              r["medsight"], ""))
+        p = _load(f"cpu_recipe_{recipe}") if recipe else None
+        if p is not None:
+            lines.append(_row(name, f"medsight, `--recipe {recipe}` ({len(p['seeds'])} seeds)", p["medsight"], ""))
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def main() -> None:
@@ -123,14 +144,23 @@ def main() -> None:
     ap.add_argument("--extra", default="{}", help="JSON overrides on top of the automatic recipe")
     ap.add_argument("--stem", default="cpu")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--recipe", help="run this packaged recipe (`medsight train --recipe NAME`) instead of the "
+                    "automatic one; the results file is <stem>_<recipe>.json")
     ap.add_argument("--no-reference", action="store_true", help="medsight runs only (a variant of the recipe)")
     a = ap.parse_args()
     data_dir = os.environ.get("MEDSIGHT_DATA_DIR", str(HERE.parents[1] / "shared" / "data" / "medmnist"))
     for name in a.datasets:
-        res = run_dataset(name, a.seeds, json.loads(a.extra), data_dir, reference=not a.no_reference)
-        (RESULTS / f"{a.stem}_{name}.json").write_text(json.dumps(res, indent=1))
+        extra = json.loads(a.extra)
+        res = run_dataset(name, a.seeds, extra, data_dir, reference=not a.no_reference, recipe=a.recipe)
+        size = extra.get("data.size")
+        tag = a.recipe or (f"{name}_{size}" if size and size != 28 else name)
+        (RESULTS / f"{a.stem}_{tag}.json").write_text(json.dumps(res, indent=1))
     if a.table:
         md = table()
+        untuned = untuned_table()
+        if untuned:
+            md += ("\nThe same rule on data it was not tuned on (the 64 px releases), beside the packaged recipe "
+                   "for that data:\n\n" + untuned)
         (RESULTS / "cpu_recipes.md").write_text(md)
         start, end = "<!-- cpu-recipes:start -->", "<!-- cpu-recipes:end -->"
         for readme in (HERE.parents[0] / "README.md", HERE / "README.md"):

@@ -57,7 +57,9 @@ def test_files_get_an_input_size_from_their_own_size(native, size):
 
 def test_large_inputs_get_a_strided_first_conv():
     assert choose(_facts(), size=224).settings["model.stem"] == "standard"
-    assert choose(_facts(), size=64).settings["model.stem"] == "small"
+    assert choose(_facts(), size=64).settings["model.stem"] == "standard"
+    assert choose(_facts(), size=32).settings["model.stem"] == "small"
+    assert choose(_facts()).settings["model.stem"] == "small"  # 28 px
 
 
 def test_explicit_settings_win_over_the_rule():
@@ -112,3 +114,20 @@ def test_cli_train_without_flags_uses_the_automatic_recipe_and_recipe_turns_it_o
                  "--no-auto", "--set", "train.n_boot=0"]) == 0
     plain = yaml.safe_load((tmp_path / "plain" / "config.yaml").read_text())
     assert plain["auto"] is False and plain["model"]["name"] == "simple_cnn" and plain["augment"]["enabled"] is False
+
+
+# the official MedMNIST training-split sizes: facts of the data, not of a benchmark
+_OFFICIAL = {"breastmnist": _facts(n_train=546),
+             "pneumoniamnist": _facts(n_train=4708),
+             "adrenalmnist3d": _facts(spatial_dims=3, n_train=1188, stored_size=[28, 28, 28])}
+
+
+@pytest.mark.parametrize("name", sorted(_OFFICIAL))
+def test_packaged_28px_recipes_are_the_rule_plus_a_seed_ensemble(name):
+    """benchmarks/search.py chose, on validation, the automatic recipe trained as a 3-member ensemble for the three
+    28 px sets; the packaged recipes must stay exactly that (a change to the rule shows up here)."""
+    cfg = load_config(None, recipe=name)
+    assert cfg.train.ensemble == 3 and not cfg.auto
+    for key, value in choose(_OFFICIAL[name]).settings.items():
+        section, field = key.split(".")
+        assert getattr(getattr(cfg, section), field) == value, key

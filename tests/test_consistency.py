@@ -74,6 +74,10 @@ CASES = {
     "2d-binary-ensemble": ("2d", {"train.ensemble": 2, "train.tta_flip": [2]}),
     "3d-binary-ensemble": ("3d", {"train.ensemble": 2}),
     "multiclass-ensemble": ("multiclass", {"train.ensemble": 3, "model.name": "cnn6"}),
+    # fine-tuned from local weights in torchvision's layout (3-channel stem summed to 1 channel, new head): the
+    # bundle must not need the weights file again, and every path must agree
+    "2d-binary-pretrained": ("2d", {"model.name": "resnet18", "model.width": 1.0, "model.stem": "standard",
+                                    "model.pretrained": "<local file>", "train.tta_flip": [2]}),
     "image+clinical": ("fusion", {"data.clinical_columns": ["age", "site"], "model.fusion": "concat",
                                   "train.tta_flip": [2]}),
 }
@@ -94,11 +98,36 @@ def _train(case: str, tmp_path_factory):
     root = tmp_path_factory.mktemp(case)
     man, files, clinical = _manifest(root / "data", kind)
     size = 12 if kind == "3d" else 16
+    if extra.get("model.pretrained") == "<local file>":
+        extra = {**extra, **_local_weights(root)}
     cfg = load_config(None, {"data.name": str(man), "data.size": size, "model.name": "simple_cnn",
                              "model.width": 0.25, "train.epochs": 1, "train.batch_size": 16, "train.n_boot": 0,
                              "train.threads": 1, "train.device": "cpu", **extra})
     out, _, _ = run_training(cfg, root / "bundle")
+    if cfg.model.pretrained:
+        import shutil
+
+        assert json.loads((out / "bundle.json").read_text())["pretrained"]["sha256"] == cfg.model.pretrained_sha256
+        shutil.rmtree(root / "weights")  # the bundle alone must serve
     return case, out, files, clinical
+
+
+def _local_weights(root) -> dict:
+    """A ResNet-18 state dict as torchvision ships it (3 channels, 1000 classes), saved to a file, then removed
+    after training: prediction must use the bundle's weights alone."""
+    import hashlib
+
+    import torch
+
+    from medsight.models import create_model
+
+    torch.manual_seed(1)
+    net = create_model("resnet18", spatial_dims=2, in_channels=3, num_outputs=1000, input_size=64,
+                       stem="standard").net
+    f = root / "weights" / "resnet18-local.pth"
+    f.parent.mkdir(parents=True)
+    torch.save({"state_dict": {k: v.clone() for k, v in net.state_dict().items()}}, f)
+    return {"model.pretrained": str(f), "model.pretrained_sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
 
 
 def _rows(probabilities: dict, classes) -> np.ndarray:

@@ -357,7 +357,7 @@ def test_detect_and_score_from_outputs_agree_with_a_model():
 # --------------------------------------------------------------------------------------------- real data
 @functools.cache
 def _breast_model(root: str):
-    """The packaged breastmnist recipe (simple_cnn x2, dropout 0.3, augmentation) for 10 epochs (~10 s)."""
+    """The packaged breastmnist recipe's model (cnn6, augmentation; one member, not its ensemble) for 10 epochs."""
     from medsight.config import load_config
     from medsight.data.sources import load_medmnist
     from medsight.train import fit

@@ -29,7 +29,7 @@ def test_recipe_then_config_then_flags(tmp_path):
     c = tmp_path / "c.yaml"
     c.write_text("train: {epochs: 3, lr: 0.01}\n")
     cfg = load_config(c, {"train.lr": 0.5}, recipe="breastmnist")
-    assert cfg.model.width == 2.0  # from the recipe
+    assert cfg.model.name == "cnn6" and cfg.train.ensemble == 3  # from the recipe
     assert cfg.train.epochs == 3  # config over recipe
     assert cfg.train.lr == 0.5  # flag over config
 

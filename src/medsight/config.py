@@ -91,6 +91,8 @@ class TrainConfig(_Strict):
     monitor: Literal["auc", "loss", "accuracy", "balanced_accuracy", "f1"] = "auc"
     patience: Optional[int] = Field(None, ge=1, description="early stopping: epochs without improvement")
     ema: float = Field(0.0, ge=0, lt=1, description="EMA decay of weights (0 = off)")
+    mixup: float = Field(0.0, ge=0, le=10, description="mixup: each training batch is blended with itself reversed, "
+                         "weight lam ~ Beta(a, a), loss blended the same way (0 = off)")
     seed: int = 0
     ensemble: int = Field(1, ge=1, le=32, description="seed ensemble: N members (seeds seed..seed+N-1) trained into "
                           "one bundle; predictions are the mean of their logits, the spread is reported")

@@ -188,6 +188,14 @@ def _batches(x_train, perm: torch.Tensor, batch_size: int, dinfo: DistInfo, devi
         yield xb.to(device, non_blocking=True)
 
 
+def mixup_weight(alpha: float, gen: torch.Generator) -> float:
+    """lam ~ Beta(alpha, alpha), drawn from the epoch generator (so every DDP rank draws the same value) and folded
+    to lam >= 0.5 so that the batch's own labels keep the larger weight."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    return max(lam, 1.0 - lam)
+
+
 def train_one_epoch(model, opt, sched, task: Task, augment: BatchAugment, x_train: torch.Tensor,
                     y_train: torch.Tensor, *, cfg: RunConfig, epoch: int, device: torch.device,
                     class_weights: torch.Tensor | None, dinfo: DistInfo, ema=None,
@@ -227,9 +235,16 @@ def train_one_epoch(model, opt, sched, task: Task, augment: BatchAugment, x_trai
             x = x.contiguous(memory_format=memory_format(x.dim() - 2))
         y = y_train.index_select(0, idx_dev)
         extra = () if tab_train is None else (tab_train.index_select(0, idx_dev),)
+        lam = mixup_weight(t.mixup, gen) if t.mixup > 0 and len(idx) > 1 else None
+        if lam is not None:  # blend with the batch reversed (under DDP: within this rank's share)
+            x = lam * x + (1 - lam) * x.flip(0)
+            extra = tuple(lam * e + (1 - lam) * e.flip(0) for e in extra)
         with autocast_ctx(device, t.amp):
             logits = model(x, *extra)
         loss = task.loss(logits, y, class_weights=class_weights, label_smoothing=t.label_smoothing)
+        if lam is not None:
+            loss = lam * loss + (1 - lam) * task.loss(logits, y.flip(0), class_weights=class_weights,
+                                                      label_smoothing=t.label_smoothing)
         opt.zero_grad(set_to_none=True)
         (loss * scale if scale is not None else loss).backward()
         opt.step()
