@@ -35,8 +35,8 @@ TARGET_STEPS = 1200
 BUDGET = {2: 100_000, 3: 50_000}
 MIN_EPOCHS, MAX_EPOCHS = 5, 100
 #: inputs with at most this many values per channel keep full resolution in the first conv (stride 1); larger
-#: ones get stride 2. BreastMNIST 64 px, validation split, 3 seeds: stride 2 val AUC 0.925 vs stride 1 0.913 at
-#: 37 vs 213 CPU-s a run (benchmarks/results/search_val_stem64.jsonl, cpu_breastmnist_64.json)
+#: ones get stride 2. BreastMNIST 64 px, validation split, 3 seeds: stride 2 val AUC 0.925 vs stride 1 0.913, at
+#: 46 vs 216 CPU-s a run (benchmarks/results/search_val_stem64.jsonl; cpu_breastmnist_64{,_stride1}.json)
 SMALL_STEM_VALUES = 32 * 32
 SIZES = {2: (28, 64, 128, 224), 3: (28, 64)}
 
