@@ -235,7 +235,8 @@ def train_one_epoch(model, opt, sched, task: Task, augment: BatchAugment, x_trai
             x = x.contiguous(memory_format=memory_format(x.dim() - 2))
         y = y_train.index_select(0, idx_dev)
         extra = () if tab_train is None else (tab_train.index_select(0, idx_dev),)
-        lam = mixup_weight(t.mixup, gen) if t.mixup > 0 and len(idx) > 1 else None
+        # drawn per global batch (b), so every DDP rank consumes the epoch generator alike
+        lam = mixup_weight(t.mixup, gen) if t.mixup > 0 and b > 1 else None
         if lam is not None:  # blend with the batch reversed (under DDP: within this rank's share)
             x = lam * x + (1 - lam) * x.flip(0)
             extra = tuple(lam * e + (1 - lam) * e.flip(0) for e in extra)
