@@ -1,13 +1,19 @@
-"""Shared helpers for the benchmarks: a tiny trained bundle and real BreastMNIST test images as PNG bytes."""
+"""Shared helpers for the benchmarks: a tiny trained bundle, real BreastMNIST test images as PNG bytes, and the
+service in its own process (the helper the tests use)."""
 
 from __future__ import annotations
 
-import contextlib
 import io
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+_REPO = Path(__file__).resolve().parents[1]
+_SRC = str(_REPO / "src")
+sys.path.insert(0, str(_REPO / "tests"))
+from _subproc import free_port, serve_process as _serve_process  # noqa: E402, F401  (one helper for tests and benchmarks)
 
 
 def train_tiny_bundle(model: str, out: Path, epochs: int = 1) -> Path:
@@ -43,43 +49,11 @@ def pct(values, q) -> float:
     return float(np.percentile(np.asarray(values) * 1e3, q))
 
 
-@contextlib.contextmanager
 def serve_process(bundle: Path, port: int, *args: str, host: str = "127.0.0.1"):
-    """`medsight serve BUNDLE` in its own process on ``host:port`` (127.0.0.1 only), started and ready (/healthz
-    answers 200), stopped on exit. The server's log goes to a temporary file (one line per request: never a pipe
-    that can fill up). Raises RuntimeError with the log's tail when it does not start within 120 s."""
-    import http.client
+    """`medsight serve BUNDLE` in its own process on ``host:port`` (127.0.0.1 only), started and ready, stopped on
+    exit: the tests' helper (``tests/_subproc.serve_process``), run in this process's own environment (its thread
+    settings are the benchmark's conditions) with medsight's ``src`` on the path."""
     import os
-    import subprocess
-    import sys
-    import time
 
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("MEDSIGHT_API_KEY", None)
-    log = tempfile.TemporaryFile()
-    server = subprocess.Popen([sys.executable, "-m", "medsight", "serve", str(bundle), "--host", host,
-                               "--port", str(port), *args], env=env, stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                c = http.client.HTTPConnection(host, port, timeout=2)
-                c.request("GET", "/healthz")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                log.seek(0)
-                raise RuntimeError("server did not start: " + log.read().decode()[-2000:])
-            time.sleep(0.2)
-        yield server
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+    env = {**os.environ, "PYTHONPATH": _SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return _serve_process(bundle, *args, port=port, host=host, environ=env)

@@ -80,6 +80,7 @@ def run_job(job: dict) -> dict:
     from medsight.inference import run_logits
     from medsight.metrics import compute_metrics
     from medsight.pipeline import load_data_for, run_training
+    from medsight.tasks import Task
 
     torch.set_num_threads(job["threads"])
     base = {"data.name": job["dataset"], "data.size": job.get("size", 28), "auto": True, "train.seed": job["seed"],
@@ -93,12 +94,13 @@ def run_job(job: dict) -> dict:
         _, res, _ = run_training(cfg, Path(tmp) / "b", data=data, evaluate=False)
     secs = time.perf_counter() - t0
     val = data.split("val")
+    task = Task(data.task, len(data.classes))
     scores = {}
     for name, tta in (("tta", list(cfg.train.tta_flip)), ("plain", [])):
         z = run_logits(res.model.to(torch.device(job["device"])), val.images, tta_flip=tta,
                        device=torch.device(job["device"]))
-        p = torch.sigmoid(z.reshape(-1).float()).cpu().numpy()
-        m = compute_metrics("binary", val.labels.reshape(-1), p)
+        p = task.probabilities(z.float().cpu()).numpy()  # the task's own activation (any task type)
+        m = compute_metrics(task.name, val.labels, p)
         scores[name] = {"auc": float(m["auc"]), "acc": float(m["accuracy"])}
     return {**job, "overrides": over, "secs": secs, "best_epoch": res.best_epoch, "epochs": len(res.history),
             "val_auc": scores["tta"]["auc"], "val_acc": scores["tta"]["acc"], "val_auc_plain": scores["plain"]["auc"],
@@ -153,7 +155,13 @@ def main() -> None:
     ap.add_argument("--out", default="search.jsonl")
     ap.add_argument("--summarise", metavar="JSONL", help="print the summary table of a finished search and exit")
     a = ap.parse_args()
+    unknown = [c for c in a.only or [] if c not in CANDIDATES] + [d for d in a.datasets if d not in DATASETS]
+    if unknown:
+        ap.error(f"unknown candidate or data set: {', '.join(unknown)} (candidates: {', '.join(CANDIDATES)}; "
+                 f"data sets: {', '.join(DATASETS)})")
     if a.summarise:
+        if not Path(a.summarise).is_file():
+            ap.error(f"{a.summarise}: no such file")
         print(summarise([json.loads(x) for x in Path(a.summarise).read_text().splitlines() if x.strip()]))
         return
     cands = [c for c in CANDIDATES if not a.only or c in a.only]

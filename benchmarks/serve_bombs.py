@@ -22,7 +22,6 @@ import http.client
 import io
 import multiprocessing as mp
 import os
-import socket
 import sys
 import time
 import uuid
@@ -34,15 +33,9 @@ SRC = os.path.join(HERE, "..", "src")
 sys.path.insert(0, SRC)
 sys.path.insert(0, HERE)
 
-from _common import breast_pngs, bundle_or_train, pct, serve_process  # noqa: E402
+from _common import breast_pngs, bundle_or_train, free_port, pct, serve_process  # noqa: E402
 
 HOST = "127.0.0.1"  # never anything else
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def multipart(fields: list[tuple[str, str | None, bytes]]) -> tuple[bytes, str]:

@@ -11,7 +11,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -22,13 +21,7 @@ SRC = os.path.join(HERE, "..", "src")
 sys.path.insert(0, SRC)
 sys.path.insert(0, HERE)
 
-from _common import breast_pngs, bundle_or_train, pct, serve_process  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _common import breast_pngs, bundle_or_train, free_port, pct, serve_process  # noqa: E402
 
 
 def multipart(data: bytes, name: str = "scan.png") -> tuple[bytes, str]:

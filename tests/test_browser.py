@@ -7,11 +7,12 @@ MEDSIGHT_SCREENSHOT_DIR=docs also writes page-1280.png and page-390.png there.
 
 import os
 import shutil
-import socket
 import threading
 import time
 
 import pytest
+
+from _subproc import free_port
 
 pytestmark = pytest.mark.browser
 
@@ -33,12 +34,6 @@ def _need_browser():
         pytest.skip(missing)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(served_bundle):
     import httpx
@@ -47,7 +42,7 @@ def server(served_bundle):
     from medsight.serve import create_app
 
     _need_browser()
-    port = _free_port()
+    port = free_port()
     app = create_app(served_bundle, api_key="browser-key", backend="onnx")
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
     t = threading.Thread(target=srv.run, daemon=True)

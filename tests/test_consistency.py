@@ -113,21 +113,12 @@ def _train(case: str, tmp_path_factory):
 
 
 def _local_weights(root) -> dict:
-    """A ResNet-18 state dict as torchvision ships it (3 channels, 1000 classes), saved to a file, then removed
-    after training: prediction must use the bundle's weights alone."""
-    import hashlib
+    """A ResNet-18 state dict as torchvision ships it (3 channels, 1000 classes) in ``root/weights/src``; the
+    caller removes ``root/weights`` after training: prediction must use the bundle's weights alone."""
+    from test_pretrained import weights_file
 
-    import torch
-
-    from medsight.models import create_model
-
-    torch.manual_seed(1)
-    net = create_model("resnet18", spatial_dims=2, in_channels=3, num_outputs=1000, input_size=64,
-                       stem="standard").net
-    f = root / "weights" / "resnet18-local.pth"
-    f.parent.mkdir(parents=True)
-    torch.save({"state_dict": {k: v.clone() for k, v in net.state_dict().items()}}, f)
-    return {"model.pretrained": str(f), "model.pretrained_sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+    f, digest, _ = weights_file(root / "weights")
+    return {"model.pretrained": str(f), "model.pretrained_sha256": digest}
 
 
 def _rows(probabilities: dict, classes) -> np.ndarray:

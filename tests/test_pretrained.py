@@ -16,7 +16,7 @@ from medsight.errors import ConfigError, DataError
 from medsight.models import create_model
 
 
-def _source_file(tmp_path, *, spatial_dims=2, name="resnet18"):
+def weights_file(tmp_path, *, spatial_dims=2, name="resnet18"):
     """A torchvision-layout ResNet-18 state dict (3 input channels, ImageNet stem, 1000 classes), saved under a
     name carrying its sha256 prefix, as torchvision names its files."""
     torch.manual_seed(1)
@@ -39,7 +39,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_imagenet_weights_download_verify_adapt_and_work_offline(tmp_path, cache, monkeypatch):
-    f, digest, state = _source_file(tmp_path)
+    f, digest, state = weights_file(tmp_path)
     monkeypatch.setitem(P.WEIGHTS, ("resnet18", "imagenet"), (f.as_uri(), digest[:8], 2))
     model = create_model("resnet18", in_channels=1, num_outputs=1, input_size=64, stem="standard")
     head_before = model.net.fc.weight.clone()
@@ -64,7 +64,7 @@ def test_imagenet_weights_download_verify_adapt_and_work_offline(tmp_path, cache
 
 
 def test_a_download_with_the_wrong_hash_is_refused_and_not_cached(tmp_path, cache, monkeypatch):
-    f, digest, _ = _source_file(tmp_path)
+    f, digest, _ = weights_file(tmp_path)
     monkeypatch.setitem(P.WEIGHTS, ("resnet18", "imagenet"), (f.as_uri(), "00000000", 2))
     model = create_model("resnet18", in_channels=1, num_outputs=1, input_size=64, stem="standard")
     with pytest.raises(DataError, match="sha256"):
@@ -73,7 +73,7 @@ def test_a_download_with_the_wrong_hash_is_refused_and_not_cached(tmp_path, cach
 
 
 def test_medicalnet_has_no_published_digest_so_the_first_one_is_pinned(tmp_path, cache, monkeypatch):
-    f, digest, state = _source_file(tmp_path, spatial_dims=3)
+    f, digest, state = weights_file(tmp_path, spatial_dims=3)
     monkeypatch.setitem(P.WEIGHTS, ("resnet18", "medicalnet"), (f.as_uri(), None, 3))
     model = create_model("resnet18", spatial_dims=3, in_channels=1, num_outputs=1, input_size=28, stem="standard")
     rep = P.apply_pretrained(model, "resnet18", "medicalnet", 3)
@@ -87,7 +87,7 @@ def test_medicalnet_has_no_published_digest_so_the_first_one_is_pinned(tmp_path,
 
 
 def test_weights_for_another_architecture_and_unsafe_pickles_are_refused(tmp_path, cache):
-    f, _, _ = _source_file(tmp_path)
+    f, _, _ = weights_file(tmp_path)
     with pytest.raises(DataError, match="fit only"):
         P.apply_pretrained(create_model("densenet121", input_size=64), "densenet121", str(f), 2)
 
@@ -111,7 +111,7 @@ def test_fine_tuning_run_records_the_weights_and_trains_the_backbone_slower(tmp_
     from medsight.train import build_optimizer
     from tests.conftest import make_npz
 
-    f, digest, _ = _source_file(tmp_path)
+    f, digest, _ = weights_file(tmp_path)
     npz = make_npz(tmp_path / "t.npz", n=(32, 16, 8), shape=(32, 32))
     cfg = load_config(None, {"data.name": str(npz), "model.name": "resnet18", "model.stem": "standard",
                              "model.pretrained": str(f), "model.pretrained_sha256": digest, "train.epochs": 1,

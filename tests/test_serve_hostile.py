@@ -3,23 +3,15 @@ within 5 s and under 1 GB of extra memory, 1,000 mutated files give no 5xx, and 
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from _subproc import env, medsight_cmd
+from _subproc import serve_process
 from data.test_bombs import BOMBS
 from test_fuzz import make_corpus
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_kib(pid: int, field: str) -> int:
@@ -31,33 +23,9 @@ def _rss_kib(pid: int, field: str) -> int:
 
 @pytest.fixture(scope="module")
 def server(served_bundle, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    fh = open(log, "w")
-    proc = subprocess.Popen(medsight_cmd("serve", str(served_bundle), "--host", "127.0.0.1", "--port", str(port),
-                                         "--backend", "onnx", "--deadline", "30"),
-                            env=env(), stdout=subprocess.DEVNULL, stderr=fh, text=True)
-    proc.log = log
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(base + "/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {log.read_text()[-2000:]}")
-    else:
-        proc.kill()
-        raise AssertionError("server did not start")
-    yield base, proc
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    fh.close()
+    with serve_process(served_bundle, "--backend", "onnx", "--deadline", "30", log_path=log) as (proc, base):
+        yield base, proc
 
 
 def _post(base: str, name: str, data: bytes) -> httpx.Response:
@@ -99,5 +67,5 @@ def test_one_thousand_mutated_files_no_5xx_server_alive(server, tmp_path):
     assert sum(statuses.values()) == len(files)
     assert statuses.get(200, 0) > 0 and statuses.get(422, 0) > 0, statuses  # both outcomes really happened
     assert httpx.get(base + "/healthz", timeout=5).json()["status"] == "ok" and proc.poll() is None
-    text = proc.log.read_text()  # the access log: one line per request, never a traceback
+    text = proc.log_path.read_text()  # the access log: one line per request, never a traceback
     assert "Traceback" not in text and "panicked" not in text, text[-3000:]
