@@ -495,7 +495,7 @@ def qc(
     report = run_qc(source, near_dup_threshold=near_dup, layout=layout, allow_leakage=allow_leakage)
     out_console.print(render_qc(report))
     if json_path:
-        write_json(json_path, report)
+        write_json(json_path, report, private=True)  # file paths and errors of patient files: 0600
     if not report.get("ok", True):
         raise typer.Exit(1)
 

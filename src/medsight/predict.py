@@ -431,7 +431,9 @@ class Predictor:
         results: list[Prediction | None] = [None] * len(files)
         out_dir = Path(heatmaps_dir) if heatmaps_dir is not None else None
         if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
+            from medsight.utils import private_dir
+
+            private_dir(out_dir)  # heatmaps named after input files: patient data
         used_names: set[str] = set()
         loaded = self._loaded_batches(files, batch_size, workers)
         try:
@@ -486,7 +488,7 @@ class Predictor:
                 used_names.add(name)
                 from medsight.utils import atomic_write_bytes
 
-                atomic_write_bytes(out_dir / name, self.overlay(xs[j], heat[j], alpha))
+                atomic_write_bytes(out_dir / name, self.overlay(xs[j], heat[j], alpha), private=True)
             results[i] = pred
 
     # --- explanations of files ------------------------------------------------------------------------------
@@ -495,10 +497,9 @@ class Predictor:
         """For each file (folders walked): ``<name>_heatmap.npy`` and ``<name>_overlay.png`` in ``out_dir``,
         yielding ``{"file", "error", "summary", "overlay"}`` as each is written. The probabilities are the ones
         ``predict`` gives (same preprocessing, TTA, temperature, clinical input)."""
-        from medsight.utils import atomic_write_bytes
+        from medsight.utils import atomic_write_bytes, private_dir
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = private_dir(out_dir)
         used: set[str] = set()
         for f in expand_inputs(items):
             try:
@@ -523,8 +524,8 @@ class Predictor:
             used.add(name)
             buf = io.BytesIO()
             np.save(buf, heat.astype(np.float32))
-            atomic_write_bytes(out / f"{name}_heatmap.npy", buf.getvalue())
-            png = atomic_write_bytes(out / f"{name}_overlay.png", self.overlay(x, heat))
+            atomic_write_bytes(out / f"{name}_heatmap.npy", buf.getvalue(), private=True)
+            png = atomic_write_bytes(out / f"{name}_overlay.png", self.overlay(x, heat), private=True)
             summary = f"predicted {pred.predicted}, " + ", ".join(f"p({c})={v:.3f}" for c, v in pred.probabilities.items())
             if scores is not None and bool(flags[0]):
                 summary += " [out of distribution: not reliable]"
@@ -591,7 +592,9 @@ def write_predictions(predictions: Iterable[Prediction], out: str | Path, classe
     if kind not in OUTPUT_SUFFIXES:
         raise ConfigError(f"output file must end in {', '.join(OUTPUT_SUFFIXES)}, got {out.name!r}")
     n = n_err = 0
-    with open(out, "w", newline="", encoding="utf-8") as fh:
+    from medsight.utils import private_open
+
+    with private_open(out, "w", newline="", encoding="utf-8") as fh:  # per-file results: patient data, 0600
         w = csv.writer(fh) if kind == ".csv" else None
         if w is not None:
             w.writerow(["file", *[f"p_{c}" for c in classes], "predicted", "decision", "threshold", "positive_class",

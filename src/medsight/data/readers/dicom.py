@@ -292,6 +292,23 @@ def _check_codestreams(ds, name, tsuid: str, rows: int, cols: int, frames: int, 
                           f"Number of Frames says {frames}")
 
 
+def check_pixel_data(ds, name, budget: DecodeBudget | None = None) -> None:
+    """Everything :func:`read_dicom` checks before decoding, without decoding: header sizes within ``budget``,
+    native pixel data long enough, compressed frames whose codestream headers agree with the data set's.
+    For tools that copy pixel data (``deid``). No pixel data: nothing to check."""
+    if not _has_pixels(ds):
+        return
+    budget = DEFAULT_BUDGET if budget is None else budget
+    rows, cols, frames, spp, bits = _check_header(ds, name, budget)
+    ensure_transfer_syntax(ds)
+    expected = _expected_bytes(ds)
+    if expected is not None and "PixelData" in ds and len(ds.PixelData) < expected:
+        raise fail(name, f"DICOM pixel data truncated (expected {expected} bytes, got {len(ds.PixelData)})")
+    ts = ds.file_meta.TransferSyntaxUID
+    if "PixelData" in ds and getattr(ts, "is_compressed", False):
+        _check_codestreams(ds, name, str(ts), rows, cols, frames, spp, bits)
+
+
 def _decode_pixels(ds, name, budget: DecodeBudget, dims: tuple[int, int, int, int, int]) -> np.ndarray:
     from pydicom import pixels as px
 
