@@ -526,7 +526,8 @@ def deid(
     burned = summary.get("burned_in") or []
     held = 0 if summary.get("burned_in_written") else len(burned)
     out_console.print(f"de-identified {summary.get('written', 0)} files into {out_dir}; verified: no original identifying "
-                      f"value outside the pixel data ({len(summary.get('skipped') or [])} skipped, {held} held back, {len(errors)} errors)")
+                      f"value in headers, preamble or codestream segments ({len(summary.get('skipped') or [])} skipped, "
+                      f"{held} held back for burned-in text, {len(errors)} held back with an error)")
     for e in errors:
         out_console.print(f"  error: {e['path']}: {e['error']}")
     for p in burned:
