@@ -609,4 +609,4 @@ def test_verifier_catches_a_leak_in_the_corpus(corpus, tmp_path, monkeypatch):
     leaks = [e for e in summary["errors"] if e["error"].startswith("verifier: an identifier or text from this file")]
     assert leaks, summary["errors"]  # files holding an institution name are held back, by input path
     assert all((root / e["path"]).is_file() for e in leaks)
-    assert summary["written"] == len(_outputs(tmp_path / "out")) > 0
+    assert summary["written"] == len(_outputs(tmp_path / "out"))  # the corpus plants an institution in every file
