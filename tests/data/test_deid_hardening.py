@@ -9,7 +9,6 @@ import struct
 import subprocess
 import sys
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from medsight.data.deid import deidentify
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
-from _subproc import env, medsight_cmd  # noqa: E402
+from _subproc import env, medsight_cmd
 
 PLANT = b"Patient SMITH^JOHN MRN 12345 Acc A999"
 TOKENS = (b"SMITH", b"JOHN", b"12345", b"A999")
@@ -142,9 +141,10 @@ def test_planted_identifiers_do_not_survive_and_pixels_are_identical(planted, tm
 
 
 def test_app14_adobe_is_kept(planted, tmp_path):
-    from medsight.data.readers.codestream import strip_jpeg
-    from pydicom.encaps import generate_frames
     import pydicom
+    from pydicom.encaps import generate_frames
+
+    from medsight.data.readers.codestream import strip_jpeg
 
     ds = pydicom.dcmread(planted / "jpeg_app14.dcm")
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))

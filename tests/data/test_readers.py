@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import struct
 import subprocess
@@ -16,7 +15,13 @@ import numpy as np
 import pytest
 
 from medsight.data import readers
-from medsight.data.readers import Reader, fail, finish, register_reader, unregister_reader
+from medsight.data.readers import (
+    Reader,
+    fail,
+    finish,
+    register_reader,
+    unregister_reader,
+)
 from medsight.errors import DataError
 
 TOY_MAGIC = b"TOYIMG\x00\x01"
@@ -175,8 +180,8 @@ _BOMB_NAMES = ["deflate_tail.dcm", "deflate_pixels.dcm", "j2k_lying.dcm", "jpeg_
 @pytest.mark.parametrize("name", _BOMB_NAMES)
 def test_deid_qc_and_predict_refuse_each_bomb_in_little_memory(name, tmp_path):
     """Fresh interpreter per command and bomb: peak RSS (getrusage) under 1 GiB, a few seconds, refused."""
-    from tests.data.test_bombs import BOMBS
     from tests._subproc import env
+    from tests.data.test_bombs import BOMBS
 
     d = tmp_path / "in"
     d.mkdir()

@@ -461,11 +461,11 @@ def _searchable_bytes(path: Path) -> bytes:
         i = raw.rfind(px)  # the pixel data come last; the preamble may look the same
         if i < 0:
             continue
-        keep = b""
+        keep: bytes = b""
         if kw == "PixelData" and getattr(getattr(fm, "TransferSyntaxUID", None), "is_compressed", False):
             try:
                 n = int(ds.get("NumberOfFrames") or 1)
-                keep = b"\0".join(frame_text(f, ts) for f in generate_frames(px, number_of_frames=n))
+                keep = b"\0".join(frame_text(f, ts) for f in generate_frames(bytes(px), number_of_frames=n))
             except Exception:
                 keep = bytes(px)  # not parseable: search every byte
         raw = raw[:i] + keep + raw[i + len(px):]
@@ -772,13 +772,13 @@ def deidentify(
         # run-wide: no output holds another input's original patient identifier
         run_needles = {k: "patient identifier" for k in patients if len(k.strip()) >= 3}
         index = _index(run_needles)
-        for out_rel, (rel, allowed) in sorted(written.items()):
+        for out_rel, (src_rel, allowed) in sorted(written.items()):
             hit = find_leak(work / out_rel, out_rel, run_needles, allowed, index) if run_needles else None
             if hit is not None:
                 (work / out_rel).unlink(missing_ok=True)
                 del written[out_rel]
-                file_map.remove((rel, out_rel))
-                summary["errors"].append({"path": rel, "error": f"verifier: a patient identifier of {patients[hit[0]]} "
+                file_map.remove((src_rel, out_rel))
+                summary["errors"].append({"path": src_rel, "error": f"verifier: a patient identifier of {patients[hit[0]]} "
                                                                 "survived in its output; not written"})
         summary["written"] = len(written)
         if dst.exists():

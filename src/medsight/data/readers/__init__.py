@@ -26,15 +26,40 @@ process), ``codestream`` (JPEG / JPEG 2000 / RLE headers and text segments), ``d
 from __future__ import annotations
 
 from medsight.data.readers.base import Reader, fail, finish
-from medsight.data.readers.budget import (DEFAULT_BUDGET, MAX_2D_SOURCE_PIXELS, MAX_ELEMENTS, TOOL_BUDGET, DecodeBudget,
-                                          budget_for, resolve_budget)
+from medsight.data.readers.budget import (
+                                          DEFAULT_BUDGET,
+                                          MAX_2D_SOURCE_PIXELS,
+                                          MAX_ELEMENTS,
+                                          TOOL_BUDGET,
+                                          DecodeBudget,
+                                          budget_for,
+                                          resolve_budget,
+)
 from medsight.data.readers.dicom import DicomReader
 from medsight.data.readers.nifti import NiftiReader
 from medsight.data.readers.pillow import PillowReader
-from medsight.data.readers.registry import (HEAD, file_format, find_reader, is_readable_file, is_readable_name, read,
-                                            read_image, read_image_bytes, readable_suffixes, readers, register_reader,
-                                            sniff_format, unregister_reader, walk_readable)
-from medsight.data.readers.windowing import FILE_WINDOW, WINDOWS, apply_window, resolve_window
+from medsight.data.readers.registry import (
+                                          HEAD,
+                                          file_format,
+                                          find_reader,
+                                          is_readable_file,
+                                          is_readable_name,
+                                          read,
+                                          read_image,
+                                          read_image_bytes,
+                                          readable_suffixes,
+                                          readers,
+                                          register_reader,
+                                          sniff_format,
+                                          unregister_reader,
+                                          walk_readable,
+)
+from medsight.data.readers.windowing import (
+                                          FILE_WINDOW,
+                                          WINDOWS,
+                                          apply_window,
+                                          resolve_window,
+)
 
 # the order readers are asked in (content signatures first across all of them, then names)
 register_reader(DicomReader())

@@ -18,7 +18,14 @@ import numpy as np
 
 from medsight.data.readers.base import Contained, Reader, fail, finish, inflate
 from medsight.data.readers.budget import DEFAULT_BUDGET, DecodeBudget, resolve_budget
-from medsight.data.readers.codestream import J2K_TS, JPEG_TS, RLE_TS, j2k_frame_size, jpeg_frame_size, rle_check
+from medsight.data.readers.codestream import (
+    J2K_TS,
+    JPEG_TS,
+    RLE_TS,
+    j2k_frame_size,
+    jpeg_frame_size,
+    rle_check,
+)
 from medsight.data.readers.isolated import decode_isolated
 from medsight.data.readers.windowing import FILE_WINDOW, apply_window, resolve_window
 from medsight.errors import DataError
@@ -223,7 +230,11 @@ def _expected_bytes(ds) -> int | None:
 def ensure_transfer_syntax(ds) -> None:
     pydicom = _pydicom()
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pydicom.uid import (
+        ExplicitVRBigEndian,
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+    )
 
     fm = getattr(ds, "file_meta", None)
     if fm is None:

@@ -13,12 +13,12 @@ import sys
 if __name__ == "__main__":  # a worker: never import from the script's own folder (readers/), only installed packages
     sys.path.pop(0)
 
-import atexit  # noqa: E402
-import os  # noqa: E402
-import threading  # noqa: E402
-import warnings  # noqa: E402
+import atexit
+import os
+import threading
+import warnings
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def _one_line(text: object, limit: int = 300) -> str:
@@ -101,7 +101,7 @@ def _worker_decode(ts: str, elements: dict, pixel_data: bytes):
 
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ts
+        ds.file_meta.TransferSyntaxUID = ts  # type: ignore[assignment]  # pydicom converts str to UID
         for k, v in elements.items():
             setattr(ds, k, v)
         ds.add_new(0x7FE00010, "OB", pixel_data)

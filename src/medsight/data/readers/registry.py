@@ -167,7 +167,7 @@ def read(
     else:
         raise DataError(f"cannot read {name}: expected a path or bytes, got {type(source).__name__}")
     reader, fmt = find_reader(head, hint)
-    if fmt == GZIP or reader is None:
+    if fmt == GZIP or reader is None or fmt is None:
         if fmt == GZIP:
             raise fail(label, "gzip file that does not hold a NIfTI image")
         suffix = Path(hint).suffix
