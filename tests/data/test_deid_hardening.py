@@ -255,3 +255,55 @@ def test_per_file_function_is_order_free(fuzzed, tmp_path):
         bad = tmp_path / "f.dcm"
         bad.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 40)
         deid_mod.deidentify_file(bad, tmp_path / "c", secret="k")
+
+
+def test_run_wide_hit_names_the_input_it_came_from(tmp_path):
+    """B keeps (keep_private) a private value equal to A's patient ID: B's own values do not include it, the
+    run-wide check does; B is held back and the reason names A's input path, never the value."""
+    from tests.data.conftest import make_dicom
+
+    import pydicom
+
+    src = tmp_path / "in"
+    src.mkdir()
+    px = np.arange(64, dtype=np.uint16).reshape(8, 8)
+    make_dicom(src / "a.dcm", px, extra={"PatientID": "PATIENTXYZ123", "PatientName": "ALPHA^ONE"})
+    b = make_dicom(src / "b.dcm", px + 1, extra={"PatientID": "OTHER777", "PatientName": "BETA^TWO"})
+    ds = pydicom.dcmread(b)
+    ds.private_block(0x0011, "ACME", create=True).add_new(0x01, "LO", "PATIENTXYZ123")
+    ds.save_as(b, enforce_file_format=True)
+    summary = deidentify(src, tmp_path / "out", secret="s", keep_private=True, allow_burned_in=True)
+    assert summary["written"] == 1
+    assert summary["errors"] == [{"path": "b.dcm", "error": "verifier: a patient identifier of a.dcm survived in its "
+                                                            "output; not written"}]
+    assert not any(b"PATIENTXYZ123" in p.read_bytes() for p in (tmp_path / "out").rglob("*.dcm"))
+
+
+@pytest.mark.slow
+def test_thousand_fuzzed_files_plus_twenty_clean(tmp_path):
+    from tests.data.conftest import make_dicom
+
+    d = tmp_path / "in"
+    (d / "clean").mkdir(parents=True)
+    for k in range(20):
+        make_dicom(d / "clean" / f"c{k:02d}.dcm", np.full((8, 8), k + 1, np.uint16), modality="CT",
+                   extra={"PatientName": f"CLEANNAME^P{k:02d}", "PatientID": f"CLEANID{k:02d}", "BurnedInAnnotation": "NO"})
+    rng = random.Random(99)
+    bases = [Path(_testfile(n)).read_bytes() for n in ("MR_small.dcm", "CT_small.dcm", "SC_rgb_rle.dcm",
+                                                       "MR_small_jpeg_ls_lossless.dcm", "image_dfl.dcm",
+                                                       "MR_small_jp2klossless.dcm")]
+    (d / "fuzz").mkdir()
+    for k in range(1000):
+        (d / "fuzz" / f"f{k:04d}.dcm").write_bytes(_fuzz(bases[k % len(bases)], rng))
+    summary = deidentify(d, tmp_path / "out", secret="s", allow_burned_in=True)
+    assert summary["errors"] and all((d / e["path"]).is_file() and e["error"] for e in summary["errors"])
+    import pydicom
+
+    values = set()
+    for p in (tmp_path / "out").rglob("*.dcm"):
+        data = p.read_bytes()
+        assert b"CLEANNAME" not in data and b"CLEANID" not in data
+        ds = pydicom.dcmread(p)
+        if ds.get("Rows") == 8 and ds.get("Columns") == 8:
+            values.add(int(ds.pixel_array[0, 0]))
+    assert values >= set(range(1, 21))
