@@ -28,14 +28,22 @@ What :func:`deidentify` does to each DICOM file below ``in_dir`` (the input is n
   input file or folder names.
 * files likely to carry burned-in text (``BurnedInAnnotation`` YES, or modality US/SC/XC/OT/ES or a
   Secondary Capture SOP class without ``BurnedInAnnotation`` NO) are held back, and listed, unless
-  ``allow_burned_in``. Pixel data are never altered: burned-in text is not removed.
-* a verifier then reads every output file back and searches its bytes (outside the pixel data, as
-  UTF-8/Latin-1 and UTF-16) and its relative path for every original identifying value (removed or
-  replaced names, identifiers, text, AE titles, URLs, dates, instance UIDs, and the input's folder
-  and file name parts; UTF-16 only for values of 5 or more characters). A value that the file also
-  holds in a kept code or number, or in text medsight writes, is not counted. The run is built in a temporary folder that is renamed into place only when
-  the verifier finds nothing; otherwise nothing is written and a :class:`DataError` names the kind
-  of value and the output file (never the value).
+  ``allow_burned_in``. Pixels are never re-encoded: burned-in text is not removed.
+* the codestream: text-bearing segments not needed to decode are removed from every encapsulated frame
+  (JPEG / JPEG-LS ``COM`` and ``APPn`` but a cut-down APP14 Adobe, JPEG 2000 ``COM`` in main and tile-part
+  headers, bytes after the end marker; ``readers.codestream``); the 128-byte preamble is written as zeros.
+* each file is read within a budget (``readers.TOOL_BUDGET``: capped inflation of deflated data sets, header
+  sizes and codestream headers checked, nothing decoded), cleaned, written 0600 (folders 0700) and verified
+  on its own: its bytes (deflated data sets inflated; native pixel data left out; compressed frames searched
+  in every marker segment) and its relative path are searched for every identifying value of THAT input
+  (removed or replaced names, identifiers, text, AE titles, URLs, dates, instance UIDs, the input's folder and
+  file name parts; as UTF-8/Latin-1, and UTF-16 for values of 5 or more characters). A value the file also
+  holds in a kept code or number, or in text medsight writes, is not counted. Then every output is checked
+  against the run's original patient identifiers. A file that cannot be read, cleaned or verified is held
+  back and listed by its input path with the reason (never the value, never a temporary path); the others
+  are written (the run is built in a temporary folder renamed into place at the end).
+* :func:`deidentify_file` does one file with pseudonyms, UIDs and offsets from the secret alone (any order,
+  any process).
 
 :data:`E1_1_TABLE` (``ps3_15_e1_1.csv``) is PS3.15 Table E.1-1 (tag, keyword, name, Basic Profile
 action) kept as data; the tests plant a value in every row and check it does not survive.
