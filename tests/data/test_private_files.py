@@ -71,3 +71,18 @@ def test_predictions_and_cache_folders_are_private(open_umask, tmp_path):
     with cache._building(root, "k" * 32):
         pass
     assert _mode(root / f".lock-{'k' * 16}") == 0o600
+
+
+def test_a_built_dataset_cache_is_private(open_umask, tmp_path):
+    """Decoded patient images in the cache: every folder 0700, every file 0600, with umask 0."""
+    from tests.data.test_cache import _tree
+
+    from medsight.data.sources import load_dataset
+
+    root = _tree(tmp_path / "data", n=3, side=12)
+    cdir = tmp_path / "cache"
+    load_dataset(str(root), size=12, cache_dir=cdir)
+    found = list(cdir.rglob("*"))
+    assert any(p.name == "images.npy" for p in found)
+    for p in [cdir, *found]:
+        assert _mode(p) == (0o700 if p.is_dir() else 0o600), (p, oct(_mode(p)))
