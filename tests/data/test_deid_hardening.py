@@ -89,6 +89,9 @@ def planted(tmp_path_factory):
         "jpeg_app14.dcm": ("SC_rgb_jpeg_app14_dcmd.dcm", _plant_jpeg),
         "jpeg_ls.dcm": ("MR_small_jpeg_ls_lossless.dcm", _plant_jpeg),
         "j2k.dcm": ("MR_small_jp2klossless.dcm", _plant_j2k),
+        "j2k_lossy.dcm": ("JPEG2000.dcm", _plant_j2k),
+        "jls_lossy.dcm": ("SC_rgb_jls_lossy_line.dcm", _plant_jpeg),
+        "jpeg_30_frames.dcm": ("examples_ybr_color.dcm", _plant_jpeg),  # every frame planted
     }
     for name, (src, plant) in cases.items():
         _planted_file(_testfile(src), d / name, plant)
