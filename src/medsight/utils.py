@@ -11,10 +11,12 @@ import os
 import random
 import secrets
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: deid, qc and the readers' tools never load it
+    import torch
 
 
 #: Modes of what may hold patient data: files 0600, folders 0700, whatever the process umask.
@@ -92,6 +94,8 @@ def atomic_write_text(path: str | Path, text: str, *, private: bool = False) -> 
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
@@ -122,10 +126,14 @@ def write_json(path: str | Path, obj: Any, *, private: bool = False) -> Path:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
+    import torch
+
     torch.manual_seed(seed)
 
 
 def pick_device(name: str | None = None) -> torch.device:
+    import torch
+
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
