@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests._subproc import env  # noqa: E402
 from tests.data.test_bombs import BOMBS, _explicit_le, _image_ds, _part10, _pydicom_file  # noqa: E402
-from tests.data.test_readers import _BOMB_RUN  # noqa: E402
+from tests.data.test_readers import _BOMB_RUN, deflated_honest_gib  # noqa: E402
 
 
 def honest_big_deflated() -> bytes:
@@ -36,6 +36,7 @@ def honest_big_deflated() -> bytes:
 CASES = {
     "reference: MR_small.dcm": lambda: _pydicom_file("MR_small.dcm"),
     "reference: 7000x7000 deflated (honest)": honest_big_deflated,
+    "deflate_honest_gib.dcm": deflated_honest_gib,
     **{name: build for name, (build, _) in BOMBS.items() if name.endswith((".dcm", ".nii.gz")) and "multiframe" not in name
        and "volume" not in name},
 }
@@ -59,6 +60,8 @@ def main() -> None:
                 print(rows[-1], flush=True)
     out = HERE / "results" / "tool_bombs.md"
     out.write_text("# qc / deid / predict reader on bombs (fresh interpreter each; predict = the 28x28 model's budget)\n\n"
+                   "Peak RSS is getrusage's ru_maxrss of the child, which starts from the forking parent's RSS: an upper "
+                   "bound.\n\n"
                    + "\n".join(rows) + "\n")
     print(f"written {out}")
 

@@ -173,7 +173,17 @@ print(json.dumps({"seconds": time.perf_counter() - t, "err": err,
                   "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
-_BOMB_NAMES = ["deflate_tail.dcm", "deflate_pixels.dcm", "j2k_lying.dcm", "jpeg_lying.dcm", "huge_dims.nii.gz"]
+def deflated_honest_gib() -> bytes:
+    """The reviewer's kind: an honest header (32768 x 32768, 8 bit) and 1 GiB of zero pixels, ~1 MB deflated."""
+    from tests.data.test_bombs import _explicit_le, _image_ds, _part10, _zeros_deflate
+
+    ds = _image_ds(32768, 32768, pixels=False)
+    body = _explicit_le(ds) + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, 1 << 30)
+    return _part10(_zeros_deflate(1024, body, -15), "1.2.840.10008.1.2.1.99")
+
+
+_BOMB_NAMES = ["deflate_tail.dcm", "deflate_pixels.dcm", "deflate_honest_gib.dcm", "j2k_lying.dcm", "jpeg_lying.dcm",
+               "huge_dims.nii.gz"]
 
 
 @pytest.mark.slow
@@ -185,7 +195,7 @@ def test_deid_qc_and_predict_refuse_each_bomb_in_little_memory(name, tmp_path):
 
     d = tmp_path / "in"
     d.mkdir()
-    (d / name).write_bytes(BOMBS[name][0]())
+    (d / name).write_bytes(deflated_honest_gib() if name == "deflate_honest_gib.dcm" else BOMBS[name][0]())
     for kind, extra in (("qc", []), ("deid", [str(tmp_path / f"out-{name}")]), ("predict", [name])):
         r = subprocess.run([sys.executable, "-c", _BOMB_RUN, kind, str(d), *extra], capture_output=True, text=True,
                            env=env(), timeout=120)
