@@ -17,7 +17,8 @@ from medsight.calibration import choose_calibration
 from medsight.config import RunConfig, dump_config
 from medsight.data.sources import Dataset, load_dataset
 from medsight.errors import ConfigError, MedsightError
-from medsight.evaluate import evaluate_splits, split_logits
+from medsight.evaluate import evaluate_splits, split_logits, split_probs
+from medsight.review import fit_review
 from medsight.train import Callback, FitResult, fit, write_history
 from medsight.utils import atomic_write_text, write_json
 
@@ -173,6 +174,7 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
     val = data.split("val")
     meta.update(choose_calibration(bundle.task, split_logits(bundle, data, "val"), val.labels,
                                    operating_point=cfg.train.operating_point, calibrate=cfg.train.calibrate))
+    meta["review"] = fit_review(bundle.task, split_probs(bundle, data, "val"), bundle.threshold)  # medsight.review
     if cfg.train.ood:
         from medsight.ood import fit_bundle_detector, save_ood
 
