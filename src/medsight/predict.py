@@ -416,6 +416,12 @@ class Predictor:
                 "display_size": [int(img.shape[2]), int(img.shape[1])],
                 "colorbar": overlay_png(np.zeros((1, 12, 256), np.float32), bar, alpha=1.0)}
 
+    def _error(self, name: str, e: BaseException) -> Prediction:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not isinstance(e, MedsightError):
+            msg = f"cannot use {name}: {type(e).__name__}: {msg}"
+        return Prediction(file=name, error=msg, calibrated=self.calibrated, model_version=self.version)
+
     # --- explanations ---------------------------------------------------------------------------------------
     def heatmaps(self, x: np.ndarray, tab: np.ndarray | None = None, *, method: str = "gradcam",
                  class_idx=None) -> np.ndarray:
