@@ -604,9 +604,13 @@ def predict(
             pred = ", ".join(r["predicted"]) if isinstance(r["predicted"], list) else (
                 r["predicted"] or (NO_VERDICT if r["ood_flag"] else "-"))
             ood = "-" if r["ood_flag"] is None else ("[yellow]flagged[/yellow]" if r["ood_flag"] else "ok")
-            review = "-" if r["error"] else ("; ".join(r["review_reasons"]) or "no")
-            table.add_row(escape(r["file"]), *probs, escape(pred), ood, escape(review), escape(r["error"] or ""))
+            review = "-" if r["error"] else ("[yellow]yes[/yellow]" if r["review"] else "no")
+            table.add_row(escape(r["file"]), *probs, escape(pred), ood, review, escape(r["error"] or ""))
         out_console.print(table)
+        for p in rows:  # why each flagged result needs review, in the words the service and the page use
+            if p.ok and p.review:
+                out_console.print(escape(f"needs review: {p.file}: " + "; ".join(p.review_reasons)),
+                                  highlight=False, soft_wrap=True)
         summary = f"{n} predictions"
     if heatmaps is not None:
         out_console.print(f"heatmaps written to {escape(str(heatmaps))}", highlight=False, soft_wrap=True)
