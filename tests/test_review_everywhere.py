@@ -129,3 +129,20 @@ def test_mlflow_pyfunc_carries_the_same_review(served_bundle, fifty, predicted, 
             continue
         assert row["review"] == ref["review"] and row["review_reasons"] == ref["review_reasons"], f.name
         assert row["predicted"] == ref["predicted"] and row["ood_flag"] == ref["ood_flag"], f.name
+
+
+def test_summary_and_report_state_the_share_flagged(served_bundle, breast):
+    """Training states, per split, the share of cases flagged as too close to call (in bundle.json's summary,
+    which is what the report's facts show), and it keeps to the fitted rule's target on validation."""
+    from medsight.bundle import load_bundle
+    from medsight.review import share_flagged
+
+    b = load_bundle(served_bundle)
+    lines = [s for s in b.meta["training_summary"] if s.startswith("share of")]
+    assert [s.split(":")[0] for s in lines] == ["share of validation cases flagged for review",
+                                               "share of test cases flagged for review"]
+    val_share, words = share_flagged(b, breast, "val")
+    assert val_share == pytest.approx(b.meta["review"]["val_share"]) and val_share <= 0.1
+    assert f"{val_share:.1%}" in lines[0] and words in lines[0]
+    test_share, _ = share_flagged(b, breast, "test")
+    assert test_share <= 0.15 and f"{test_share:.1%}" in lines[1]

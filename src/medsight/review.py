@@ -145,10 +145,12 @@ def share_flagged(bundle, data, split: str) -> tuple[float, str]:
 
 
 def share_line(bundle, data, split: str) -> str:
-    """One summary/report sentence: "share of test cases flagged for review: 7.5% (rule ...)"."""
+    """One summary/report sentence: "share of test cases flagged for review: 7.5% (too close to call, not counting
+    out-of-distribution scans; rule ...)"."""
     share, words = share_flagged(bundle, data, split)
     what = {"val": "validation"}.get(split, split)
-    return f"share of {what} cases flagged for review: {share:.1%} ({words})"
+    return (f"share of {what} cases flagged for review: {share:.1%} (too close to call, not counting "
+            f"out-of-distribution scans; {words})")
 
 
 def review(task, classes: Sequence[str], probabilities: Mapping[str, float], threshold, rule: ReviewRule, *,
