@@ -7,8 +7,18 @@ import math
 import numpy as np
 import pytest
 
-from medsight.review import (DEFAULT_MARGIN, MAX_MARGIN, ReviewRule, closeness, fit_review, flags, review,
-                             rule_from_meta, sig3, threshold_text)
+from medsight.review import (
+    DEFAULT_MARGIN,
+    MAX_MARGIN,
+    ReviewRule,
+    closeness,
+    fit_review,
+    flags,
+    review,
+    rule_from_meta,
+    sig3,
+    threshold_text,
+)
 from medsight.tasks import Task
 
 BIN = Task("binary", 2)

@@ -16,7 +16,13 @@ import pytest
 from PIL import Image
 
 from medsight.predict import Predictor
-from medsight.serve.app import Admission, DEFAULT_QUEUE, Service, UploadError, create_app
+from medsight.serve.app import (
+    DEFAULT_QUEUE,
+    Admission,
+    Service,
+    UploadError,
+    create_app,
+)
 from medsight.serve.server import install_loop_handler, server_config
 
 

@@ -642,15 +642,16 @@ def _trim_heap() -> None:
         import ctypes.util
 
         try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC = libc
         except (OSError, AttributeError):
             _LIBC = False
     if _LIBC:
-        _LIBC.malloc_trim(0)
+        _LIBC.malloc_trim(0)  # type: ignore[attr-defined]
 
 
-_LIBC = None
+_LIBC: "object | None" = None  # the C library (False where it cannot be loaded)
 
 
 def image_png(x: np.ndarray) -> bytes:

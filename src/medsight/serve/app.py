@@ -40,6 +40,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
@@ -504,9 +505,10 @@ class Service:
         except DataError as e:  # missing or wrongly typed clinical columns
             raise UploadError(422, str(e).splitlines()[0]) from None
         images = None
-        if explain:
-            images = {"heatmap": pred.overlay(x, r.heatmap), "colormap": pred.overlay(x, r.heatmap, 1.0),
-                      "image": _image_png(x), **pred.display(arr, meta, r.heatmap, name, DISPLAY_MAX_SIDE)}
+        if explain and r.heatmap is not None:
+            heat = r.heatmap
+            images = {"heatmap": pred.overlay(x, heat), "colormap": pred.overlay(x, heat, 1.0),
+                      "image": _image_png(x), **pred.display(arr, meta, heat, name, DISPLAY_MAX_SIDE)}
         return response_fields(r, rid, pred.temperature, images)
 
     # --- HTTP plumbing ------------------------------------------------------------------------------------
@@ -629,7 +631,7 @@ def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_uploa
     app.router.on_shutdown.append(svc.gate.shutdown)
     app.router.on_startup.append(quiet_accept_errors)
     check_key = _key_check(api_key)
-    errors = {401: {"model": ErrorResponse}} if api_key else {}
+    errors: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse}} if api_key else {}
 
     @app.get("/", include_in_schema=False)
     def index():
