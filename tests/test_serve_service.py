@@ -223,3 +223,22 @@ def test_descriptor_exhaustion_is_one_line_without_a_traceback(caplog):
         assert handler.suppressed == 499
     finally:
         loop.close()
+
+
+def test_a_bundle_from_before_the_rule_gets_the_stated_default(served_bundle, breast_files, tmp_path):
+    """bundle.json without ``review`` (written before the rule existed): the default margin ln 2, said so."""
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(served_bundle, old)
+    meta = json.loads((old / "bundle.json").read_text())
+    del meta["review"]
+    (old / "bundle.json").write_text(json.dumps(meta))
+    svc = Service(Predictor(old, backend="torch"), workers=1)
+    info = svc.model_info()
+    assert info.review.fitted is False and info.review_margin == pytest.approx(np.log(2))
+    assert "default margin ln 2" in info.review.description
+    body = svc.infer(breast_files["png"][0].read_bytes(), "x.png")
+    assert isinstance(body["review"], bool) and all("review margin 0.69" in r for r in body["review_reasons"]
+                                                    if "too close" in r)
