@@ -242,3 +242,20 @@ def test_a_bundle_from_before_the_rule_gets_the_stated_default(served_bundle, br
     body = svc.infer(breast_files["png"][0].read_bytes(), "x.png")
     assert isinstance(body["review"], bool) and all("review margin 0.69" in r for r in body["review_reasons"]
                                                     if "too close" in r)
+
+
+def test_idle_connection_flood_evicts_the_oldest_idle_and_health_answers(served_bundle, predictor):
+    import httpx
+
+    app = create_app(served_bundle, predictor=predictor, workers=1, queue=0)
+    with _Served(app, connections=8, header_timeout_s=30) as srv:
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(30)]
+        try:
+            t0 = time.monotonic()
+            assert httpx.get(f"http://127.0.0.1:{srv.port}/healthz", timeout=10).status_code == 200
+            assert time.monotonic() - t0 < 5  # not after the 30 s header timeout
+            assert idle[0].recv(10) == b""  # the oldest idle connection was closed by the server
+            assert len(srv.server.server_state.connections) <= 8
+        finally:
+            for s in idle:
+                s.close()

@@ -4,8 +4,10 @@
   (or of its previous response); otherwise it is closed (a half-sent header holds nothing for long);
 - **body timeout**: enforced per upload by the app (408, ``body_timeout_s``); a slow body holds no admission slot;
 - **keep-alive idle timeout**: ``keep_alive_s`` (uvicorn ``timeout_keep_alive``);
-- **connection limit**: ``limit_concurrency`` (uvicorn answers 503 beyond it), kept below half the process's
-  descriptor limit so the listener itself keeps descriptors to accept and close with;
+- **connection limit**: at most ``connections`` open connections (default :data:`CONNECTIONS`, at most half the
+  process's descriptor limit): a new connection beyond it closes the oldest connection that is idle (no request
+  head in progress or being served), so a flood of idle connections cannot exhaust the descriptors and real
+  requests keep being accepted; uvicorn's ``limit_concurrency`` (503) sits a little above it for busy ones;
 - **incomplete events**: request lines + headers are capped at ``MAX_HEADER_BYTES`` (h11
   ``max_incomplete_event_size``);
 - **descriptor exhaustion**: ``accept()`` failing with EMFILE/ENFILE is logged as one line per minute, without a
@@ -72,20 +74,28 @@ def install_loop_handler(loop: asyncio.AbstractEventLoop, every_s: float = 60.0)
     return handler
 
 
-def _protocol(header_timeout_s: float):
-    """uvicorn's h11 protocol with a header timeout: a connection that has not sent a complete request head within
-    ``header_timeout_s`` of opening (or of its last response) is closed."""
+def _protocol(header_timeout_s: float, max_connections: int):
+    """uvicorn's h11 protocol with a header timeout (a connection that has not sent a complete request head within
+    ``header_timeout_s`` of opening, or of its last response, is closed) and idle eviction (beyond
+    ``max_connections`` open connections, the oldest idle one is closed)."""
+    from collections import OrderedDict
+
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeaderTimeoutH11(H11Protocol):
+    idle: OrderedDict = OrderedDict()  # connections waiting for a request head, oldest first
+
+    class GuardedH11(H11Protocol):
         _header_timer = None
 
         def _arm(self) -> None:
             self._disarm()
             self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
+            idle[self] = None
+            idle.move_to_end(self)
 
         def _disarm(self) -> None:
+            idle.pop(self, None)
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
@@ -97,6 +107,10 @@ def _protocol(header_timeout_s: float):
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            while len(self.connections) > max_connections and idle:
+                oldest, _ = idle.popitem(last=False)
+                if oldest is not self and not oldest.transport.is_closing():
+                    oldest.transport.close()
             self._arm()
 
         def connection_lost(self, exc) -> None:
@@ -113,7 +127,7 @@ def _protocol(header_timeout_s: float):
             if not self.transport.is_closing():
                 self._arm()
 
-    return HeaderTimeoutH11
+    return GuardedH11
 
 
 def server_config(app, host: str, port: int, *, header_timeout_s: float = HEADER_TIMEOUT_S,
@@ -121,9 +135,10 @@ def server_config(app, host: str, port: int, *, header_timeout_s: float = HEADER
     """The uvicorn ``Config`` for the service with the limits above."""
     import uvicorn
 
+    cap = connection_limit(connections)
     return uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning",
-                          http=_protocol(header_timeout_s), timeout_keep_alive=max(1, round(keep_alive_s)),
-                          limit_concurrency=connection_limit(connections), h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                          http=_protocol(header_timeout_s, cap), timeout_keep_alive=max(1, round(keep_alive_s)),
+                          limit_concurrency=cap + max(8, cap // 8), h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                           backlog=1024, **kw)
 
 
