@@ -182,6 +182,7 @@ class StorageSCP:
                     (evt.EVT_ABORTED, self._on_aborted)]
         self.server = self.ae.make_server((host, port), evt_handlers=handlers, server_class=_Server,
                                           ssl_context=ssl_context)
+        self.ae._servers.append(self.server)  # as AE.start_server does (the server's shutdown() removes it)
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="medsight-node-scp", daemon=True)
 
@@ -190,8 +191,7 @@ class StorageSCP:
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.shutdown()  # also closes the socket
         self._thread.join(timeout=5)
 
     def _on_rejected(self, event):
