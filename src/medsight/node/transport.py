@@ -236,7 +236,8 @@ class DicomWebClient:
             session.auth = (cfg.username, cfg.password or "")
         session.verify = cfg.ca_bundle if (cfg.verify_tls and cfg.ca_bundle) else bool(cfg.verify_tls)
         self.url = cfg.url
-        self.client = DICOMwebClient(cfg.url, session=session)
+        self.client = DICOMwebClient(cfg.url, session=session, timeout=(10, 120))
+        self.client.set_http_retry_params(retry=False)  # the worklist retries, with its own backoff
         logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
 
     def _call(self, what: str, fn, *a, **kw):

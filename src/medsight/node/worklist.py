@@ -211,14 +211,15 @@ class Worklist:
         Raises :class:`QuotaExceeded` when the store is full."""
         now = self.clock()
         with self._lock:
-            row = self._db.execute("SELECT 1 FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone()
+            row = self._db.execute("SELECT path FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone()
+            refill = row is not None and row[0] is None  # held once, cleaned after its results: needed again
             ended = bool(routes) and all(
                 (r := self._db.execute("SELECT state FROM jobs WHERE series_uid=? AND bundle_version=?",
                                        (series_uid, v)).fetchone()) is not None and r[0] in ("sent", "failed")
                 for _, v in routes)
             if ended:
                 return "done"
-            if row is None:
+            if row is None or refill:
                 if self.store_bytes() + len(data) > self.quota_bytes:
                     raise QuotaExceeded(f"store {self.store} is full ({self.quota_bytes} bytes)")
                 path = self.instance_path(series_uid, sop_uid)
@@ -231,6 +232,9 @@ class Worklist:
                     db.execute("INSERT INTO instances(sop_uid, series_uid, sop_class_uid, path, size, received_at) "
                                "VALUES (?,?,?,?,?,?)", (sop_uid, series_uid, sop_class_uid,
                                                         str(self.instance_path(series_uid, sop_uid)), len(data), now))
+                elif refill:
+                    db.execute("UPDATE instances SET path=?, size=?, received_at=? WHERE sop_uid=?",
+                               (str(self.instance_path(series_uid, sop_uid)), len(data), now, sop_uid))
                 for name, version in routes:
                     cur = db.execute("INSERT OR IGNORE INTO jobs(series_uid, bundle_version, route, state, created_at, "
                                      "updated_at, arrived_at) VALUES (?,?,?,?,?,?,?)",
@@ -238,7 +242,7 @@ class Worklist:
                     if cur.rowcount:
                         db.execute("INSERT INTO history(job_id, at, from_state, to_state, note) VALUES (?,?,?,?,?)",
                                    (cur.lastrowid, now, None, "received", f"route {name}"))
-            return "new" if row is None else "duplicate"
+            return "new" if row is None or refill else "duplicate"
 
     def mark_seen(self, series_uid: str) -> bool:
         """The poller's memory: True the first time a series is seen (it is then retrieved), False after."""
