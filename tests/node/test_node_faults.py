@@ -221,3 +221,36 @@ def test_push_with_storescu_results_reach_orthanc(tmp_path, orthanc, served_bund
     for g in got["groups"]:
         row = expected[g["sources"][0]]
         assert g["Probability of positive class"] == pytest.approx(row["probabilities"][row["positive_class"]], abs=1e-6)
+
+
+def test_crash_between_send_and_bookkeeping_resends_the_same_instances(tmp_path, orthanc, served_bundle, breast):
+    """The worst moment for kill -9: results stored in the PACS, the worklist not yet told. The redone job
+    sends instances with the same UIDs, so Orthanc still holds one result set."""
+    port = free_port()
+    raw = node_config(tmp_path, served_bundle, orthanc, port=port)
+    (s,) = make_series(breast.splits["test"].images, 1)
+    node = _node(tmp_path, raw)
+    try:
+        _push(port, s["files"])
+
+        def crash(*a, **k):
+            raise SystemExit("killed")  # stands for the process dying right after STOW-RS returned
+
+        node.wl.sent = crash
+        with pytest.raises(SystemExit):
+            run_until(node, lambda: False, timeout=30)
+        assert node.wl.counts()["running"] == 1
+        first = orthanc.results(s["study"])
+        assert (len(first["SR"]), len(first["heatmap"])) == (1, 1)
+    finally:
+        node.stop()
+    node = _node(tmp_path, raw)  # restart: the running job is redone
+    try:
+        run_until(node, lambda: node.wl.counts()["sent"] == 1)
+        assert node.wl.jobs()[0]["attempts"] == 2
+    finally:
+        node.stop()
+    again = orthanc.results(s["study"])
+    assert (len(again["SR"]), len(again["heatmap"])) == (1, 1)
+    assert pydicom.dcmread(io.BytesIO(again["SR"][0])).SOPInstanceUID == \
+        pydicom.dcmread(io.BytesIO(first["SR"][0])).SOPInstanceUID

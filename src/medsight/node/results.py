@@ -56,9 +56,10 @@ def review_of(pred) -> tuple[bool | None, list[str]]:
 
 def result_uid(series_uid: str, bundle_version: str, kind: str) -> str:
     """A UID fixed by (source series, bundle version, kind): the same inputs always give the same UID."""
-    from pydicom.uid import generate_uid
+    import hashlib
 
-    return str(generate_uid(prefix=None, entropy_srcs=["medsight-node", series_uid, bundle_version, kind]))
+    digest = hashlib.sha256("\0".join(["medsight-node", series_uid, bundle_version, kind]).encode()).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"  # a 128-bit integer under the UUID-derived root
 
 
 def _code(value: str, meaning: str, scheme: str = SCHEME):
