@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _subproc import free_port  # noqa: E402
+from _subproc import free_port
 
 PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 USER, PASSWORD = "medsight", "s3cret-for-tests"
@@ -59,11 +59,11 @@ class Orthanc:
         }
         self.config.write_text(json.dumps(cfg))
 
-    def start(self) -> "Orthanc":
+    def start(self) -> Orthanc:
         self.write_config()
-        self.log = open(self.root / "orthanc.log", "ab")
-        self.proc = subprocess.Popen([self.exe, str(self.config)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        with open(self.root / "orthanc.log", "ab") as log:
+            self.proc = subprocess.Popen([self.exe, str(self.config)], stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
         deadline = time.time() + 60
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -19,7 +19,7 @@ import yaml
 from conftest import NODE_AET, make_series, node_config, run_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _subproc import env, free_port, medsight_cmd  # noqa: E402
+from _subproc import env, free_port, medsight_cmd
 
 
 def _node(tmp_path, raw):
@@ -67,10 +67,11 @@ def _kill9_batch(tmp_path, orthanc, served_bundle, breast, n_series: int):
     cfg.write_text(yaml.safe_dump(raw))
     series = make_series(breast.splits["test"].images, n_series)
     db = tmp_path / "node" / "worklist.sqlite"
-    logs = open(tmp_path / "node.log", "ab")
 
     def start():
-        p = subprocess.Popen(medsight_cmd("node", "run", "--config", str(cfg)), env=env(), stdout=logs, stderr=logs)
+        with open(tmp_path / "node.log", "ab") as logs:
+            p = subprocess.Popen(medsight_cmd("node", "run", "--config", str(cfg)), env=env(), stdout=logs,
+                                 stderr=logs)
         deadline = time.time() + 90
         while time.time() < deadline:
             assert p.poll() is None, (tmp_path / "node.log").read_text()
@@ -205,7 +206,7 @@ def test_push_with_storescu_results_reach_orthanc(tmp_path, orthanc, served_bund
             files.append(tmp_path / f"in{i}.dcm")
             files[-1].write_bytes(b)
         r = subprocess.run([storescu, "-aet", "STORESCU", "-aec", NODE_AET, "127.0.0.1", str(port), *map(str, files)],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, check=False)
         assert r.returncode == 0, r.stderr
         run_until(node, lambda: node.wl.counts()["sent"] == 1)
         p = node.loaded["breast"].predictor

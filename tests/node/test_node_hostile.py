@@ -15,7 +15,7 @@ import pytest
 from conftest import make_series
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _subproc import free_port  # noqa: E402
+from _subproc import free_port
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def scp(tmp_path, served_bundle):
     from medsight.node.service import Node
 
     raw = {"ae_title": "MEDSIGHT", "workdir": str(tmp_path / "node"), "listen": {"host": "127.0.0.1", "port": free_port()},
-           "allowed_calling_aets": ["PUSHER"], "max_instance_mb": 4,
+           "allowed_calling_aets": ["PUSHER"], "max_instance_mb": 4, "metrics": {"port": free_port()},
            "pacs": {"dimse": {"host": "127.0.0.1", "port": 1, "ae_title": "NOWHERE"}}, "send": "dimse",
            "routes": [{"name": "breast", "bundle": str(served_bundle)}]}
     node = Node(parse_config(raw, tmp_path), worker=False).start()
@@ -60,7 +60,7 @@ def _raw(port: int, payload: bytes) -> bytes:
         sock.sendall(payload)
         try:
             return sock.recv(100)
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             return b""
 
 
@@ -103,6 +103,10 @@ def test_hostile_input_refused_one_line_each_node_alive(scp, breast, caplog):
 
     _alive(scp, breast)
     assert scp.refused == 4
+    import requests
+
+    metrics = requests.get(f"http://127.0.0.1:{scp.metrics_port}/metrics", timeout=10).text
+    assert "medsight_node_refused_total 4" in metrics and 'medsight_node_jobs{state="received"} 1' in metrics
     # no UIDs or patient data in any line the node logged
     text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("medsight"))
     assert s["series"] not in text and "Test^Patient" not in text and "PID-NODE-1" not in text

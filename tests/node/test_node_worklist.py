@@ -153,6 +153,7 @@ def test_result_uids_are_deterministic_and_review_adapter():
 
 def test_check_instance_refuses_broken_input(breast):
     from conftest import make_series
+
     from medsight.node.transport import BadInstance, check_instance
 
     (s,) = make_series(breast.splits["test"].images[:1], 1)
@@ -169,3 +170,29 @@ def test_check_instance_refuses_broken_input(breast):
     with pytest.raises(BadInstance, match="SeriesInstanceUID"):
         check_instance(buf.getvalue(), 1 << 20)
     assert os.environ.get("MEDSIGHT_DATA_DIR")
+
+
+def test_cli_status_and_bad_config(tmp_path, capsys):
+    import yaml
+
+    from medsight.cli import main
+    from medsight.node.service import metrics_text
+
+    wl = Worklist(tmp_path / "node" / "worklist.sqlite", tmp_path / "node" / "store")
+    _recv(wl)
+    _recv(wl, series="1.2.4", sop="1.2.4.1")
+    wl.promote(0)
+    job = wl.claim()
+    wl.retry(job.id, "DICOMweb STOW-RS failed: HTTP 503")
+    text = metrics_text(wl)
+    assert 'medsight_node_jobs{state="queued"} 2' in text and "medsight_node_store_bytes 200" in text
+    wl.close()
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml.safe_dump({"workdir": str(tmp_path / "node"), "routes": [{"name": "a", "bundle": "b"}],
+                                   "send": "dimse", "pacs": {"dimse": {"host": "h", "port": 1, "ae_title": "P"}}}))
+    assert main(["node", "status", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "queued 2" in out and "HTTP 503" in out and "1.2.3" not in out
+    assert main(["node", "status", "--config", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read node config" in err and len(err.strip().splitlines()) == 1

@@ -60,9 +60,7 @@ class Route:
             return False
         if self.series_description and not re.search(self.series_description, str(attrs.get("SeriesDescription") or "")):
             return False
-        if self.sop_class and str(attrs.get("SOPClassUID") or "") not in self.sop_class:
-            return False
-        return True
+        return not (self.sop_class and str(attrs.get("SOPClassUID") or "") not in self.sop_class)
 
 
 @dataclass

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -58,7 +58,7 @@ def result_uid(series_uid: str, bundle_version: str, kind: str) -> str:
     """A UID fixed by (source series, bundle version, kind): the same inputs always give the same UID."""
     import hashlib
 
-    digest = hashlib.sha256("\0".join(["medsight-node", series_uid, bundle_version, kind]).encode()).digest()
+    digest = hashlib.sha256(f"medsight-node\0{series_uid}\0{bundle_version}\0{kind}".encode()).digest()
     return f"2.25.{int.from_bytes(digest[:16], 'big')}"  # a 128-bit integer under the UUID-derived root
 
 
@@ -112,7 +112,11 @@ class Finding:
 
 
 def _group(f: Finding, *, positive_class: str | None, rule: str):
-    from highdicom.sr import ContainerContentItem, ImageContentItem, RelationshipTypeValues
+    from highdicom.sr import (
+        ContainerContentItem,
+        ImageContentItem,
+        RelationshipTypeValues,
+    )
 
     p = f.prediction
     g = ContainerContentItem(name=_c(C_GROUP), relationship_type=RelationshipTypeValues.CONTAINS)

@@ -20,12 +20,17 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from medsight.errors import ConfigError, MedsightError
 from medsight.node.config import NodeConfig, Route
-from medsight.node.transport import (BadInstance, DicomWebClient, DimseClient, StorageSCP, TransportError,
-                                     check_instance)
+from medsight.node.transport import (
+    BadInstance,
+    DicomWebClient,
+    DimseClient,
+    StorageSCP,
+    TransportError,
+    check_instance,
+)
 from medsight.node.worklist import QuotaExceeded, Worklist
 
 log = logging.getLogger("medsight.node")
@@ -76,7 +81,7 @@ class Node:
         return DimseClient(self.cfg.dimse, self.cfg.ae_title) if self.cfg.dimse else None
 
     # --- life cycle -----------------------------------------------------------------------------------------
-    def start(self) -> "Node":
+    def start(self) -> Node:
         from medsight.node.worklist import _private_dir
 
         _private_dir(self.cfg.workdir)
@@ -222,7 +227,7 @@ class Node:
         return True
 
     def process(self, job) -> None:
-        from medsight.node.results import Finding, build_sc, build_sr, strongest
+        from medsight.node.results import build_sc, build_sr, strongest
 
         ld = self.loaded.get(job.route)
         if ld is None or ld.version != job.bundle_version:
@@ -286,7 +291,7 @@ class Node:
         return findings
 
     def _explained(self, ld: _Loaded, f):
-        path = dict((s, pth) for s, _, pth in self.wl.instances(f.sources[0].SeriesInstanceUID))[
+        path = {s: pth for s, _, pth in self.wl.instances(f.sources[0].SeriesInstanceUID)}[
             str(f.sources[0].SOPInstanceUID)]
         return ld.predictor.predict_file(path, explain=True)
 
@@ -298,7 +303,7 @@ class Node:
         node = self
 
         class H(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 if self.path.split("?")[0] != "/metrics":
                     self.send_error(404)
                     return

@@ -10,7 +10,7 @@ import re
 import socket
 import struct
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger("medsight.node")
 
@@ -186,7 +186,7 @@ class StorageSCP:
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="medsight-node-scp", daemon=True)
 
-    def start(self) -> "StorageSCP":
+    def start(self) -> StorageSCP:
         self._thread.start()
         return self
 
