@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import List, Optional
 
 import typer
 
@@ -59,3 +60,36 @@ def node_status(config: Path = _CONFIG, as_json: bool = typer.Option(False, "--j
     typer.echo(f"store: {s['store_bytes'] / 1e6:.1f} MB held")
     for e in s["last_errors"]:
         typer.echo(f"job {e['job']} ({e['route']}, {e['state']}, attempt {e['attempts']}): {e['error']}")
+
+
+@node_app.command("export")
+def node_export(config: Path = _CONFIG,
+                out: Path = typer.Option(..., "--out", help="new or empty folder for images/ and manifest.csv"),
+                labels: Path = typer.Option(..., help="CSV: accession_number (or study_uid) and label"),
+                key: str = typer.Option("accession", help="what the labels CSV is keyed by: accession or study"),
+                filter_: List[str] = typer.Option([], "--filter", help="QIDO-RS filter KEYWORD=VALUE (repeatable)"),
+                secret_env: Optional[str] = typer.Option(None, help="environment variable holding the de-identification "
+                                                          "secret (reproducible pseudonyms; default: random)"),
+                mapping: Optional[Path] = typer.Option(None, help="also write the re-identifying mapping CSV here (keep it "
+                                                        "secure)")):
+    """Cohort export: query, retrieve (WADO-RS), de-identify, and write a manifest `medsight train` reads."""
+    import os
+
+    from medsight.errors import ConfigError
+    from medsight.node.config import load_config
+    from medsight.node.export import export_cohort
+
+    filters = {}
+    for f in filter_:
+        if "=" not in f:
+            raise ConfigError(f"--filter {f!r}: expected KEYWORD=VALUE")
+        k, v = f.split("=", 1)
+        filters[k.strip()] = v.strip()
+    secret = None
+    if secret_env:
+        if secret_env not in os.environ:
+            raise ConfigError(f"--secret-env: environment variable {secret_env} is not set")
+        secret = os.environ[secret_env]
+    s = export_cohort(load_config(config), out, labels, key=key, filters=filters, secret=secret, mapping_csv=mapping)
+    typer.echo(f"exported {s['written']} de-identified instances from {s['series']} series ({s['patients']} "
+               f"patients; {s['held_back']} held back, {s['refused']} refused) -> {s['manifest']}")

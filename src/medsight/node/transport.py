@@ -251,13 +251,19 @@ class DicomWebClient:
 
     def find_series(self, filters: dict) -> list[tuple[str, str]]:
         """QIDO-RS: (study UID, series UID) of every series matching ``filters`` (DICOM keywords)."""
+        return [(r["study"], r["series"]) for r in self.series_rows(filters)]
+
+    def series_rows(self, filters: dict) -> list[dict]:
+        """QIDO-RS: {'study', 'series', 'accession'} of every series matching ``filters``."""
         rows = self._call("QIDO-RS", self.client.search_for_series, search_filters=dict(filters),
-                          fields=["StudyInstanceUID", "SeriesInstanceUID"]) or []
+                          fields=["StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber"]) or []
         out = []
         for r in rows:
             try:
-                out.append((r["0020000D"]["Value"][0], r["0020000E"]["Value"][0]))
-            except (KeyError, IndexError, TypeError):
+                acc = (r.get("00080050", {}).get("Value") or [""])[0]
+                out.append({"study": r["0020000D"]["Value"][0], "series": r["0020000E"]["Value"][0],
+                            "accession": str(acc or "")})
+            except (KeyError, IndexError, TypeError, AttributeError):
                 continue
         return out
 
