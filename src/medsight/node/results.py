@@ -25,6 +25,7 @@ after a crash re-sends the very same instances, so the PACS keeps one copy. The 
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 from collections.abc import Sequence
@@ -62,7 +63,9 @@ def result_uid(series_uid: str, bundle_version: str, kind: str) -> str:
     return f"2.25.{int.from_bytes(digest[:16], 'big')}"  # a 128-bit integer under the UUID-derived root
 
 
+@functools.lru_cache(maxsize=512)
 def _code(value: str, meaning: str, scheme: str = SCHEME):
+    """One CodedConcept per code (building them is most of an SR's cost; highdicom copies them into items)."""
     from highdicom.sr import CodedConcept
 
     return CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)

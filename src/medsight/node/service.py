@@ -82,6 +82,8 @@ class Node:
 
     # --- life cycle -----------------------------------------------------------------------------------------
     def start(self) -> Node:
+        import highdicom  # noqa: F401 - imported now, not inside the first job's timing
+
         from medsight.node.worklist import _private_dir
 
         _private_dir(self.cfg.workdir)
@@ -245,6 +247,7 @@ class Node:
         top = strongest(findings, pos)
         if top.prediction.heatmap is None:
             top.prediction = self._explained(ld, top)
+        t1 = time.perf_counter()
         try:
             sr = build_sr(findings, bundle=ld.predictor.bundle, version=ld.version, route=job.route,
                           series_uid=job.series_uid)
@@ -253,7 +256,7 @@ class Node:
             self.wl.failed(job.id, f"cannot build the result DICOM: {type(e).__name__}: {str(e)[:200]}")
             log.warning("job %d failed: cannot build the result DICOM (%s)", job.id, type(e).__name__)
             return
-        infer_s = time.perf_counter() - t0
+        t2 = time.perf_counter()
         try:
             self.sender.store([sr, sc], job.study_uid)
         except TransportError as e:
@@ -261,7 +264,7 @@ class Node:
             log.warning("job %d: sending results failed (%s); %s", job.id, e,
                         "gave up" if delay is None else f"retry in {delay:.1f} s")
             return
-        self.wl.sent(job.id, infer_s=infer_s)
+        self.wl.sent(job.id, infer_s=t1 - t0, build_s=t2 - t1, send_s=time.perf_counter() - t2)
         log.info("job %d (series %s, route %s) sent", job.id, short(job.series_uid), job.route)
 
     def _predict(self, ld: _Loaded, job) -> list:
@@ -281,9 +284,10 @@ class Node:
             folder = inst[0][2].parent
             return [Finding([headers[s] for s, _, _ in inst], p.predict_file(folder, explain=True))]
         findings, errors = [], []
+        explain = len(inst) == 1  # one image: its heatmap now; else only the strongest one's, afterwards
         for sop, _, path in inst:
             try:
-                findings.append(Finding([headers[sop]], p.predict_file(path)))
+                findings.append(Finding([headers[sop]], p.predict_file(path, explain=explain)))
             except DataError as e:
                 errors.append(str(e))
         if not findings:

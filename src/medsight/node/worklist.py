@@ -63,6 +63,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     arrived_at REAL NOT NULL,
     last_error TEXT,
     infer_s REAL,
+    build_s REAL,
+    send_s REAL,
     UNIQUE (series_uid, bundle_version)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, next_at);
@@ -291,9 +293,13 @@ class Worklist:
             self._move(db, row[0], "running", None, attempts=row[5] + 1, lease_until=now + self.lease_s)
             return Job(row[0], row[1], row[2], row[3], row[4], row[5] + 1, row[6])
 
-    def sent(self, job_id: int, *, infer_s: float | None = None) -> None:
+    def sent(self, job_id: int, *, infer_s: float | None = None, build_s: float | None = None,
+             send_s: float | None = None) -> None:
+        """Done: the results are stored in the PACS (seconds spent in inference, building the result DICOM and
+        sending it are kept for status and benchmarks)."""
         with self._tx() as db:
-            self._move(db, job_id, "sent", None, lease_until=None, infer_s=infer_s, last_error=None)
+            self._move(db, job_id, "sent", None, lease_until=None, infer_s=infer_s, build_s=build_s, send_s=send_s,
+                       last_error=None)
 
     def failed(self, job_id: int, error: str) -> None:
         """Permanent failure (the data cannot be used): no retry."""
@@ -377,13 +383,14 @@ class Worklist:
                 "p50_s": lat[len(lat) // 2] if lat else None,
                 "p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else None}
 
-    def history(self, job_id: int) -> list[tuple[str | None, str, str | None]]:
+    def history(self, job_id: int) -> list[tuple]:
+        """(from state, to state, note, time) of every change of one job, oldest first."""
         with self._lock:
             return [tuple(r) for r in self._db.execute(
-                "SELECT from_state, to_state, note FROM history WHERE job_id=? ORDER BY id", (job_id,))]
+                "SELECT from_state, to_state, note, at FROM history WHERE job_id=? ORDER BY id", (job_id,))]
 
     def jobs(self) -> list[dict]:
         with self._lock:
             cols = ("id", "series_uid", "bundle_version", "route", "state", "attempts", "arrived_at", "updated_at",
-                    "infer_s", "last_error")
+                    "infer_s", "build_s", "send_s", "last_error")
             return [dict(zip(cols, r)) for r in self._db.execute(f"SELECT {', '.join(cols)} FROM jobs ORDER BY id")]
