@@ -3,8 +3,11 @@ medsight's dataset reader takes."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from conftest import PASSWORD, USER, make_series
+
+pytestmark = pytest.mark.realdata  # BreastMNIST images
 
 
 def test_export_cohort_deidentified_manifest(tmp_path, orthanc, breast, monkeypatch, capsys):

@@ -18,6 +18,8 @@ import pytest
 import yaml
 from conftest import NODE_AET, make_series, node_config, run_until
 
+pytestmark = pytest.mark.realdata  # BreastMNIST images and a bundle trained on them
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _subproc import env, free_port, medsight_cmd
 
@@ -147,11 +149,25 @@ def test_pacs_down_retries_then_results_arrive(tmp_path, orthanc, served_bundle,
     _one_result_set(orthanc, series)
 
 
-def test_resent_instances_one_result_set_new_version_new_results(tmp_path, orthanc, served_bundle, breast,
-                                                               tmp_path_factory):
-    from medsight.config import load_config
-    from medsight.pipeline import run_training
+def _retrained(bundle: Path, out: Path) -> Path:
+    """A copy of ``bundle`` with slightly different weights (a new version), hashes rewritten."""
+    import json
 
+    import torch
+
+    from medsight.bundle import load_bundle, save_weights, write_meta
+
+    shutil.copytree(bundle, out)
+    b = load_bundle(out)
+    with torch.no_grad():
+        for prm in b.model.parameters():
+            prm.add_(0.01)
+    save_weights(out, b.model)
+    write_meta(out, json.loads((out / "bundle.json").read_text()))
+    return out
+
+
+def test_resent_instances_one_result_set_new_version_new_results(tmp_path, orthanc, served_bundle, breast):
     port = free_port()
     raw = node_config(tmp_path, served_bundle, orthanc, port=port)
     series = make_series(breast.splits["test"].images, 2, per_series=2)
@@ -171,10 +187,8 @@ def test_resent_instances_one_result_set_new_version_new_results(tmp_path, ortha
         node.stop()
     _one_result_set(orthanc, series)
 
-    # a new bundle version of the same route: new results, the old ones kept
-    cfg = load_config(None, {"data.name": "breastmnist", "model.name": "simple_cnn", "train.epochs": 1,
-                             "train.seed": 7})
-    bundle2, _, _ = run_training(cfg, tmp_path_factory.mktemp("v2") / "bundle", data=breast)
+    # a new bundle version of the same route (retrained weights): new results, the old ones kept
+    bundle2 = _retrained(served_bundle, tmp_path / "bundle2")
     raw["routes"][0]["bundle"] = str(bundle2)
     node = _node(tmp_path, raw)
     try:

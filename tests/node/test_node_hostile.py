@@ -14,6 +14,8 @@ import pydicom
 import pytest
 from conftest import make_series
 
+pytestmark = pytest.mark.realdata  # BreastMNIST images and a bundle trained on them
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _subproc import free_port
 
