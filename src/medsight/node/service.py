@@ -59,7 +59,7 @@ class Node:
         self._lock_fd = None
         self.loaded: dict[str, _Loaded] = {}
         for r in cfg.routes:
-            p = Predictor(r.bundle, threads=1)
+            p = Predictor(r.bundle)  # intra-op threads: torch's default (one job runs at a time)
             self.loaded[r.name] = _Loaded(r, p, p.version)
         self.wl: Worklist | None = None
         self.scp: StorageSCP | None = None
