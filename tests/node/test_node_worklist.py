@@ -195,3 +195,15 @@ def test_cli_status_and_bad_config(tmp_path, capsys):
     assert main(["node", "status", "--config", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err
     assert "cannot read node config" in err and len(err.strip().splitlines()) == 1
+
+
+def test_node_usage_errors_one_line_exit_2(capsys):
+    from medsight.cli import main
+
+    for argv in (["node", "run", "--confg", "x.yaml"], ["node", "status"], ["node", "export", "--config"],
+                 ["node", "nope"]):
+        assert main(argv) == 2, argv
+        cap = capsys.readouterr()
+        lines = cap.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0], (argv, cap.err)
+        assert "Traceback" not in cap.err + cap.out
