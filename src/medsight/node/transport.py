@@ -274,9 +274,14 @@ class DicomWebClient:
     def store(self, datasets: Sequence, study: str) -> None:
         """STOW-RS into ``study``; raises TransportError unless every instance was stored."""
         resp = self._call("STOW-RS", self.client.store_instances, list(datasets), study_instance_uid=study)
-        failed = resp.get("00081198") if resp is not None else None
-        if failed and failed.get("Value"):
-            raise TransportError(f"DICOMweb STOW-RS: the server refused {len(failed['Value'])} instance(s)")
+        failed = getattr(resp, "FailedSOPSequence", None) if resp is not None else None
+        if failed:
+            raise TransportError(f"DICOMweb STOW-RS: the server refused {len(failed)} instance(s)")
+        stored = {str(getattr(it, "ReferencedSOPInstanceUID", "")) for it in
+                  (getattr(resp, "ReferencedSOPSequence", None) or [])}
+        missing = [ds for ds in datasets if stored and str(ds.SOPInstanceUID) not in stored]
+        if missing:
+            raise TransportError(f"DICOMweb STOW-RS: {len(missing)} instance(s) missing from the server's answer")
 
 
 # --------------------------------------------------------------------------------------------- DIMSE SCU
