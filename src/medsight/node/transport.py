@@ -231,10 +231,23 @@ class DicomWebClient:
         from dicomweb_client.api import DICOMwebClient
 
         self._requests = requests
-        session = requests.Session()
+        verify = cfg.ca_bundle if (cfg.verify_tls and cfg.ca_bundle) else bool(cfg.verify_tls)
+        if not cfg.verify_tls and cfg.url.startswith("https://"):
+            log.warning("DICOMweb: the server's TLS certificate is NOT verified (verify_tls: false in the config)")
+
+        class _Session(requests.Session):
+            """The configured TLS verification wins: plain requests lets $REQUESTS_CA_BUNDLE / $CURL_CA_BUNDLE
+            replace a session's ``verify`` (a configured CA, or an explicit opt-out, would be ignored)."""
+
+            def merge_environment_settings(self, url, proxies, stream, verify_, cert):
+                out = super().merge_environment_settings(url, proxies, stream, verify_, cert)
+                out["verify"] = verify
+                return out
+
+        session = _Session()
         if cfg.username:
             session.auth = (cfg.username, cfg.password or "")
-        session.verify = cfg.ca_bundle if (cfg.verify_tls and cfg.ca_bundle) else bool(cfg.verify_tls)
+        session.verify = verify
         self.url = cfg.url
         self.client = DICOMwebClient(cfg.url, session=session, timeout=(10, 120))
         self.client.set_http_retry_params(retry=False)  # the worklist retries, with its own backoff
