@@ -207,3 +207,13 @@ def test_node_usage_errors_one_line_exit_2(capsys):
         lines = cap.err.splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0], (argv, cap.err)
         assert "Traceback" not in cap.err + cap.out
+
+
+def test_route_may_match_before_retrieval():
+    from medsight.node.config import Route
+
+    r = Route("chest", bundle=None, modality=["CR"], series_description="(?i)pa")
+    assert r.may_match({"modality": "CR", "description": "PA"})
+    assert r.may_match({"modality": None, "description": None})  # not returned by the PACS: retrieve and see
+    assert not r.may_match({"modality": "SR", "description": "medsight chest SR"})
+    assert not r.may_match({"modality": "CR", "description": "lateral"})

@@ -48,6 +48,15 @@ class Route:
     series_description: str | None = None
     sop_class: list[str] = field(default_factory=list)
 
+    def may_match(self, row: dict) -> bool:
+        """Before retrieval, from a query result (``modality`` / ``description``, None when not returned):
+        False only when a returned attribute rules this route out."""
+        if self.modality and row.get("modality") is not None and \
+                str(row["modality"]).upper() not in {m.upper() for m in self.modality}:
+            return False
+        return not (self.series_description and row.get("description") is not None
+                    and not re.search(self.series_description, str(row["description"])))
+
     def matches(self, attrs: dict) -> bool:
         """``attrs``: Modality, BodyPartExamined, SeriesDescription, SOPClassUID of an instance. An empty
         criterion matches everything."""

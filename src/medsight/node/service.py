@@ -181,9 +181,12 @@ class Node:
         """Query the PACS for series matching ``poll.filters``; retrieve the ones not seen before. Returns the
         number of series retrieved."""
         got = 0
-        for study, series in self.querier.find_series(self.cfg.poll_filters):
+        for row in self.querier.series_rows(self.cfg.poll_filters):
+            study, series = row["study"], row["series"]
             if not self.wl.mark_seen(series):
                 continue
+            if not any(ld.route.may_match(row) for ld in self.loaded.values()):
+                continue  # no route can take it (e.g. this node's own results): never retrieved
             try:
                 if isinstance(self.retriever, DimseClient):
                     self.retriever.move_series(study, series, self.cfg.ae_title)

@@ -267,15 +267,21 @@ class DicomWebClient:
         return [(r["study"], r["series"]) for r in self.series_rows(filters)]
 
     def series_rows(self, filters: dict) -> list[dict]:
-        """QIDO-RS: {'study', 'series', 'accession'} of every series matching ``filters``."""
+        """QIDO-RS: {'study', 'series', 'accession', 'modality', 'description'} of every series matching
+        ``filters`` (the last three None when the server does not return them)."""
         rows = self._call("QIDO-RS", self.client.search_for_series, search_filters=dict(filters),
-                          fields=["StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber"]) or []
+                          fields=["StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber", "Modality",
+                                  "SeriesDescription"]) or []
         out = []
+        def val(r, tag):
+            v = (r.get(tag) or {}).get("Value") or [None]
+            return None if v[0] is None else str(v[0])
+
         for r in rows:
             try:
-                acc = (r.get("00080050", {}).get("Value") or [""])[0]
                 out.append({"study": r["0020000D"]["Value"][0], "series": r["0020000E"]["Value"][0],
-                            "accession": str(acc or "")})
+                            "accession": val(r, "00080050") or "", "modality": val(r, "00080060"),
+                            "description": val(r, "0008103E")})
             except (KeyError, IndexError, TypeError, AttributeError):
                 continue
         return out
@@ -327,6 +333,10 @@ class DimseClient:
         return assoc
 
     def find_series(self, filters: dict) -> list[tuple[str, str]]:
+        return [(r["study"], r["series"]) for r in self.series_rows(filters)]
+
+    def series_rows(self, filters: dict) -> list[dict]:
+        """C-FIND (study root, series level): like :meth:`DicomWebClient.series_rows`."""
         from pydicom.dataset import Dataset
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
@@ -334,6 +344,9 @@ class DimseClient:
         q.QueryRetrieveLevel = "SERIES"
         q.StudyInstanceUID = ""
         q.SeriesInstanceUID = ""
+        q.AccessionNumber = ""
+        q.Modality = ""
+        q.SeriesDescription = ""
         for k, v in filters.items():
             setattr(q, k, v)
         assoc = self._assoc([StudyRootQueryRetrieveInformationModelFind])
@@ -343,7 +356,10 @@ class DimseClient:
                 if status is None:
                     raise TransportError("DIMSE C-FIND: no response (timeout or abort)")
                 if status.Status in (0xFF00, 0xFF01) and ident is not None:
-                    out.append((str(ident.StudyInstanceUID), str(ident.SeriesInstanceUID)))
+                    out.append({"study": str(ident.StudyInstanceUID), "series": str(ident.SeriesInstanceUID),
+                                "accession": str(ident.get("AccessionNumber", "") or ""),
+                                "modality": str(ident.get("Modality", "") or "") or None,
+                                "description": str(ident.get("SeriesDescription", "") or "") or None})
                 elif status.Status not in (0x0000, 0xFF00, 0xFF01):
                     raise TransportError(f"DIMSE C-FIND failed with status 0x{status.Status:04X}")
         finally:
