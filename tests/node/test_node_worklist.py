@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import stat
+import struct
 from types import SimpleNamespace
 
 import pydicom
@@ -159,10 +160,14 @@ def test_check_instance_refuses_broken_input(breast):
     (s,) = make_series(breast.splits["test"].images[:1], 1)
     good = s["files"][0]
     assert check_instance(good, 1 << 20).SeriesInstanceUID == s["series"]
-    for data, msg in [(good[: len(good) - 300], "truncated pixel data"), (b"\0" * 200, "not a readable"),
+    for data, msg in [(good[: len(good) - 300], "truncated"), (b"\0" * 200, "not a readable"),
                       (good, "above the limit")]:
         with pytest.raises(BadInstance, match=msg):
             check_instance(data, 1 << 20 if msg != "above the limit" else 100)
+    at = good.rfind(b"\xe0\x7f\x10\x00")  # before the pixel data: an OB element declaring ~2 GiB, 50 bytes given
+    huge = good[:at] + struct.pack("<HH2sHI", 0x7FDF, 0x0010, b"OB", 0, 0x7FFFFFF0) + b"\1" * 50
+    with pytest.raises(BadInstance, match="declares 2147483632 bytes, 50 present"):
+        check_instance(huge, 1 << 20)
     ds = pydicom.dcmread(io.BytesIO(good))
     ds.SeriesInstanceUID = "1.2.abc"
     buf = io.BytesIO()

@@ -44,9 +44,20 @@ def check_instance(data: bytes, max_bytes: int):
         raise BadInstance(f"instance of {len(data)} bytes is above the limit of {max_bytes}")
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - pydicom raises many kinds for broken input
+        raise BadInstance(f"not a readable DICOM instance ({type(e).__name__})") from None
+    # pydicom keeps a value shorter than its declared length: a truncated or lying file (keys(): iterating the
+    # Dataset itself would convert every element first)
+    for tag in ds.keys():  # noqa: SIM118
+        raw = ds.get_item(tag)
+        length, value = getattr(raw, "length", None), getattr(raw, "value", None)
+        if isinstance(value, (bytes, bytearray)) and length not in (None, 0xFFFFFFFF) and len(value) != length:
+            raise BadInstance(f"element ({tag.group:04X},{tag.element:04X}) declares {length} bytes, "
+                              f"{len(value)} present (truncated)")
+    try:
         for elem in ds.iterall():  # converts every raw element: a broken one raises here
             elem.value  # noqa: B018
-    except Exception as e:  # noqa: BLE001 - pydicom raises many kinds for broken input
+    except Exception as e:  # noqa: BLE001
         raise BadInstance(f"not a readable DICOM instance ({type(e).__name__})") from None
     for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         v = str(getattr(ds, kw, "") or "")
