@@ -11,7 +11,13 @@ import ssl
 import subprocess
 import threading
 
+import sys
+from pathlib import Path
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _subproc import free_port  # noqa: E402
 
 
 @pytest.fixture
@@ -68,3 +74,51 @@ def test_dicomweb_tls_verified_by_default(https_qido):
     assert client(ca_bundle=str(cert)).find_series({"Modality": "CR"}) == [("1.2.3", "1.2.3.4")]
     assert client(verify_tls=False).find_series({}) == [("1.2.3", "1.2.3.4")]
     assert len(seen) == 2 and all(a and a.startswith("Basic ") for _, a in seen)
+
+
+def _cert(tmp_path, name: str):
+    key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.pem"
+    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                        "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out",
+                        str(cert)], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    return cert, key
+
+
+@pytest.mark.realdata
+def test_dimse_tls_scp_and_scu(tmp_path, served_bundle, breast):
+    """The SCP over TLS: the node's own DIMSE client (pacs.dimse.tls) stores into it when it trusts the node's
+    certificate, and is refused when it does not."""
+    import io
+
+    import pydicom
+    from conftest import make_series
+
+    from medsight.node.config import parse_config
+    from medsight.node.service import Node
+    from medsight.node.transport import DimseClient, TransportError
+
+    port = free_port()
+    cert, key = _cert(tmp_path, "node")
+    other, _ = _cert(tmp_path, "other")
+    raw = {"ae_title": "MEDSIGHT", "workdir": str(tmp_path / "node"), "allowed_calling_aets": ["PUSHER"],
+           "listen": {"host": "127.0.0.1", "port": port, "tls": {"cert": str(cert), "key": str(key)}},
+           "pacs": {"dimse": {"host": "127.0.0.1", "port": port, "ae_title": "MEDSIGHT", "tls": {"ca": str(cert)}}},
+           "send": "dimse", "routes": [{"name": "breast", "bundle": str(served_bundle)}]}
+    node = Node(parse_config(raw, tmp_path), worker=False).start()
+    try:
+        (s,) = make_series(breast.splits["test"].images[:1], 1)
+        ds = pydicom.dcmread(io.BytesIO(s["files"][0]))
+        good = parse_config(raw, tmp_path).dimse
+        DimseClient(good, "PUSHER").store([ds], s["study"])
+        assert node.wl.instances(s["series"])
+        bad = parse_config({**raw, "pacs": {"dimse": {**raw["pacs"]["dimse"], "tls": {"ca": str(other)}}}},
+                           tmp_path).dimse
+        with pytest.raises(TransportError):
+            DimseClient(bad, "PUSHER").store([ds], s["study"])
+        plain = parse_config({**raw, "pacs": {"dimse": {k: v for k, v in raw["pacs"]["dimse"].items() if k != "tls"}}},
+                             tmp_path).dimse
+        with pytest.raises(TransportError):
+            DimseClient(plain, "PUSHER").store([ds], s["study"])  # no TLS: not established
+    finally:
+        node.stop()

@@ -2,6 +2,7 @@
 
     ae_title: MEDSIGHT                 # this node's AE title
     listen: {host: 127.0.0.1, port: 11112}   # the Storage SCP (omit: no SCP)
+    #   tls: {cert: node.pem, key: node.key, ca: clients-ca.pem}   # optional DIMSE TLS (ca: client certs required)
     allowed_calling_aets: [ORTHANC]    # the only AE titles allowed to associate
     workdir: /var/lib/medsight-node    # worklist.sqlite + store/ (0700)
     store_quota_mb: 2048               # bound on received files held at once
@@ -13,7 +14,7 @@
       dicomweb: {url: "https://pacs.example/dicom-web", username: medsight,
                  password_env: MEDSIGHT_PACS_PASSWORD,   # or password_file: /run/secrets/pacs
                  verify_tls: true, ca_bundle: null}
-      dimse: {host: pacs.example, port: 104, ae_title: PACS}
+      dimse: {host: pacs.example, port: 104, ae_title: PACS}   # + tls: {ca: pacs-ca.pem, cert:, key:} (optional)
     retrieve: dicomweb                 # dicomweb (WADO-RS) | dimse (C-MOVE to this node's SCP)
     send: dicomweb                     # dicomweb (STOW-RS) | dimse (C-STORE)
     poll: {interval_s: 30, query: dicomweb, filters: {Modality: CR}}   # omit: no polling
@@ -82,10 +83,57 @@ class DicomWeb:
 
 
 @dataclass
+class Tls:
+    """DIMSE TLS: ``cert`` / ``key`` (PEM) identify this side; ``ca`` verifies the peer (for the SCP: client
+    certificates are then required)."""
+
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+
+    def server_context(self):
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.cert, self.key)
+        if self.ca:
+            ctx.load_verify_locations(self.ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def client_context(self):
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=self.ca) if self.ca else ssl.create_default_context()
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert:
+            ctx.load_cert_chain(self.cert, self.key)
+        return ctx
+
+
+def _tls(d, where: str, base: Path, server: bool) -> Tls | None:
+    if not d:
+        return None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping with cert, key, ca")
+    t = Tls(**{k: None if d.get(k) is None else str(d[k] if Path(str(d[k])).is_absolute() else base / str(d[k]))
+               for k in ("cert", "key", "ca")})
+    if server and not (t.cert and t.key):
+        raise ConfigError(f"{where}: a TLS server needs cert and key")
+    for k in ("cert", "key", "ca"):
+        v = getattr(t, k)
+        if v is not None and not Path(v).is_file():
+            raise ConfigError(f"{where}.{k}: file {v} not found")
+    return t
+
+
+@dataclass
 class Dimse:
     host: str
     port: int
     ae_title: str
+    tls: Tls | None = None
 
 
 @dataclass
@@ -93,6 +141,7 @@ class NodeConfig:
     ae_title: str = "MEDSIGHT"
     host: str = "127.0.0.1"
     port: int | None = None
+    listen_tls: Tls | None = None
     allowed_calling_aets: list[str] = field(default_factory=list)
     workdir: Path = Path("medsight-node")
     store_quota_bytes: int = 2048 << 20
@@ -165,6 +214,7 @@ def parse_config(raw: dict, base: Path | None = None) -> NodeConfig:
     listen = raw.get("listen") or {}
     cfg.host = str(listen.get("host", "127.0.0.1"))
     cfg.port = None if listen.get("port") is None else int(listen["port"])
+    cfg.listen_tls = _tls(listen.get("tls"), "listen.tls", base, server=True)
     cfg.allowed_calling_aets = [_ae(a, "allowed_calling_aets") for a in raw.get("allowed_calling_aets") or []]
     if cfg.port is not None and not cfg.allowed_calling_aets:
         raise ConfigError("node config: listen is set but allowed_calling_aets is empty (the SCP accepts only listed AEs)")
@@ -189,7 +239,8 @@ def parse_config(raw: dict, base: Path | None = None) -> NodeConfig:
                                 ca_bundle=d.get("ca_bundle"))
     if pacs.get("dimse"):
         d = pacs["dimse"]
-        cfg.dimse = Dimse(host=str(d["host"]), port=int(d["port"]), ae_title=_ae(d["ae_title"], "pacs.dimse.ae_title"))
+        cfg.dimse = Dimse(host=str(d["host"]), port=int(d["port"]), ae_title=_ae(d["ae_title"], "pacs.dimse.ae_title"),
+                          tls=_tls(d.get("tls"), "pacs.dimse.tls", base, server=False))
     for key in ("retrieve", "send"):
         v = str(raw.get(key, "dicomweb"))
         if v not in ("dicomweb", "dimse"):

@@ -104,7 +104,9 @@ class Node:
         if self.cfg.port is not None:
             self.scp = StorageSCP(self.cfg.ae_title, self.cfg.host, self.cfg.port, self.cfg.allowed_calling_aets,
                                   self._on_scp_instance, max_instance_bytes=self.cfg.max_instance_bytes,
-                                  on_refuse=self._refusal).start()
+                                  on_refuse=self._refusal,
+                                  ssl_context=self.cfg.listen_tls.server_context() if self.cfg.listen_tls else None,
+                                  ).start()
             log.info("storage SCP %s listening on %s:%d", self.cfg.ae_title, self.cfg.host, self.scp.port)
         if self.cfg.metrics_port is not None:
             self._start_metrics()

@@ -334,8 +334,9 @@ class DimseClient:
                 ae.add_requested_context(*c)
             else:
                 ae.add_requested_context(c)
+        tls = (self.cfg.tls.client_context(), self.cfg.host) if getattr(self.cfg, "tls", None) else None
         try:
-            assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.ae_title)
+            assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.ae_title, tls_args=tls)
         except OSError as e:
             raise TransportError(f"DIMSE association to {self.cfg.ae_title} failed: {type(e).__name__}") from None
         if not assoc.is_established:
