@@ -9,15 +9,14 @@ from __future__ import annotations
 import http.server
 import ssl
 import subprocess
-import threading
-
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _subproc import free_port  # noqa: E402
+from _subproc import free_port
 
 
 @pytest.fixture
