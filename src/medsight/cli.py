@@ -757,6 +757,11 @@ def cache_clear(cache_dir: Optional[Path] = typer.Option(None, "--dir", help=_CA
                       soft_wrap=True)
 
 
+from medsight.node.cli import node_app  # noqa: E402 - the DICOM node's command group (imports stay light)
+
+app.add_typer(node_app, name="node")
+
+
 def _click_exceptions(*names: str) -> tuple:
     """The named exception classes from every click flavour present: typer >= 0.16 vendors click as
     ``typer._click``; older typer raises ``click``'s own. Both are caught, whichever is installed."""
