@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
+
+from medsight.review import NO_VERDICT
 from conftest import make_series, node_config, run_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -63,10 +65,12 @@ def _check_results(orthanc, study: str, source_uids: set[str], expected: dict[st
         (sop,) = g["sources"]
         row = expected[sop]
         assert g["Probability of positive class"] == pytest.approx(row["probabilities"][row["positive_class"]], abs=1e-6)
-        assert g["Decision"] == str(row["decision"])
+        # the same verdict as `medsight predict`: an out-of-distribution input has none
+        assert g["Decision"] == (NO_VERDICT if row["decision"] is None else str(row["decision"]))
         assert g["Threshold"] == pytest.approx(row["threshold"], abs=1e-9)
-        assert g["Finding"] == row["predicted"]
-        assert g["Needs review"] == ("yes" if row["ood_flag"] else "no")
+        assert g["Finding"] == (NO_VERDICT if row["predicted"] is None else row["predicted"])
+        assert g["Needs review"] == ("yes" if row["review"] else "no")
+        assert g["reasons"] == row["review_reasons"]
     sc = pydicom.dcmread(io.BytesIO(res["heatmap"][0]))
     assert sc.StudyInstanceUID == study and sc.BurnedInAnnotation == "YES"
     assert sc.pixel_array.ndim == 3 and sc.pixel_array.shape[2] == 3

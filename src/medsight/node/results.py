@@ -16,7 +16,7 @@ after a crash re-sends the very same instances, so the PACS keeps one copy. The 
         NUM   Threshold                           the operating threshold (binary)
         TEXT  Threshold rule                      how the threshold was chosen (bundle.decision_text)
         TEXT  Decision                            0/1 (or the list for multi-label)
-        TEXT  Needs review                        yes / no / not assessed
+        TEXT  Needs review                        yes / no (medsight.review: the same rule as predict and the service)
         TEXT  Review reason                       one per reason
         NUM   OOD score                           when the bundle has a detector
 
@@ -33,26 +33,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medsight.review import NO_VERDICT
+
 CAPTION = "research use, not for diagnosis"
 SCHEME = "99MEDSIGHT"
 MANUFACTURER = "medsight"
 
 
-def review_of(pred) -> tuple[bool | None, list[str]]:
-    """THE adapter from a Prediction to the needs-review flag and its reasons (one place to re-point).
-
-    Uses ``pred.review`` / ``pred.review_reasons`` when the Predictor provides them; otherwise the OOD flag
-    (``ood_flag``) with its score as the reason; None when nothing assessed the input."""
-    review = getattr(pred, "review", None)
-    reasons = getattr(pred, "review_reasons", None)
-    if review is not None:
-        return bool(review), [str(r) for r in (reasons or [])]
-    flag = getattr(pred, "ood_flag", None)
-    if flag is None:
-        return None, []
-    score = getattr(pred, "ood_score", None)
-    why = [f"out-of-distribution score {score:.4g} above the detector's threshold"] if flag and score is not None else []
-    return bool(flag), why
+def review_of(pred) -> tuple[bool, list[str]]:
+    """The Prediction's needs-review flag and its reasons, as medsight.review decided them (the same decision
+    and wording as ``predict``, the REST response and the page)."""
+    return bool(pred.review), [str(r) for r in pred.review_reasons]
 
 
 def result_uid(series_uid: str, bundle_version: str, kind: str) -> str:
@@ -128,8 +119,11 @@ def _group(f: Finding, *, positive_class: str | None, rule: str):
         items.append(ImageContentItem(name=_c(C_SOURCE), referenced_sop_class_uid=ds.SOPClassUID,
                                       referenced_sop_instance_uid=ds.SOPInstanceUID,
                                       relationship_type=RelationshipTypeValues.CONTAINS))
-    predicted = p.predicted if isinstance(p.predicted, list) else [p.predicted]
-    items.append(_text(_c(C_FINDING), ", ".join(str(x) for x in predicted) or "none"))
+    if p.predicted is None:  # out of distribution: no class verdict, anywhere
+        items.append(_text(_c(C_FINDING), NO_VERDICT))
+    else:
+        predicted = p.predicted if isinstance(p.predicted, list) else [p.predicted]
+        items.append(_text(_c(C_FINDING), ", ".join(str(x) for x in predicted) or "none"))
     if positive_class is not None:
         items.append(_num(_c(C_PPOS), p.probabilities[positive_class]))
     else:
@@ -141,10 +135,10 @@ def _group(f: Finding, *, positive_class: str | None, rule: str):
     elif isinstance(thr, list):
         items.append(_text(_c(C_THR), ", ".join(f"{t:.6g}" for t in thr)))
     items.append(_text(_c(C_RULE), rule))
-    items.append(_text(_c(C_DECISION), p.decision if not isinstance(p.decision, list)
-                       else ", ".join(str(d) for d in p.decision)))
+    items.append(_text(_c(C_DECISION), NO_VERDICT if p.decision is None else str(p.decision)
+                       if not isinstance(p.decision, list) else ", ".join(str(d) for d in p.decision)))
     review, reasons = review_of(p)
-    items.append(_text(_c(C_REVIEW), "not assessed" if review is None else "yes" if review else "no"))
+    items.append(_text(_c(C_REVIEW), "yes" if review else "no"))
     for r in reasons:
         items.append(_text(_c(C_REASON), r))
     if getattr(p, "ood_score", None) is not None:
