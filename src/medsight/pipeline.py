@@ -133,7 +133,7 @@ def _apply_auto(cfg: RunConfig, data: Dataset) -> tuple[Dataset, dict]:
     applied = autorecipe.apply(cfg, recipe)
     if size is not None and size != min(data.input_size):
         data = load_data_for(cfg)  # the files again, at the rule's input size (cfg.data.size is now set)
-    return data, {"rule": "medsight.autorecipe", "applied": applied, "reasons": recipe.reasons}
+    return data, {"rule": "medsight.autorecipe", "applied": applied, "given": recipe.given, "reasons": recipe.reasons}
 
 
 def training_summary(cfg: RunConfig, data: Dataset) -> list[str]:
