@@ -173,6 +173,14 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
     val = data.split("val")
     meta.update(choose_calibration(bundle.task, split_logits(bundle, data, "val"), val.labels,
                                    operating_point=cfg.train.operating_point, calibrate=cfg.train.calibrate))
+    from medsight.summary import outcome_line, threshold_lines
+
+    after, threshold_warnings = threshold_lines(meta)
+    after = [outcome_line(result, cfg)] + after  # how training ended, where the threshold sits and how sure it is
+    meta["training_summary"] = list(summary) + after
+    meta["warnings"] = threshold_warnings
+    if callback is not None:
+        callback("summary", {"lines": after})
     if cfg.train.ood:
         from medsight.ood import fit_bundle_detector, save_ood
 
@@ -198,7 +206,7 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
                     f"seed ensemble of {len(e['members'])} members, {s}: ensemble AUC "
                     f"{float((metrics[s].get('auc') or {}).get('value', float('nan'))):.3f}, members {aucs}; members' probabilities differ by "
                     f"{e['mean_spread']:.3f} (sd) on average, at most {e['max_spread']:.3f}")
-        meta["warnings"] = warn_degenerate(metrics, bundle.classes, bundle.positive_class)
+        meta["warnings"] = threshold_warnings + warn_degenerate(metrics, bundle.classes, bundle.positive_class)
         if meta["warnings"] and callback is not None:
             callback("warnings", {"lines": meta["warnings"]})
     write_meta(stage, meta)
