@@ -806,6 +806,28 @@ def reliability_curve(task: str, y_true, probs, n_bins: int = 15) -> dict[str, l
     return {"edges": edges.tolist(), "accuracy": acc.tolist(), "confidence": cf.tolist(), "count": count.tolist()}
 
 
+#: the fewest cases an equal-count reliability bin holds (the report's diagram)
+MIN_BIN_CASES = 25
+
+
+def reliability_curve_equal_count(task: str, y_true, probs, *, min_count: int = MIN_BIN_CASES,
+                                  max_bins: int = 10) -> dict[str, Any]:
+    """Reliability bins that each hold about the same number of cases, at least ``min_count`` (fewer bins on a
+    small split; one bin when the split has fewer than ``2 * min_count`` cases): the cases sorted by confidence
+    and cut into equal shares, so no bin is made of two cases and the curve does not zig-zag. Same keys as
+    :func:`reliability_curve` (``edges``: each bin's lowest and the last bin's highest confidence), plus
+    ``binning = "equal-count"`` and ``min_count``. ECE keeps its equal-width definition."""
+    conf, outcome = _calibration_pairs(task, y_true, probs)
+    n = len(conf)
+    n_bins = int(max(1, min(max_bins, n // max(1, int(min_count)))))
+    order = np.argsort(conf, kind="stable")
+    chunks = [c for c in np.array_split(order, n_bins) if len(c)]
+    edges = ([float(conf[chunks[0]].min())] + [float(conf[c].max()) for c in chunks]) if chunks else [0.0, 1.0]
+    return {"edges": edges, "accuracy": [float(outcome[c].mean()) for c in chunks],
+            "confidence": [float(conf[c].mean()) for c in chunks], "count": [int(len(c)) for c in chunks],
+            "binning": "equal-count", "min_count": int(min_count)}
+
+
 def expected_calibration_error(task: str, y_true, probs, n_bins: int = 15) -> float:
     """ECE = sum over bins of (bin share) * |observed frequency - mean confidence|."""
     rc = reliability_curve(task, y_true, probs, n_bins=n_bins)
@@ -825,5 +847,6 @@ __all__ = [
     "operating_point_detail",
     "parse_operating_point",
     "reliability_curve",
+    "reliability_curve_equal_count",
     "to_jsonable",
 ]
