@@ -155,6 +155,13 @@ class RunConfig(_Strict):
     #: by load_config; the training summary names it (not saved in config.yaml)
     _sources: dict = PrivateAttr(default_factory=dict)
 
+    def __eq__(self, other: object) -> bool:  # two configs are equal when their settings are (not their origins)
+        if not isinstance(other, RunConfig):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as pydantic's own models
+
 
 def _format_validation_error(e: ValidationError, source: str) -> str:
     parts = []
