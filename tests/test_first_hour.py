@@ -238,9 +238,9 @@ def test_demo_training_summary_names_exactly_the_settings_in_its_config(medmnist
     text = " ".join(err.split())
     m, t = cfg["model"], cfg["train"]
     assert (f"model: {m['name']} (from --model), width {m['width']:g}, dropout {m['dropout']:g}; at most "
-            f"{t['epochs']} epoch (from --epochs) of batch {t['batch_size']}, {t['optimizer']} learning rate "
-            f"{t['lr']:g}") in text
-    assert f"augmentation {'on' if cfg['augment']['enabled'] else 'off'}" in text
+            f"{t['epochs']} epoch (from --epochs) of batch {t['batch_size']} (from the automatic recipe), "
+            f"{t['optimizer']} learning rate {t['lr']:g} (from the automatic recipe)") in text
+    assert f"augmentation {'on' if cfg['augment']['enabled'] else 'off'} (from the automatic recipe)" in text
     auto_lines = [ln for ln in json.loads((tmp_path / "breast" / "bundle.json").read_text())["auto_recipe"]["reasons"]]
     joined = " ".join(auto_lines)
     # the rule did not choose the model, its dropout or the epochs: it says so instead of describing cnn6 x 100

@@ -184,7 +184,8 @@ def apply(cfg, recipe: AutoRecipe) -> dict[str, Any]:
     left at that model's defaults too."""
     given = explicit_keys(cfg)
     own_model = "model.name" in given
-    sources = getattr(cfg, "_sources", None) or {}
+    sources = getattr(cfg, "_sources", None)
+    sources = sources if isinstance(sources, dict) else {}
     applied = {}
     kept: dict[str, str] = {}
     for key, value in recipe.settings.items():
@@ -197,6 +198,8 @@ def apply(cfg, recipe: AutoRecipe) -> dict[str, Any]:
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
         applied[key] = value
+    for key in applied:  # the summary names where each setting came from
+        sources[key] = "the automatic recipe"
     recipe.given = kept
     now = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in kept}
     recipe.reasons = describe_applied(recipe, applied, {k: f"{_shown(now[k])} (from {src})" for k, src in kept.items()})

@@ -704,7 +704,11 @@ def predict(
             report_error(p)
             rows.append(p)
         n, n_err = len(rows), sum(not p.ok for p in rows)
-        table = Table(title=escape(f"{bundle} ({predictor.version}, threshold {predictor.threshold})"))
+        from medsight.summary import threshold_rule_sentence
+
+        decided = (threshold_rule_sentence(b.meta.get("threshold_rule"), predictor.threshold)
+                   if predictor.threshold is not None else "decision by argmax")
+        table = Table(title=escape(f"{bundle} ({predictor.version}, {decided})"))
         table.add_column("file")
         for c in classes:
             table.add_column(escape(f"p({c})"), justify="right")

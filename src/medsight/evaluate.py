@@ -234,6 +234,8 @@ def write_bundle_report(bundle: Bundle, data: Dataset, results: dict, splits=("v
         title=f"{bundle.meta['model']['name']} on {bundle.meta['data']} - {bundle.path.name}",
         task=bundle.task.name, class_names=bundle.classes, splits=split_data, threshold=bundle.threshold,
         threshold_rule=bundle.meta.get("threshold_rule"),
+        threshold_detail=bundle.meta.get("threshold_detail") if bundle.meta.get("threshold_rule") == (
+            bundle.meta.get("threshold_detail") or {}).get("rule") else None,
         positive_class=bundle.positive_class,
         history=read_history(bundle), calibration=calibration_report(bundle, data, tuple(split_data)),
         gallery=gallery(bundle, data, last, split_data[last]["probs"]),

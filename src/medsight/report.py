@@ -421,6 +421,20 @@ def _facts(lines: Sequence[str]) -> str:
     return f'<ul class="facts">{"".join(items)}</ul>'
 
 
+def _placement(detail: Mapping[str, Any] | None) -> str:
+    """`` (placed at ...; 95% interval over N resamples of the validation cases: a to b)``, escaped."""
+    if not detail or not detail.get("placement"):
+        return ""
+    text = f" (placed at {detail['placement']}"
+    ci = detail.get("ci")
+    if ci:
+        pairs = ci if isinstance(ci[0], (list, tuple)) else [ci]
+        shown = ", ".join(f"{lo:.3g} to {hi:.3g}" for lo, hi in pairs if lo is not None)
+        if shown:
+            text += f"; 95% interval over {detail.get('n_boot')} resamples of the validation cases: {shown}"
+    return _esc(text + ")")
+
+
 def _ood_section(ood_flags: Mapping[str, Any] | str | None) -> str:
     """The flagged cases per split; ``None``: no detector results; a string: why they are not available."""
     if ood_flags is None:
@@ -515,6 +529,7 @@ def build_report(
     warnings: Sequence[str] | None = None,
     ood_flags: Mapping[str, Any] | str | None = None,
     extra_sections: Sequence[tuple[str, str]] | None = None,
+    threshold_detail: Mapping[str, Any] | None = None,
 ) -> str:
     """Self-contained HTML report.
 
@@ -532,6 +547,8 @@ def build_report(
     ``ood_flags``: ``{split: {"flagged": [{"case", "score"}], "n", "threshold"}}``; ``None`` = not available; a
     string: why not (e.g. the bundle has no detector).
     ``extra_sections``: ``(title, html)`` pairs appended verbatim; the html must be trusted.
+    ``threshold_detail``: :func:`medsight.metrics.operating_point_detail` as stored in ``bundle.json``: how the
+    threshold was placed and its 95% interval over validation resamples, stated beside the decision.
     """
     from medsight.summary import quoted, split_line, threshold_rule_sentence, warn_degenerate
 
@@ -552,7 +569,7 @@ def build_report(
         parts.append(f"positive class: <b>{_esc(positive_class)}</b> (sensitivity, PPV and the threshold are about "
                      f"{_esc(positive_class)})")
     if task in ("binary", "multilabel"):
-        parts.append("decision: " + _esc(threshold_rule_sentence(threshold_rule, threshold)))
+        parts.append("decision: " + _esc(threshold_rule_sentence(threshold_rule, threshold)) + _placement(threshold_detail))
     else:
         parts.append("decision: the most probable class (argmax)")
     parts.append("intervals are 95% percentile bootstrap CIs")

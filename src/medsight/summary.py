@@ -164,8 +164,10 @@ def outcome_line(result, cfg) -> str:
     best = getattr(result, "best_epoch", None)
     ensemble = (getattr(result, "extra", None) or {}).get("ensemble")
     if ensemble:
-        return (f"training: ensemble members' best epochs {', '.join(map(str, ensemble.get('best_epochs', [])))} "
-                f"(at most {cfg.train.epochs} each)")
+        ran = ensemble.get("epochs_run") or []
+        return (f"training: the ensemble members ran {', '.join(map(str, ran))} epochs (at most {cfg.train.epochs} "
+                f"each, early stopping patience {cfg.train.patience}); their best epochs "
+                f"{', '.join(map(str, ensemble.get('best_epochs', [])))}, whose weights are kept")
     if getattr(result, "stopped_early", False):
         return (f"training: stopped early at epoch {run} of at most {cfg.train.epochs} ({cfg.train.patience} epochs "
                 f"without a gain on validation); best epoch {best}, whose weights are kept")

@@ -515,6 +515,7 @@ def fit_ensemble(cfg: RunConfig, data: Dataset, *, callback: Callback | None = N
             emit("member", {"member": k + 1, "members": n, "best_epoch": results[-1].best_epoch})
     history = [{"member": k + 1, **row} for k, r in enumerate(results) for row in r.history]
     info = {"members": n, "seeds": [c.train.seed for c in cfgs], "best_epochs": [r.best_epoch for r in results],
+            "epochs_run": [len(r.history) for r in results], "stopped_early": [r.stopped_early for r in results],
             "best_values": [r.best_value for r in results], "workers": workers}
     return FitResult(model=Ensemble([r.model for r in results]).eval(), history=history,
                      best_epoch=max(r.best_epoch for r in results),
