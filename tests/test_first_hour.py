@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -385,3 +384,26 @@ def test_report_glossary_explains_every_term(tiny_bundle):
                  "CPU budget", "Grad-CAM", "patience", "Reliability diagram"):
         assert term in glossary, term
     assert f"at least {25} cases" in html  # the reliability note states the minimum bin size
+
+
+@pytest.mark.slow
+def test_small_folder_with_the_automatic_recipe_stops_when_validation_stops_improving(tmp_path, capsys):
+    """420 images at 28 px (the issue's folder): the rule's 100-epoch ceiling stays, but training stops once the
+    validation AUC has not gained for the patience (an easy task: it reaches its best within a few epochs)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("normal", "finding"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(210):
+            a = rng.integers(0, 80, (28, 28)).astype(np.uint8)
+            if c == "finding":
+                a[8:20, 8:20] += 120
+            Image.fromarray(a).save(tmp_path / "data" / c / f"{c}{i}.png")
+    rc, out, err = _run(capsys, "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                        "--no-progress", "--set", "train.threads=1")
+    assert rc == 0, err
+    text = " ".join(err.split())
+    assert "at most 100 epochs" in text  # the step budget is the ceiling ...
+    m = re.search(r"stopped early at epoch (\d+) of at most 100", text)
+    assert m and int(m.group(1)) <= 40, text  # ... and validation ends it

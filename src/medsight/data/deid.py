@@ -549,89 +549,94 @@ def deidentify(
     file_map: list[tuple[str, str]] = []
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".medsight-deid-", dir=dst.parent))
+    # pydicom warns about non-standard values quoting the values themselves (UIDs, names): never shown, counted
+    lenient = warnings.catch_warnings(record=True)
+    caught, counting = lenient.__enter__(), True
+    warnings.simplefilter("always")
     try:
         from medsight import progress
 
-        # pydicom warns about non-standard values with the values themselves (UIDs, names): never shown, counted
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for f in progress.track(files, "de-identifying"):
-                rel = f.relative_to(src)
-                needles.update({k: v for k, v in _path_needles(rel).items() if k not in needles})
-                if f.name.upper() == "DICOMDIR" or not is_dicom_file(f):
-                    summary["skipped"].append(str(rel))  # a DICOMDIR indexes identifying data; rebuild it instead
-                    continue
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        ds = pydicom.dcmread(f, force=True)
-                    if len(ds) == 0:
-                        raise ValueError("empty dataset")
-                    _ = list(ds)  # parse every element now, so a broken file fails here
-                except Exception as e:
-                    summary["errors"].append({"path": str(rel), "error": f"not a readable DICOM file ({_safe_reason(e)})"})
-                    continue
-                step = "reading its transfer syntax"
-                try:
-                    rec = _Record()
-                    _ensure_transfer_syntax(ds)  # a file without file meta: the syntax it was read with
-                    step = "checking it for burned-in text"
-                    reason = burned_in_reason(ds)
-                    step = "reading its identifiers"
-                    patient_key = str(ds.get("PatientID", "") or ds.get("PatientName", "") or "")
-                    if not patient_key:
-                        patient_key = "study:" + str(ds.get("StudyInstanceUID", "") or rel)
-                    old_meta = getattr(ds, "file_meta", None)
-                    if old_meta is not None:
-                        for elem in old_meta:
-                            if elem.keyword not in ("TransferSyntaxUID", "MediaStorageSOPClassUID", "ImplementationClassUID",
-                                                    "FileMetaInformationVersion", "FileMetaInformationGroupLength"):
-                                rec.needle_elem(elem)
-                    old_sop = ds.get("SOPInstanceUID") or (old_meta.get("MediaStorageSOPInstanceUID") if old_meta is not None else None)
-                    if "StudyInstanceUID" in ds:
-                        studies.add(str(ds.StudyInstanceUID))
-                    study = ds.get("StudyInstanceUID") or f"no-study:{patient_key}"
-                    series = ds.get("SeriesInstanceUID") or f"no-series:{study}"
-                    step = "replacing its identifying attributes"
-                    _clean(ds, ctx, patient_key, rec, keep_private)
-                    sop_uid = ctx.uid(str(old_sop)) if old_sop else ctx.uid(f"file:{rel}")
-                    if "SOPInstanceUID" in ds:
-                        ds.SOPInstanceUID = sop_uid
-                    out_rel = Path(ctx.pseudonym(patient_key), ctx.uid(str(study)), ctx.uid(str(series)), sop_uid + ".dcm")
-                    if reason is not None:
-                        summary["burned_in"].append(str(rel))
-                        if not allow_burned_in:
-                            continue
-                    target = work / out_rel
-                    if target.exists():
-                        summary["errors"].append({"path": str(rel), "error": "another input file has the same SOP Instance UID; not written"})
+        for f in progress.track(files, "de-identifying"):
+            rel = f.relative_to(src)
+            needles.update({k: v for k, v in _path_needles(rel).items() if k not in needles})
+            if f.name.upper() == "DICOMDIR" or not is_dicom_file(f):
+                summary["skipped"].append(str(rel))  # a DICOMDIR indexes identifying data; rebuild it instead
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    ds = pydicom.dcmread(f, force=True)
+                if len(ds) == 0:
+                    raise ValueError("empty dataset")
+                _ = list(ds)  # parse every element now, so a broken file fails here
+            except Exception as e:
+                summary["errors"].append({"path": str(rel), "error": f"not a readable DICOM file ({_safe_reason(e)})"})
+                continue
+            step = "reading its transfer syntax"
+            try:
+                rec = _Record()
+                _ensure_transfer_syntax(ds)  # a file without file meta: the syntax it was read with
+                step = "checking it for burned-in text"
+                reason = burned_in_reason(ds)
+                step = "reading its identifiers"
+                patient_key = str(ds.get("PatientID", "") or ds.get("PatientName", "") or "")
+                if not patient_key:
+                    patient_key = "study:" + str(ds.get("StudyInstanceUID", "") or rel)
+                old_meta = getattr(ds, "file_meta", None)
+                if old_meta is not None:
+                    for elem in old_meta:
+                        if elem.keyword not in ("TransferSyntaxUID", "MediaStorageSOPClassUID", "ImplementationClassUID",
+                                                "FileMetaInformationVersion", "FileMetaInformationGroupLength"):
+                            rec.needle_elem(elem)
+                old_sop = ds.get("SOPInstanceUID") or (old_meta.get("MediaStorageSOPInstanceUID") if old_meta is not None else None)
+                if "StudyInstanceUID" in ds:
+                    studies.add(str(ds.StudyInstanceUID))
+                study = ds.get("StudyInstanceUID") or f"no-study:{patient_key}"
+                series = ds.get("SeriesInstanceUID") or f"no-series:{study}"
+                step = "replacing its identifying attributes"
+                _clean(ds, ctx, patient_key, rec, keep_private)
+                sop_uid = ctx.uid(str(old_sop)) if old_sop else ctx.uid(f"file:{rel}")
+                if "SOPInstanceUID" in ds:
+                    ds.SOPInstanceUID = sop_uid
+                out_rel = Path(ctx.pseudonym(patient_key), ctx.uid(str(study)), ctx.uid(str(series)), sop_uid + ".dcm")
+                if reason is not None:
+                    summary["burned_in"].append(str(rel))
+                    if not allow_burned_in:
                         continue
-                    step = "building its file meta information"
-                    ds.file_meta = _file_meta(ds, old_meta, sop_uid)
-                    rec.allowed.update({ctx.pseudonym(patient_key), sop_uid, str(ds.file_meta.get("MediaStorageSOPClassUID", "")),
-                                        str(ds.file_meta.TransferSyntaxUID), implementation_class_uid()})
-                    _set_method(ds, keep_private)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    step = "writing the de-identified copy"
-                    try:
-                        ds.save_as(target, enforce_file_format=True)
-                    except BaseException:
-                        target.unlink(missing_ok=True)  # never leave a half-written file to be verified and kept
-                        raise
-                    summary["written"] += 1
-                    file_map.append((str(rel), out_rel.as_posix()))
-                    allowed_by_file[out_rel.as_posix()] = rec.allowed
-                    needles.update({k: v for k, v in rec.needles.items() if k not in needles})
-                except Exception as e:
-                    needles.update({k: v for k, v in rec.needles.items() if k not in needles})
-                    summary["errors"].append({"path": str(rel), "error": f"cannot de-identify: failed while {step} "
-                                              f"({_safe_reason(e)})"})
+                target = work / out_rel
+                if target.exists():
+                    summary["errors"].append({"path": str(rel), "error": "another input file has the same SOP Instance UID; not written"})
+                    continue
+                step = "building its file meta information"
+                ds.file_meta = _file_meta(ds, old_meta, sop_uid)
+                rec.allowed.update({ctx.pseudonym(patient_key), sop_uid, str(ds.file_meta.get("MediaStorageSOPClassUID", "")),
+                                    str(ds.file_meta.TransferSyntaxUID), implementation_class_uid()})
+                _set_method(ds, keep_private)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                step = "writing the de-identified copy"
+                try:
+                    ds.save_as(target, enforce_file_format=True)
+                except BaseException:
+                    target.unlink(missing_ok=True)  # never leave a half-written file to be verified and kept
+                    raise
+                summary["written"] += 1
+                file_map.append((str(rel), out_rel.as_posix()))
+                allowed_by_file[out_rel.as_posix()] = rec.allowed
+                needles.update({k: v for k, v in rec.needles.items() if k not in needles})
+            except Exception as e:
+                needles.update({k: v for k, v in rec.needles.items() if k not in needles})
+                summary["errors"].append({"path": str(rel), "error": f"cannot de-identify: failed while {step} "
+                                          f"({_safe_reason(e)})"})
+        lenient.__exit__(None, None, None)
+        counting = False
         summary["warnings"] = len(caught)
         verify(work, needles, allowed_by_file)
         if dst.exists():
             dst.rmdir()  # empty (checked above)
         os.replace(work, dst)
     except BaseException:
+        if counting:
+            lenient.__exit__(None, None, None)
         shutil.rmtree(work, ignore_errors=True)
         raise
     summary["patients"] = len(ctx.patient_map)
