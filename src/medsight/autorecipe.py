@@ -150,8 +150,8 @@ def describe_applied(recipe: AutoRecipe, applied: dict[str, Any], given: dict[st
     set of a topic it only partly decided (``train.batch_size = 64``), and the settings kept as given (``given``:
     key -> ``"10 (from --epochs)"``)."""
     lines: list[str] = []
-    for topic, keys in _TOPICS.items():
-        keys = [k for k in keys if k in recipe.settings]
+    for topic, topic_keys in _TOPICS.items():
+        keys = [k for k in topic_keys if k in recipe.settings]
         mine = [k for k in keys if k in applied]
         if not mine:
             continue

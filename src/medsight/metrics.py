@@ -642,9 +642,9 @@ def _optimal_interval(y: np.ndarray, p: np.ndarray, rule: str, target: float | N
         best = np.flatnonzero(score >= score.max() - 1e-12)
     elif rule == "sens":
         # the highest threshold (best specificity) that reaches the target sensitivity
-        best = np.array([int(np.argmax(tpr >= target - 1e-12))])
+        best = np.array([int(np.argmax(tpr >= float(target or 0) - 1e-12))])
     elif rule == "spec":
-        ok = np.flatnonzero(1 - fpr >= target - 1e-12)
+        ok = np.flatnonzero(1 - fpr >= float(target or 0) - 1e-12)
         if ok.size == 0:  # even the highest score is too many false positives: predict none
             return float(thr[0]), 1.0
         best = np.array([int(ok[-1])])  # the lowest threshold (best sensitivity) that keeps the target specificity
@@ -735,13 +735,13 @@ def operating_point_detail(y_true, probs, rule="youden", *, n_boot: int = 200, s
     out: dict[str, Any] = {"rule": str(rule), "placement": None if kind == "fixed" else THRESHOLD_PLACEMENT,
                            "n_boot": 0 if kind == "fixed" else int(n_boot), "warnings": []}
     if kind == "fixed":
-        return {**out, "threshold": float(target), "optimal_range": None, "ci": None}
+        return {**out, "threshold": float(target or 0), "optimal_range": None, "ci": None}
     multilabel = y.ndim == 2 and y.shape[1] > 1
+    cols: list[tuple[int | None, np.ndarray, np.ndarray]]
     if multilabel:
         cols = [(c, y[:, c].astype(np.int64), p[:, c]) for c in range(y.shape[1])]
     else:
-        pp = binary_positive_probs(p)
-        cols = [(None, y.reshape(-1).astype(np.int64), pp)]
+        cols = [(None, y.reshape(-1).astype(np.int64), binary_positive_probs(p))]
     details = []
     for c, yc, pc in cols:
         d = _detail_one(yc, pc, kind, target, n_boot, seed)
