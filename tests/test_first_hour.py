@@ -407,3 +407,15 @@ def test_small_folder_with_the_automatic_recipe_stops_when_validation_stops_impr
     assert "at most 100 epochs" in text  # the step budget is the ceiling ...
     m = re.search(r"stopped early at epoch (\d+) of at most 100", text)
     assert m and int(m.group(1)) <= 40, text  # ... and validation ends it
+
+
+def test_report_states_the_threshold_placement_interval_and_warning(tiny_bundle):
+    out, _ = tiny_bundle
+    meta = json.loads((out / "bundle.json").read_text())
+    html = (out / "report.html").read_text()
+    d = meta["threshold_detail"]
+    assert d["rule"] == "youden" and d["optimal_range"][0] < meta["threshold"] <= d["optimal_range"][1]
+    assert f"threshold {meta['threshold']:.3g}, chosen on the validation split by Youden" in html
+    assert "placed at the midpoint, on the logit scale" in html and "95% interval over 200 resamples" in html
+    # 40 validation cases, about 20 of each class: too few to place a threshold well, and the report says so
+    assert "threshold: the validation split has only" in html

@@ -230,12 +230,19 @@ def write_bundle_report(bundle: Bundle, data: Dataset, results: dict, splits=("v
         facts = bundle.meta.get("training_summary") or describe_training(data, None)
     if ood_flags is None:  # the bundle's own detector, when it has one (else the report says why not)
         ood_flags = bundle_ood_flags(bundle, data, tuple(split_data))
+    from medsight.summary import threshold_lines, warn_degenerate
+
+    detail = bundle.meta.get("threshold_detail")
+    if detail is not None and detail.get("rule") != bundle.meta.get("threshold_rule"):
+        detail = None  # a threshold re-chosen by another rule: the stored placement is not about it
+    threshold_warnings = threshold_lines({**bundle.meta, "threshold_detail": detail})[1] if detail else []
+    warnings = threshold_warnings + warn_degenerate({s: results[s] for s in split_data}, bundle.classes,
+                                                    bundle.positive_class)
     html = build_report(
         title=f"{bundle.meta['model']['name']} on {bundle.meta['data']} - {bundle.path.name}",
         task=bundle.task.name, class_names=bundle.classes, splits=split_data, threshold=bundle.threshold,
         threshold_rule=bundle.meta.get("threshold_rule"),
-        threshold_detail=bundle.meta.get("threshold_detail") if bundle.meta.get("threshold_rule") == (
-            bundle.meta.get("threshold_detail") or {}).get("rule") else None,
+        threshold_detail=detail, warnings=warnings,
         positive_class=bundle.positive_class,
         history=read_history(bundle), calibration=calibration_report(bundle, data, tuple(split_data)),
         gallery=gallery(bundle, data, last, split_data[last]["probs"]),
