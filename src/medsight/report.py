@@ -502,6 +502,13 @@ GLOSSARY: tuple[tuple[str, str], ...] = (
 )
 
 
+#: beside each split's figures: how to read them, in a sentence (the terms are in the glossary)
+_FIGURE_NOTE = ('<p class="note">ROC curve: sensitivity against 1 - specificity as the threshold moves (the area under '
+                "it is the ROC AUC; for a binary task the dot is the decision threshold). Precision-recall curve: PPV "
+                "against sensitivity. Confusion matrix: cases by true (rows) and predicted (columns) class, with row "
+                'percentages. <a href="#glossary">Terms</a></p>')
+
+
 def glossary_html() -> str:
     """The glossary as a definition list."""
     items = "".join(f"<dt><b>{_esc(t)}</b></dt><dd>{_esc(d)}</dd>" for t, d in GLOSSARY)
@@ -606,6 +613,7 @@ def build_report(
         if cm is not None:
             figs.append(_img(plot_confusion(cm, class_names, f"confusion matrix, {name}"), f"confusion matrix, {name}"))
         body.append(f'<div class="figs">{"".join(figs)}</div>')
+        body.append(_FIGURE_NOTE)
         table = per_class_table(m, class_names)
         if table:
             body.append(f"<h3>Per class ({_esc(name)})</h3>{table}")
