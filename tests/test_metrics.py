@@ -240,12 +240,18 @@ def test_threshold_rules():
     y, p = _binary(n=400, seed=5, round_to=3)
     fpr, tpr, thr = skm.roc_curve(y, p)
     t = M.choose_threshold(y, p, "youden")
-    assert t == pytest.approx(thr[np.argmax(tpr - fpr)])
+    edge = thr[np.argmax(tpr - fpr)]  # sklearn's edge: the lowest score called positive at the optimum
+    below = p[p < edge].max()  # the next score down: every threshold in (below, edge] decides alike
+    assert below < t <= edge
+    logit = lambda v: np.log(v / (1 - v))  # noqa: E731
+    assert logit(t) == pytest.approx((logit(below) + logit(edge)) / 2)  # the logit-midpoint, never the edge
+    m = M.compute_metrics("binary", y, p, threshold=t)
+    assert m["sensitivity"] + m["specificity"] - 1 == pytest.approx(np.max(tpr - fpr))
     for target in (0.95, 0.8):
         t = M.choose_threshold(y, p, f"sens={target}")
         m = M.compute_metrics("binary", y, p, threshold=t)
         assert m["sensitivity"] >= target
-        higher = p[p > t].min()  # the next candidate up loses the target
+        higher = np.nextafter(p[p >= t].min(), 1)  # just above the lowest case called positive: loses the target
         assert M.compute_metrics("binary", y, p, threshold=higher)["sensitivity"] < target
     t = M.choose_threshold(y, p, "spec=0.90")
     assert M.compute_metrics("binary", y, p, threshold=t)["specificity"] >= 0.9
@@ -258,7 +264,38 @@ def test_threshold_rules():
     assert M.choose_threshold(y, np.stack([1 - p, p], 1), "youden") == M.choose_threshold(y, p, "youden")
     # spec=1 with the top score negative: nothing may be called positive
     t = M.choose_threshold([0, 1, 0], [0.9, 0.5, 0.1], "spec=1")
-    assert t > 0.9
+    assert 0.9 < t < 1
+
+
+def test_tied_optimum_takes_the_logit_midpoint_not_the_edge():
+    """A perfectly separated validation split: every threshold between the highest negative and the lowest positive
+    is optimal; the rule takes the midpoint on the logit scale (the old edge rule gave the lowest positive's score,
+    0.0111 for BreastMNIST, so every negative call sat within 0.1 of it)."""
+    y = np.array([0] * 40 + [1] * 10)
+    p = np.r_[np.linspace(0.0001, 0.002, 40), np.linspace(0.0111, 0.9, 10)]
+    for rule in ("youden", "f1"):
+        t = M.choose_threshold(y, p, rule)
+        assert 0.002 < t < 0.0111
+        assert np.log(t / (1 - t)) == pytest.approx((np.log(0.002 / 0.998) + np.log(0.0111 / 0.9889)) / 2)
+    d = M.operating_point_detail(y, p, "youden", n_boot=50)
+    assert d["optimal_range"] == [pytest.approx(0.002), pytest.approx(0.0111)]
+    assert d["threshold"] == pytest.approx(M.choose_threshold(y, p, "youden"))
+    assert d["ci"][0] <= d["threshold"] <= d["ci"][1] and d["n_pos"] == 10 and d["n_neg"] == 40
+    assert "midpoint" in d["placement"]
+    # 10 positives: too few to place a threshold well, said in words
+    assert any("only 10 positive case(s)" in w for w in d["warnings"]), d["warnings"]
+
+
+def test_wide_separating_gap_is_warned_and_well_placed_split_is_not():
+    y = np.array([0] * 200 + [1] * 200)
+    sep = np.r_[np.full(200, 0.01), np.full(200, 0.99)] + np.r_[np.linspace(0, 0.005, 200), -np.linspace(0, 0.005, 200)]
+    d = M.operating_point_detail(y, sep, "youden", n_boot=50)
+    assert any("equally well" in w for w in d["warnings"]) and 0.1 < d["threshold"] < 0.9
+    rng = np.random.default_rng(3)
+    z = np.r_[rng.normal(-1, 1, 200), rng.normal(1, 1, 200)]
+    d = M.operating_point_detail(y, 1 / (1 + np.exp(-z)), "youden", n_boot=100)
+    assert d["warnings"] == [] and d["ci"][0] < d["threshold"] < d["ci"][1]
+    assert M.operating_point_detail(y, sep, "0.3")["ci"] is None
 
 
 def test_threshold_multilabel_and_errors():

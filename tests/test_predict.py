@@ -247,4 +247,4 @@ def test_cli_predict_escapes_markup_in_paths_and_exits_1_on_failures(served_bund
     assert "[red]bad[x].png" in got.err and got.err.count("error:") == 1 and "Traceback" not in got.err
     assert "1 of 2 files could not be used" in got.out
     assert main(["predict", str(served_bundle), str(d / "[bold]a[1].png"), "--out", str(tmp_path / "ok[1].jsonl")]) == 0
-    assert "1 predictions written to " + str(tmp_path / "ok[1].jsonl") in capsys.readouterr().out
+    assert "1 prediction written to " + str(tmp_path / "ok[1].jsonl") in capsys.readouterr().out

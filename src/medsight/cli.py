@@ -17,6 +17,54 @@ from rich.table import Table
 
 from medsight.errors import MedsightError
 
+def _plain_help_markers() -> None:
+    """Help without typer's type markers: no ``<bool>`` beside a flag, ``PATH`` / ``INTEGER`` / ``TEXT`` instead of
+    ``<path>`` / ``<int>`` / ``<str>``, ``FILES...`` instead of ``<list[Path]>``, and ``BUNDLE`` (not ``{bundle}``)
+    in usage lines. Only the help text changes; parsing is typer's own. Older typer versions without these hooks
+    are left as they are."""
+    try:
+        from typer import core as tc
+    except ImportError:  # pragma: no cover
+        return
+    base = getattr(tc, "_TyperParameter", None)
+    if base is None or getattr(base, "_medsight_plain", False) or not hasattr(base, "display_type"):
+        return
+    words = {"str": "TEXT", "int": "INTEGER", "float": "NUMBER", "path": "PATH", "Path": "PATH", "file": "FILE",
+             "directory": "FOLDER", "int range": "INTEGER", "float range": "NUMBER"}
+    original = base.display_type
+
+    def display_type(self, ctx):
+        if getattr(self, "is_flag", False):
+            return None
+        label = str(original(self, ctx)).strip("<>")
+        if label.startswith("list[") and label.endswith("]"):
+            label = label[5:-1]
+        return words.get(label, label if "|" in label else label.upper())
+
+    base.display_type = display_type
+    opt = getattr(tc, "TyperOption", None)
+    if opt is not None and hasattr(opt, "display_type_rich"):
+        rich_original = opt.display_type_rich
+
+        def display_type_rich(self, ctx):
+            if getattr(self, "is_flag", False):
+                return None
+            return rich_original(self, ctx)
+
+        opt.display_type_rich = display_type_rich
+    arg = getattr(tc, "TyperArgument", None)
+    if arg is not None and hasattr(arg, "_usage_display_name"):
+        def _usage_display_name(self):
+            name = str(getattr(self, "display_name_raw", None) or self.name).upper()
+            name = name if self.required else f"[{name}]"
+            return name + ("..." if self.nargs != 1 else "")
+
+        arg._usage_display_name = _usage_display_name
+    base._medsight_plain = True
+
+
+_plain_help_markers()
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="medsight: train, evaluate, explain and serve medical image classifiers.")
 console = Console(stderr=True)
@@ -232,6 +280,20 @@ def _show_tracking_warnings() -> None:
         lg.addHandler(WarningLines(logging.WARNING))
 
 
+def _plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 prediction``, ``2 predictions``, ``1 entry``, ``0 entries``."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def _check_inputs(paths) -> None:
+    """Inputs named on the command line must exist: a missing one is bad input (exit 2, one line), before any work.
+    Files that exist but cannot be read are per-file refusals later (exit 1)."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        more = f" (and {_plural(len(missing) - 1, 'other')})" if len(missing) > 1 else ""
+        raise MedsightError(f"input not found: {missing[0]}{more}")
+
+
 def result_meta(path) -> dict:
     return json.loads((Path(path) / "bundle.json").read_text())
 
@@ -266,17 +328,23 @@ def metrics_table(metrics: dict, title: str = "metrics") -> Table:
 
 @app.command()
 def train(
-    data: Optional[str] = typer.Option(None, help="MedMNIST name (breastmnist, ...), .npz, class-per-folder tree or CSV"),
+    data: Optional[str] = typer.Option(None, help="what to train on (required unless --config, --recipe or --resume "
+                                       "names it): a MedMNIST name (breastmnist, ...), an .npz, a class-per-folder "
+                                       "tree or a CSV manifest"),
     model: Optional[str] = typer.Option(None, help="registered model name (see `medsight models`)"),
-    epochs: Optional[int] = typer.Option(None),
+    epochs: Optional[int] = typer.Option(None, help="most epochs to train; early stopping on validation may end "
+                                         "sooner (default: from the automatic recipe, else 30)"),
     out: Path = typer.Option(Path("runs/run"), help="bundle folder to write"),
     config: Optional[Path] = typer.Option(None, help="YAML config; flags override it"),
     recipe: Optional[str] = typer.Option(None, help="packaged recipe (breastmnist, breastmnist_64, pneumoniamnist, "
                                          "adrenalmnist3d) or a YAML path: defaults, then --config, then flags"),
-    seed: Optional[int] = typer.Option(None),
-    size: Optional[int] = typer.Option(None, help="input size (MedMNIST: 28, 64, 128, 224)"),
-    batch_size: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None, help="random seed of weights, batch order, augmentation and "
+                                       "dropout (default: 0)"),
+    size: Optional[int] = typer.Option(None, help="input side in pixels (MedMNIST: 28, 64, 128, 224; default: the "
+                                       "data's own size, or the automatic recipe's for files)"),
+    batch_size: Optional[int] = typer.Option(None, help="training images per optimiser step (default: from the "
+                                             "automatic recipe, else 32)"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (default: 0.001)"),
     task: Optional[str] = typer.Option(None, help="override the task type: binary, multiclass, multilabel, ordinal"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints/last.pt"),
@@ -284,7 +352,7 @@ def train(
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="turn augmentation on or off"),
     operating_point: Optional[str] = typer.Option(None, help="threshold rule on val: youden, f1, sens=0.95, spec=0.9, or a number"),
     set_: List[str] = typer.Option([], "--set", help="any config value, e.g. --set train.schedule=step"),
-    progress: bool = typer.Option(True, help="show a progress bar"),
+    progress: bool = typer.Option(True, help="show a progress bar (on a terminal)"),
     auto: Optional[bool] = typer.Option(None, "--auto/--no-auto", help="choose every setting not given from the "
                                         "data (model, epochs, augmentation, input size for files); default: on "
                                         "unless --recipe, --config or --resume is given"),
@@ -325,18 +393,37 @@ def train(
             if c.is_file():  # continue the same run: its resolved config, then any flags given now
                 config = c
                 break
-    cfg = load_config(config, overrides, recipe=recipe)
+    labels = {"data.name": "--data", "model.name": "--model", "train.epochs": "--epochs", "train.seed": "--seed",
+              "data.size": "--size", "train.batch_size": "--batch-size", "train.lr": "--lr", "data.task": "--task",
+              "train.device": "--device", "train.operating_point": "--operating-point",
+              "augment.enabled": "--augment" if augment else "--no-augment", "train.ensemble": "--ensemble",
+              "track.enabled": "--track", "track.required": "--track-required", "auto": "--auto"}
+    for item in set_:
+        labels[item.split("=", 1)[0].strip()] = f"--set {item.strip()}"
+    cfg = load_config(config, overrides, recipe=recipe, labels=labels)
+    if "name" not in cfg.data.model_fields_set:  # no silent default dataset
+        raise _click_exceptions("UsageError")[0](
+            "Missing option '--data': what to train on (a MedMNIST name such as breastmnist, an .npz, a folder or a "
+            "CSV manifest), or a --config / --recipe that names it")
     if cfg.track.enabled:
         _show_tracking_warnings()
-    with _Progress(progress) as bar:
-        out_path, result, metrics = run_training(cfg, out, resume=resume, overwrite=overwrite, callback=bar)
+    try:
+        with _Progress(progress) as bar:
+            out_path, result, metrics = run_training(cfg, out, resume=resume, overwrite=overwrite, callback=bar)
+    except KeyboardInterrupt as e:
+        _interrupted_training(out)
+        e.medsight_reported = True  # type: ignore[attr-defined]
+        raise
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     if _is_main_process():
+        ran = len(result.history)
+        stop = (f", stopped early at epoch {ran} of {cfg.train.epochs} (patience {cfg.train.patience})"
+                if result.stopped_early else "")
         out_console.print(metrics_table(metrics, title=f"{cfg.model.name} on {cfg.data.name} "
-                                                       f"(best epoch {result.best_epoch}, {result.seconds:.1f}s)"))
+                                                       f"(best epoch {result.best_epoch}{stop}, {result.seconds:.1f}s)"))
         from medsight.bundle import decision_text
 
         _info(f"bundle written to {out_path} ({decision_text(result_meta(out_path))})")
@@ -348,12 +435,31 @@ def train(
                 _info(f"tracked as MLflow run {side['run_id']} on {side['tracking_uri']}")
 
 
+def _interrupted_training(out: Path) -> None:
+    """Ctrl-C during `train`: where the unfinished run is and how to go on (the bundle in OUT, if any, is intact)."""
+    from medsight.bundle import staging_dir
+
+    sink = _sink()
+    if sink is not None:
+        sink.close()
+    stage = staging_dir(out)
+    ck = stage / "checkpoints" / "last.pt"
+    if ck.is_file():
+        console.print(f"interrupted: the unfinished run is in {stage} (checkpoint after the last finished epoch: {ck}); "
+                      f"continue it with: medsight train --out {out} --resume", highlight=False, markup=False,
+                      soft_wrap=True)
+    else:
+        console.print(f"interrupted before the first epoch finished: nothing to resume in {stage}; "
+                      + (f"{out} is unchanged" if out.exists() else f"nothing was written to {out}"),
+                      highlight=False, markup=False, soft_wrap=True)
+
+
 @app.command()
 def evaluate(
     bundle: Path = typer.Argument(..., help="bundle folder written by `medsight train`"),
     data: Optional[str] = typer.Option(None, help="dataset (default: the one the bundle was trained on)"),
     split: List[str] = typer.Option(["test"], help="split(s) to evaluate"),
-    size: Optional[int] = typer.Option(None),
+    size: Optional[int] = typer.Option(None, help="input side in pixels (default: the bundle's own)"),
     operating_point: Optional[str] = typer.Option(
         None, help="re-choose the threshold on the val split: youden, f1, sens=0.95, spec=0.9, or a number"),
     n_boot: int = typer.Option(1000, help="bootstrap resamples for 95% CIs (0 = none)"),
@@ -431,6 +537,7 @@ def explain(
     from medsight.fusion import read_clinical_csv
     from medsight.predict import Predictor
 
+    _check_inputs(files)
     predictor = Predictor(bundle)
     clinical = read_clinical_csv(clinical_csv) if clinical_csv is not None else None
     failures = 0
@@ -478,7 +585,8 @@ def qc(
     data: str = typer.Argument(..., help="class-per-folder tree, CSV manifest, .npz, or a MedMNIST name"),
     near_dup: int = typer.Option(4, help="max perceptual-hash Hamming distance for near duplicates"),
     size: int = typer.Option(28, help="MedMNIST size when DATA is a name"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON, every finding "
+                                             "listed"),
     layout: str = typer.Option("auto", help="folders: auto, classes (class-per-folder tree) or raw (any unlabelled "
                                "flat or nested dump)"),
     allow_leakage: bool = typer.Option(False, "--allow-leakage", help="accept duplicates across splits: record "
@@ -492,7 +600,9 @@ def qc(
     from medsight.utils import write_json
 
     source = str(medmnist_path(data, size)) if data.lower() in INFO else data
-    report = run_qc(source, near_dup_threshold=near_dup, layout=layout, allow_leakage=allow_leakage)
+    # the table shows examples; the JSON file lists every finding (max_examples=None)
+    report = run_qc(source, near_dup_threshold=near_dup, layout=layout, allow_leakage=allow_leakage,
+                    max_examples=None if json_path else 20)
     out_console.print(render_qc(report))
     if json_path:
         write_json(json_path, report, private=True)  # file paths and errors of patient files: 0600
@@ -525,9 +635,13 @@ def deid(
     errors = summary.get("errors") or []
     burned = summary.get("burned_in") or []
     held = 0 if summary.get("burned_in_written") else len(burned)
-    out_console.print(f"de-identified {summary.get('written', 0)} files into {out_dir}; verified: no original identifying "
-                      f"value in headers, preamble or codestream segments ({len(summary.get('skipped') or [])} skipped, "
-                      f"{held} held back for burned-in text, {len(errors)} held back with an error)")
+    lenient = summary.get("warnings") or 0
+    out_console.print(f"de-identified {_plural(summary.get('written', 0), 'file')} into {out_dir}; verified: no "
+                      f"original identifying value in headers, preamble or codestream segments ({len(summary.get('skipped') or [])} "
+                      f"skipped, {held} held back for burned-in text, {len(errors)} held back with an error)"
+                      + ("" if _Opts.quiet or not lenient else
+                         f"; {_plural(lenient, 'non-standard value')} read leniently (not shown: they may identify)"),
+                      highlight=False, soft_wrap=True)
     for e in errors:
         out_console.print(f"  error: {e['path']}: {e['error']}")
     for p in burned:
@@ -564,6 +678,7 @@ def predict(
 
     if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise MedsightError(f"--out must end in .csv or .json (or .jsonl for JSON lines), got {out.name!r}")
+    _check_inputs(inputs)
     b = load_bundle(bundle)
     predictor = Predictor(b, backend=backend, threads=default_threads(b))
     from medsight.fusion import read_clinical_csv
@@ -582,16 +697,19 @@ def predict(
 
     if out is not None:
         n, n_err = write_predictions(results, out, classes, on_row=report_error)
-        summary = f"{n} predictions written to {escape(str(out))}"
+        summary = f"{_plural(n, 'prediction')} written to {escape(str(out))}"
     else:
         rows = []
         for p in results:
             report_error(p)
             rows.append(p)
         n, n_err = len(rows), sum(not p.ok for p in rows)
-        from medsight.review import NO_VERDICT, threshold_text
+        from medsight.review import NO_VERDICT
+        from medsight.summary import threshold_rule_sentence
 
-        table = Table(title=escape(f"{bundle} ({predictor.version}, threshold {threshold_text(predictor.threshold)})"))
+        decided = (threshold_rule_sentence(b.meta.get("threshold_rule"), predictor.threshold)
+                   if predictor.threshold is not None else "decision by argmax")
+        table = Table(title=escape(f"{bundle} ({predictor.version}, {decided})"))
         table.add_column("file")
         for c in classes:
             table.add_column(escape(f"p({c})"), justify="right")
@@ -612,11 +730,12 @@ def predict(
             if p.ok and p.review:
                 out_console.print(escape(f"needs review: {p.file}: " + "; ".join(p.review_reasons)),
                                   highlight=False, soft_wrap=True)
-        summary = f"{n} predictions"
+        summary = _plural(n, "prediction")
     if heatmaps is not None:
         out_console.print(f"heatmaps written to {escape(str(heatmaps))}", highlight=False, soft_wrap=True)
     if n_err:
-        out_console.print(f"{summary}; {n_err} of {n} files could not be used (see the error column)", highlight=False, soft_wrap=True)
+        out_console.print(f"{summary}; {n_err} of {_plural(n, 'file')} could not be used (see the error column)",
+                          highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     out_console.print(f"{summary}, no errors", highlight=False, soft_wrap=True)
 
@@ -642,8 +761,9 @@ def export(
 @app.command()
 def serve(
     bundle: Path = typer.Argument(..., help="bundle folder written by `medsight train`"),
-    host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8000),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface; then set an API "
+                             "key)"),
+    port: int = typer.Option(8000, help="TCP port to listen on"),
     api_key: Optional[str] = typer.Option(None, envvar="MEDSIGHT_API_KEY",
                                           help="require this key (X-API-Key or Authorization: Bearer); env MEDSIGHT_API_KEY"),
     api_key_file: Optional[Path] = typer.Option(None, help="read the API key from this file (first line)"),
@@ -743,7 +863,8 @@ def cache_ls(cache_dir: Optional[Path] = typer.Option(None, "--dir", help=_CACHE
                       f"{r['bytes'] / 1e6:.1f}", r["created"] or "-",
                       "ok" if r["ok"] else escape(f"corrupt: {r['problem']} (rebuilt on next use)"))
     out_console.print(table)
-    out_console.print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB", highlight=False)
+    out_console.print(f"{_plural(len(rows), 'entry', 'entries')}, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB",
+                      highlight=False)
 
 
 @cache_app.command("clear")
@@ -753,7 +874,8 @@ def cache_clear(cache_dir: Optional[Path] = typer.Option(None, "--dir", help=_CA
     from medsight.data.cache import clear, resolve_dir
 
     n, freed = clear(cache_dir, key)
-    out_console.print(f"removed {n} entries ({freed / 1e6:.1f} MB) from {resolve_dir(cache_dir)}", highlight=False,
+    out_console.print(f"removed {_plural(n, 'entry', 'entries')} ({freed / 1e6:.1f} MB) from {resolve_dir(cache_dir)}",
+                      highlight=False,
                       soft_wrap=True)
 
 
@@ -807,8 +929,10 @@ def _usage_error(e: Exception, args: list[str] | None = None) -> int:
     """A click/typer usage error as one line on stderr: the message and where to find help."""
     ctx = getattr(e, "ctx", None)
     if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
-        text = ctx.get_help()  # typer's rich help prints itself (stdout) and returns ""; plain click returns it
-        if text:
+        # the exception's constructor asked for the help: typer's rich help printed itself then (the message is
+        # empty); plain click returned it as the message. Printed once either way.
+        text = str(getattr(e, "message", "") or "")
+        if text.strip():
             out_console.print(text, highlight=False, markup=False)
         return 2  # as click >= 8.2 does: a group without its command is a usage error, with the help as message
     try:
@@ -842,9 +966,10 @@ def main(argv: list[str] | None = None) -> int:
 
         console.print("[red]error:[/red] " + escape(str(e).replace("\n", " ")), highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         sink.close()
-        console.print("interrupted")
+        if not getattr(e, "medsight_reported", False):
+            console.print("interrupted")
         return 130
     except _click_exceptions("Exit") as e:
         code = getattr(e, "exit_code", 0)

@@ -134,7 +134,7 @@ def _apply_auto(cfg: RunConfig, data: Dataset) -> tuple[Dataset, dict]:
     applied = autorecipe.apply(cfg, recipe)
     if size is not None and size != min(data.input_size):
         data = load_data_for(cfg)  # the files again, at the rule's input size (cfg.data.size is now set)
-    return data, {"rule": "medsight.autorecipe", "applied": applied, "reasons": recipe.reasons}
+    return data, {"rule": "medsight.autorecipe", "applied": applied, "given": recipe.given, "reasons": recipe.reasons}
 
 
 def training_summary(cfg: RunConfig, data: Dataset) -> list[str]:
@@ -175,6 +175,14 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
     meta.update(choose_calibration(bundle.task, split_logits(bundle, data, "val"), val.labels,
                                    operating_point=cfg.train.operating_point, calibrate=cfg.train.calibrate))
     meta["review"] = fit_review(bundle.task, split_probs(bundle, data, "val"), bundle.threshold)  # medsight.review
+    from medsight.summary import outcome_line, threshold_lines
+
+    after, threshold_warnings = threshold_lines(meta)
+    after = [outcome_line(result, cfg)] + after  # how training ended, where the threshold sits and how sure it is
+    meta["training_summary"] = list(summary) + after
+    meta["warnings"] = threshold_warnings
+    if callback is not None:
+        callback("summary", {"lines": after})
     if cfg.train.ood:
         from medsight.ood import fit_bundle_detector, save_ood
 
@@ -204,7 +212,7 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
         meta["training_summary"] += shares  # the report's facts
         if callback is not None:
             callback("summary", {"lines": shares})
-        meta["warnings"] = warn_degenerate(metrics, bundle.classes, bundle.positive_class)
+        meta["warnings"] = threshold_warnings + warn_degenerate(metrics, bundle.classes, bundle.positive_class)
         if meta["warnings"] and callback is not None:
             callback("warnings", {"lines": meta["warnings"]})
     write_meta(stage, meta)

@@ -177,8 +177,11 @@ def _items_from_source(source, layout: str = "auto") -> tuple[list[dict], Iterat
         if p.suffix.lower() in (".csv", ".tsv"):
             return read_manifest(p), None, "manifest"
         if p.suffix.lower() == ".npz":
+            from medsight.data.sources import check_npz
+
+            check_npz(p)
             try:
-                with np.load(p) as z:
+                with np.load(p, allow_pickle=False) as z:
                     d = {s: (z[f"{s}_images"], z[f"{s}_labels"] if f"{s}_labels" in z else None) for s in ("train", "val", "test") if f"{s}_images" in z}
             except Exception as e:
                 raise DataError(f"cannot read {p}: {e}") from e

@@ -106,11 +106,26 @@ def medmnist_info(name: str) -> MedMNISTInfo:
     return INFO[key]
 
 
+def check_npz(path: str | Path) -> None:
+    """Refuse, in medsight's own words, a file named .npz that is not a zip archive of arrays (numpy would advise
+    loading it "unsafely" with allow_pickle, which medsight never does)."""
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        return
+    with open(path, "rb") as f:
+        head = f.read(512)
+    what = ("empty" if not head else "a single .npy array, not an archive" if head.startswith(b"\x93NUMPY") else
+            "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "not a zip archive")
+    raise DataError(f"{path} is not an .npz archive (the file is {what}); an .npz is a zip of arrays, as written by "
+                    f"numpy.savez, with {', '.join(NPZ_KEYS[:2])}, ...")
+
+
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     """Read a MedMNIST-layout .npz; refuses missing keys or mismatched lengths with a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found")
+    check_npz(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in NPZ_KEYS if k not in z.files]
