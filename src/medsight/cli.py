@@ -638,7 +638,7 @@ def deid(
     lenient = summary.get("warnings") or 0
     out_console.print(f"de-identified {_plural(summary.get('written', 0), 'file')} into {out_dir}; verified: no "
                       f"original identifying value in headers, preamble or codestream segments ({len(summary.get('skipped') or [])} "
-                      f"skipped, {held} held back for burned-in text, {len(errors)} held back with an error)"
+                      f"skipped, {held} held back for burned-in text, {_plural(len(errors), 'error')})"
                       + ("" if _Opts.quiet or not lenient else
                          f"; {_plural(lenient, 'non-standard value')} read leniently (not shown: they may identify)"),
                       highlight=False, soft_wrap=True)

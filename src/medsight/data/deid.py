@@ -788,7 +788,7 @@ def deidentify(
             try:
                 _save_private(c.ds, target)
             except Exception as e:
-                summary["errors"].append({"path": str(rel), "error": f"cannot write its output ({type(e).__name__})"})
+                summary["errors"].append({"path": str(rel), "error": f"cannot write its output ({_safe_reason(e)})"})
                 continue
             out_rel = c.out_rel.as_posix()
             hit = find_leak(target, out_rel, c.record.needles, c.record.allowed)
