@@ -12,8 +12,8 @@ from torch import nn
 
 from medsight.config import load_config
 from medsight.errors import ConfigError, DataError
-from medsight.fusion import (FUSION_MODES, synthetic_xor, FusionClassifier, TabularEncoder, encode_tabular, fit_fusion, fit_tabular,
-                             fusion_logits, fusion_meta, model_with_tab)
+from fusion_training import fit_fusion, fit_tabular, fusion_logits, synthetic_xor
+from medsight.fusion import FUSION_MODES, FusionClassifier, TabularEncoder, encode_tabular, fusion_meta, model_with_tab
 from medsight.models import create_model
 from medsight.tasks import Task
 
@@ -238,7 +238,7 @@ def test_fusion_end_to_end_from_a_manifest(tmp_path):
     b = load_bundle(out)
     assert b.fusion["columns"] == ["age", "site"] and b.fusion["tabular"]
     logits = split_logits(b, data, "test")
-    from medsight.fusion import encode_tabular, fusion_logits
+    from medsight.fusion import encode_tabular
 
     again = fusion_logits(result.model, data.splits["test"].images,
                           encode_tabular(data.splits["test"].clinical, b.fusion["tabular"]))
