@@ -19,6 +19,7 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fusion_training import fit_fusion, fusion_logits  # noqa: E402 - test helpers, not part of the product
 from fusion_training import synthetic_xor as make_xor  # noqa: E402
+from ood_baselines import energy_score, msp_score  # noqa: E402
 
 
 def main() -> None:
@@ -78,8 +79,8 @@ def main() -> None:
     ind = ood.detect(bundle.model, test.images, det)
     oo = ood.detect(bundle.model, breast.splits["test"].images, det)
     y = np.r_[np.zeros(len(test)), np.ones(len(breast.splits["test"]))]
-    aurocs = {"mahalanobis": roc_auc_score(y, np.r_[ind["ood_score"], oo["ood_score"]])}
-    for name, fn in (("energy", ood.energy_score), ("msp", ood.msp_score)):
+    aurocs = {"combined": roc_auc_score(y, np.r_[ind["ood_score"], oo["ood_score"]])}
+    for name, fn in (("energy", energy_score), ("msp", msp_score)):
         aurocs[name] = roc_auc_score(y, np.r_[fn(ind["logits"]), fn(oo["logits"])])
     results["ood"] = {"auroc": aurocs, "threshold": det["threshold"],
                       "flag_rate_in_distribution": float(ind["ood_flag"].mean()),

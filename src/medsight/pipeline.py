@@ -23,14 +23,9 @@ from medsight.utils import atomic_write_text, write_json
 
 
 def load_data_for(cfg: RunConfig) -> Dataset:
-    d = cfg.data
-    data = load_dataset(d.name, size=d.size, root=d.root, download_missing=d.download, task=d.task, window=d.window,
-                        label_columns=d.label_columns, clinical_columns=d.clinical_columns, intensity=d.intensity,
-                        seed=cfg.train.seed, positive_class=d.positive_class, allow_leakage=d.allow_leakage,
-                        cache_dir=d.cache_dir, stream=d.stream, memory_budget_gb=d.memory_budget_gb,
-                        workers=d.workers)
-    if d.task is not None and d.task != data.task:
-        data.task = d.task
+    data = load_dataset(cfg.data, seed=cfg.train.seed)
+    if cfg.data.task is not None and cfg.data.task != data.task:
+        data.task = cfg.data.task
     return data
 
 
