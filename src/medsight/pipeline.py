@@ -57,6 +57,24 @@ def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> tuple[Path, Pat
     return stage, resume_from
 
 
+def resume_config(out_dir: str | Path) -> Path | None:
+    """The resolved config of the run ``--resume`` continues: the unfinished run's (staging folder), else the
+    published bundle's; None when neither exists."""
+    out = Path(out_dir)
+    for c in (staging_dir(out) / "config.yaml", out / "config.yaml"):
+        if c.is_file():
+            return c
+    return None
+
+
+def end_distributed() -> None:
+    """Tear down the process group :func:`medsight.train.fit` set up for a distributed run (no-op otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = None, resume: bool = False,
                  overwrite: bool = False, callback: Callback | None = None,
                  evaluate: bool = True) -> tuple[Path, FitResult, dict]:
