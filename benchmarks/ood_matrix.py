@@ -48,7 +48,7 @@ def set_label(name: str, size: int) -> str:
 
 def synthetic(kind: str, n: int, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """``n`` synthetic model inputs (C, *S) in [0, 1]."""
-    c, sp = shape[0], shape[1:]
+    sp = shape[1:]
     if kind == "constant_0":
         return np.zeros((n, *shape), np.float32)
     if kind == "constant_1":

@@ -257,7 +257,7 @@ def test_fusion_bundle_in_predictor_cli_and_service(tmp_path):
 
     from medsight.cli import main
     from medsight.config import load_config
-    from medsight.errors import ConfigError, DataError
+    from medsight.errors import DataError
     from medsight.pipeline import run_training
     from medsight.predict import Predictor
     from medsight.serve.app import create_app

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.table import Table
@@ -462,7 +462,7 @@ def bench_medmnist(
     import contextlib
 
     keys = [k.strip() for d in datasets for k in d.split(",") if k.strip()]
-    tracked = contextlib.nullcontext()
+    tracked: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if track:
         from medsight.tracking import parent_run
 
@@ -532,7 +532,7 @@ def _click_exceptions(*names: str) -> tuple:
     return tuple(found)
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 

@@ -149,8 +149,8 @@ class TabularEncoder:
                              "std": std if std > 1e-12 else 1.0})
         cat_spec = []
         for c in categorical:
-            vals = {_category(v, c, i) for i, v in enumerate(cols[c])} - {None}
-            cat_spec.append({"name": c, "categories": sorted(vals)})
+            seen = {v for i, x in enumerate(cols[c]) if (v := _category(x, c, i)) is not None}
+            cat_spec.append({"name": c, "categories": sorted(seen)})
         return cls(num_spec, cat_spec)
 
     @property
@@ -252,14 +252,15 @@ class FusionClassifier(nn.Module):
             raise ConfigError(f"fusion mode {mode!r} needs an image model")
         self.mode, self.n_tab, self.num_outputs = mode, int(n_tab), int(num_outputs)
         self.hidden, self.dropout = int(hidden), float(dropout)
-        self.image = None
+        self.image: nn.Module | None = None
         d = 0
         if mode != "tabular":
+            assert image_model is not None  # refused above
             self.image = copy.deepcopy(image_model)
             d = _strip_last_linear(self.image)
         self.image_features = d
         h = hidden
-        self.tab = None
+        self.tab: nn.Module | None = None
         if mode != "image":
             self.tab = nn.Sequential(nn.Linear(n_tab, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU())
         if mode == "concat":
@@ -283,15 +284,19 @@ class FusionClassifier(nn.Module):
         self.head = nn.Sequential(*layers)
 
     def set_input_stats(self, mean, std) -> None:
-        if self.image is not None and hasattr(self.image, "set_input_stats"):
-            self.image.set_input_stats(mean, std)
+        set_stats = getattr(self.image, "set_input_stats", None)
+        if callable(set_stats):
+            set_stats(mean, std)
 
     def forward(self, x: torch.Tensor | None, tab: torch.Tensor | None) -> torch.Tensor:
         if self.mode == "tabular":
+            assert self.tab is not None  # every mode but "image" has the tabular encoder
             return self.head(self.tab(tab))
+        assert self.image is not None  # every mode but "tabular" has the image backbone
         f = self.image(x).flatten(1)
         if self.mode == "image":
             return self.head(f)
+        assert self.tab is not None
         if tab is None or tab.dim() != 2 or tab.shape[1] != self.n_tab:
             raise DataError(f"tabular input must have shape (N, {self.n_tab}), got "
                             f"{None if tab is None else tuple(tab.shape)}")
@@ -311,6 +316,8 @@ class FusionClassifier(nn.Module):
 
 class TabBound(nn.Module):
     """``FusionClassifier`` with a fixed tabular vector: ``forward(x)``; the backbone is ``self.fusion.image``."""
+
+    tab: torch.Tensor  # a registered buffer
 
     def __init__(self, fusion: FusionClassifier, tab):
         super().__init__()

@@ -25,8 +25,8 @@ import base64
 import binascii
 import json
 
-import mlflow.pyfunc
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 from medsight.errors import DataError
 from medsight.tracking import PYFUNC_BUNDLE_KEY as BUNDLE_KEY
@@ -57,7 +57,7 @@ def decode_b64(text: str, name: str) -> bytes:
         raise DataError(f"{name}: image_b64 is not valid base64 ({e})") from None
 
 
-class MedsightModel(mlflow.pyfunc.PythonModel):
+class MedsightModel(PythonModel):
     """pyfunc wrapper: the bundle travels as the model's artefact ``bundle``; a Predictor is built on load."""
 
     def load_context(self, context) -> None:

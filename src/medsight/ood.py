@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,6 +69,7 @@ def logits_and_features(model: nn.Module, images, *, batch_size: int = EVAL_BATC
                     tta_flip=tta_flip)
     if len(out.logits) == 0:
         raise DataError("no images to score")
+    assert out.features is not None  # asked for with features=True
     return out.logits, out.features
 
 
@@ -549,7 +551,7 @@ def save_ood(path: str | Path, det: dict) -> Path:
 
     from medsight.utils import atomic_write_bytes
 
-    arrays = {k: np.asarray(v) for k, v in det.items() if k in _ARRAYS}
+    arrays: dict[str, Any] = {k: np.asarray(v) for k, v in det.items() if k in _ARRAYS}
     rest = {k: v for k, v in det.items() if k not in _ARRAYS}
     buf = io.BytesIO()
     np.savez(buf, meta=np.array(json.dumps(rest)), **arrays)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from medsight.bundle import (Bundle, is_nonempty_dir, make_meta, publish, recover, save_weights, staging_dir,
                              write_meta)
@@ -164,7 +165,7 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
                    auto: dict | None = None) -> dict:
     """Calibrate on val, fit the OOD detector, score the splits and write every file of the bundle into
     ``stage``, each once."""
-    extra = {"train_seconds": round(result.seconds, 2)}
+    extra: dict[str, Any] = {"train_seconds": round(result.seconds, 2)}
     if cfg.train.tta_flip:
         extra["tta_flip"] = list(cfg.train.tta_flip)
     meta = make_meta(model_spec=result.model_spec, task=data.task, classes=data.classes, recipe=data.recipe,
@@ -239,7 +240,7 @@ def infer_categorical(rows: list[dict], columns: list[str]) -> list[str]:
     for c in columns:
         for r in rows:
             v = r.get(c)
-            if _is_missing(v):
+            if v is None or _is_missing(v):
                 continue
             try:
                 float(v)
@@ -260,7 +261,7 @@ def _fusion_parts(cfg: RunConfig, data: Dataset):
     if train.clinical is None:
         raise ConfigError(f"data.clinical_columns is set but {data.name} carries no clinical values "
                           "(use a CSV manifest with those columns)")
-    cols = list(cfg.data.clinical_columns)
+    cols = list(cfg.data.clinical_columns or [])
     cats = cfg.data.categorical_columns or infer_categorical(train.clinical, cols)
     unknown = sorted(set(cats) - set(cols))
     if unknown:

@@ -172,11 +172,11 @@ def data_hash(data) -> str:
             if not isinstance(arr, np.ndarray):  # rows on disk (dataset cache): the same bytes, a chunk at a time
                 h.update(f"{name}:{tuple(arr.shape)}:{arr.dtype.str};".encode())
                 for i in range(0, len(arr), 1024):
-                    h.update(memoryview(np.ascontiguousarray(arr[i:i + 1024])).cast("B"))
+                    h.update(np.ascontiguousarray(arr[i:i + 1024]).data.cast("B"))
                 continue
             a = np.ascontiguousarray(arr)
             h.update(f"{name}:{a.shape}:{a.dtype.str};".encode())
-            h.update(memoryview(a).cast("B"))
+            h.update(a.data.cast("B"))
     return h.hexdigest()[:16]
 
 
