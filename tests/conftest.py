@@ -23,6 +23,43 @@ if "MEDSIGHT_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["MEDSIGHT_CACHE_DIR"], True)
 
 
+# --- lanes: markers that tell the truth -----------------------------------------------------------------------
+# Every test gets the markers of what it needs, from the fixtures it uses (directly or through other fixtures),
+# so a new test is classified without anyone remembering to mark it:
+#   realdata         needs the real MedMNIST files or sample scans (fixtures below, or listed in REALDATA)
+#   network_service  starts a server process it talks to over loopback (MLflow, ...)
+#   browser          drives chromium (test_browser.py marks itself)
+#   slow             marked by hand (@pytest.mark.slow), or measured at over ~5 s on 2 cores (SLOW below)
+#   unit             none of the above: the fast lane, `bash scripts/test.sh -m unit` (under 60 s on 2 cores)
+REALDATA_FIXTURES = {"medmnist_dir", "samples_dir", "breast", "served_bundle", "breast_files"}
+NETWORK_FIXTURES = {"mlflow_server"}
+# Tests that read the real data without those fixtures (found by running the unit lane with MEDSIGHT_DATA_DIR
+# pointing at an empty folder): "file.py::test_name" (parametrized ids included) or "file.py" for every test in it.
+REALDATA: set[str] = set()
+# Unmarked tests measured at over ~5 s (pytest --durations=0, 2 cores): kept out of the unit lane.
+SLOW: set[str] = set()
+LANE_MARKERS = ("realdata", "network_service", "browser", "slow")
+
+
+def _listed(item, names: set[str]) -> bool:
+    rel = item.nodeid.split("::", 1)[0].removeprefix("tests/")
+    base = rel + "::" + item.nodeid.split("::", 1)[1].split("[", 1)[0] if "::" in item.nodeid else rel
+    return rel in names or base in names or item.nodeid.removeprefix("tests/") in names
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & REALDATA_FIXTURES or _listed(item, REALDATA):
+            item.add_marker(pytest.mark.realdata)
+        if used & NETWORK_FIXTURES:
+            item.add_marker(pytest.mark.network_service)
+        if _listed(item, SLOW):
+            item.add_marker(pytest.mark.slow)
+        if not any(item.get_closest_marker(m) for m in LANE_MARKERS):
+            item.add_marker(pytest.mark.unit)
+
+
 def _medmnist_dir() -> Path:
     env = os.environ.get("MEDSIGHT_DATA_DIR")
     return Path(env) if env else REPO.parent / "shared" / "data" / "medmnist"
