@@ -7,6 +7,7 @@ other modules.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -45,15 +46,20 @@ def _path(seen: dict[str, str], start: str, end: str) -> str:
     return " -> ".join(reversed(chain))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def graph() -> dict[str, set[str]]:
-    return ig.import_graph()
+    return _graph(False)
+
+
+@functools.cache
+def _graph(module_level: bool) -> dict[str, set[str]]:
+    return ig.import_graph(module_level=module_level)
 
 
 @pytest.mark.parametrize("module_level", [False, True], ids=["all-imports", "module-level"])
 @pytest.mark.parametrize("trainer", TRAINING)
 def test_training_does_not_reach_the_serving_stack(trainer, module_level):
-    graph = ig.import_graph(module_level=module_level)
+    graph = _graph(module_level)
     seen = _reach(graph, trainer)
     bad = [m for m in seen if any(m == s or m.startswith(s + ".") for s in SERVING)]
     assert bad == [], "training imports serving: " + "; ".join(_path(seen, trainer, m) for m in bad)
