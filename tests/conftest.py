@@ -55,6 +55,14 @@ SLOW: set[str] = {
     "test_pretrained.py::test_fine_tuning_run_records_the_weights_and_trains_the_backbone_slower",
     "test_pretrained.py::test_medicalnet_has_no_published_digest_so_the_first_one_is_pinned",
     "test_augment.py::test_training_with_mixup_is_reproducible_and_changes_the_weights",
+    # the next ones by CPU seconds (scripts/lane_modules.py), about 1-2 s each: room under the minute
+    "test_autorecipe.py::test_a_new_set_of_a_known_shape_gets_a_sensible_recipe_saved_in_the_bundle",
+    "test_explain.py::test_find_target_layer_variants",
+    "test_export.py::test_export_parity_dynamic_batch[resnet18-2-28]",
+    "test_streaming.py::test_predict_workers_memory_stays_bounded",
+    "test_cli.py::test_usage_errors_in_a_real_process",
+    "test_metrics.py::test_bootstrap_ci_coverage",
+    "data/test_deid.py::test_verifier_catches_a_leak_in_the_corpus",
 }
 LANE_MARKERS = ("realdata", "network_service", "browser", "slow")
 
