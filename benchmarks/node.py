@@ -24,7 +24,7 @@ import numpy as np
 
 _REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO / "benchmarks"))
-from _common import bundle_or_train
+from _common import bundle_or_train  # noqa: E402 (after the sys.path line)
 
 
 def _node_fixtures():

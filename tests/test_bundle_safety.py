@@ -8,9 +8,7 @@ import os
 import pickle
 import stat
 
-import numpy as np
 import pytest
-import torch
 
 from medsight.bundle import load_bundle, staging_dir
 from medsight.config import load_config

@@ -310,23 +310,23 @@ def test_progress_bars_render_on_a_terminal_and_vanish(monkeypatch):
 
     from rich.console import Console
 
-    import medsight.cli as cli
+    import medsight.console as con  # the CLI's rendering
     from medsight import progress
 
     buf = io.StringIO()
-    monkeypatch.setattr(cli, "console", Console(file=buf, force_terminal=True, width=100))
-    sink = cli._RichSink()
+    monkeypatch.setattr(con, "console", Console(file=buf, force_terminal=True, width=100))
+    sink = con.RichSink()
     assert sink.enabled
     with progress.using(sink):
         for _ in progress.track(range(3), "de-identifying"):
             pass
         assert sink.tasks == {} and not sink.progress.live.is_started
     assert "de-identifying" in buf.getvalue()
-    monkeypatch.setattr(cli._Opts, "quiet", True)  # set by the global options after main() made the sink
+    monkeypatch.setattr(con.Opts, "quiet", True)  # set by the global options after main() made the sink
     assert not sink.enabled
     with progress.using(sink):
         progress.task("quietly", total=1).close()
     assert "quietly" not in buf.getvalue()
-    monkeypatch.setattr(cli._Opts, "quiet", False)
-    monkeypatch.setattr(cli, "console", Console(file=io.StringIO(), force_terminal=False))
-    assert not cli._RichSink().enabled  # piped / CI logs: no bars
+    monkeypatch.setattr(con.Opts, "quiet", False)
+    monkeypatch.setattr(con, "console", Console(file=io.StringIO(), force_terminal=False))
+    assert not con.RichSink().enabled  # piped / CI logs: no bars

@@ -349,39 +349,45 @@ def test_reliability_and_ece_known_values():
 # ---------------------------------------------------------------------------------- validation
 
 
-def test_validation_errors():
+@pytest.mark.parametrize("case", range(17), ids=['unknown-task-nope-allowed-binary-multicl', 'threshold-must-be-in', 'one-number', 'not-multiclass', 'multilabel-threshold', 'n-boot', 'alpha', 'n-bins', 'samples', '0-samples', '0-1', 'nan-or-inf', 'n-n-1-or-n-2', 'ints-in-0-3', 'n-k', 'shape-of-probs', 'multilabel-y-true-must-be-0-1'])
+def test_validation_refusals(case):
     y, p = _binary(n=20)
-    with pytest.raises(ConfigError, match="unknown task 'nope'; allowed: binary, multiclass, multilabel, ordinal"):
-        M.compute_metrics("nope", y, p)
-    with pytest.raises(ConfigError, match="threshold must be in"):
-        M.compute_metrics("binary", y, p, threshold=1.5)
-    with pytest.raises(ConfigError, match="one number"):
-        M.compute_metrics("binary", y, p, threshold=[0.5, 0.5])
-    with pytest.raises(ConfigError, match="not multiclass"):
-        M.compute_metrics("multiclass", *_multiclass(n=20), threshold=0.5)
-    with pytest.raises(ConfigError, match="multilabel threshold"):
-        M.compute_metrics("multilabel", np.zeros((5, 3)), np.full((5, 3), 0.5), threshold=[0.5, 0.5])
-    with pytest.raises(ConfigError, match="n_boot"):
-        M.bootstrap_ci("binary", y, p, n_boot=0)
-    with pytest.raises(ConfigError, match="alpha"):
-        M.bootstrap_ci("binary", y, p, alpha=1.5)
-    with pytest.raises(ConfigError, match="n_bins"):
-        M.reliability_curve("binary", y, p, n_bins=0)
-    with pytest.raises(DataError, match="samples"):
-        M.compute_metrics("binary", y[:5], p)
-    with pytest.raises(DataError, match="0 samples"):
-        M.compute_metrics("binary", [], [])
-    with pytest.raises(DataError, match="0/1"):
-        M.compute_metrics("binary", y + 1, p)
-    with pytest.raises(DataError, match="nan or inf"):
-        M.compute_metrics("binary", y, np.full(len(y), np.nan))
-    with pytest.raises(DataError, match=r"\(N,\), \(N, 1\) or \(N, 2\)"):
-        M.compute_metrics("binary", y, np.zeros((len(y), 3)))
-    with pytest.raises(DataError, match="ints in 0..3"):
-        M.compute_metrics("multiclass", np.full(20, 4), _multiclass(n=20)[1])
-    with pytest.raises(DataError, match=r"\(N, K\)"):
-        M.compute_metrics("multiclass", y, p)
-    with pytest.raises(DataError, match="shape of probs"):
-        M.compute_metrics("multilabel", y, np.zeros((20, 2)))
-    with pytest.raises(DataError, match="multilabel y_true must be 0/1"):
-        M.compute_metrics("multilabel", np.full((20, 2), 2), np.zeros((20, 2)))
+    refusals = [
+        (ConfigError, "unknown task 'nope'; allowed: binary, multiclass, multilabel, ordinal",
+         lambda: M.compute_metrics("nope", y, p)),
+        (ConfigError, "threshold must be in",
+         lambda: M.compute_metrics("binary", y, p, threshold=1.5)),
+        (ConfigError, "one number",
+         lambda: M.compute_metrics("binary", y, p, threshold=[0.5, 0.5])),
+        (ConfigError, "not multiclass",
+         lambda: M.compute_metrics("multiclass", *_multiclass(n=20), threshold=0.5)),
+        (ConfigError, "multilabel threshold",
+         lambda: M.compute_metrics("multilabel", np.zeros((5, 3)), np.full((5, 3), 0.5), threshold=[0.5, 0.5])),
+        (ConfigError, "n_boot",
+         lambda: M.bootstrap_ci("binary", y, p, n_boot=0)),
+        (ConfigError, "alpha",
+         lambda: M.bootstrap_ci("binary", y, p, alpha=1.5)),
+        (ConfigError, "n_bins",
+         lambda: M.reliability_curve("binary", y, p, n_bins=0)),
+        (DataError, "samples",
+         lambda: M.compute_metrics("binary", y[:5], p)),
+        (DataError, "0 samples",
+         lambda: M.compute_metrics("binary", [], [])),
+        (DataError, "0/1",
+         lambda: M.compute_metrics("binary", y + 1, p)),
+        (DataError, "nan or inf",
+         lambda: M.compute_metrics("binary", y, np.full(len(y), np.nan))),
+        (DataError, r"\(N,\), \(N, 1\) or \(N, 2\)",
+         lambda: M.compute_metrics("binary", y, np.zeros((len(y), 3)))),
+        (DataError, "ints in 0..3",
+         lambda: M.compute_metrics("multiclass", np.full(20, 4), _multiclass(n=20)[1])),
+        (DataError, r"\(N, K\)",
+         lambda: M.compute_metrics("multiclass", y, p)),
+        (DataError, "shape of probs",
+         lambda: M.compute_metrics("multilabel", y, np.zeros((20, 2)))),
+        (DataError, "multilabel y_true must be 0/1",
+         lambda: M.compute_metrics("multilabel", np.full((20, 2), 2), np.zeros((20, 2)))),
+    ]
+    error, message, call = refusals[case]
+    with pytest.raises(error, match=message):
+        call()

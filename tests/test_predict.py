@@ -226,7 +226,7 @@ def test_write_predictions_streams_rows_before_a_crash(predictors, breast_files,
     for suffix in (".csv", ".jsonl"):
         out = tmp_path / f"rows{suffix}"
         with pytest.raises(RuntimeError, match="crash after three files"):
-            write_predictions(produce(), out, p.classes, on_row=lambda r: seen.append(len(out.read_text().splitlines())))
+            write_predictions(produce(), out, p.classes, on_row=lambda r, out=out: seen.append(len(out.read_text().splitlines())))
         lines = out.read_text().splitlines()
         if suffix == ".csv":
             assert [Path(r["file"]).name for r in csv.DictReader(lines)] == [f.name for f in breast_files["png"][:3]]

@@ -1,4 +1,5 @@
-"""`medsight` command line. Entry points set up logging and progress; library code stays quiet.
+"""`medsight` command line: parses arguments, calls the library, prints. What it prints is rendered by
+:mod:`medsight.console` (tables, progress bars, the one logging set-up); library code stays quiet.
 
 Every user error (MedsightError) is printed as one line on stderr with exit code 2, without a traceback.
 """
@@ -8,13 +9,18 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from medsight.console import Opts as _Opts
+from medsight.console import RichSink as _RichSink
+from medsight.console import TrainingProgress as _Progress
+from medsight.console import console, current_sink, metrics_table, out_console, shift_table
+from medsight.console import info as _info
+from medsight.console import is_main_process as _is_main_process
+from medsight.console import show_tracking_warnings as _show_tracking_warnings
 from medsight.errors import MedsightError
 
 def _plain_help_markers() -> None:
@@ -67,8 +73,6 @@ _plain_help_markers()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="medsight: train, evaluate, explain and serve medical image classifiers.")
-console = Console(stderr=True)
-out_console = Console()
 
 
 def _version(value: bool) -> None:
@@ -77,24 +81,6 @@ def _version(value: bool) -> None:
 
         out_console.print(f"medsight {__version__}", highlight=False)
         raise typer.Exit(0)
-
-
-def _configure_logging(level: int, fmt: str = "%(levelname)s %(name)s: %(message)s") -> None:
-    """Library loggers (``medsight.*``) to stderr at ``level``; main() restores the previous state."""
-    import logging
-
-    log = logging.getLogger("medsight")
-    for h in [h for h in log.handlers if getattr(h, "_medsight_cli", False)]:
-        log.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler._medsight_cli = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter(fmt))
-    # tracking warnings have their own one-line printer (_show_tracking_warnings) once it is installed
-    handler.addFilter(lambda r: not (r.name == "medsight.tracking" and any(
-        getattr(h, "medsight_cli", False) for h in logging.getLogger("medsight.tracking").handlers)))
-    log.addHandler(handler)
-    log.setLevel(level)
-    log.propagate = False
 
 
 @app.callback()
@@ -107,177 +93,12 @@ def _global_options(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging; tracebacks for unexpected errors"),
 ):
     """medsight: train, evaluate, explain and serve medical image classifiers."""
-    import logging
+    from medsight.console import setup_logging
 
     if quiet and verbose:
         raise MedsightError("--quiet and --verbose exclude each other")
     _Opts.quiet, _Opts.verbose = quiet, verbose
-    if ctx.invoked_subcommand == "serve":  # a server logs one INFO line per request (no patient data), timestamped
-        _configure_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO,
-                           "%(asctime)s %(levelname)s %(name)s %(message)s")
-    else:
-        _configure_logging(logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING)
-
-
-def _is_main_process() -> bool:
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-class _Opts:
-    """Global options of this invocation (set by the app callback, reset by main())."""
-
-    quiet = False
-    verbose = False
-
-
-def _info(message: str) -> None:
-    """A line about what was done (files written, where the server listens); --quiet drops it."""
-    if not _Opts.quiet:
-        out_console.print(message, highlight=False, soft_wrap=True)
-
-
-class _RichSink:
-    """Renders medsight.progress steps as Rich bars on stderr: only on a terminal, never with --quiet, only on
-    rank 0. One rich Progress serves every step (and the training bar), started with the first step, stopped
-    (and erased) with the last."""
-
-    def __init__(self) -> None:
-        from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
-        from rich.text import Text
-
-        class Count(ProgressColumn):  # "12/40"; nothing for a step of unknown length
-            def render(self, task):
-                def n(x):
-                    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
-
-                return Text("" if task.total is None else f"{n(task.completed)}/{n(task.total)}", style="green")
-
-        self.console = console
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), Count(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                                 transient=True)
-        self.tasks: dict = {}
-
-    @property
-    def enabled(self) -> bool:
-        """Asked at each step: --quiet is only known once the global options are parsed."""
-        return self.console.is_terminal and not _Opts.quiet and _is_main_process()
-
-    def start(self, key, description, total) -> None:
-        if not self.enabled:
-            return
-        if not self.tasks:
-            self.progress.start()
-        self.tasks[key] = self.progress.add_task(description, total=total, info="")
-
-    def advance(self, key, amount) -> None:
-        if key in self.tasks:
-            self.progress.advance(self.tasks[key], amount)
-
-    def update(self, key, **fields) -> None:
-        if key in self.tasks:
-            self.progress.update(self.tasks[key], **fields)
-
-    def finish(self, key) -> None:
-        if key in self.tasks:
-            self.progress.remove_task(self.tasks.pop(key))
-            if not self.tasks:
-                self.progress.stop()
-
-    def close(self) -> None:
-        for key in list(self.tasks):
-            self.finish(key)
-
-    def print(self, line: str) -> None:
-        """A line above the bars (or plain on stderr when they are off)."""
-        if not _Opts.quiet:
-            self.console.print(line, highlight=False, soft_wrap=True)  # above the bars while they are live
-
-
-def _sink() -> "_RichSink | None":
-    from medsight import progress
-
-    s = progress.get_sink()
-    return s if isinstance(s, _RichSink) else None
-
-
-class _Progress:
-    """Training bar fed by the trainer's callback events, drawn through the invocation's progress sink."""
-
-    def __init__(self, enabled: bool = True):
-        from medsight import progress
-
-        self.enabled = _is_main_process()  # epoch lines are printed either way; the bar only when asked
-        self.show_bar = enabled
-        self.sink = _sink()
-        self.task = None
-        self.progress = progress
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        if self.task is not None:
-            self.task.close()
-            self.task = None
-
-    def _print(self, line: str) -> None:
-        if self.sink is not None:
-            self.sink.print(line)
-        elif not _Opts.quiet:
-            console.print(line, highlight=False)
-
-    def __call__(self, event: str, info: dict) -> None:
-        if not self.enabled:
-            return
-        if event == "start":
-            self.total = info["epochs"]
-            if self.show_bar:
-                self.task = self.progress.task(f"epoch {info['start_epoch'] + 1}/{info['epochs']}", total=info["steps"])
-        elif event == "step" and self.task is not None and self.sink is not None:
-            self.sink.update(self.task.key, completed=info["step"], total=info["steps"],
-                             description=f"epoch {info['epoch'] + 1}/{self.total}", info=f"loss {info['loss']:.4f}")
-        elif event == "epoch":
-            auc = info.get("val_auc")
-            line = (f"epoch {info['epoch']:>3}  train_loss {info['train_loss']:.4f}  val_loss {info['val_loss']:.4f}"
-                    + (f"  val_auc {auc:.4f}" if auc is not None else "")
-                    + (f"  val_acc {info['val_accuracy']:.4f}" if "val_accuracy" in info else "")
-                    + ("  *" if info.get("improved") else ""))
-            self._print(line)
-            if self.task is not None and self.sink is not None:
-                self.sink.update(self.task.key, completed=0)
-        elif event == "early_stop":
-            self._print(f"early stop at epoch {info['epoch']} (best epoch {info['best_epoch']})")
-        elif event == "pretrained":
-            self._print(f"pretrained weights {info['source']}: {info['filled']} of {info['weight_tensors']} weight "
-                        f"tensors loaded (sha256 {info['sha256'][:12]}), head {info['head']} trained from scratch")
-        elif event == "member":
-            self._print(f"ensemble member {info['member']}/{info['members']} done (best epoch {info['best_epoch']})")
-        elif event == "resumed":
-            self._print(f"resuming at epoch {info['epoch'] + 1}")
-        elif event == "summary":
-            for line in info["lines"]:
-                self._print(escape(line))
-        elif event == "warnings":  # shown even with --quiet: they change how the results may be read
-            for line in info["lines"]:
-                console.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
-
-
-def _show_tracking_warnings() -> None:
-    """Tracking problems (logged by medsight.tracking, never fatal to the run) as one 'warning:' line each."""
-    import logging
-
-    class WarningLines(logging.Handler):
-        medsight_cli = True
-
-        def emit(self, record):
-            console.print(f"[yellow]warning:[/yellow] {record.getMessage()}", highlight=False, soft_wrap=True)
-
-    lg = logging.getLogger("medsight.tracking")
-    if not any(getattr(h, "medsight_cli", False) for h in lg.handlers):
-        lg.addHandler(WarningLines(logging.WARNING))
+    setup_logging(quiet=quiet, verbose=verbose, server=ctx.invoked_subcommand == "serve")
 
 
 def _plural(n: int, word: str, many: str | None = None) -> str:
@@ -296,34 +117,6 @@ def _check_inputs(paths) -> None:
 
 def result_meta(path) -> dict:
     return json.loads((Path(path) / "bundle.json").read_text())
-
-
-def metrics_table(metrics: dict, title: str = "metrics") -> Table:
-    """Rows = metrics (named with the positive class they are about), columns = splits; values with their 95% CI
-    when present; an undefined value shows its reason."""
-    from medsight.summary import metric_label
-
-    splits = [s for s in metrics if isinstance(metrics[s], dict)]
-    positive = next((metrics[s].get("positive_class") for s in splits if metrics[s].get("positive_class")), None)
-    names: list[str] = []
-    for s in splits:
-        names += [k for k, v in metrics[s].items() if isinstance(v, dict) and k not in names
-                  and (isinstance(v.get("value"), (int, float)) or (v.get("value") is None and v.get("reason")))]
-    table = Table(title=title)
-    table.add_column("metric")
-    for s in splits:
-        table.add_column(s, justify="right")
-    for n in names:
-        cells = []
-        for s in splits:
-            v = metrics[s].get(n)
-            if not isinstance(v, dict) or v.get("value") is None:
-                cells.append(escape(f"undefined: {v['reason']}") if isinstance(v, dict) and v.get("reason") else "-")
-                continue
-            ci = v.get("ci")
-            cells.append(f"{v['value']:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else ""))
-        table.add_row(escape(metric_label(n, positive)), *cells)
-    return table
 
 
 @app.command()
@@ -365,7 +158,7 @@ def train(
 ):
     """Train a model and write a bundle (weights, config, preprocessing, history, metrics)."""
     from medsight.config import load_config
-    from medsight.pipeline import run_training
+    from medsight.pipeline import end_distributed, resume_config, run_training
 
     overrides = {"data.name": data, "model.name": model, "train.epochs": epochs, "train.seed": seed,
                  "data.size": size, "train.batch_size": batch_size, "train.lr": lr, "data.task": task,
@@ -387,12 +180,7 @@ def train(
 
         overrides[k.strip()] = yaml.safe_load(v)
     if resume and config is None and recipe is None:
-        from medsight.bundle import staging_dir
-
-        for c in (staging_dir(out) / "config.yaml", out / "config.yaml"):
-            if c.is_file():  # continue the same run: its resolved config, then any flags given now
-                config = c
-                break
+        config = resume_config(out)  # continue the same run: its resolved config, then any flags given now
     labels = {"data.name": "--data", "model.name": "--model", "train.epochs": "--epochs", "train.seed": "--seed",
               "data.size": "--size", "train.batch_size": "--batch-size", "train.lr": "--lr", "data.task": "--task",
               "train.device": "--device", "train.operating_point": "--operating-point",
@@ -414,10 +202,7 @@ def train(
         _interrupted_training(out)
         e.medsight_reported = True  # type: ignore[attr-defined]
         raise
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    end_distributed()
     if _is_main_process():
         ran = len(result.history)
         stop = (f", stopped early at epoch {ran} of {cfg.train.epochs} (patience {cfg.train.patience})"
@@ -439,7 +224,7 @@ def _interrupted_training(out: Path) -> None:
     """Ctrl-C during `train`: where the unfinished run is and how to go on (the bundle in OUT, if any, is intact)."""
     from medsight.bundle import staging_dir
 
-    sink = _sink()
+    sink = current_sink()
     if sink is not None:
         sink.close()
     stage = staging_dir(out)
@@ -467,7 +252,6 @@ def evaluate(
     shift: bool = typer.Option(False, help="also run the seeded corruption battery (robustness to distribution shift)"),
     shift_severities: str = typer.Option("1,3,5", help="severities 1..5, comma separated"),
     shift_corruptions: Optional[str] = typer.Option(None, help="comma-separated corruption names (default: all)"),
-    tta: bool = typer.Option(False, help="flip test-time augmentation in the shift battery"),
     json_out: bool = typer.Option(False, "--json", help="print metrics as JSON"),
     track: bool = typer.Option(False, help="log the metrics and report to MLflow: a child run of the bundle's "
                                "training run (its tracking.json), else a new run"),
@@ -477,9 +261,6 @@ def evaluate(
     from medsight.evaluate import evaluate_bundle
     from medsight.pipeline import load_data_for_bundle
 
-    if tta:
-        raise MedsightError("--tta is gone: the shift battery uses the bundle's own test-time augmentation "
-                            "(train with --set train.tta_flip=[2] for left-right flips)")
     b = load_bundle(bundle)
     ds = load_data_for_bundle(b, data, size)
     r = evaluate_bundle(b, ds, tuple(split), n_boot=n_boot, operating_point=operating_point, report=report,
@@ -508,17 +289,6 @@ def evaluate(
                                      "operating_point": operating_point or b.meta.get("threshold_rule")})
         if t is not None and not t.failed:
             _info(f"tracked as MLflow run {t.run_id}")
-
-
-def shift_table(res: dict, split_name: str) -> Table:
-    key = res["primary"]
-    table = Table(title=f"{key} under corruption ({split_name}; clean {res['clean'][key]:.3f})")
-    table.add_column("corruption")
-    for v in res["severities"]:
-        table.add_column(f"severity {v}", justify="right")
-    for name, rows in res["corruptions"].items():
-        table.add_row(name, *[f"{r['metrics'][key]:.3f} ({-r['drop'][key]:+.3f})" for r in rows])
-    return table
 
 
 @app.command()
@@ -778,13 +548,10 @@ def serve(
     body_timeout: float = typer.Option(60.0, min=0.1, help="seconds to receive an upload (408 after)"),
 ):
     """Serve a bundle: REST API (/v1/predict, /v1/model, /healthz, /docs) and a web page at /."""
-    import logging
-
     from medsight.serve.app import bind_warning, create_app, default_allowed_hosts, resolve_api_key
 
     key = resolve_api_key(api_key, api_key_file)
     hosts = default_allowed_hosts(host) if allowed_hosts is None else [h for h in allowed_hosts.split(",") if h.strip()]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     sys.setswitchinterval(0.001)  # hand the GIL to the event loop (/healthz, uploads) more often than every 5 ms
     application = create_app(bundle, api_key=key, max_upload_mb=max_upload_mb, backend=backend, threads=threads,
                              workers=workers, queue=queue, deadline_s=deadline, body_timeout_s=body_timeout,
@@ -825,7 +592,7 @@ def bench_medmnist(
     import contextlib
 
     keys = [k.strip() for d in datasets for k in d.split(",") if k.strip()]
-    tracked = contextlib.nullcontext()
+    tracked: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if track:
         from medsight.tracking import parent_run
 
@@ -902,7 +669,7 @@ def _click_exceptions(*names: str) -> tuple:
     return tuple(found)
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
@@ -948,12 +715,10 @@ def _usage_error(e: Exception, args: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code. Usage errors and MedsightError: one line on stderr, exit 2;
     an unexpected exception: one line, exit 1 (its traceback only with --verbose)."""
-    import logging
-
     from medsight import progress
+    from medsight.console import restore_logging, save_logging
 
-    log = logging.getLogger("medsight")
-    saved = (log.level, log.propagate, list(log.handlers))
+    saved = save_logging()
     _Opts.quiet = _Opts.verbose = False
     sink = _RichSink()
     previous = progress.set_sink(sink)
@@ -1000,10 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sink.close()
         progress.set_sink(previous)
-        for h in [h for h in log.handlers if getattr(h, "_medsight_cli", False)]:
-            log.removeHandler(h)
-        log.setLevel(saved[0])
-        log.propagate = saved[1]
+        restore_logging(saved)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from medsight.bundle import (Bundle, is_nonempty_dir, make_meta, publish, recover, save_weights, staging_dir,
                              write_meta)
@@ -24,14 +25,9 @@ from medsight.utils import atomic_write_text, write_json
 
 
 def load_data_for(cfg: RunConfig) -> Dataset:
-    d = cfg.data
-    data = load_dataset(d.name, size=d.size, root=d.root, download_missing=d.download, task=d.task, window=d.window,
-                        label_columns=d.label_columns, clinical_columns=d.clinical_columns, intensity=d.intensity,
-                        seed=cfg.train.seed, positive_class=d.positive_class, allow_leakage=d.allow_leakage,
-                        cache_dir=d.cache_dir, stream=d.stream, memory_budget_gb=d.memory_budget_gb,
-                        workers=d.workers)
-    if d.task is not None and d.task != data.task:
-        data.task = d.task
+    data = load_dataset(cfg.data, seed=cfg.train.seed)
+    if cfg.data.task is not None and cfg.data.task != data.task:
+        data.task = cfg.data.task
     return data
 
 
@@ -61,6 +57,24 @@ def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> tuple[Path, Pat
             shutil.rmtree(stage)  # a stale, unfinished run
         stage.mkdir(parents=True)
     return stage, resume_from
+
+
+def resume_config(out_dir: str | Path) -> Path | None:
+    """The resolved config of the run ``--resume`` continues: the unfinished run's (staging folder), else the
+    published bundle's; None when neither exists."""
+    out = Path(out_dir)
+    for c in (staging_dir(out) / "config.yaml", out / "config.yaml"):
+        if c.is_file():
+            return c
+    return None
+
+
+def end_distributed() -> None:
+    """Tear down the process group :func:`medsight.train.fit` set up for a distributed run (no-op otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = None, resume: bool = False,
@@ -152,7 +166,7 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
                    auto: dict | None = None) -> dict:
     """Calibrate on val, fit the OOD detector, score the splits and write every file of the bundle into
     ``stage``, each once."""
-    extra = {"train_seconds": round(result.seconds, 2)}
+    extra: dict[str, Any] = {"train_seconds": round(result.seconds, 2)}
     if cfg.train.tta_flip:
         extra["tta_flip"] = list(cfg.train.tta_flip)
     meta = make_meta(model_spec=result.model_spec, task=data.task, classes=data.classes, recipe=data.recipe,
@@ -240,7 +254,7 @@ def infer_categorical(rows: list[dict], columns: list[str]) -> list[str]:
     for c in columns:
         for r in rows:
             v = r.get(c)
-            if _is_missing(v):
+            if v is None or _is_missing(v):
                 continue
             try:
                 float(v)
@@ -261,7 +275,7 @@ def _fusion_parts(cfg: RunConfig, data: Dataset):
     if train.clinical is None:
         raise ConfigError(f"data.clinical_columns is set but {data.name} carries no clinical values "
                           "(use a CSV manifest with those columns)")
-    cols = list(cfg.data.clinical_columns)
+    cols = list(cfg.data.clinical_columns or [])
     cats = cfg.data.categorical_columns or infer_categorical(train.clinical, cols)
     unknown = sorted(set(cats) - set(cols))
     if unknown:

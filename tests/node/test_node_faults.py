@@ -21,7 +21,7 @@ from conftest import NODE_AET, make_series, node_config, run_until
 pytestmark = pytest.mark.realdata  # BreastMNIST images and a bundle trained on them
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _subproc import env, free_port, medsight_cmd
+from _subproc import env, free_port, medsight_cmd  # noqa: E402 (after the sys.path line)
 
 
 def _node(tmp_path, raw):

@@ -17,7 +17,7 @@ from conftest import make_series
 pytestmark = pytest.mark.realdata  # BreastMNIST images and a bundle trained on them
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _subproc import free_port
+from _subproc import free_port  # noqa: E402 (after the sys.path line)
 
 
 @pytest.fixture

@@ -211,7 +211,7 @@ def run_qc(
     near_dup_threshold: int = 4,
     hash_size: int = 8,
     outlier_z: float = 3.5,
-    max_examples: int = 20,
+    max_examples: int | None = 20,
     layout: str = "auto",
     allow_leakage: bool = False,
 ) -> dict:
