@@ -473,6 +473,45 @@ def models():
     out_console.print(table)
 
 
+_CLUSTER_HELP = "run on a Dask cluster: tcp://HOST:8786 (a running `dask scheduler`) or local:N (N worker processes here)"
+
+
+def _executor(cluster: Optional[str]):
+    """--cluster SPEC -> a Dask executor (its dashboard link shown when one runs); None -> this process."""
+    from medsight.executor import make_executor
+
+    ex = make_executor(cluster)
+    if ex.dashboard_link:
+        _info(f"Dask dashboard: {ex.dashboard_link}")
+    return ex
+
+
+def _rate_line(st: dict) -> str:
+    return (f"{st['done_now']} files in {st['seconds']:.1f}s ({st['rate']:.1f} files/s) on {st['workers']} "
+            f"worker(s) of {st['executor']}" + (f"; {st['done_before']} done by an earlier run" if st["done_before"] else ""))
+
+
+def _predict_on_cluster(bundle, inputs, out, cluster, backend, batch_size, heatmaps, clinical_csv) -> None:
+    from medsight.cluster import predict_files
+    from medsight.predict import expand_inputs
+
+    if out is None or heatmaps is not None or clinical_csv is not None:
+        raise MedsightError("--cluster needs --out (rows and their manifest go there) and does not take --heatmaps "
+                            "or --clinical-csv")
+    files = expand_inputs(inputs)
+    if not files:
+        raise MedsightError(f"no image files found in {', '.join(map(str, inputs))}")
+    with _executor(cluster) as ex:
+        st = predict_files(bundle, files, out, executor=ex, backend=backend, batch_size=batch_size)
+    _info(_rate_line(st))
+    if st["errors"]:
+        out_console.print(f"{st['files']} predictions written to {escape(str(out))}; {st['errors']} of {st['files']} "
+                          "files could not be used (see the error column)", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    out_console.print(f"{st['files']} predictions written to {escape(str(out))}, no errors", highlight=False,
+                      soft_wrap=True)
+
+
 @app.command()
 def qc(
     data: str = typer.Argument(..., help="class-per-folder tree, CSV manifest, .npz, or a MedMNIST name"),
@@ -483,6 +522,9 @@ def qc(
                                "flat or nested dump)"),
     allow_leakage: bool = typer.Option(False, "--allow-leakage", help="accept duplicates across splits: record "
                                        "them (counts) and exit 0"),
+    out: Optional[Path] = typer.Option(None, help="also write one row per file to this CSV, resumably (a manifest "
+                                       "beside it records finished files: re-run the same command after a crash)"),
+    cluster: Optional[str] = typer.Option(None, help=_CLUSTER_HELP + " (needs --out)"),
 ):
     """Data quality report: unreadable files, duplicates within/across splits, balance, outliers, missing labels;
     for raw DICOM dumps also series counts and how many files carry identifying headers (counts only)."""
@@ -492,8 +534,20 @@ def qc(
     from medsight.utils import write_json
 
     source = str(medmnist_path(data, size)) if data.lower() in INFO else data
-    report = run_qc(source, near_dup_threshold=near_dup, layout=layout, allow_leakage=allow_leakage)
+    if cluster is not None and out is None:
+        raise MedsightError("qc --cluster needs --out ROWS.csv: one row per file, and the manifest that makes the "
+                            "run resumable beside it")
+    with _executor(cluster) as ex:
+        status: dict = {}
+        facts = None
+        if out is not None:
+            from medsight.cluster import qc_facts
+
+            facts = qc_facts(out, executor=ex, status=status)
+        report = run_qc(source, near_dup_threshold=near_dup, layout=layout, allow_leakage=allow_leakage, facts=facts)
     out_console.print(render_qc(report))
+    if status.get("out"):
+        _info(f"{status['files']} file rows written to {escape(status['out'])} ({_rate_line(status)})")
     if json_path:
         write_json(json_path, report)
     if not report.get("ok", True):
@@ -509,6 +563,8 @@ def deid(
     keep_private: bool = typer.Option(False, help="keep private tags (removed by default)"),
     allow_burned_in: bool = typer.Option(False, help="also write images that may carry burned-in text (US/SC/XC/OT/ES, "
                                                      "Secondary Capture, BurnedInAnnotation YES); they are listed either way"),
+    cluster: Optional[str] = typer.Option(None, help=_CLUSTER_HELP + "; needs --secret-env; published batch by "
+                                          "batch, each verified first, resumable"),
 ):
     """De-identify DICOM files by allow-list (PS3.15 Basic Profile or stricter), then verify no original value survived."""
     import os
@@ -520,8 +576,16 @@ def deid(
         secret = os.environ.get(secret_env)
         if secret is None:
             raise MedsightError(f"--secret-env {secret_env}: that environment variable is not set")
-    summary = deidentify(in_dir, out_dir, mapping_csv=mapping, secret=secret, keep_private=keep_private,
-                         allow_burned_in=allow_burned_in)
+    if cluster is not None:
+        from medsight.cluster import deid_files
+
+        with _executor(cluster) as ex:
+            summary = deid_files(in_dir, out_dir, secret=secret or b"", executor=ex, mapping_csv=mapping,
+                                 keep_private=keep_private, allow_burned_in=allow_burned_in)
+        _info(_rate_line(summary))
+    else:
+        summary = deidentify(in_dir, out_dir, mapping_csv=mapping, secret=secret, keep_private=keep_private,
+                             allow_burned_in=allow_burned_in)
     errors = summary.get("errors") or []
     burned = summary.get("burned_in") or []
     held = 0 if summary.get("burned_in_written") else len(burned)
@@ -550,6 +614,8 @@ def predict(
                                           "none for one batch, else up to 4); memory stays bounded by two batches"),
     clinical_csv: Optional[Path] = typer.Option(None, help="image + clinical models: CSV with a 'path' column "
                                                             "(file path or name) and the model's clinical columns"),
+    cluster: Optional[str] = typer.Option(None, help=_CLUSTER_HELP + "; needs --out (.csv, .json, .jsonl or "
+                                          ".parquet), resumable: re-run the same command after a crash"),
 ):
     """Predict files with a bundle: probabilities, the decision at the bundle's threshold, and an OOD flag.
 
@@ -561,6 +627,8 @@ def predict(
     from medsight.predict import (OUTPUT_SUFFIXES, Predictor, default_threads, default_workers, expand_inputs,
                                   write_predictions)
 
+    if cluster is not None:
+        return _predict_on_cluster(bundle, inputs, out, cluster, backend, batch_size, heatmaps, clinical_csv)
     if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise MedsightError(f"--out must end in .csv or .json (or .jsonl for JSON lines), got {out.name!r}")
     b = load_bundle(bundle)
