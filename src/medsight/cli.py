@@ -548,6 +548,8 @@ def qc(
     out_console.print(render_qc(report))
     if status.get("out"):
         _info(f"{status['files']} file rows written to {escape(status['out'])} ({_rate_line(status)})")
+    elif out is not None:
+        _info(f"{escape(data)} holds arrays, not files: checked in this process, no file rows written to {escape(str(out))}")
     if json_path:
         write_json(json_path, report)
     if not report.get("ok", True):

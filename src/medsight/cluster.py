@@ -40,6 +40,8 @@ from medsight.errors import ConfigError, DataError, MedsightError
 from medsight.executor import LocalExecutor, batch_size_for, batches, bundle_fingerprint, cached_predictor
 
 MANIFEST_SUFFIX = ".manifest.sqlite"
+#: the row of a file that kept stopping the workers that read it (Dask ``KilledWorker`` after the batch was split)
+LOST = "cannot use {path}: it stopped the Dask workers that read it (skipped)"
 
 
 # --- private files -------------------------------------------------------------------------------------------------
@@ -51,7 +53,7 @@ def _private_file(path: Path) -> None:
 
 
 def private_dir(path: Path) -> Path:
-    """``path`` and its missing parents... the ones created here 0700."""
+    """Create ``path`` and its missing parents, each 0700 (folders that already exist are left as they are)."""
     path = Path(path)
     missing = []
     p = path
@@ -180,14 +182,16 @@ def manifest_path(out: Path) -> Path:
 
 # --- the driver ----------------------------------------------------------------------------------------------------
 def _run(executor, fn: Callable, items: list[tuple[int, object]], size: int, args: tuple, description: str,
-         on_result: Callable[[object], tuple[int, int]], status: dict) -> None:
+         on_result: Callable[[object], tuple[int, int]], status: dict,
+         on_lost: Callable[[tuple[int, object]], object] | None = None) -> None:
     """Send ``items`` (``(seq, payload)``) in batches of ``size``; ``on_result(result) -> (rows added, errors)``
-    records each batch as it arrives. Progress: files done, rate, errors."""
+    records each batch as it arrives; ``on_lost(item)``: the result for one item that kept killing the workers
+    that read it (an error row). Progress: files done, rate, errors."""
     t0 = time.perf_counter()
     done = errors = 0
     sink = progress.get_sink()
     with progress.task(description, total=len(items)) as bar:
-        for _, result in executor.map(fn, batches(items, size), *args):
+        for _, result in executor.map(fn, batches(items, size), *args, on_lost=on_lost):
             added, err = on_result(result)
             done += added
             errors += err
@@ -247,8 +251,15 @@ def predict_files(bundle: str | Path, files: Sequence[Path], out: str | Path, *,
             added = set(m.add(result))
             return len(added), sum(1 for s, r in result if s in added and r["error"] is not None)
 
+        from medsight.predict import Prediction, model_version
+
+        def lost(item) -> list:
+            seq, path = item
+            return [(seq, Prediction(file=path, error=LOST.format(path=path), model_version=model_version(b),
+                                     calibrated=abs(b.temperature - 1.0) > 1e-12).to_dict())]
+
         _run(executor, predict_batch, todo, size, (str(bundle), sha, backend),
-             f"predicting {len(todo)} files ({len(done)} done before)", record, status)
+             f"predicting {len(todo)} files ({len(done)} done before)", record, status, on_lost=lost)
         status["errors"] = _render_predictions(m, out, b.classes)
         status["out"], status["manifest"] = str(out), str(m.path)
         return status
@@ -356,7 +367,8 @@ def qc_facts(out: str | Path, *, executor=None, hash_size: int = 8, batch_size: 
                 return len(added), sum(1 for s, r in result if s in added and r["error"] is not None)
 
             _run(executor, qc_batch, todo, batch_size_for(len(todo), executor.n_workers, batch_size), (hash_size,),
-                 f"QC: reading {len(todo)} files ({len(done)} done before)", record, status)
+                 f"QC: reading {len(todo)} files ({len(done)} done before)", record, status,
+                 on_lost=lambda item: [(item[0], {"file": item[1], "error": LOST.format(path=item[1])})])
             if m.count() != len(files):
                 raise MedsightError(f"{m.path}: {m.count()} of {len(files)} files done; re-run the same command")
             rows = [r for _, r in m.rows()]
@@ -458,7 +470,7 @@ def deid_files(in_dir: str | Path, out_dir: str | Path, *, secret: str | bytes, 
         todo = [(i, rels[i]) for i in range(len(files)) if i not in done]
 
         def record(result) -> tuple[int, int]:
-            work = Path(result["work"])
+            work = Path(result["work"] or staging / "none")
             fresh, claims, errors = [], {}, 0
             for seq, row in result["rows"]:
                 if row["status"] == "written":
@@ -475,16 +487,26 @@ def deid_files(in_dir: str | Path, out_dir: str | Path, *, secret: str | bytes, 
                     target = dst / claims[seq]
                     private_dir(target.parent)
                     staged = work / claims[seq]
+                    if not staged.is_file():
+                        raise MedsightError(f"a worker's de-identified file is not visible here below {staging}: "
+                                            "deid --cluster needs the input and output folders on storage that "
+                                            "the client and every worker share (same paths)")
                     os.chmod(staged, 0o600)
                     os.replace(staged, target)
             m.publish(added, [(kind, old, new) for kind, old, new in result["mapping"]])  # 3. published
-            shutil.rmtree(work.parent, ignore_errors=True)
+            if result["work"]:
+                shutil.rmtree(work.parent, ignore_errors=True)
             errors = sum(1 for seq, row in fresh if seq in set(added) and row["status"] == "error")
             return len(added), errors
 
+        def lost(item) -> dict:
+            row = {"file": item[1], "status": "error", "output": None,
+                   "error": "cannot de-identify: it stopped the Dask workers that read it"}
+            return {"work": None, "rows": [(item[0], row)], "mapping": []}
+
         _run(executor, deid_batch, todo, batch_size_for(len(todo), executor.n_workers, batch_size),
              (str(src), str(staging), key, keep_private, allow_burned_in),
-             f"de-identifying {len(todo)} files ({len(done)} done before)", record, status)
+             f"de-identifying {len(todo)} files ({len(done)} done before)", record, status, on_lost=lost)
         if m.count() != len(files):
             raise MedsightError(f"{m.path}: {m.count()} of {len(files)} files done; re-run the same command")
         rows = [r for _, r in m.rows()]

@@ -105,6 +105,12 @@ def cached_predictor(bundle: str, sha256: str, backend: str = "torch"):
     return worker_cached(("predictor", str(bundle), sha256, backend), build)
 
 
+def _has_bokeh() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bokeh") is not None
+
+
 def _worker_name() -> str:
     try:
         from distributed import get_worker
@@ -128,7 +134,9 @@ class LocalExecutor:
     def n_workers(self) -> int:
         return max(1, self.workers)
 
-    def map(self, fn: Callable, batch_list: Sequence[list], *args) -> Iterator[tuple[int, Any]]:
+    def map(self, fn: Callable, batch_list: Sequence[list], *args,
+            on_lost: Callable[[Any], Any] | None = None) -> Iterator[tuple[int, Any]]:
+        """``(index, fn(batch, *args))`` per batch, in order of completion (``on_lost`` is for clusters)."""
         if self.workers == 0:
             for i, b in enumerate(batch_list):
                 yield i, fn(b, *args)
@@ -191,42 +199,68 @@ class DaskExecutor:
         try:
             if "dashboard" not in self.client.scheduler_info().get("services", {}):
                 return None
+            if not self.client.run_on_scheduler(_has_bokeh):  # the HTTP server runs; its pages need bokeh
+                return None
             return self.client.dashboard_link
         except Exception:  # noqa: BLE001 - a link is a courtesy
             return None
 
-    def map(self, fn: Callable, batch_list: Sequence[list], *args) -> Iterator[tuple[int, Any]]:
+    def map(self, fn: Callable, batch_list: Sequence[list], *args,
+            on_lost: Callable[[Any], Any] | None = None) -> Iterator[tuple[int, Any]]:
         """Batches submitted ``ahead`` per worker at a time; ``(index, result)`` as each finishes. A batch whose
-        worker dies is rescheduled by the scheduler (up to its ``allowed-failures``); an exception raised by
-        ``fn`` stops the run (pending batches are cancelled) and is raised here."""
-        from distributed import as_completed
+        worker dies is rescheduled by the scheduler (up to its ``allowed-failures``). A batch that kept killing
+        its workers (``KilledWorker``) is set aside and, once the other batches are done, run again *alone* on the
+        cluster (a batch that only shared a dying worker then succeeds); alone and still killing them, it is split
+        in halves, and a single item that still kills them gets ``on_lost(item)`` as its result (without
+        ``on_lost``: the run stops). Any other exception raised by ``fn`` stops the run (pending batches are
+        cancelled) and is raised here."""
+        from distributed import KilledWorker, as_completed
 
         todo = list(enumerate(batch_list))[::-1]
+        suspects: list = []  # batches that died with their workers: run one at a time, after the rest
         limit = self.ahead * self.n_workers
         index: dict = {}
+        ac = as_completed([])
 
-        def submit():
-            i, b = todo.pop()
+        def submit(i, b, alone):
             f = self.client.submit(fn, b, *args, pure=False, key=f"medsight-{fn.__name__}-{i}-{os.urandom(4).hex()}")
-            index[f.key] = i
-            return f
+            index[f.key] = (i, b, alone)
+            ac.add(f)
 
-        first = [submit() for _ in range(min(limit, len(todo)))]
-        ac = as_completed(first)
+        def fill():
+            while todo and len(index) < limit:
+                submit(*todo.pop(), False)
+            if not todo and not index and suspects:
+                submit(*suspects.pop(), True)
+
+        fill()
         try:
             for fut in ac:
-                i = index.pop(fut.key)
+                i, b, alone = index.pop(fut.key)
                 try:
                     result = fut.result()  # raises the batch's exception
                 except MedsightError:
                     raise
-                except Exception as e:  # noqa: BLE001 - e.g. KilledWorker: a batch that brought down its workers
-                    raise MedsightError(f"a batch of {len(batch_list[i])} files failed on the cluster "
+                except KilledWorker as e:
+                    fut.release()
+                    if on_lost is None:
+                        raise MedsightError(f"a batch of {len(b)} files kept stopping the Dask workers that ran it "
+                                            f"({type(e).__name__}); rows already finished are kept: re-run the same "
+                                            "command to continue") from e
+                    if not alone:
+                        suspects.append((i, b))
+                    elif len(b) > 1:  # find the item: each half alone
+                        suspects.extend([(i, b[len(b) // 2:]), (i, b[:len(b) // 2])])
+                    else:
+                        yield i, on_lost(b[0])
+                    fill()
+                    continue
+                except Exception as e:
+                    raise MedsightError(f"a batch of {len(b)} files failed on the cluster "
                                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                                         "rows already finished are kept: re-run the same command to continue") from e
                 fut.release()
-                if todo:
-                    ac.add(submit())
+                fill()
                 yield i, result
         finally:
             pending = list(ac.futures) if hasattr(ac, "futures") else []
