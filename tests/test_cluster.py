@@ -260,18 +260,7 @@ def test_client_killed_and_rerun_gives_the_rows_of_an_uninterrupted_run(served_b
            str(out), "--batch-size", "1", "--cluster", address]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     manifest = Path(str(out) + ".manifest.sqlite")
-    n = 0
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if manifest.exists():
-            try:
-                n = sqlite3.connect(f"file:{manifest}?mode=ro", uri=True, timeout=5).execute(
-                    "SELECT COUNT(*) FROM rows WHERE published=1").fetchone()[0]
-            except sqlite3.OperationalError:
-                n = 0  # the tables are being created
-            if n >= 3:
-                break
-        time.sleep(0.01)
+    n = _wait_rows(manifest, proc, 3)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]  # still running: killed mid-run
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -337,3 +326,74 @@ def test_cli_deid_and_qc_on_cluster(breast, tmp_path, client, capsys, monkeypatc
     assert main(["qc", str(src), "--layout", "raw", "--out", str(rows), "--cluster", address]) == 1  # 1 unreadable
     got = list(csv.DictReader(rows.open()))
     assert len(got) == 7 and sum(r["readable"] == "False" for r in got) == 1  # README.txt is skipped, not a row
+
+
+def _wait_rows(manifest: Path, proc, at_least: int, timeout: float = 120) -> int:
+    """Poll the manifest (read-only) until it holds ``at_least`` finished rows or ``proc`` ends."""
+    n, deadline = 0, time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if manifest.exists():
+            try:
+                n = sqlite3.connect(f"file:{manifest}?mode=ro", uri=True, timeout=5).execute(
+                    "SELECT COUNT(*) FROM rows WHERE published=1").fetchone()[0]
+            except sqlite3.OperationalError:
+                n = 0  # the tables are being created
+            if n >= at_least:
+                break
+        time.sleep(0.01)
+    return n
+
+
+@pytest.mark.slow
+def test_scheduler_killed_and_rerun_one_row_per_file(served_bundle, mixed, tmp_path):
+    """`dask scheduler` + `dask worker` as a real deployment runs them; the scheduler is killed mid-run: the client
+    stops with one line, keeps its rows, and the same command against a restarted scheduler finishes the rest."""
+    from medsight.predict import Predictor
+    from tests._subproc import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    address = f"tcp://127.0.0.1:{free_port()}"
+    port = address.rsplit(":", 1)[1]
+    procs: list = []
+
+    def start(*args):
+        procs.append(subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        return procs[-1]
+
+    def cluster():
+        s = start("distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", port, "--dashboard-address",
+                  "127.0.0.1:0")
+        start("distributed.cli.dask_worker", address, "--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1",
+              "--dashboard-address", "127.0.0.1:0")
+        return s
+
+    out = tmp_path / "rows.csv"
+    cmd = [sys.executable, "-m", "medsight", "--quiet", "predict", str(served_bundle), str(mixed["root"]), "--out",
+           str(out), "--batch-size", "1", "--cluster", address]
+    try:
+        scheduler = cluster()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        n = _wait_rows(Path(str(out) + ".manifest.sqlite"), proc, 3)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        scheduler.kill()
+        scheduler.wait()
+        assert proc.wait(timeout=120) == 2
+        err = proc.stderr.read().decode().strip()
+        assert len(err.splitlines()) == 1 and "re-run the same command" in err and "Traceback" not in err
+        assert 3 <= n < len(mixed["files"]) and not out.exists()
+        cluster()
+        rc = subprocess.run(cmd, check=False, env=env, capture_output=True, timeout=300)
+        assert rc.returncode == 1, rc.stderr.decode()[-2000:]  # 1: the hostile files are rows with an error
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    rows = list(csv.DictReader(out.open()))
+    local = Predictor(served_bundle).predict_paths(mixed["files"])
+    assert [r["file"] for r in rows] == [p.file for p in local]
+    for r, p in zip(rows, local):
+        assert (r["error"] or None) == p.error
+        if p.ok:
+            assert abs(float(r["p_malignant"]) - p.probabilities["malignant"]) <= 1e-6

@@ -478,8 +478,17 @@ _CLUSTER_HELP = "run on a Dask cluster: tcp://HOST:8786 (a running `dask schedul
 
 def _executor(cluster: Optional[str]):
     """--cluster SPEC -> a Dask executor (its dashboard link shown when one runs); None -> this process."""
+    import logging
+
     from medsight.executor import make_executor
 
+    if cluster is not None and not _Opts.verbose:  # Dask logs tracebacks of lost connections; the CLI says one line
+        try:
+            import distributed  # noqa: F401 - its logging set-up first, then quieted
+        except ImportError:
+            pass  # make_executor names the extra to install
+        for name in ["distributed", *[n for n in logging.root.manager.loggerDict if n.startswith("distributed.")]]:
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
     ex = make_executor(cluster)
     if ex.dashboard_link:
         _info(f"Dask dashboard: {ex.dashboard_link}")

@@ -181,7 +181,7 @@ def manifest_path(out: Path) -> Path:
 
 
 # --- the driver ----------------------------------------------------------------------------------------------------
-def _run(executor, fn: Callable, items: list[tuple[int, object]], size: int, args: tuple, description: str,
+def _run(executor, fn: Callable, items: Sequence[tuple[int, object]], size: int, args: tuple, description: str,
          on_result: Callable[[object], tuple[int, int]], status: dict,
          on_lost: Callable[[tuple[int, object]], object] | None = None) -> None:
     """Send ``items`` (``(seq, payload)``) in batches of ``size``; ``on_result(result) -> (rows added, errors)``
@@ -197,8 +197,9 @@ def _run(executor, fn: Callable, items: list[tuple[int, object]], size: int, arg
             errors += err
             bar.advance(added)
             rate = done / max(1e-9, time.perf_counter() - t0)
-            if hasattr(sink, "update"):
-                sink.update(bar.key, info=f"{rate:.1f} files/s, {errors} errors")
+            update = getattr(sink, "update", None)  # the CLI's bar shows a note beside the count
+            if update is not None:
+                update(bar.key, info=f"{rate:.1f} files/s, {errors} errors")
     status["done_now"] = done
     status["seconds"] = time.perf_counter() - t0
     status["rate"] = done / status["seconds"] if status["seconds"] > 0 else 0.0

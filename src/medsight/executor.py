@@ -19,6 +19,7 @@ worker builds it once, whatever number of batches it runs.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import threading
@@ -29,6 +30,8 @@ from medsight import errors
 from medsight.errors import ConfigError, MedsightError
 
 CLUSTER_EXTRA = "medsight[cluster]"
+#: how long a run waits for the first worker of a scheduler that has none
+WAIT_FOR_WORKERS_S = 60.0
 
 
 def parse_cluster(spec: str) -> tuple[str, Any]:
@@ -178,7 +181,7 @@ class DaskExecutor:
         if kind == "local":
             self._cluster = distributed.LocalCluster(n_workers=where, threads_per_worker=1, processes=True,
                                                      host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                                                     scheduler_port=0)
+                                                     scheduler_port=0, silence_logs=logging.ERROR)
             self.client = distributed.Client(self._cluster)
         else:
             try:
@@ -187,7 +190,13 @@ class DaskExecutor:
                 raise MedsightError(f"--cluster {where}: cannot reach the Dask scheduler ({type(e).__name__}); "
                                     "start one with `dask scheduler` and workers with `dask worker "
                                     f"{where}`") from e
-        self.name = spec
+            try:
+                self.client.wait_for_workers(1, timeout=WAIT_FOR_WORKERS_S)
+            except (OSError, TimeoutError) as e:
+                self.client.close()
+                raise MedsightError(f"--cluster {where}: no Dask worker joined the scheduler within "
+                                    f"{WAIT_FOR_WORKERS_S:.0f} s; start some with `dask worker {where}`") from e
+        self.name = str(spec)
 
     @property
     def n_workers(self) -> int:
