@@ -397,3 +397,14 @@ def test_scheduler_killed_and_rerun_one_row_per_file(served_bundle, mixed, tmp_p
         assert (r["error"] or None) == p.error
         if p.ok:
             assert abs(float(r["p_malignant"]) - p.probabilities["malignant"]) <= 1e-6
+
+
+def test_worker_refuses_a_bundle_that_differs_from_the_clients(served_bundle):
+    from medsight.executor import bundle_fingerprint, cached_predictor
+
+    sha = bundle_fingerprint(served_bundle)
+    p = cached_predictor(str(served_bundle), sha)
+    assert cached_predictor(str(served_bundle), sha) is p  # loaded once per worker process
+    with pytest.raises(MedsightError, match=r"has bundle.json sha256 [0-9a-f]{12}, the client's has 000000000000: "
+                                            "every worker must see the same bundle"):
+        cached_predictor(str(served_bundle), "0" * 64)
