@@ -9,7 +9,7 @@ order the batches finish. Two backends:
   cluster, from the optional extra ``medsight[cluster]``. Batches are submitted a few per worker ahead, so the
   workers never wait; results stream back by :func:`distributed.as_completed`. A worker lost mid-batch has its
   batch rescheduled on another worker by the scheduler; the caller dedupes rows by input (see
-  :mod:`medsight.runs`), so nothing is counted twice.
+  :mod:`medsight.cluster`), so nothing is counted twice.
 
 Work functions run on the workers and keep what is costly to build (a loaded bundle) in a per-process cache,
 :func:`worker_cached`, keyed by what identifies it (bundle path and the sha256 of its ``bundle.json``): each
