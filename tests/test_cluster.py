@@ -190,6 +190,9 @@ def test_deid_on_cluster_matches_local(breast, tmp_path, executor):
     outs = [p for p in (tmp_path / "remote").rglob("*") if p.is_file()]
     assert outs and all(_private(p) for p in outs) and _private(tmp_path / "map_remote.csv")
     assert not (tmp_path / ".remote.staging").exists()
+    assert not (tmp_path / "remote.manifest.sqlite").exists()  # it linked inputs to outputs: gone once complete
+    with pytest.raises(DataError, match="the folder is not empty"):
+        deid_files(src, tmp_path / "remote", secret="s3cret", executor=executor)
     with pytest.raises(ConfigError, match="needs a secret"):
         deid_files(src, tmp_path / "r2", secret="", executor=executor)
 
@@ -408,3 +411,34 @@ def test_worker_refuses_a_bundle_that_differs_from_the_clients(served_bundle):
     with pytest.raises(MedsightError, match=r"has bundle.json sha256 [0-9a-f]{12}, the client's has 000000000000: "
                                             "every worker must see the same bundle"):
         cached_predictor(str(served_bundle), "0" * 64)
+
+
+def test_deid_killed_while_publishing_a_batch_redoes_it(breast, tmp_path, monkeypatch):
+    """A kill between recording a batch's rows and publishing its files: the re-run drops the unpublished rows,
+    de-identifies those files again (same secret: same bytes, same paths) and ends with the local run's output."""
+    from medsight.cluster import deid_files
+    from medsight.data.deid import deidentify
+
+    src = _deid_tree(tmp_path, np.asarray(breast.splits["test"].images[:9]).reshape(9, 28, 28))
+    deidentify(src, tmp_path / "local", secret="s3cret", mapping_csv=tmp_path / "map_local.csv")
+    out = tmp_path / "out"
+    real_replace, moved = os.replace, []
+
+    def replace(a, b):
+        if str(b).startswith(str(out) + os.sep):
+            moved.append(b)
+            if len(moved) == 4:  # the second file of the second published batch
+                raise KeyboardInterrupt
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        deid_files(src, out, secret="s3cret", batch_size=3, mapping_csv=tmp_path / "map.csv")
+    monkeypatch.setattr(os, "replace", real_replace)
+    con = sqlite3.connect(str(tmp_path / "out.manifest.sqlite"))
+    assert con.execute("SELECT COUNT(*) FROM rows WHERE published=0").fetchone()[0] > 0
+    con.close()
+    summary = deid_files(src, out, secret="s3cret", batch_size=3, mapping_csv=tmp_path / "map.csv")
+    assert summary["done_before"] > 0
+    assert _tree_bytes(out) == _tree_bytes(tmp_path / "local")
+    assert (tmp_path / "map.csv").read_text() == (tmp_path / "map_local.csv").read_text()

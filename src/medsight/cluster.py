@@ -15,7 +15,9 @@ fails the batch, and the run, before anything of it is published. The client the
 *unpublished*, moves its files into the output folder and marks them published; rows left unpublished by a kill
 are redone on the next run (the same secret gives the same bytes at the same paths). Pseudonyms, UIDs and date
 offsets are keyed by the secret alone (HMAC), so they are the same whichever worker sees a file; ``--cluster``
-therefore needs ``--secret-env``.
+therefore needs ``--secret-env``. The ``deid`` manifest links inputs to outputs: it holds the original identifiers
+only when ``--mapping`` was asked for (else keyed digests, for the counts) and is removed once the run is complete
+(a finished output folder is then, as for the local command, not empty: give a new one).
 
 Manifest, outputs and output folders are created 0600 / 0700 (without touching the process umask).
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import hmac
 import io
 import json
 import os
@@ -387,10 +390,12 @@ def qc_facts(out: str | Path, *, executor=None, hash_size: int = 8, batch_size: 
 
 # --- deid ----------------------------------------------------------------------------------------------------------
 def deid_batch(batch: list[tuple[int, str]], in_root: str, staging: str, secret: bytes, keep_private: bool,
-               allow_burned_in: bool) -> dict:
+               allow_burned_in: bool, want_mapping: bool = False) -> dict:
     """On a worker: de-identify ``[(seq, path relative to in_root)]`` with :func:`deidentify` (the verifier runs
     over this batch's outputs; a hit raises, and nothing of the batch is kept) into a fresh folder below
-    ``staging``. Returns ``{"work": folder, "rows": [(seq, row)], "mapping": [(kind, original, new)]}``."""
+    ``staging``. Returns ``{"work": folder, "rows": [(seq, row)], "mapping": [(kind, original, new)]}``; without
+    ``want_mapping`` the mapping holds a keyed digest of each original and no new value (enough to count
+    patients and UIDs, useless for re-identification)."""
     from medsight.data.deid import deidentify
 
     work = Path(staging) / f"b{batch[0][0]}-{uuid.uuid4().hex[:12]}"
@@ -428,7 +433,11 @@ def deid_batch(batch: list[tuple[int, str]], in_root: str, staging: str, secret:
         else:  # pragma: no cover - deidentify accounts for every file
             row = {"file": rel, "status": "error", "output": None, "error": "not accounted for by de-identification"}
         rows.append((seq, row))
-    return {"work": str(work / "out"), "rows": rows, "mapping": [e for e in entries if e[0] != "file"],
+    mapping = [e for e in entries if e[0] != "file"]
+    if not want_mapping:
+        mapping = [(kind, hmac.new(secret, f"{kind}\x1f{old}".encode(), "sha256").hexdigest()[:32], "")
+                   for kind, old, _ in mapping]
+    return {"work": str(work / "out"), "rows": rows, "mapping": mapping,
             "studies": summary.get("studies", 0)}
 
 
@@ -459,9 +468,12 @@ def deid_files(in_dir: str | Path, out_dir: str | Path, *, secret: str | bytes, 
         raise DataError(f"cannot de-identify into {dst}: the folder is not empty (give a new or empty folder)")
     private_dir(dst)
     job = {"command": "deid", "in": str(src), "keep_private": keep_private, "allow_burned_in": allow_burned_in,
-           "secret": hashlib.sha256(b"medsight-deid-manifest\x1f" + key).hexdigest()[:16]}
+           "mapping": mapping_csv is not None,
+           # which secret, as a slow keyed digest (the manifest must not make a weak secret easy to guess)
+           "secret": hashlib.pbkdf2_hmac("sha256", key, b"medsight-deid-manifest", 100_000)[:8].hex()}
     m = Manifest(mpath, job, [file_key(f) for f in files])
     staging = dst.parent / f".{dst.name}.staging"
+    complete = False
     try:
         m.drop_unpublished()  # a kill between recording and publishing: redo those files (same bytes, same paths)
         shutil.rmtree(staging, ignore_errors=True)  # batches an earlier run left unpublished
@@ -506,7 +518,7 @@ def deid_files(in_dir: str | Path, out_dir: str | Path, *, secret: str | bytes, 
             return {"work": None, "rows": [(item[0], row)], "mapping": []}
 
         _run(executor, deid_batch, todo, batch_size_for(len(todo), executor.n_workers, batch_size),
-             (str(src), str(staging), key, keep_private, allow_burned_in),
+             (str(src), str(staging), key, keep_private, allow_burned_in, mapping_csv is not None),
              f"de-identifying {len(todo)} files ({len(done)} done before)", record, status, on_lost=lost)
         if m.count() != len(files):
             raise MedsightError(f"{m.path}: {m.count()} of {len(files)} files done; re-run the same command")
@@ -520,9 +532,12 @@ def deid_files(in_dir: str | Path, out_dir: str | Path, *, secret: str | bytes, 
                    "mapping_csv": None, **status, "manifest": str(m.path)}
         if mapping_csv is not None:
             summary["mapping_csv"] = str(_write_mapping(Path(mapping_csv), m, rows))
+        complete, summary["manifest"] = True, None
         return summary
     finally:
         m.close()
+        if complete:  # it links inputs to outputs: kept only while the run is unfinished (a mapping only on request)
+            m.path.unlink(missing_ok=True)
         shutil.rmtree(staging, ignore_errors=True)  # a failed run: finished batches it did not publish
 
 
