@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from medsight.console import Opts as _Opts
@@ -350,6 +351,54 @@ def models():
     out_console.print(table)
 
 
+_CLUSTER_HELP = "run on a Dask cluster: tcp://HOST:8786 (a running `dask scheduler`) or local:N (N worker processes here)"
+
+
+def _executor(cluster: Optional[str]):
+    """--cluster SPEC -> a Dask executor (its dashboard link shown when one runs); None -> this process."""
+    import logging
+
+    from medsight.executor import make_executor
+
+    if cluster is not None and not _Opts.verbose:  # Dask logs tracebacks of lost connections; the CLI says one line
+        try:
+            import distributed  # noqa: F401 - its logging set-up first, then quieted
+        except ImportError:
+            pass  # make_executor names the extra to install
+        for name in ["distributed", *[n for n in logging.root.manager.loggerDict if n.startswith("distributed.")]]:
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    ex = make_executor(cluster)
+    if ex.dashboard_link:
+        _info(f"Dask dashboard: {ex.dashboard_link}")
+    return ex
+
+
+def _rate_line(st: dict) -> str:
+    return (f"{st['done_now']} files in {st['seconds']:.1f}s ({st['rate']:.1f} files/s) on {st['workers']} "
+            f"worker(s) of {st['executor']}" + (f"; {st['done_before']} done by an earlier run" if st["done_before"] else ""))
+
+
+def _predict_on_cluster(bundle, inputs, out, cluster, backend, batch_size, heatmaps, clinical_csv) -> None:
+    from medsight.cluster import predict_files
+    from medsight.predict import expand_inputs
+
+    if out is None or heatmaps is not None or clinical_csv is not None:
+        raise MedsightError("--cluster needs --out (rows and their manifest go there) and does not take --heatmaps "
+                            "or --clinical-csv")
+    files = expand_inputs(inputs)
+    if not files:
+        raise MedsightError(f"no image files found in {', '.join(map(str, inputs))}")
+    with _executor(cluster) as ex:
+        st = predict_files(bundle, files, out, executor=ex, backend=backend, batch_size=batch_size)
+    _info(_rate_line(st))
+    if st["errors"]:
+        out_console.print(f"{_plural(st['files'], 'prediction')} written to {escape(str(out))}; {st['errors']} of {st['files']} "
+                          "files could not be used (see the error column)", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    out_console.print(f"{_plural(st['files'], 'prediction')} written to {escape(str(out))}, no errors", highlight=False,
+                      soft_wrap=True)
+
+
 @app.command()
 def qc(
     data: str = typer.Argument(..., help="class-per-folder tree, CSV manifest, .npz, or a MedMNIST name"),
@@ -361,6 +410,9 @@ def qc(
                                "flat or nested dump)"),
     allow_leakage: bool = typer.Option(False, "--allow-leakage", help="accept duplicates across splits: record "
                                        "them (counts) and exit 0"),
+    out: Optional[Path] = typer.Option(None, help="also write one row per file to this CSV, resumably (a manifest "
+                                       "beside it records finished files: re-run the same command after a crash)"),
+    cluster: Optional[str] = typer.Option(None, help=_CLUSTER_HELP + " (needs --out)"),
 ):
     """Data quality report: unreadable files, duplicates within/across splits, balance, outliers, missing labels;
     for raw DICOM dumps also series counts and how many files carry identifying headers (counts only)."""
@@ -370,10 +422,23 @@ def qc(
     from medsight.utils import write_json
 
     source = str(medmnist_path(data, size)) if data.lower() in INFO else data
-    # the table shows examples; the JSON file lists every finding (max_examples=None)
-    report = run_qc(source, near_dup_threshold=near_dup, layout=layout, allow_leakage=allow_leakage,
-                    max_examples=None if json_path else 20)
+    if cluster is not None and out is None:
+        raise MedsightError("qc --cluster needs --out ROWS.csv: one row per file, and the manifest that makes the "
+                            "run resumable beside it")
+    with _executor(cluster) as ex:
+        status: dict = {}
+        facts = None
+        if out is not None:
+            from medsight.cluster import qc_facts
+
+            facts = qc_facts(out, executor=ex, status=status)
+        report = run_qc(source, near_dup_threshold=near_dup, layout=layout, allow_leakage=allow_leakage, facts=facts,
+                        max_examples=None if json_path else 20)  # the JSON file lists every finding
     out_console.print(render_qc(report))
+    if status.get("out"):
+        _info(f"{status['files']} file rows written to {escape(status['out'])} ({_rate_line(status)})")
+    elif out is not None:
+        _info(f"{escape(data)} holds arrays, not files: checked in this process, no file rows written to {escape(str(out))}")
     if json_path:
         write_json(json_path, report, private=True)  # file paths and errors of patient files: 0600
     if not report.get("ok", True):
@@ -389,6 +454,8 @@ def deid(
     keep_private: bool = typer.Option(False, help="keep private tags (removed by default)"),
     allow_burned_in: bool = typer.Option(False, help="also write images that may carry burned-in text (US/SC/XC/OT/ES, "
                                                      "Secondary Capture, BurnedInAnnotation YES); they are listed either way"),
+    cluster: Optional[str] = typer.Option(None, help=_CLUSTER_HELP + "; needs --secret-env; published batch by "
+                                          "batch, each verified first, resumable"),
 ):
     """De-identify DICOM files by allow-list (PS3.15 Basic Profile or stricter), then verify no original value survived."""
     import os
@@ -400,8 +467,16 @@ def deid(
         secret = os.environ.get(secret_env)
         if secret is None:
             raise MedsightError(f"--secret-env {secret_env}: that environment variable is not set")
-    summary = deidentify(in_dir, out_dir, mapping_csv=mapping, secret=secret, keep_private=keep_private,
-                         allow_burned_in=allow_burned_in)
+    if cluster is not None:
+        from medsight.cluster import deid_files
+
+        with _executor(cluster) as ex:
+            summary = deid_files(in_dir, out_dir, secret=secret or b"", executor=ex, mapping_csv=mapping,
+                                 keep_private=keep_private, allow_burned_in=allow_burned_in)
+        _info(_rate_line(summary))
+    else:
+        summary = deidentify(in_dir, out_dir, mapping_csv=mapping, secret=secret, keep_private=keep_private,
+                             allow_burned_in=allow_burned_in)
     errors = summary.get("errors") or []
     burned = summary.get("burned_in") or []
     held = 0 if summary.get("burned_in_written") else len(burned)
@@ -435,6 +510,8 @@ def predict(
                                           "none for one batch, else up to 4); memory stays bounded by two batches"),
     clinical_csv: Optional[Path] = typer.Option(None, help="image + clinical models: CSV with a 'path' column "
                                                             "(file path or name) and the model's clinical columns"),
+    cluster: Optional[str] = typer.Option(None, help=_CLUSTER_HELP + "; needs --out (.csv, .json, .jsonl or "
+                                          ".parquet), resumable: re-run the same command after a crash"),
 ):
     """Predict files with a bundle: probabilities, the decision at the bundle's threshold, and an OOD flag.
 
@@ -446,6 +523,8 @@ def predict(
     from medsight.predict import (OUTPUT_SUFFIXES, Predictor, default_threads, default_workers, expand_inputs,
                                   write_predictions)
 
+    if cluster is not None:
+        return _predict_on_cluster(bundle, inputs, out, cluster, backend, batch_size, heatmaps, clinical_csv)
     if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise MedsightError(f"--out must end in .csv or .json (or .jsonl for JSON lines), got {out.name!r}")
     _check_inputs(inputs)
