@@ -202,7 +202,7 @@ def test_deid_verifier_hit_fails_the_run_without_publishing_that_batch(breast, t
 
     src = _deid_tree(tmp_path, np.asarray(breast.splits["test"].images[:9]).reshape(9, 28, 28), leak_in=1)
     out = tmp_path / "out"
-    with pytest.raises(DataError, match=r"^de-identification verifier: an? [a-z ]+ from the input survived in ANON-[0-9A-F]+/[0-9./]+\.dcm; nothing written$"):
+    with pytest.raises(DataError, match=r"^de-identification verifier: [^:]+\.dcm: an? [a-z ]+ from this file survived in its output; not written; this batch is not published and the run stops$"):
         deid_files(src, out, secret="s3cret", executor=executor, batch_size=2, keep_private=True)
     # batches verified before the failing one may have been published; never the leaking one
     assert not any(b"Roe^Rick" in data for data in _tree_bytes(out).values())
@@ -319,7 +319,7 @@ def test_cli_deid_and_qc_on_cluster(breast, tmp_path, client, capsys, monkeypatc
     monkeypatch.setenv("DEID_SECRET", "s3cret")
     assert main(["deid", str(src), str(out), "--secret-env", "DEID_SECRET", "--cluster", address]) == 1
     text = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
-    assert "de-identified 4 files" in text and "1 errors" in text and "error: garbage.dcm: " in text
+    assert "de-identified 4 files" in text and "1 error)" in text and "error: garbage.dcm: " in text
     assert "2 held back" in text and "8 files in" in text  # the status line: files, time, rate, workers
     assert stat.S_IMODE(out.stat().st_mode) == 0o700 and len([p for p in out.rglob("*") if p.is_file()]) == 4
     # qc: one row per file beside the report; --cluster without --out is refused in one line

@@ -116,7 +116,7 @@ def test_mlflow_pyfunc_carries_the_same_review(served_bundle, fifty, predicted, 
     import mlflow.pyfunc
     import pandas as pd
 
-    from medsight.mlflow_model import save_pyfunc
+    from medsight.tracking import save_pyfunc
 
     model = mlflow.pyfunc.load_model(str(save_pyfunc(served_bundle, tmp_path / "model")))  # local: no server
     rows = model.predict(pd.DataFrame({"path": [str(f) for f in fifty]})).to_dict("records")
@@ -135,14 +135,15 @@ def test_summary_and_report_state_the_share_flagged(served_bundle, breast):
     """Training states, per split, the share of cases flagged as too close to call (in bundle.json's summary,
     which is what the report's facts show), and it keeps to the fitted rule's target on validation."""
     from medsight.bundle import load_bundle
+    from medsight.evaluate import split_probs
     from medsight.review import share_flagged
 
     b = load_bundle(served_bundle)
     lines = [s for s in b.meta["training_summary"] if s.startswith("share of")]
     assert [s.split(":")[0] for s in lines] == ["share of validation cases flagged for review",
                                                "share of test cases flagged for review"]
-    val_share, words = share_flagged(b, breast, "val")
+    val_share, words = share_flagged(b, split_probs(b, breast, "val"))
     assert val_share == pytest.approx(b.meta["review"]["val_share"]) and val_share <= 0.1
     assert f"{val_share:.1%}" in lines[0] and words in lines[0]
-    test_share, _ = share_flagged(b, breast, "test")
+    test_share, _ = share_flagged(b, split_probs(b, breast, "test"))
     assert test_share <= 0.15 and f"{test_share:.1%}" in lines[1]

@@ -409,6 +409,10 @@ def deid_batch(batch: list[tuple[int, str]], in_root: str, staging: str, secret:
         mapping = work / "mapping.csv"
         summary = deidentify(src, work / "out", mapping_csv=mapping, secret=secret, keep_private=keep_private,
                              allow_burned_in=allow_burned_in)
+        hits = [e for e in summary["errors"] if str(e["error"]).startswith("verifier:")]
+        if hits:  # deid held the file back; on a cluster a verifier hit also stops the run, this batch unpublished
+            raise DataError(f"de-identification verifier: {hits[0]['path']}: {hits[0]['error'][len('verifier: '):]}; "
+                            "this batch is not published and the run stops")
         with open(mapping, newline="", encoding="utf-8") as fh:
             entries = [tuple(r) for r in list(csv.reader(fh))[1:]]
         mapping.unlink()

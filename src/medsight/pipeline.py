@@ -222,7 +222,8 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
                     f"seed ensemble of {len(e['members'])} members, {s}: ensemble AUC "
                     f"{float((metrics[s].get('auc') or {}).get('value', float('nan'))):.3f}, members {aucs}; members' probabilities differ by "
                     f"{e['mean_spread']:.3f} (sd) on average, at most {e['max_spread']:.3f}")
-        shares = [share_line(bundle, data, s) for s in ("val", "test") if s in data.splits]  # medsight.review
+        shares = [share_line(bundle, split_probs(bundle, data, s), s)  # medsight.review
+                  for s in ("val", "test") if s in data.splits]
         meta["training_summary"] += shares  # the report's facts
         if callback is not None:
             callback("summary", {"lines": shares})

@@ -1,7 +1,7 @@
 """Pretrained weights for fine-tuning (``model.pretrained``): ``imagenet``, ``medicalnet`` or a local file.
 
 Sources are the ones MONAI 1.6 itself uses, reached through medsight's own download code
-(:func:`medsight.data.sources.download`: temporary file, hash checked, then renamed into the cache):
+(:func:`medsight.data.download.download`: temporary file, hash checked, then renamed into the cache):
 
 - ``imagenet`` (2D): ResNet-18/34/50 from torchvision's release (``download.pytorch.org``; MONAI's ResNet has the
   same layer names), DenseNet-121 from the URL in ``monai.networks.nets.densenet`` (renamed as MONAI renames it),
@@ -91,7 +91,7 @@ def fetch(model: str, source: str, spatial_dims: int, *, sha256: str | None = No
         if not download_missing:
             raise DataError(f"{source} weights for {model} are not in {dest.parent} and downloads are off; copy "
                             f"{url} there")
-        from medsight.data.sources import download
+        from medsight.data.download import download
 
         download(url, dest, sha256=expected)
     digest = _check(dest, expected, f"{source} weights for {model}")

@@ -134,20 +134,18 @@ def flags(task, probs: np.ndarray, threshold, rule: ReviewRule) -> np.ndarray:
     return closeness(task, probs, threshold).min(axis=1) < rule.margin
 
 
-def share_flagged(bundle, data, split: str) -> tuple[float, str]:
-    """(share of the split's cases flagged for review as too close to call, the rule in words), for the training
-    summary and the report."""
-    from medsight.evaluate import split_probs
-
+def share_flagged(bundle, probs: np.ndarray) -> tuple[float, str]:
+    """(share of a split's cases flagged for review as too close to call, the rule in words), from the bundle's
+    calibrated probabilities on that split, for the training summary and the report."""
     rule = rule_from_meta(bundle.meta)
-    f = flags(bundle.task, split_probs(bundle, data, split), bundle.threshold, rule)
+    f = flags(bundle.task, probs, bundle.threshold, rule)
     return (float(np.mean(f)) if len(f) else 0.0), rule.describe()
 
 
-def share_line(bundle, data, split: str) -> str:
+def share_line(bundle, probs: np.ndarray, split: str) -> str:
     """One summary/report sentence: "share of test cases flagged for review: 7.5% (too close to call, not counting
     out-of-distribution scans; rule ...)"."""
-    share, words = share_flagged(bundle, data, split)
+    share, words = share_flagged(bundle, probs)
     what = {"val": "validation"}.get(split, split)
     return (f"share of {what} cases flagged for review: {share:.1%} (too close to call, not counting "
             f"out-of-distribution scans; {words})")

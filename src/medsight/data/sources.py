@@ -7,18 +7,15 @@ turned into such an array at prediction time, and is saved in the model bundle.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
-import urllib.request
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medsight import progress
 from medsight.data.dataset import Dataset, Split, resolve_class  # noqa: F401 - re-exported
+from medsight.data.download import download, md5sum  # noqa: F401 - re-exported
 from medsight.data.medmnist import INFO, MedMNISTInfo
 from medsight.errors import DataError, choices_message
 
@@ -32,45 +29,6 @@ NPZ_KEYS = tuple(f"{s}_{k}" for s in SPLITS for k in ("images", "labels"))
 def default_data_dir() -> Path:
     env = os.environ.get("MEDSIGHT_DATA_DIR")
     return Path(env).expanduser() if env else Path.home() / ".medsight" / "data"
-
-
-def md5sum(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0, *,
-             sha256: str | None = None) -> Path:
-    """Download to ``dest`` atomically (temp file + rename), verifying the MD5 (or the sha256, or its leading hex
-    digits) before the rename."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            size = resp.headers.get("Content-Length")
-            with progress.task(f"downloading {dest.name} (MB)", total=int(size) / 1e6 if size else None) as bar:
-                while block := resp.read(1 << 20):
-                    out.write(block)
-                    bar.advance(len(block) / 1e6)
-        if md5 is not None and (got := md5sum(Path(tmp))) != md5:
-            raise DataError(f"downloaded {url} has MD5 {got}, expected {md5}; refusing it")
-        if sha256 is not None:
-            h = hashlib.sha256()
-            with open(tmp, "rb") as f:
-                while block := f.read(1 << 20):
-                    h.update(block)
-            if not h.hexdigest().startswith(sha256.lower()):
-                raise DataError(f"downloaded {url} has sha256 {h.hexdigest()[:16]}..., expected {sha256}; refusing it")
-        os.replace(tmp, dest)
-    except OSError as e:
-        raise DataError(f"cannot download {url} to {dest}: {e}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
 
 
 def _offline_hint(info, size: int, root: Path) -> str:

@@ -38,6 +38,10 @@ class Reader:
     def sniff(self, head: bytes) -> str | None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def read_folder(self, path, *, window, series_uid, budget):
+        """A folder as one image (a DICOM series), or None when this reader does not read folders."""
+        return None
+
     def guess(self, head: bytes, name: str) -> str | None:
         return self.name if self.suffixes and str(name).lower().endswith(self.suffixes) else None
 

@@ -45,6 +45,9 @@ class DicomReader(Reader):
     def sniff(self, head: bytes) -> str | None:
         return "dicom" if len(head) >= 132 and head[128:132] == b"DICM" else None
 
+    def read_folder(self, path, *, window, series_uid, budget):
+        return read_dicom_series(path, window=window, series_uid=series_uid, budget=budget)
+
     def guess(self, head: bytes, name: str) -> str | None:
         # DICOM without preamble: starts with a group 0002 or 0008 element (either byte order); else the suffix
         if len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08"):

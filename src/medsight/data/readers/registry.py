@@ -152,10 +152,12 @@ def read(
     elif isinstance(source, (str, os.PathLike)):
         p = Path(source)
         label = p if name is None else name
-        if p.is_dir():
-            from medsight.data.readers.dicom import read_dicom_series
-
-            return read_dicom_series(p, window=win, series_uid=series_uid, budget=bud)
+        if p.is_dir():  # a folder is one image only to a reader that reads folders (DICOM: one series)
+            for r in readers():
+                got = r.read_folder(p, window=win, series_uid=series_uid, budget=bud)
+                if got is not None:
+                    return got
+            raise DataError(f"cannot read {label}: a folder, and no reader reads folders")
         if not p.exists():
             raise DataError(f"cannot read {label}: file not found")
         try:
