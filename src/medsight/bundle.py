@@ -376,7 +376,7 @@ class Bundle:
 
     @property
     def recipe(self) -> dict:
-        return self.meta.preprocessing.model_dump()
+        return self.meta.preprocessing.model_dump(exclude_unset=True)
 
     @property
     def version(self) -> str:
@@ -384,9 +384,12 @@ class Bundle:
         return f"{self.meta.model.name}-{(self.digest or self.weights_sha256 or '0' * 12)[:12]}"
 
 
-def decision_text(meta: BundleMeta) -> str:
+def decision_text(meta: BundleMeta | dict) -> str:
     """How this bundle decides, in words: the threshold and the rule that chose it, and the temperature."""
     from medsight.summary import threshold_rule_sentence
+
+    if isinstance(meta, dict):
+        meta = validate_meta(meta)
 
     temp = float(meta.temperature)
     if meta.threshold is None:

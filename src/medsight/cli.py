@@ -386,7 +386,7 @@ def evaluate(
     else:
         from medsight.bundle import decision_text
 
-        decided = decision_text({**b.meta, "threshold": r["threshold"], "threshold_rule": r["rule"]})
+        decided = decision_text(b.meta.model_copy(update={"threshold": r["threshold"], "threshold_rule": r["rule"]}))
         out_console.print(metrics_table(shown, title=f"{bundle} on {ds.name}: {decided}"))
     if r["shift"] is not None:
         out_console.print(shift_table(r["shift"], split[-1]))
@@ -399,7 +399,7 @@ def evaluate(
         _show_tracking_warnings()
         t = track_evaluation(bundle, r["metrics"], splits=split, data_name=ds.name, report=r["report_path"],
                              params={"data": ds.name, "splits": ",".join(split), "n_boot": n_boot,
-                                     "operating_point": operating_point or b.meta.get("threshold_rule")})
+                                     "operating_point": operating_point or b.meta.threshold_rule})
         if t is not None and not t.failed:
             _info(f"tracked as MLflow run {t.run_id}")
 

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 
-from .errors import ConfigError, DataError, choices_message
+from .errors import ConfigError, DataError
 
 from .scoring import BASE_METRICS, PER_CLASS_METRICS, binary_positive_probs, div as _div  # noqa: F401
 from .scoring import ap_batch as _ap_batch, auc_batch as _auc_batch  # noqa: F401  (tests use them)

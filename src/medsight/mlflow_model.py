@@ -132,5 +132,5 @@ def save_pyfunc(bundle_dir: str | Path, path: str | Path) -> Path:
         mlflow.pyfunc.save_model(
             str(path), python_model=str(code), artifacts={BUNDLE_KEY: str(copy)},
             signature=signature(), pip_requirements=[f"medsight=={__version__}", "mlflow>=3,<4"],
-            metadata={"medsight_version": __version__, "task": b.meta["task"], "classes": b.classes})
+            metadata={"medsight_version": __version__, "task": b.task.name, "classes": b.classes})
     return Path(path)

@@ -71,9 +71,9 @@ def _per_output(task: str | None, z: torch.Tensor) -> bool:
     """True when each output is its own two-class problem (binary, multilabel, ordinal)."""
     if task is None:
         return z.shape[1] == 1
-    if task not in ("binary", "multiclass", "multilabel", "ordinal"):
-        raise ConfigError(choices_message("task", task, ("binary", "multiclass", "multilabel", "ordinal")))
-    return task != "multiclass"
+    from medsight.tasks import kind_of
+
+    return kind_of(task).per_output_sigmoid
 
 
 def energy_score(logits, temperature: float = 1.0, task: str | None = None) -> np.ndarray:
@@ -708,7 +708,7 @@ def fit_bundle_detector(bundle, data) -> dict:
     from medsight.fusion import split_clinical_rows
 
     tr, va = data.split("train"), data.split("val")
-    return fit_ood_detector(bundle.model, tr.images, tr.labels if bundle.task.name != "multilabel" else None,
+    return fit_ood_detector(bundle.model, tr.images, None if bundle.task.kind.indicator_labels else tr.labels,
                             va.images, task=bundle.task.name, tta_flip=bundle.tta_flip,
                             train_tab=split_clinical_rows(bundle, data, "train"),
                             val_tab=split_clinical_rows(bundle, data, "val"))

@@ -17,7 +17,7 @@ from medsight.calibration import choose_calibration
 from medsight.config import RunConfig, dump_config
 from medsight.data.sources import Dataset, load_dataset
 from medsight.errors import ConfigError, MedsightError
-from medsight.evaluate import evaluate_splits, split_logits
+from medsight.evaluate import LogitsCache, evaluate_splits, split_logits
 from medsight.train import Callback, FitResult, fit, write_history
 from medsight.utils import atomic_write_text, write_json
 
@@ -169,10 +169,12 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
                           "split_origin": getattr(data, "split_origin", None),
                           "native_size": getattr(data, "native_size", None), "leakage": getattr(data, "leakage", None)}
     meta["training_summary"] = summary
-    bundle = Bundle(path=stage, meta=meta, model=result.model)
+    cache = LogitsCache()  # one inference pass per split, shared by calibration, OOD and metrics
+    bundle = Bundle.draft(stage, meta, result.model)
     val = data.split("val")
-    meta.update(choose_calibration(bundle.task, split_logits(bundle, data, "val"), val.labels,
+    meta.update(choose_calibration(bundle.task, split_logits(bundle, data, "val", cache=cache), val.labels,
                                    operating_point=cfg.train.operating_point, calibrate=cfg.train.calibrate))
+    bundle = Bundle.draft(stage, meta, result.model)  # with the chosen temperature and threshold
     if cfg.train.ood:
         from medsight.ood import fit_bundle_detector, save_ood
 
@@ -186,7 +188,7 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
     if evaluate:
         from medsight.summary import warn_degenerate
 
-        metrics = evaluate_splits(bundle, data, ("val", "test"), n_boot=cfg.train.n_boot)
+        metrics = evaluate_splits(bundle, data, ("val", "test"), n_boot=cfg.train.n_boot, cache=cache)
         write_json(stage / "metrics.json", metrics)
         if meta.get("ensemble"):  # members beside the ensemble, and how much they disagree (in the report's summary)
             from medsight.evaluate import ensemble_summary

@@ -42,10 +42,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.requests import ClientDisconnect
 
 from medsight import __version__
-from medsight.bundle import decision_text
 from medsight.errors import DataError
 from medsight.predict import Predictor, default_threads
-from medsight.serve.schemas import ErrorResponse, Health, InputSpec, ModelInfo, PredictResponse
+from medsight.serve.schemas import ErrorResponse, Health, ModelInfo, PredictResponse
 
 log = logging.getLogger("medsight.serve")
 STATIC = Path(__file__).parent / "static"
@@ -446,21 +445,9 @@ def review_reasons(r, task: str, classes: list[str], margin: float = REVIEW_MARG
     if r.ood_flag:
         reasons.append("the scan does not look like the training data (out-of-distribution score "
                        f"{r.ood_score:.1f}" + (f" > {ood_threshold:.1f})" if ood_threshold is not None else ")"))
-    probs = r.probabilities
-    if task == "binary":
-        p, t = probs[classes[1]], float(r.threshold)
-        if abs(p - t) < margin:
-            reasons.append(f"P({classes[1]}) = {p:.3f} is within {margin:g} of the threshold {t:.3f}")
-    elif task == "multilabel":
-        thr = r.threshold if isinstance(r.threshold, list) else [float(r.threshold)] * len(classes)
-        for c, t in zip(classes, thr):
-            if abs(probs[c] - t) < margin:
-                reasons.append(f"P({c}) = {probs[c]:.3f} is within {margin:g} of its threshold {t:.3f}")
-    else:
-        (c1, p1), (c2, p2) = sorted(probs.items(), key=lambda kv: -kv[1])[:2]
-        if p1 - p2 < margin:
-            reasons.append(f"the two most likely classes are within {margin:g} ({c1} {p1:.3f}, {c2} {p2:.3f})")
-    return reasons
+    from medsight.tasks import kind_of
+
+    return reasons + kind_of(task).review_reasons(r.probabilities, r.threshold, classes, margin)
 
 
 def _predictor(bundle_path, backend: str, threads: int | None) -> Predictor:
@@ -489,20 +476,10 @@ def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_uploa
     limit = int(max_upload_mb * 1024 * 1024)
     workers = workers or os.cpu_count() or 1
     gate = Admission(workers, 2 * workers if queue is None else queue)
-    meta = bundle.meta
     ood_threshold = float(pred.ood["threshold"]) if pred.ood is not None else None
-    info = ModelInfo(
-        name=meta["model"]["name"], task=meta["task"], classes=bundle.classes,
-        input=InputSpec(spatial_dims=meta["input"]["spatial_dims"], channels=meta["input"]["channels"],
-                        size=list(meta["input"]["size"]), preprocessing=bundle.recipe),
-        threshold=bundle.threshold, threshold_rule=meta.get("threshold_rule"), decision_rule=decision_text(meta),
-        positive_class=bundle.positive_class, temperature=bundle.temperature, calibrated=pred.calibrated,
-        model_version=pred.version, data=meta.get("data"), created=meta.get("created"),
-        medsight_version=meta.get("medsight_version"), metrics=_metrics_summary(bundle.path),
-        clinical_columns=list((bundle.fusion or {}).get("columns") or []),
-        max_upload_mb=max_upload_mb, review_margin=REVIEW_MARGIN, ood_threshold=ood_threshold,
-        ensemble_members=pred.members,
-    )
+    info = ModelInfo.from_bundle(bundle, calibrated=pred.calibrated, model_version=pred.version,
+                                 metrics=_metrics_summary(bundle.path), max_upload_mb=max_upload_mb,
+                                 review_margin=REVIEW_MARGIN, ood_threshold=ood_threshold)
 
     app = _App(title="medsight", version=__version__, docs_url=None, redoc_url=None,
                swagger_ui_oauth2_redirect_url=None,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
+
+from medsight import bundle as bundle_schema
 
 
 class Health(BaseModel):
@@ -15,30 +17,25 @@ class Health(BaseModel):
     capacity: int = Field(0, description="most predictions admitted at once (workers + queue); more get 503")
 
 
-class InputSpec(BaseModel):
-    spatial_dims: int
-    channels: int
-    size: list[int]
+class InputSpec(bundle_schema.InputSpec):
+    """The bundle's input spec (``BundleMeta.input``) and its preprocessing recipe."""
     preprocessing: dict = Field(description="the bundle's preprocessing recipe, applied to every upload")
 
 
-class ModelInfo(BaseModel):
-    name: str
-    task: str = Field(description="binary, multiclass, multilabel or ordinal")
-    classes: list[str]
+#: ModelInfo fields that are the bundle contract's own (type and description from :class:`BundleMeta`)
+SHARED_FIELDS = ("task", "classes", "threshold", "threshold_rule", "temperature", "data", "created",
+                 "medsight_version")
+
+
+class _ServiceInfo(BaseModel):
+    """What the service adds to the bundle's own fields."""
+    name: str = Field(description="the model architecture (BundleMeta.model.name)")
     input: InputSpec
-    threshold: Optional[Union[float, list[float]]] = Field(description="operating threshold used for decisions")
-    threshold_rule: Optional[str] = Field(None, description="the rule that chose the threshold on the validation "
-                                                            "split (youden, f1, sens=0.95, ...) or a fixed number")
     decision_rule: str = Field("", description="the threshold and how it was chosen, in words")
     positive_class: Optional[str] = Field(None, description="binary tasks: the class whose probability, sensitivity "
                                                             "and threshold are reported (the finding to detect)")
-    temperature: float = Field(description="calibration temperature applied to the logits")
     calibrated: bool
     model_version: str
-    data: Optional[str] = None
-    created: Optional[str] = None
-    medsight_version: Optional[str] = None
     metrics: dict[str, dict[str, Optional[float]]] = Field(
         default_factory=dict, description="per split, each metric's value (from metrics.json)")
     max_upload_mb: float
@@ -49,6 +46,23 @@ class ModelInfo(BaseModel):
     ood_threshold: Optional[float] = Field(None, description="OOD scores above this are flagged (None: no detector)")
     ensemble_members: Optional[int] = Field(None, description="seed ensembles: the number of members whose mean "
                                                               "logits are served (None: one model)")
+
+    @classmethod
+    def from_bundle(cls, bundle, **service) -> "ModelInfo":
+        """The model card of a loaded bundle; ``service``: calibrated, model_version, metrics, max_upload_mb,
+        review_margin, ood_threshold."""
+        m = bundle.meta
+        return cls(**{n: getattr(m, n) for n in SHARED_FIELDS}, name=m.model.name,
+                   input=InputSpec(**m.input.model_dump(), preprocessing=bundle.recipe),
+                   decision_rule=bundle_schema.decision_text(m), positive_class=bundle.positive_class,
+                   clinical_columns=list(m.fusion.columns) if m.fusion is not None else [],
+                   ensemble_members=m.ensemble.members if m.ensemble is not None else None, **service)
+
+
+ModelInfo = create_model(  # the shared fields' definitions come from the bundle contract, not re-declared here
+    "ModelInfo", __base__=_ServiceInfo,
+    **{n: (bundle_schema.BundleMeta.model_fields[n].annotation, bundle_schema.BundleMeta.model_fields[n])
+       for n in SHARED_FIELDS})
 
 
 class PredictResponse(BaseModel):
