@@ -34,7 +34,7 @@ from torch import nn
 from medsight import __version__
 from medsight.errors import ConfigError, MedsightError, choices_message
 from medsight.models import create_model
-from medsight.tasks import TASK_TYPES, Task
+from medsight.tasks import KINDS, TASK_TYPES, Task
 from medsight.utils import atomic_torch_save, json_safe, sha256_file, write_json
 
 log = logging.getLogger("medsight.bundle")
@@ -220,8 +220,8 @@ class BundleMeta(BaseModel):
     @field_validator("task")
     @classmethod
     def _known_task(cls, v: str) -> str:
-        if v not in TASK_TYPES:
-            raise ValueError(choices_message("task", v, TASK_TYPES))
+        if v not in KINDS:
+            raise ValueError(choices_message("task", v, KINDS))
         return v
 
     @field_validator("threshold_rule")

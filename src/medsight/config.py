@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medsight.errors import ConfigError, choices_message
-from medsight.tasks import TASK_TYPES
+from medsight.tasks import KINDS, TASK_TYPES
 
 
 #: images per batch in every evaluation pass (validation, calibration, metrics, OOD, shift, predict)
@@ -41,8 +41,8 @@ class DataConfig(_Strict):
     @field_validator("task")
     @classmethod
     def _known_task(cls, v):
-        if v is not None and v not in TASK_TYPES:
-            raise ValueError(choices_message("task", v, TASK_TYPES))
+        if v is not None and v not in KINDS:
+            raise ValueError(choices_message("task", v, KINDS))
         return v
 
 
