@@ -25,7 +25,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Final, Literal, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -39,8 +39,8 @@ from medsight.utils import atomic_torch_save, json_safe, sha256_file, write_json
 
 log = logging.getLogger("medsight.bundle")
 
-FORMAT = "medsight-bundle/2"
-SCHEMA_VERSION = 2
+FORMAT: Final = "medsight-bundle/2"
+SCHEMA_VERSION: Final = 2
 #: formats written by earlier releases that still load (migrated in memory, with a one-line note)
 LEGACY_FORMATS = ("medsight-bundle/1",)
 #: the environment variable holding the key that signs bundles at publish and is checked at load
@@ -177,40 +177,23 @@ class Integrity(_Part):
     signature: Optional[str] = None
 
 
-class BundleMeta(BaseModel):
-    """``bundle.json``, typed. Validated once by :func:`load_bundle`; immutable."""
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class BundleCard(BaseModel):
+    """The fields of ``bundle.json`` that the service's model card shows as they are (``serve.schemas.ModelInfo``
+    inherits them: one definition, one description)."""
+    model_config = ConfigDict(frozen=True)
 
-    format: Literal["medsight-bundle/2"] = FORMAT
-    schema_version: Literal[2] = SCHEMA_VERSION
-    medsight_version: Optional[str] = None
-    created: Optional[str] = None
-    model: ModelSpec
     task: str = Field(description=f"the task kind: {', '.join(TASK_TYPES)}")
-    classes: list[str] = Field(min_length=1)
-    input: InputSpec
-    preprocessing: Recipe
-    threshold: Optional[Union[float, list[float]]] = Field(None, description="operating threshold (binary: one "
-                                                           "number; multilabel: one per label; argmax tasks: null)")
-    threshold_rule: Optional[str] = None
-    temperature: float = Field(1.0, gt=0)
-    data: Optional[str] = None
-    best_epoch: Optional[int] = None
-    monitor: Optional[str] = None
-    train_seconds: Optional[float] = None
-    tta_flip: list[int] = []
-    data_facts: Optional[DataFacts] = None
-    training_summary: list[str] = []
-    calibration: Optional[CalibrationSummary] = None
-    ood: Optional[OODRef] = None
-    warnings: list[str] = []
-    fusion: Optional[FusionSpec] = None
-    auto_recipe: Optional[AutoRecipeInfo] = None
-    ensemble: Optional[EnsembleInfo] = None
-    pretrained: Optional[PretrainedInfo] = None
-    review: Optional[ReviewRule] = None
-    files: dict[str, str] = Field(default_factory=dict, description="artefact -> sha256, checked at load")
-    integrity: Optional[Integrity] = None
+    classes: list[str] = Field(min_length=1, description="class names in output order (binary: the positive class "
+                                                         "is classes[1])")
+    threshold: Optional[Union[float, list[float]]] = Field(None, description="operating threshold used for decisions "
+                                                           "(binary: one number; multilabel: one per label; argmax "
+                                                           "tasks: null)")
+    threshold_rule: Optional[str] = Field(None, description="the rule that chose the threshold on the validation "
+                                                            "split (youden, f1, sens=0.95, ...) or a fixed number")
+    temperature: float = Field(1.0, gt=0, description="calibration temperature applied to the logits")
+    data: Optional[str] = Field(None, description="the data the model was trained on")
+    created: Optional[str] = Field(None, description="when the bundle was published (UTC, ISO 8601)")
+    medsight_version: Optional[str] = Field(None, description="the medsight release that published it")
 
     @field_validator("temperature", mode="before")
     @classmethod
@@ -232,6 +215,33 @@ class BundleMeta(BaseModel):
 
             parse_operating_point(v)
         return v
+
+
+class BundleMeta(BundleCard):
+    """``bundle.json``, typed. Validated once by :func:`load_bundle`; immutable."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["medsight-bundle/2"] = FORMAT
+    schema_version: Literal[2] = SCHEMA_VERSION
+    model: ModelSpec
+    input: InputSpec
+    preprocessing: Recipe
+    best_epoch: Optional[int] = None
+    monitor: Optional[str] = None
+    train_seconds: Optional[float] = None
+    tta_flip: list[int] = []
+    data_facts: Optional[DataFacts] = None
+    training_summary: list[str] = []
+    calibration: Optional[CalibrationSummary] = None
+    ood: Optional[OODRef] = None
+    warnings: list[str] = []
+    fusion: Optional[FusionSpec] = None
+    auto_recipe: Optional[AutoRecipeInfo] = None
+    ensemble: Optional[EnsembleInfo] = None
+    pretrained: Optional[PretrainedInfo] = None
+    review: Optional[ReviewRule] = None
+    files: dict[str, str] = Field(default_factory=dict, description="artefact -> sha256, checked at load")
+    integrity: Optional[Integrity] = None
 
     @field_validator("files")
     @classmethod
@@ -443,7 +453,7 @@ HASHED = ("model.pt", "ood.npz", "config.yaml", "history.csv")
 
 
 def save_weights(out_dir: str | Path, model: nn.Module) -> Path:
-    m = model.module if hasattr(model, "module") else model
+    m: nn.Module = getattr(model, "module", model)  # DDP's wrapped module
     return atomic_torch_save({k: v.detach().cpu() for k, v in m.state_dict().items()}, Path(out_dir) / "model.pt")
 
 

@@ -164,8 +164,8 @@ def gallery(bundle: Bundle, data: Dataset, split: str, probs: np.ndarray, n: int
     if not picks:
         return []
     images = to_float(torch.as_tensor(data.split(split).images[[i for i, _ in picks]]))
-    class_idx = [kind.explained_class(pred[i]) for i, _ in picks]
-    class_idx = None if any(c is None for c in class_idx) else class_idx
+    explained = [kind.explained_class(pred[i]) for i, _ in picks]
+    class_idx = None if any(c is None for c in explained) else explained
     heat = explain_batch(bundle.model, images, tab=_gallery_tab(bundle, data, split, [i for i, _ in picks]),
                          class_idx=class_idx)  # the heatmap explains the predicted class
     items = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field
 
 from medsight import bundle as bundle_schema
 
@@ -22,14 +22,12 @@ class InputSpec(bundle_schema.InputSpec):
     preprocessing: dict = Field(description="the bundle's preprocessing recipe, applied to every upload")
 
 
-#: ModelInfo fields that are the bundle contract's own (type and description from :class:`BundleMeta`)
-SHARED_FIELDS = ("task", "classes", "threshold", "threshold_rule", "temperature", "data", "created",
-                 "medsight_version")
+class ModelInfo(bundle_schema.BundleCard):
+    """The model card: the bundle's own fields (:class:`medsight.bundle.BundleCard`, defined once there) and what
+    the service adds."""
+    model_config = ConfigDict(frozen=False)
 
-
-class _ServiceInfo(BaseModel):
-    """What the service adds to the bundle's own fields."""
-    name: str = Field(description="the model architecture (BundleMeta.model.name)")
+    name: str = Field(description="the model architecture (bundle.json: model.name)")
     input: InputSpec
     decision_rule: str = Field("", description="the threshold and how it was chosen, in words")
     positive_class: Optional[str] = Field(None, description="binary tasks: the class whose probability, sensitivity "
@@ -52,17 +50,11 @@ class _ServiceInfo(BaseModel):
         """The model card of a loaded bundle; ``service``: calibrated, model_version, metrics, max_upload_mb,
         review_margin, ood_threshold."""
         m = bundle.meta
-        return cls(**{n: getattr(m, n) for n in SHARED_FIELDS}, name=m.model.name,
-                   input=InputSpec(**m.input.model_dump(), preprocessing=bundle.recipe),
+        shared = {n: getattr(m, n) for n in bundle_schema.BundleCard.model_fields}
+        return cls(**shared, name=m.model.name, input=InputSpec(**m.input.model_dump(), preprocessing=bundle.recipe),
                    decision_rule=bundle_schema.decision_text(m), positive_class=bundle.positive_class,
                    clinical_columns=list(m.fusion.columns) if m.fusion is not None else [],
                    ensemble_members=m.ensemble.members if m.ensemble is not None else None, **service)
-
-
-ModelInfo = create_model(  # the shared fields' definitions come from the bundle contract, not re-declared here
-    "ModelInfo", __base__=_ServiceInfo,
-    **{n: (bundle_schema.BundleMeta.model_fields[n].annotation, bundle_schema.BundleMeta.model_fields[n])
-       for n in SHARED_FIELDS})
 
 
 class PredictResponse(BaseModel):
