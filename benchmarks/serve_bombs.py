@@ -1,6 +1,6 @@
 """/healthz latency while 8 clients send hostile or heavy uploads to `medsight serve` (127.0.0.1 only).
 
-The server runs in its own process (uvicorn, default admission control: workers = cores, queue = 2 x workers).
+The server runs in its own process (uvicorn, default admission control: workers = cores, queue = 64).
 First an idle reference: /healthz timed alone. Then 8 client processes loop over the bombs below for a bounded time while
 one probe (in this process) times /healthz every 20 ms. Printed side by side, with what the server answered to each bomb.
 

@@ -41,8 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seconds", type=float, default=120.0, help="stop sending after this long")
     ap.add_argument("--explain", action="store_true", help="ask for Grad-CAM overlays too")
     ap.add_argument("--queue", type=int, default=None,
-                    help="server queue beyond its workers (default: --clients, so that every request is admitted; "
-                         "smaller values measure load shedding: 503s are counted apart from errors)")
+                    help="server queue beyond its workers (default: the server's own default, under which a 503 is "
+                         "an error; a value given here measures load shedding: 503s are counted apart from errors)")
     args = ap.parse_args(argv)
 
     bundle = bundle_or_train(args.bundle, args.model)
@@ -50,8 +50,8 @@ def main(argv=None) -> int:
     bodies = [multipart(p) for p in pngs]
     port = free_port()
     try:
-        started = serve_process(bundle, port, "--backend", args.backend, "--queue",
-                                str(args.clients if args.queue is None else args.queue))
+        queue = () if args.queue is None else ("--queue", str(args.queue))
+        started = serve_process(bundle, port, "--backend", args.backend, *queue)
         started.__enter__()
     except RuntimeError as e:
         print(e, file=sys.stderr)

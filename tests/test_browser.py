@@ -159,7 +159,7 @@ def test_page_shows_the_api_prediction(server, breast_files):
                 else:
                     assert page.is_visible("#verdict") and not page.is_visible("#review")
                     assert page.text_content("#pred-class") == exp["predicted"]
-                assert page.get_attribute("#result", "data-predicted") == exp["predicted"]
+                assert page.get_attribute("#result", "data-predicted") == (exp["predicted"] or "no verdict")
                 rows = page.query_selector_all(".prob-row")
                 shown = {r.get_attribute("data-class"): (r.query_selector(".prob-text").text_content(),
                                                         float(r.get_attribute("data-prob"))) for r in rows}
@@ -264,6 +264,9 @@ def test_ood_scan_gets_no_verdict(page, server, breast_files):
     for text in _prominent_texts(page):  # nothing bold or large names a class
         assert not any(c in text for c in exp["probabilities"]), text
     assert "needs review" in page.text_content("#status")
+    assert exp["predicted"] is None  # no class verdict anywhere: the API gives none, the page says so
+    assert page.get_attribute("#result", "data-predicted") == "no verdict"
+    assert page.text_content("#review-reasons") == "".join(exp["review_reasons"])
 
 
 def test_scan_shown_at_its_own_resolution_with_colour_scale(page, server, breast_files):
@@ -286,7 +289,14 @@ def test_scan_shown_at_its_own_resolution_with_colour_scale(page, server, breast
     pos = page.text_content("#positive")
     classes = list(_api(server, wide)["probabilities"])
     assert pos.startswith(f"Probability of \u201c{classes[1]}\u201d")
-    assert "the scan does not look like the training data" in page.text_content("#rule") or "within 0.1" in page.text_content("#rule")
+    import httpx
+
+    model = httpx.get(server + "/v1/model", headers={"X-API-Key": "browser-key"}, timeout=10).json()
+    rule = page.text_content("#rule")  # the review rule in the bundle's own words (medsight.review)
+    assert "too close to its threshold to call" in rule and model["review"]["description"] in rule
+    assert "within 0.1" not in rule
+    assert f"threshold {model['threshold_display']} " in page.text_content("#model-info")
+    assert f"(threshold {model['threshold_display']})" in pos  # 3 significant digits, as the CLI shows it
 
 
 def test_screenshots(page, breast_files, medmnist_dir):

@@ -152,6 +152,9 @@ def test_every_path_gives_the_same_probabilities(trained):
                     _rows(served["probabilities"], classes)):
             np.testing.assert_allclose(got, evaluated, atol=ATOL, err_msg=f"{name}: {f.name}")
         assert a.predicted == b.predicted == served["predicted"]
+        # one needs-review decision, with the same words, on every path (medsight.review)
+        assert a.review == b.review == served["review"], f"{name}: {f.name}"
+        assert a.review_reasons == b.review_reasons == served["review_reasons"], f"{name}: {f.name}"
         if torch_p.members:  # seed ensembles: the members' spread agrees too, and is the spread of real members
             spreads = [a.member_spread, b.member_spread, served["member_spread"]]
             assert all(s is not None for s in spreads), spreads

@@ -44,7 +44,13 @@ def test_py_typed_is_shipped(pyproject):
 
 
 def test_dependencies_are_bounded_and_constraints_cover_them(pyproject):
-    deps = pyproject["project"]["dependencies"] + pyproject["project"]["optional-dependencies"]["dev"]
+    extras = pyproject["project"]["optional-dependencies"]
+    # every extra is bounded and pinned; `medsight[a,b]` inside an extra names the project's own extras
+    deps = pyproject["project"]["dependencies"] + [d for ds in extras.values() for d in ds
+                                                   if not d.startswith("medsight[")]
+    for d in extras["dev"]:
+        if d.startswith("medsight["):
+            assert set(Requirement(d).extras) <= set(extras), f"{d}: names an extra that does not exist"
     pinned = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
         if "==" in line and not line.startswith("#"):

@@ -566,37 +566,45 @@ def test_explain_returns_the_scan_at_its_own_resolution(client, breast_files):
 
 
 def test_review_for_ood_and_near_threshold(client, served_bundle, breast_files):
+    """The service applies the bundle's fitted rule (medsight.review): near on the logit scale, or OOD."""
     b = load_bundle(served_bundle)
     pos = b.classes[1]
+    rule = b.meta["review"]
+    assert rule["rule"] == "logit_margin" and 0 < rule["margin"] <= np.log(4) and rule["val_share"] <= 0.1
     near = far = 0
     for f in breast_files["png"]:
         r = post(client, f.read_bytes()).json()
         p, t = r["probabilities"][pos], r["threshold"]
-        if abs(p - t) < 0.1:
+        lo = lambda v: np.log(np.clip(v, 1e-7, 1 - 1e-7)) - np.log1p(-np.clip(v, 1e-7, 1 - 1e-7))  # noqa: E731
+        if abs(lo(p) - lo(t)) < rule["margin"]:
             near += 1
-            assert r["review"] is True and any("within 0.1 of the threshold" in x for x in r["review_reasons"])
+            assert r["review"] is True and any("too close to the threshold" in x for x in r["review_reasons"])
         elif not r["ood_flag"]:
             far += 1
             assert r["review"] is False and r["review_reasons"] == []
-    assert near and far
+    assert far
     noise = np.random.default_rng(0).integers(0, 255, (28, 28))
     r = post(client, _png_of(noise), "noise.png").json()
     assert r["ood_flag"] is True and r["review"] is True
     assert any("does not look like the training data" in x for x in r["review_reasons"])
-    assert client.get("/v1/model").json()["review_margin"] == 0.1
+    assert r["predicted"] is None and r["decision"] is None  # no class verdict for an OOD scan
+    m = client.get("/v1/model").json()
+    assert m["review_margin"] == rule["margin"] and m["review"]["fitted"] is True
+    assert m["threshold_display"] == "0.5"
 
 
 # --- the serve command --------------------------------------------------------------------------------------
 
 def test_serve_command_key_file_hosts_and_warning(served_bundle, tmp_path, monkeypatch, capsys):
-    import uvicorn
 
     from medsight.cli import main
 
     import sys
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    import medsight.serve.server as server
+
+    monkeypatch.setattr(server, "run_server", lambda app, host, port, **kw: seen.update(app=app, host=host, port=port))
     monkeypatch.setattr(sys, "setswitchinterval", lambda s: seen.update(switch=s))  # not for the test process
     monkeypatch.delenv("MEDSIGHT_API_KEY", raising=False)
     keyfile = tmp_path / "key.txt"
@@ -641,9 +649,10 @@ def test_client_that_disconnects_mid_upload_is_no_500(served_bundle, caplog):
         s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
         s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
                   b"Content-Length: 100000\r\n\r\n--x\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nabc")
-        _wait_for(lambda: app.state.admission.active == 1)
+        _wait_for(lambda: app.state.service.receiving == 1)
+        assert app.state.admission.active == 0  # a body still arriving holds no admission slot
         s.close()  # gone before the body ended
-        _wait_for(lambda: app.state.admission.active == 0)  # its slot is free again, well before the 30 s timeout
+        _wait_for(lambda: app.state.service.receiving == 0)  # forgotten again, well before the 30 s timeout
         assert httpx.get(srv.url + "/healthz").status_code == 200
         _wait_for(lambda: sum("path=/v1/predict" in r.getMessage() for r in caplog.records) == 1)
     lines = [r.getMessage() for r in caplog.records if "path=/v1/predict" in r.getMessage()]

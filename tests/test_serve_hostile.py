@@ -69,3 +69,18 @@ def test_one_thousand_mutated_files_no_5xx_server_alive(server, tmp_path):
     assert httpx.get(base + "/healthz", timeout=5).json()["status"] == "ok" and proc.poll() is None
     text = proc.log_path.read_text()  # the access log: one line per request, never a traceback
     assert "Traceback" not in text and "panicked" not in text, text[-3000:]
+
+
+def test_a_soak_of_deflate_bombs_gives_the_memory_back(server):
+    """Each deflated-DICOM bomb is inflated up to the model's byte cap before its 422; the freed heap goes back to
+    the operating system, so resident memory does not ratchet up with every bomb (issue 27: 0.34 -> 6.8 GB)."""
+    base, proc = server
+    bomb = BOMBS["deflate_tail.dcm"][0]()
+    assert _post(base, "warm.dcm", bomb).status_code == 422
+    rss0 = _rss_kib(proc.pid, "VmRSS")
+    for i in range(12):
+        r = _post(base, f"bomb{i}.dcm", bomb)
+        assert r.status_code == 422 and "inflates beyond the limit" in r.json()["detail"]
+    grown = (_rss_kib(proc.pid, "VmRSS") - rss0) / 1024
+    assert grown < max(64, 0.2 * rss0 / 1024), f"resident memory grew by {grown:.0f} MiB over 12 bombs"
+    assert httpx.get(base + "/healthz", timeout=5).status_code == 200

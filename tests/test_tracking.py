@@ -206,8 +206,10 @@ def _check_against_cli(rows: list[dict], names: list[str], cli: dict[str, dict],
         assert row["error"] is None, row
         for c in classes:
             assert row[f"p_{c}"] == pytest.approx(ref["probabilities"][c], abs=1e-6)
-        assert row["predicted"] == ref["predicted"] and int(row["decision"]) == ref["decision"]
+        decision = None if row["decision"] is None else int(row["decision"])  # None: OOD, no class verdict
+        assert row["predicted"] == ref["predicted"] and decision == ref["decision"]
         assert row["ood_flag"] == ref["ood_flag"] and row["ood_score"] == pytest.approx(ref["ood_score"], rel=1e-5)
+        assert row["review"] == ref["review"] and row["review_reasons"] == ref["review_reasons"]
 
 
 def test_pyfunc_predictions_equal_medsight_predict(tracked, test_pngs, cli_predictions, tracking_env):

@@ -132,11 +132,9 @@ class BatchAugment:
         return self.apply(x, self.sample(x.shape[0], generator))
 
 
-def resize(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """Resize a (B, C, *spatial) float batch; area for downsampling, (bi/tri)linear for upsampling."""
-    if tuple(x.shape[2:]) == tuple(size):
-        return x
-    down = all(s <= t for s, t in zip(size, x.shape[2:]))
-    mode = "area" if down else ("bilinear" if len(size) == 2 else "trilinear")
-    kw = {} if mode == "area" else {"align_corners": False}
-    return F.interpolate(x, size=tuple(size), mode=mode, **kw)
+def __getattr__(name: str):
+    if name == "resize":  # moved to preprocessing (medsight.data.preprocess.resize); kept for old callers
+        from medsight.data.preprocess import resize
+
+        return resize
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -495,7 +495,7 @@ def qc(
     report = run_qc(source, near_dup_threshold=near_dup, layout=layout, allow_leakage=allow_leakage)
     out_console.print(render_qc(report))
     if json_path:
-        write_json(json_path, report)
+        write_json(json_path, report, private=True)  # file paths and errors of patient files: 0600
     if not report.get("ok", True):
         raise typer.Exit(1)
 
@@ -526,7 +526,8 @@ def deid(
     burned = summary.get("burned_in") or []
     held = 0 if summary.get("burned_in_written") else len(burned)
     out_console.print(f"de-identified {summary.get('written', 0)} files into {out_dir}; verified: no original identifying "
-                      f"value outside the pixel data ({len(summary.get('skipped') or [])} skipped, {held} held back, {len(errors)} errors)")
+                      f"value in headers, preamble or codestream segments ({len(summary.get('skipped') or [])} skipped, "
+                      f"{held} held back for burned-in text, {len(errors)} held back with an error)")
     for e in errors:
         out_console.print(f"  error: {e['path']}: {e['error']}")
     for p in burned:
@@ -588,20 +589,29 @@ def predict(
             report_error(p)
             rows.append(p)
         n, n_err = len(rows), sum(not p.ok for p in rows)
-        table = Table(title=escape(f"{bundle} ({predictor.version}, threshold {predictor.threshold})"))
+        from medsight.review import NO_VERDICT, threshold_text
+
+        table = Table(title=escape(f"{bundle} ({predictor.version}, threshold {threshold_text(predictor.threshold)})"))
         table.add_column("file")
         for c in classes:
             table.add_column(escape(f"p({c})"), justify="right")
         table.add_column("predicted")
         table.add_column("OOD")
+        table.add_column("review")
         table.add_column("error")
         for p in rows:
             r = p.to_dict()
             probs = [f"{r['probabilities'][c]:.4f}" if r["error"] is None else "-" for c in classes]
-            pred = ", ".join(r["predicted"]) if isinstance(r["predicted"], list) else (r["predicted"] or "-")
+            pred = ", ".join(r["predicted"]) if isinstance(r["predicted"], list) else (
+                r["predicted"] or (NO_VERDICT if r["ood_flag"] else "-"))
             ood = "-" if r["ood_flag"] is None else ("[yellow]flagged[/yellow]" if r["ood_flag"] else "ok")
-            table.add_row(escape(r["file"]), *probs, escape(pred), ood, escape(r["error"] or ""))
+            review = "-" if r["error"] else ("[yellow]yes[/yellow]" if r["review"] else "no")
+            table.add_row(escape(r["file"]), *probs, escape(pred), ood, review, escape(r["error"] or ""))
         out_console.print(table)
+        for p in rows:  # why each flagged result needs review, in the words the service and the page use
+            if p.ok and p.review:
+                out_console.print(escape(f"needs review: {p.file}: " + "; ".join(p.review_reasons)),
+                                  highlight=False, soft_wrap=True)
         summary = f"{n} predictions"
     if heatmaps is not None:
         out_console.print(f"heatmaps written to {escape(str(heatmaps))}", highlight=False, soft_wrap=True)
@@ -643,14 +653,12 @@ def serve(
     backend: str = typer.Option("onnx", help="onnx (ONNX Runtime) or torch"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads per inference (default: by model size)"),
     workers: Optional[int] = typer.Option(None, min=1, help="predictions run at once (default: the core count)"),
-    queue: Optional[int] = typer.Option(None, min=0, help="predictions waiting beyond --workers before 503 (default: 2 x workers)"),
+    queue: Optional[int] = typer.Option(None, min=0, help="predictions waiting beyond --workers (default: 64); 503 only when full or the wait would pass --deadline"),
     deadline: float = typer.Option(30.0, min=0.1, help="seconds a prediction may take, queue wait included (503/504 after)"),
     body_timeout: float = typer.Option(60.0, min=0.1, help="seconds to receive an upload (408 after)"),
 ):
     """Serve a bundle: REST API (/v1/predict, /v1/model, /healthz, /docs) and a web page at /."""
     import logging
-
-    import uvicorn
 
     from medsight.serve.app import bind_warning, create_app, default_allowed_hosts, resolve_api_key
 
@@ -667,7 +675,9 @@ def serve(
     gate = application.state.admission
     console.print(f"serving {bundle} on http://{host}:{port}" + (" (API key required)" if key else "")
                   + f"; {gate.workers} workers, queue {gate.queue}", soft_wrap=True, highlight=False)
-    uvicorn.run(application, host=host, port=port, access_log=False, log_level="warning")
+    from medsight.serve.server import run_server
+
+    run_server(application, host, port)  # header/keep-alive timeouts, connection limit, quiet EMFILE
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="benchmarks: accuracy per compute, throughput")

@@ -473,8 +473,9 @@ def save_explanations(
     ``images``: (N, C, H, W) / (N, C, D, H, W) or a list of per-sample arrays; ``heatmaps``:
     (N, H, W) / (N, D, H, W). 3D samples get an orthogonal-slices overlay. Returns the paths.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from medsight.utils import atomic_write_bytes, private_dir
+
+    out = private_dir(out_dir)  # heatmaps of patient images, named after their files: 0700 / 0600
     if len(names) != len(images) or len(names) != len(heatmaps):
         raise DataError(f"got {len(names)} names, {len(images)} images and {len(heatmaps)} heatmaps")
     written = []
@@ -484,11 +485,11 @@ def save_explanations(
         heat = np.asarray(heat, dtype=np.float32)
         npy = out / f"{safe}_heatmap.npy"
         png = out / f"{safe}_overlay.png"
-        np.save(npy, heat)
+        buf = io.BytesIO()
+        np.save(buf, heat)
+        atomic_write_bytes(npy, buf.getvalue(), private=True)
         data = orthogonal_slices(img, heat, alpha, cmap) if heat.ndim == 3 else overlay_png(img, heat, alpha, cmap)
-        tmp = png.with_suffix(".png.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, png)
+        atomic_write_bytes(png, data, private=True)
         written.append({"heatmap": npy, "overlay": png})
     return written
 

@@ -8,7 +8,9 @@ Input: a DataFrame with a ``path`` column (files on the host that runs the model
 (the file's bytes, base64; an optional ``name`` column is the file-name hint for the format sniffer and for
 messages). Per row the non-empty one is used, ``image_b64`` first. Output: one row per input row with ``file``,
 ``p_<class>`` per class, ``predicted`` (several labels joined with ``;`` for multi-label), ``decision``,
-``ood_score``, ``ood_flag`` and ``error`` (set, with the rest empty, when that row could not be used; a bad row
+``ood_score``, ``ood_flag``, ``review`` and ``review_reasons`` (the "needs review" decision and its reasons, the same
+as ``medsight predict`` and the service give; an out-of-distribution row has no ``predicted``/``decision``) and
+``error`` (set, with the rest empty, when that row could not be used; a bad row
 never fails the batch). Probabilities are the same numbers ``medsight predict`` gives for the same files.
 
 Budget: an ``image_b64`` value longer than ``MAX_B64_CHARS`` (50 MB of image) is refused before it is decoded;
@@ -82,14 +84,16 @@ class MedsightModel(mlflow.pyfunc.PythonModel):
             except Exception as e:  # noqa: BLE001 - one bad row must not fail the batch
                 pred = p._error(name, e)
             rows.append(self._row(pred))
-        cols = ["file", *[f"p_{c}" for c in p.classes], "predicted", "decision", "ood_score", "ood_flag", "error"]
+        cols = ["file", *[f"p_{c}" for c in p.classes], "predicted", "decision", "ood_score", "ood_flag", "review",
+                "review_reasons", "error"]
         out = pd.DataFrame(rows, columns=cols)
-        for c in ("file", "predicted", "decision", "ood_flag", "error"):  # None stays None (JSON null), ints stay ints
+        for c in ("file", "predicted", "decision", "ood_flag", "review", "review_reasons", "error"):  # None stays None (JSON null), ints stay ints
             out[c] = pd.Series([r[c] for r in rows], dtype=object, index=out.index)
         return out
 
     def _row(self, pred) -> dict:
-        row = {"file": pred.file, "error": pred.error, "ood_score": pred.ood_score, "ood_flag": pred.ood_flag}
+        row = {"file": pred.file, "error": pred.error, "ood_score": pred.ood_score, "ood_flag": pred.ood_flag,
+               "review": pred.review if pred.ok else None, "review_reasons": list(pred.review_reasons)}
         for c in self.predictor.classes:
             row[f"p_{c}"] = pred.probabilities.get(c) if pred.ok else None
         row["predicted"] = ";".join(pred.predicted) if isinstance(pred.predicted, list) else pred.predicted

@@ -17,7 +17,8 @@ from medsight.calibration import choose_calibration
 from medsight.config import RunConfig, dump_config
 from medsight.data.sources import Dataset, load_dataset
 from medsight.errors import ConfigError, MedsightError
-from medsight.evaluate import LogitsCache, evaluate_splits, split_logits
+from medsight.evaluate import LogitsCache, evaluate_splits, split_logits, split_probs
+from medsight.review import fit_review, share_line
 from medsight.train import Callback, FitResult, fit, write_history
 from medsight.utils import atomic_write_text, write_json
 
@@ -175,6 +176,9 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
     meta.update(choose_calibration(bundle.task, split_logits(bundle, data, "val", cache=cache), val.labels,
                                    operating_point=cfg.train.operating_point, calibrate=cfg.train.calibrate))
     bundle = Bundle.draft(stage, meta, result.model)  # with the chosen temperature and threshold
+    meta["review"] = fit_review(bundle.task, split_probs(bundle, data, "val", cache=cache),
+                                bundle.threshold)  # medsight.review
+    bundle = Bundle.draft(stage, meta, result.model)
     if cfg.train.ood:
         from medsight.ood import fit_bundle_detector, save_ood
 
@@ -200,6 +204,10 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
                     f"seed ensemble of {len(e['members'])} members, {s}: ensemble AUC "
                     f"{float((metrics[s].get('auc') or {}).get('value', float('nan'))):.3f}, members {aucs}; members' probabilities differ by "
                     f"{e['mean_spread']:.3f} (sd) on average, at most {e['max_spread']:.3f}")
+        shares = [share_line(bundle, data, s, cache=cache) for s in ("val", "test") if s in data.splits]  # medsight.review
+        meta["training_summary"] += shares  # the report's facts
+        if callback is not None:
+            callback("summary", {"lines": shares})
         meta["warnings"] = warn_degenerate(metrics, bundle.classes, bundle.positive_class)
         if meta["warnings"] and callback is not None:
             callback("warnings", {"lines": meta["warnings"]})

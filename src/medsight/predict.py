@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 from medsight.bundle import Bundle, load_bundle
-from medsight.data.io import budget_for, walk_readable
+from medsight.data.readers import budget_for, walk_readable
 from medsight.errors import ConfigError, DataError, MedsightError, choices_message, optional_import
 from medsight.data.preprocess import apply_recipe, load_one
+from medsight.review import NO_VERDICT, ReviewRule, rule_from_meta, threshold_text
+from medsight.review import review as review_reasons
 
 BACKENDS = ("torch", "onnx")
 
@@ -47,6 +49,9 @@ class Prediction:
     positive_class: str | None = None  # binary: the class the probability and decision are about (classes[1])
     #: seed ensembles: standard deviation of the members' probabilities (binary: of P(positive); else per class)
     member_spread: float | dict[str, float] | None = None
+    #: the one "needs review" decision (medsight.review): out of distribution, or too close to call
+    review: bool = False
+    review_reasons: list[str] = field(default_factory=list)
     heatmap: np.ndarray | None = field(default=None, repr=False)
     image: np.ndarray | None = field(default=None, repr=False)  # the model input (C, *size) in [0, 1]
 
@@ -58,7 +63,8 @@ class Prediction:
         return {"file": self.file, "probabilities": self.probabilities, "predicted": self.predicted,
                 "decision": self.decision, "threshold": self.threshold, "calibrated": self.calibrated,
                 "model_version": self.model_version, "ood_score": self.ood_score, "ood_flag": self.ood_flag,
-                "positive_class": self.positive_class, "error": self.error,
+                "positive_class": self.positive_class, "review": None if self.error else self.review, "review_reasons": self.review_reasons,
+                "error": self.error,
                 **({"member_spread": self.member_spread} if self.member_spread is not None else {})}
 
 
@@ -120,6 +126,8 @@ class Predictor:
         self._explain_lock = threading.Lock()
         self._session = None
         self.fusion = self.bundle.fusion
+        #: the bundle's "needs review" rule (medsight.review): the same decision for every caller
+        self.review_rule: ReviewRule = rule_from_meta(self.bundle.meta)
         self.ood = None
         if self.bundle.meta.ood and (self.bundle.path / "ood.npz").is_file():
             from medsight.ood import load_ood
@@ -301,8 +309,33 @@ class Predictor:
         return load_one(path, self.recipe, name=str(path), **reader_kw)[0]
 
     def load_bytes(self, data: bytes, name: str, **reader_kw) -> np.ndarray:
+        arr, meta = self.read_bytes(data, name, **reader_kw)
+        return self.preprocess(arr, meta, name)
+
+    def read_bytes(self, data: bytes, name: str, **reader_kw) -> tuple[np.ndarray, dict]:
+        """An upload's bytes -> the reader's (array, meta), decoded within this model's budget (fixed before
+        decoding). The ONE call from prediction into the readers for bytes; raises :class:`DataError`.
+
+        Memory: a compressed upload (deflated DICOM, ``.nii.gz``) is inflated through the budget's capped
+        stream; afterwards the freed heap is handed back to the operating system (glibc ``malloc_trim``), so a
+        stream of refused bombs does not ratchet the service's resident memory up."""
+        from medsight.data.readers import read_image_bytes
+
         reader_kw.setdefault("budget", self.budget)
-        return load_one(data, self.recipe, name=name, **reader_kw)[0]
+        window = self.recipe.get("window")
+        try:
+            return read_image_bytes(data, name, window=tuple(window) if isinstance(window, list) else window,
+                                    **reader_kw)
+        finally:
+            if len(data) > _TRIM_ABOVE:
+                _trim_heap()
+
+    @staticmethod
+    def readable(data: bytes, name: str) -> bool:
+        """Is this a format the readers understand (so a failure is a corrupt file, not an unsupported type)?"""
+        from medsight.data.readers import HEAD, sniff_format
+
+        return sniff_format(bytes(data[:HEAD]), name) not in (None, "gzip")
 
     # --- output ---------------------------------------------------------------------------------------------
     def _result(self, name: str, probs: np.ndarray) -> Prediction:
@@ -317,6 +350,73 @@ class Predictor:
         return Prediction(file=name, probabilities=per_class, predicted=predicted, decision=decision,
                           threshold=thr, calibrated=self.calibrated, model_version=self.version,
                           positive_class=self.bundle.positive_class)
+
+    def _finish(self, pred: Prediction, score=None, flag=None) -> Prediction:
+        """Add the OOD score and the "needs review" decision (:mod:`medsight.review`): an out-of-distribution
+        scan keeps its probabilities but gets no class verdict (``predicted`` and ``decision`` None)."""
+        if score is not None:
+            pred.ood_score, pred.ood_flag = float(score), bool(flag)
+        pred.review_reasons = review_reasons(
+            self.task, self.classes, pred.probabilities, pred.threshold, self.review_rule, ood_flag=pred.ood_flag,
+            ood_score=pred.ood_score, ood_threshold=None if self.ood is None else float(self.ood["threshold"]))
+        pred.review = bool(pred.review_reasons)
+        if pred.ood_flag:
+            pred.predicted, pred.decision = None, None
+        return pred
+
+    def model_card(self) -> dict:
+        """What the service's ``/v1/model`` says about this model: the bundle's facts, each split's metric
+        values (from ``metrics.json``), the review rule and the thresholds as displayed (3 significant digits)."""
+        from medsight.bundle import decision_text
+
+        from medsight.bundle import BundleCard
+
+        meta = self.bundle.meta
+        return {
+            **{n: getattr(meta, n) for n in BundleCard.model_fields},  # task, classes, threshold, rule, ...
+            "name": meta.model.name, "classes": self.classes,
+            "input": {**meta.input.model_dump(), "preprocessing": self.recipe},
+            "threshold": self.threshold, "threshold_display": threshold_text(self.threshold),
+            "decision_rule": decision_text(meta),
+            "positive_class": self.bundle.positive_class, "temperature": self.temperature,
+            "calibrated": self.calibrated, "model_version": self.version,
+            "metrics": _metrics_summary(self.bundle.path),
+            "clinical_columns": list((self.fusion or {}).get("columns") or []),
+            "review_margin": self.review_rule.margin, "review": self.review_rule.as_dict(),
+            "ood_threshold": None if self.ood is None else float(self.ood["threshold"]),
+            "ensemble_members": self.members,
+        }
+
+    def display(self, arr: np.ndarray, meta: dict, heatmap: np.ndarray, name: str,
+                max_side: int = 1024) -> dict:
+        """The upload as the reader windowed/normalised it, at its own resolution (longest side capped at
+        ``max_side``), and the heatmap resampled onto it; for volumes the middle axial slice. -> PNG bytes
+        ``display``, ``display_heatmap``, ``colorbar`` and ``display_size`` [width, height]."""
+        from medsight.augment import resize
+        from medsight.explain import overlay_png
+
+        r = self.recipe
+        native = [int(s) for s in arr.shape[1:]]
+        if arr.ndim == 4 and len(r["size"]) == 2 and arr.shape[1] == 1:
+            native = native[1:]
+        if len(native) == 2:
+            s = min(1.0, max_side / max(native))
+            native = [max(1, round(v * s)) for v in native]
+        # the bundle's own recipe, at the scan's own size and channels
+        img = apply_recipe(arr, meta, {**r, "size": native, "channels": None}, name=name)
+        heat = heatmap
+        if img.ndim == 4:  # volume: middle axial slice, in-plane size capped
+            img, heat = img[:, img.shape[1] // 2], heat[heat.shape[0] // 2]
+            h, w = img.shape[1:]
+            s = min(1.0, max_side / max(h, w))
+            if s < 1:
+                img = resize(torch.from_numpy(np.ascontiguousarray(img))[None], (round(h * s), round(w * s)))[0].numpy()
+        hh = resize(torch.from_numpy(np.ascontiguousarray(heat, dtype=np.float32))[None, None], tuple(img.shape[1:]))
+        hh = np.clip(hh[0, 0].numpy(), 0, 1)
+        bar = np.tile(np.linspace(0, 1, 256, dtype=np.float32), (12, 1))
+        return {"display": image_png(img), "display_heatmap": overlay_png(img, hh, alpha=1.0),
+                "display_size": [int(img.shape[2]), int(img.shape[1])],
+                "colorbar": overlay_png(np.zeros((1, 12, 256), np.float32), bar, alpha=1.0)}
 
     def _error(self, name: str, e: BaseException) -> Prediction:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -354,8 +454,7 @@ class Predictor:
         probs, scores, flags, spread = self._predict_batch(batch, tab)
         pred = self._result(name, probs[0])
         pred.member_spread = self._spread(spread, 0)
-        if scores is not None:
-            pred.ood_score, pred.ood_flag = float(scores[0]), bool(flags[0])
+        self._finish(pred, *((scores[0], flags[0]) if scores is not None else ()))
         pred.image = x
         if explain:
             pred.heatmap = self.heatmaps(batch, tab)[0]
@@ -432,7 +531,9 @@ class Predictor:
         results: list[Prediction | None] = [None] * len(files)
         out_dir = Path(heatmaps_dir) if heatmaps_dir is not None else None
         if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
+            from medsight.utils import private_dir
+
+            private_dir(out_dir)  # heatmaps named after input files: patient data
         used_names: set[str] = set()
         loaded = self._loaded_batches(files, batch_size, workers)
         try:
@@ -476,8 +577,7 @@ class Predictor:
         for j, i in enumerate(idx):
             pred = self._result(str(files[i]), probs[j])
             pred.member_spread = self._spread(spread, j)
-            if scores is not None:
-                pred.ood_score, pred.ood_flag = float(scores[j]), bool(flags[j])
+            self._finish(pred, *((scores[j], flags[j]) if scores is not None else ()))
             if heat is not None:
                 stem = files[i].name.split(".")[0] or "image"
                 name, k = f"{stem}.heatmap.png", 1
@@ -487,7 +587,7 @@ class Predictor:
                 used_names.add(name)
                 from medsight.utils import atomic_write_bytes
 
-                atomic_write_bytes(out_dir / name, self.overlay(xs[j], heat[j], alpha))
+                atomic_write_bytes(out_dir / name, self.overlay(xs[j], heat[j], alpha), private=True)
             results[i] = pred
 
     # --- explanations of files ------------------------------------------------------------------------------
@@ -496,10 +596,9 @@ class Predictor:
         """For each file (folders walked): ``<name>_heatmap.npy`` and ``<name>_overlay.png`` in ``out_dir``,
         yielding ``{"file", "error", "summary", "overlay"}`` as each is written. The probabilities are the ones
         ``predict`` gives (same preprocessing, TTA, temperature, clinical input)."""
-        from medsight.utils import atomic_write_bytes
+        from medsight.utils import atomic_write_bytes, private_dir
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = private_dir(out_dir)
         used: set[str] = set()
         for f in expand_inputs(items):
             try:
@@ -509,7 +608,8 @@ class Predictor:
                     row = (clinical or {}).get(str(f)) or (clinical or {}).get(Path(f).name)
                     tab = self.encode_clinical([row] if row is not None else None, 1)
                 probs, scores, flags = self.predict_batch(x[None], tab)
-                pred = self._result(str(f), probs[0])
+                pred = self._finish(self._result(str(f), probs[0]),
+                                    *((scores[0], flags[0]) if scores is not None else ()))
                 heat = self.heatmaps(x[None], tab, method=method, class_idx=class_idx)[0]
             except (KeyboardInterrupt, SystemExit):
                 raise
@@ -524,12 +624,65 @@ class Predictor:
             used.add(name)
             buf = io.BytesIO()
             np.save(buf, heat.astype(np.float32))
-            atomic_write_bytes(out / f"{name}_heatmap.npy", buf.getvalue())
-            png = atomic_write_bytes(out / f"{name}_overlay.png", self.overlay(x, heat))
-            summary = f"predicted {pred.predicted}, " + ", ".join(f"p({c})={v:.3f}" for c, v in pred.probabilities.items())
-            if scores is not None and bool(flags[0]):
-                summary += " [out of distribution: not reliable]"
+            atomic_write_bytes(out / f"{name}_heatmap.npy", buf.getvalue(), private=True)
+            png = atomic_write_bytes(out / f"{name}_overlay.png", self.overlay(x, heat), private=True)
+            summary = f"predicted {pred.predicted or NO_VERDICT}, " + ", ".join(
+                f"p({c})={v:.3f}" for c, v in pred.probabilities.items())
+            if pred.review:
+                summary += " [needs review: " + "; ".join(pred.review_reasons) + "]"
             yield {"file": str(f), "error": None, "summary": summary, "overlay": png}
+
+
+#: uploads larger than this hand freed heap back to the OS after decoding (see ``Predictor.read_bytes``)
+_TRIM_ABOVE = 256 * 1024
+
+
+def _trim_heap() -> None:
+    """glibc only: return freed heap pages to the operating system (a no-op elsewhere)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC = libc
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)  # type: ignore[attr-defined]
+
+
+_LIBC: "object | None" = None  # the C library (False where it cannot be loaded)
+
+
+def image_png(x: np.ndarray) -> bytes:
+    """A model input or display image (C, *size) in [0, 1] as a PNG (3D: the middle slice)."""
+    from PIL import Image
+
+    img = x[:, x.shape[1] // 2] if x.ndim == 4 else x
+    img = img[0] if img.shape[0] == 1 else np.moveaxis(img[:3], 0, -1)
+    buf = io.BytesIO()
+    Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _metrics_summary(path: Path) -> dict:
+    """``metrics.json`` -> per split, each metric's value (None where it has none); {} when there is none."""
+    import json
+
+    try:
+        raw = json.loads((path / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    out: dict = {}
+    for split, vals in raw.items():
+        if isinstance(vals, dict):
+            out[split] = {k: (float(v["value"]) if isinstance(v.get("value"), (int, float)) else None)
+                          for k, v in vals.items() if isinstance(v, dict) and "value" in v
+                          and (v["value"] is None or isinstance(v["value"], (int, float)))}
+    return out
 
 
 #: ``write_predictions`` formats, by the output file's suffix
@@ -573,10 +726,13 @@ def _csv_row(r: dict, classes: Sequence[str]) -> list:
     probs = [f"{r['probabilities'][c]:.6f}" if r["error"] is None else "" for c in classes]
     pred = ";".join(r["predicted"]) if isinstance(r["predicted"], list) else (r["predicted"] or "")
     dec = json.dumps(r["decision"]) if isinstance(r["decision"], list) else ("" if r["decision"] is None else r["decision"])
-    thr = json.dumps(r["threshold"]) if isinstance(r["threshold"], list) else ("" if r["threshold"] is None else r["threshold"])
+    # displayed to 3 significant digits (one per label, comma-separated); the JSON output carries it exactly
+    thr = "" if r["threshold"] is None else threshold_text(r["threshold"])
     ood = "" if r["ood_score"] is None else f"{r['ood_score']:.3f}"
+    review = "" if r["error"] is not None else r["review"]
     return [r["file"], *probs, pred, dec, thr, r.get("positive_class") or "", r["calibrated"], r["model_version"],
-            ood, "" if r["ood_flag"] is None else r["ood_flag"], r["error"] or ""]
+            ood, "" if r["ood_flag"] is None else r["ood_flag"], review, "; ".join(r["review_reasons"]),
+            r["error"] or ""]
 
 
 def write_predictions(predictions: Iterable[Prediction], out: str | Path, classes: Sequence[str],
@@ -592,11 +748,14 @@ def write_predictions(predictions: Iterable[Prediction], out: str | Path, classe
     if kind not in OUTPUT_SUFFIXES:
         raise ConfigError(f"output file must end in {', '.join(OUTPUT_SUFFIXES)}, got {out.name!r}")
     n = n_err = 0
-    with open(out, "w", newline="", encoding="utf-8") as fh:
+    from medsight.utils import private_open
+
+    with private_open(out, "w", newline="", encoding="utf-8") as fh:  # per-file results: patient data, 0600
         w = csv.writer(fh) if kind == ".csv" else None
         if w is not None:
             w.writerow(["file", *[f"p_{c}" for c in classes], "predicted", "decision", "threshold", "positive_class",
-                        "calibrated", "model_version", "ood_score", "ood_flag", "error"])
+                        "calibrated", "model_version", "ood_score", "ood_flag", "review", "review_reasons",
+                        "error"])
         elif kind == ".json":
             fh.write("[")
         for p in predictions:

@@ -326,7 +326,7 @@ def test_honest_compressed_files_still_decode_in_the_worker():
 
 def test_worker_memory_limit_turns_into_a_data_error(monkeypatch):
     """A worker whose address space cannot hold the decode fails that file only, on one line."""
-    import medsight.data.io as mio
+    import medsight.data.readers.isolated as mio
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(_pydicom_file("MR_small_jp2klossless.dcm")))
@@ -349,7 +349,7 @@ def test_worker_memory_limit_turns_into_a_data_error(monkeypatch):
 def test_killed_worker_costs_one_file_then_recovers():
     import signal
 
-    import medsight.data.io as mio
+    import medsight.data.readers.isolated as mio
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(_pydicom_file("SC_rgb_rle.dcm")))
@@ -376,7 +376,7 @@ def test_killed_worker_costs_one_file_then_recovers():
 
 def test_panic_exception_is_contained():
     """BaseException subclasses from decoders (pyo3 PanicException) become DataError; KeyboardInterrupt does not."""
-    from medsight.data.io import _Contained
+    from medsight.data.readers.base import Contained as _Contained
 
     class PanicException(BaseException):
         pass

@@ -306,9 +306,11 @@ def open_entry(cache_dir: Path, key: str) -> dict | None:
 @contextlib.contextmanager
 def _building(cache_dir: Path, key: str):
     """One builder per entry: other processes wanting the same entry wait here, then find it built."""
+    from medsight.utils import private_dir, private_open
+
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fh = open(cache_dir / f".lock-{key[:16]}", "a+")
+        private_dir(cache_dir)  # decoded patient images: 0700 folders, 0600 files
+        fh = private_open(cache_dir / f".lock-{key[:16]}", "a+")
     except OSError as e:
         raise DataError(f"cannot create the dataset cache in {cache_dir}: {e.strerror or e} "
                         "(set data.cache_dir to a writable folder)") from e
@@ -323,10 +325,13 @@ def _building(cache_dir: Path, key: str):
 
 
 def _new_tmp(cache_dir: Path, key: str) -> Path:
+    from medsight.utils import private_dir
+
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(cache_dir)
         tmp = cache_dir / f".tmp-{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        tmp.mkdir(mode=0o700)
+        os.chmod(tmp, 0o700)  # mkdir's mode is narrowed by the umask, never widened: set it
     except OSError as e:
         raise DataError(f"cannot create the dataset cache in {cache_dir}: {e.strerror or e} "
                         "(set data.cache_dir to a writable folder)") from e
@@ -351,7 +356,7 @@ def _publish(tmp: Path, cache_dir: Path, key: str, meta: dict) -> dict:
             "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.suffix != ".npy"}}
     from medsight.utils import atomic_write_text
 
-    atomic_write_text(tmp / "meta.json", json.dumps(meta))
+    atomic_write_text(tmp / "meta.json", json.dumps(meta), private=True)
     dest = cache_dir / key
     try:
         os.rename(tmp, dest)
@@ -466,6 +471,9 @@ def _build_folder(paths, decode, key, cache_dir, workers, c, dtype, settings, fi
     pool = None
     try:
         target = tmp / "images.npy"
+        from medsight.utils import private_open
+
+        private_open(target, "wb").close()  # created 0600 before any row is written
         m = np.lib.format.open_memmap(target, mode="w+", dtype=dtype, shape=(n, c, *size))  # header + sparse rows
         del m
         _, _, offset = _npy_header(target)
@@ -505,7 +513,7 @@ def _build_folder(paths, decode, key, cache_dir, workers, c, dtype, settings, fi
             os.close(fd)
         from medsight.utils import atomic_write_text
 
-        atomic_write_text(tmp / "hashes.json", json.dumps(hashes))
+        atomic_write_text(tmp / "hashes.json", json.dumps(hashes), private=True)
         meta = {"kind": "files", "n": n, "dtype": np.dtype(dtype).str, "channels": c, "settings": settings,
                 "shapes": shapes, "errors": errors, "source": os.path.commonpath(paths) if paths else ""}
         return _publish(tmp, cache_dir, key, meta)
@@ -553,10 +561,12 @@ def _extract(path: Path, md5: str, cache_dir: Path, keys: Sequence[str], key: st
         if missing:
             raise DataError(f"{path} lacks keys {', '.join(missing)}")
         tmp = _new_tmp(cache_dir, key)
+        from medsight.utils import private_open
+
         try:
             _check_space(cache_dir, sum(infos[k].file_size for k in keys))
             for k in keys:
-                with zf.open(infos[k]) as src, open(tmp / f"{k}.npy", "wb") as dst:
+                with zf.open(infos[k]) as src, private_open(tmp / f"{k}.npy", "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 22)
                     dst.flush()
                     os.fsync(dst.fileno())

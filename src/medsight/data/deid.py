@@ -28,14 +28,22 @@ What :func:`deidentify` does to each DICOM file below ``in_dir`` (the input is n
   input file or folder names.
 * files likely to carry burned-in text (``BurnedInAnnotation`` YES, or modality US/SC/XC/OT/ES or a
   Secondary Capture SOP class without ``BurnedInAnnotation`` NO) are held back, and listed, unless
-  ``allow_burned_in``. Pixel data are never altered: burned-in text is not removed.
-* a verifier then reads every output file back and searches its bytes (outside the pixel data, as
-  UTF-8/Latin-1 and UTF-16) and its relative path for every original identifying value (removed or
-  replaced names, identifiers, text, AE titles, URLs, dates, instance UIDs, and the input's folder
-  and file name parts; UTF-16 only for values of 5 or more characters). A value that the file also
-  holds in a kept code or number, or in text medsight writes, is not counted. The run is built in a temporary folder that is renamed into place only when
-  the verifier finds nothing; otherwise nothing is written and a :class:`DataError` names the kind
-  of value and the output file (never the value).
+  ``allow_burned_in``. Pixels are never re-encoded: burned-in text is not removed.
+* the codestream: text-bearing segments not needed to decode are removed from every encapsulated frame
+  (JPEG / JPEG-LS ``COM`` and ``APPn`` but a cut-down APP14 Adobe, JPEG 2000 ``COM`` in main and tile-part
+  headers, bytes after the end marker; ``readers.codestream``); the 128-byte preamble is written as zeros.
+* each file is read within a budget (``readers.TOOL_BUDGET``: capped inflation of deflated data sets, header
+  sizes and codestream headers checked, nothing decoded), cleaned, written 0600 (folders 0700) and verified
+  on its own: its bytes (deflated data sets inflated; native pixel data left out; compressed frames searched
+  in every marker segment) and its relative path are searched for every identifying value of THAT input
+  (removed or replaced names, identifiers, text, AE titles, URLs, dates, instance UIDs, the input's folder and
+  file name parts; as UTF-8/Latin-1, and UTF-16 for values of 5 or more characters). A value the file also
+  holds in a kept code or number, or in text medsight writes, is not counted. Then every output is checked
+  against the run's original patient identifiers. A file that cannot be read, cleaned or verified is held
+  back and listed by its input path with the reason (never the value, never a temporary path); the others
+  are written (the run is built in a temporary folder renamed into place at the end).
+* :func:`deidentify_file` does one file with pseudonyms, UIDs and offsets from the secret alone (any order,
+  any process).
 
 :data:`E1_1_TABLE` (``ps3_15_e1_1.csv``) is PS3.15 Table E.1-1 (tag, keyword, name, Basic Profile
 action) kept as data; the tests plant a value in every row and check it does not survive.
@@ -57,7 +65,6 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
-from medsight.data.io import _ensure_transfer_syntax
 from medsight.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -353,9 +360,9 @@ def _file_meta(ds, old_meta, sop_uid: str):
 
 
 def is_dicom_file(p: Path) -> bool:
-    """Is ``p`` a DICOM file? Asked of the reader (``medsight.data.io.file_format``), the one owner of file
-    signatures."""
-    from medsight.data.io import file_format
+    """Is ``p`` a DICOM file? Asked of the readers' registry (``medsight.data.readers.file_format``), the one
+    owner of file signatures."""
+    from medsight.data.readers import file_format
 
     return file_format(p) == "dicom"
 
@@ -418,9 +425,18 @@ def _views(data: bytes) -> tuple[list[str], list[str]]:
     return narrow, wide
 
 
-def _header_bytes(path: Path) -> bytes:
-    """The output file's bytes without the pixel data payload (copied unchanged from the input)."""
+def _searchable_bytes(path: Path) -> bytes:
+    """The bytes a verifier searches in an output file: every byte (a deflated data set inflated first), except
+    pixels themselves: native pixel data are left out, compressed frames keep every marker segment (comments,
+    application segments, headers) and lose only their entropy-coded data. Anything that cannot be parsed is
+    searched whole."""
+    import zlib
+
     import pydicom
+    from pydicom.encaps import generate_frames
+
+    from medsight.data.readers.codestream import frame_text
+    from medsight.data.readers.dicom import DEFLATED_TS
 
     raw = path.read_bytes()
     try:
@@ -429,49 +445,93 @@ def _header_bytes(path: Path) -> bytes:
             ds = pydicom.dcmread(path, force=True)
     except Exception:
         return raw  # scan every byte
+    fm = getattr(ds, "file_meta", None)
+    ts = str(fm.get("TransferSyntaxUID", "")) if fm is not None else ""
+    if ts == DEFLATED_TS:
+        from pydicom.filereader import _read_file_meta_info, read_preamble
+
+        try:
+            import io as _io
+
+            fh = _io.BytesIO(raw)
+            read_preamble(fh, True)
+            _read_file_meta_info(fh)
+            pos = fh.tell()
+            raw = raw[:pos] + zlib.decompress(raw[pos:], -zlib.MAX_WBITS)
+        except Exception:
+            return raw
     for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-        if kw in ds:
-            px = ds[kw].value
-            if isinstance(px, (bytes, bytearray)) and len(px) >= 16:
-                i = raw.rfind(px)  # the pixel data come last; the preamble may look the same
-                if i >= 0:
-                    raw = raw[:i] + raw[i + len(px):]
+        if kw not in ds:
+            continue
+        px = ds[kw].value
+        if not isinstance(px, (bytes, bytearray)) or len(px) < 16:
+            continue
+        i = raw.rfind(px)  # the pixel data come last; the preamble may look the same
+        if i < 0:
+            continue
+        keep: bytes = b""
+        if kw == "PixelData" and getattr(getattr(fm, "TransferSyntaxUID", None), "is_compressed", False):
+            try:
+                n = int(ds.get("NumberOfFrames") or 1)
+                keep = b"\0".join(frame_text(f, ts) for f in generate_frames(bytes(px), number_of_frames=n))
+            except Exception:
+                keep = bytes(px)  # not parseable: search every byte
+        raw = raw[:i] + keep + raw[i + len(px):]
     return raw
+
+
+def _index(needles: dict[str, str]) -> dict[str | None, list[str]]:
+    index: dict[str | None, list[str]] = {}
+    for value in needles:
+        index.setdefault(_key(value), []).append(value)
+    return index
+
+
+def find_leak(path: Path, rel: str, needles: dict[str, str], allowed: set[str],
+              index: dict[str | None, list[str]] | None = None) -> tuple[str, str, bool] | None:
+    """The first of ``needles`` (value -> kind) that survives in output ``path`` (named ``rel`` below the output
+    root): ``(value, kind, in_path)``, or None. ``allowed`` are values the file legitimately holds."""
+    index = _index(needles) if index is None else index
+    narrow, wide = _views(_searchable_bytes(path))
+    rel_text = rel.removesuffix(".dcm")
+    tokens = _tokens(rel_text).union(*(_tokens(v) for v in narrow + wide))
+    candidates = list(index.get(None, ()))
+    for tok in tokens:
+        candidates.extend(index.get(tok, ()))
+    if not candidates:
+        return None
+    allowed = {str(v).strip() for v in allowed} | _generated_text()
+    allowed_text = "\n".join(sorted(allowed))
+    for value in candidates:
+        if value in allowed or _bounded(value, allowed_text):
+            continue  # the file holds this text legitimately (a kept or generated value contains it)
+        if _bounded(value, rel_text):
+            return value, needles[value], True
+        if any(_bounded(value, v) for v in narrow) or (len(value) >= 5 and any(_bounded(value, v) for v in wide)):
+            return value, needles[value], False
+    return None
+
+
+def _a(kind: str) -> str:
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
 
 
 def verify(out_root: Path, needles: dict[str, str], allowed_by_file: dict[str, set[str]]) -> None:
     """Raise :class:`DataError` when any of ``needles`` (value -> kind) occurs in an output file below
-    ``out_root`` (outside its pixel data; as Latin-1/UTF-8, and as UTF-16 for values of 5 or more
-    characters) or in its relative path, unless the file legitimately holds it
-    (``allowed_by_file[rel]``: kept codes and numbers, generated values, or medsight's own text).
+    ``out_root`` (headers, preamble, codestream marker segments; deflated data sets inflated; as Latin-1/UTF-8,
+    and as UTF-16 for values of 5 or more characters) or in its relative path, unless the file legitimately holds
+    it (``allowed_by_file[rel]``: kept codes and numbers, generated values, or medsight's own text).
 
     Needles are indexed by their longest letter/digit run, so each file costs one tokenisation plus
     a check of the needles whose run it contains (linear in the output, not files x needles)."""
-    index: dict[str | None, list[str]] = {}
-    for value in needles:
-        index.setdefault(_key(value), []).append(value)
-    generated = _generated_text()
+    index = _index(needles)
     for path in sorted(p for p in out_root.rglob("*") if p.is_file()):
         rel = path.relative_to(out_root).as_posix()
-        narrow, wide = _views(_header_bytes(path))
-        rel_text = rel.removesuffix(".dcm")
-        tokens = _tokens(rel_text).union(*(_tokens(v) for v in narrow + wide))
-        candidates = list(index.get(None, ()))
-        for tok in tokens:
-            candidates.extend(index.get(tok, ()))
-        if not candidates:
-            continue
-        allowed = {str(v).strip() for v in allowed_by_file.get(rel, set())} | generated
-        allowed_text = "\n".join(sorted(allowed))
-        for value in candidates:
-            if value in allowed or _bounded(value, allowed_text):
-                continue  # the file holds this text legitimately (a kept or generated value contains it)
-            kind = needles[value]
-            kind = ("an " if kind[0] in "aeiou" else "a ") + kind
-            if _bounded(value, rel_text):
-                raise DataError(f"de-identification verifier: {kind} from the input survived in the output path {rel}; nothing written")
-            if any(_bounded(value, v) for v in narrow) or (len(value) >= 5 and any(_bounded(value, v) for v in wide)):
-                raise DataError(f"de-identification verifier: {kind} from the input survived in {rel}; nothing written")
+        hit = find_leak(path, rel, needles, allowed_by_file.get(rel, set()), index)
+        if hit is not None:
+            _, kind, in_path = hit
+            where = f"the output path {rel}" if in_path else rel
+            raise DataError(f"de-identification verifier: {_a(kind)} from the input survived in {where}; nothing written")
 
 
 def _prepare_out(dst: Path) -> None:
@@ -482,6 +542,153 @@ def _prepare_out(dst: Path) -> None:
             raise DataError(f"cannot de-identify into {dst}: the folder is not empty (give a new or empty folder)")
 
 
+def _reason(e: BaseException) -> str:
+    """A held-back file's reason, on one line, without values from the file (decoder and parser messages can
+    quote them): medsight's own refusals keep their words, other errors only their type."""
+    if isinstance(e, DataError):
+        msg = str(e).split(": ", 1)[-1]
+        return re.sub(r"\((\w+): [^()]*\)", r"(\1)", msg)
+    return f"cannot de-identify ({type(e).__name__})"
+
+
+def _strip_codestreams(ds) -> bool:
+    """Remove text-bearing segments (JPEG COM/APPn, JPEG 2000 COM, ...) from every encapsulated frame, pixels
+    untouched; True when anything was removed."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    from medsight.data.readers.codestream import strip_frame
+
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if "PixelData" not in ds or ts is None or not getattr(ts, "is_compressed", False):
+        return False
+    n = int(ds.get("NumberOfFrames") or 1)
+    frames = list(generate_frames(ds.PixelData, number_of_frames=n))
+    new = [strip_frame(f, str(ts)) for f in frames]
+    if new == frames:
+        return False
+    ds.PixelData = encapsulate(new, has_bot=n > 1)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    for kw in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):  # offsets into the old frames
+        if kw in ds:
+            del ds[kw]
+    return True
+
+
+class Cleaned:
+    """One input file de-identified in memory: the data set to write, its output path (relative), why it may carry
+    burned-in text, and the record of what was removed (needles) and what it legitimately holds (allowed)."""
+
+    def __init__(self, ds, out_rel: Path, reason: str | None, rec: "_Record", patient_key: str, study: str | None):
+        self.ds, self.out_rel, self.burned_in, self.record = ds, out_rel, reason, rec
+        self.patient_key, self.study = patient_key, study
+
+
+def clean_file(path: str | os.PathLike, ctx: "_Context", rel: str | os.PathLike, *, keep_private: bool = False,
+               budget=None) -> Cleaned:
+    """Read one DICOM file (within ``budget``: capped inflation, header sizes and codestreams checked, nothing
+    decoded) and de-identify it in memory. Pseudonyms, UIDs and date offsets come from ``ctx``'s secret only,
+    so the same file gives the same output in any run, process or order. Raises on a file that cannot be cleaned."""
+    from medsight.data.readers import TOOL_BUDGET
+    from medsight.data.readers.dicom import check_pixel_data, dcmread, ensure_transfer_syntax
+
+    rel = Path(rel)
+    budget = TOOL_BUDGET if budget is None else budget
+    ds = dcmread(Path(path), rel, budget)
+    if len(ds) == 0:
+        raise DataError(f"cannot read {rel}: not a DICOM data set (no elements)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _ = list(ds)  # parse every element now, so a broken file fails here
+        ensure_transfer_syntax(ds)  # a file without file meta: the syntax it was read with
+        check_pixel_data(ds, rel, budget)
+    rec = _Record()
+    rec.needles.update(_path_needles(rel))
+    reason = burned_in_reason(ds)
+    patient_key = str(ds.get("PatientID", "") or ds.get("PatientName", "") or "")
+    if not patient_key:
+        patient_key = "study:" + str(ds.get("StudyInstanceUID", "") or rel)
+    old_meta = getattr(ds, "file_meta", None)
+    if old_meta is not None:
+        for elem in old_meta:
+            if elem.keyword not in ("TransferSyntaxUID", "MediaStorageSOPClassUID", "ImplementationClassUID",
+                                    "FileMetaInformationVersion", "FileMetaInformationGroupLength"):
+                rec.needle_elem(elem)
+    old_sop = ds.get("SOPInstanceUID") or (old_meta.get("MediaStorageSOPInstanceUID") if old_meta is not None else None)
+    study_uid = str(ds.StudyInstanceUID) if "StudyInstanceUID" in ds else None
+    study = ds.get("StudyInstanceUID") or f"no-study:{patient_key}"
+    series = ds.get("SeriesInstanceUID") or f"no-series:{study}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _clean(ds, ctx, patient_key, rec, keep_private)
+        sop_uid = ctx.uid(str(old_sop)) if old_sop else ctx.uid(f"file:{rel}")
+        if "SOPInstanceUID" in ds:
+            ds.SOPInstanceUID = sop_uid
+        out_rel = Path(ctx.pseudonym(patient_key), ctx.uid(str(study)), ctx.uid(str(series)), sop_uid + ".dcm")
+        ds.file_meta = _file_meta(ds, old_meta, sop_uid)
+        _strip_codestreams(ds)
+    rec.allowed.update({ctx.pseudonym(patient_key), sop_uid, str(ds.file_meta.get("MediaStorageSOPClassUID", "")),
+                        str(ds.file_meta.TransferSyntaxUID), implementation_class_uid()})
+    _set_method(ds, keep_private)
+    ds.preamble = b"\0" * 128  # the input's preamble may hold anything: never copied
+    return Cleaned(ds, out_rel, reason, rec, patient_key, study_uid)
+
+
+def _save_private(ds, target: Path) -> None:
+    """Write ``ds`` to ``target`` (0600; its new folders 0700) and fsync; nothing left behind on failure."""
+    from medsight.utils import private_open
+
+    for parent in reversed(target.parents):
+        if not parent.exists():
+            parent.mkdir(mode=0o700)
+            os.chmod(parent, 0o700)
+    try:
+        with private_open(target, "xb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        target.unlink(missing_ok=True)  # never leave a half-written file to be verified and kept
+        raise
+
+
+def deidentify_file(path: str | os.PathLike, out_root: str | os.PathLike, *, secret: str | bytes,
+                    rel: str | os.PathLike | None = None, keep_private: bool = False, allow_burned_in: bool = False,
+                    budget=None) -> dict:
+    """De-identify ONE file into ``out_root`` (written at its pseudonymous path, 0600) and verify that output
+    against this file's own identifying values; the pseudonym, UIDs and date offset come from ``secret`` alone,
+    so files may be processed in any order, process or machine. Returns ``{"input", "output" (relative, or None
+    when held back), "burned_in" (reason or None), "patient" (original key: identifying), "pseudonym"}``.
+    Raises :class:`DataError` naming ``rel`` when the file cannot be cleaned or verified (nothing is left)."""
+    key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+    if not key:
+        raise DataError("cannot de-identify: the secret is empty")
+    ctx = _Context(key)
+    rel = Path(rel) if rel is not None else Path(Path(path).name)
+    try:
+        c = clean_file(path, ctx, rel, keep_private=keep_private, budget=budget)
+    except Exception as e:
+        raise DataError(f"cannot de-identify {rel}: {_reason(e)}") from None
+    out = {"input": str(rel), "output": None, "burned_in": c.burned_in, "patient": c.patient_key,
+           "pseudonym": ctx.pseudonym(c.patient_key)}
+    if c.burned_in is not None and not allow_burned_in:
+        return out
+    target = Path(out_root) / c.out_rel
+    if target.exists():
+        raise DataError(f"cannot de-identify {rel}: another input file has the same SOP Instance UID; not written")
+    try:
+        _save_private(c.ds, target)
+    except Exception as e:
+        raise DataError(f"cannot de-identify {rel}: cannot write it ({type(e).__name__})") from None
+    hit = find_leak(target, c.out_rel.as_posix(), c.record.needles, c.record.allowed)
+    if hit is not None:
+        target.unlink(missing_ok=True)
+        where = "its output path" if hit[2] else "its output"
+        raise DataError(f"cannot de-identify {rel}: verifier: {_a(hit[1])} from this file survived in {where}; not written")
+    out["output"] = c.out_rel.as_posix()
+    return out
+
+
 def deidentify(
     in_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -490,19 +697,21 @@ def deidentify(
     secret: str | bytes | None = None,
     keep_private: bool = False,
     allow_burned_in: bool = False,
+    budget=None,
 ) -> dict:
     """De-identify every DICOM file below ``in_dir`` into ``out_dir`` (which must be new or empty).
 
     ``secret`` makes UIDs, pseudonyms and date offsets reproducible across runs (keep it secret:
     whoever has it can link outputs back to inputs by re-running); when None a random one is used.
-    Returns a JSON-serialisable summary: counts, ``skipped`` (non-DICOM files), ``errors``
-    (unreadable files), ``burned_in`` (files that may carry burned-in text: held back unless
-    ``allow_burned_in``; these three list input paths relative to ``in_dir``). ``mapping_csv``
-    (only if given) receives the original -> new identifiers and file names; it is identifying and
-    must be stored securely. Raises :class:`DataError` when the verifier finds an original value in
-    the output (then nothing is written).
+    Each file is handled on its own (:func:`deidentify_file`: read within ``budget``, default
+    ``readers.TOOL_BUDGET``; cleaned; written; verified against its own identifying values); then every output is
+    checked against the run's original patient identifiers. A file that cannot be read, cleaned or verified is
+    held back (not written) and listed in ``errors`` by its input path with the reason; the rest are written.
+    Returns a JSON-serialisable summary: counts, ``skipped`` (non-DICOM files), ``errors`` (held-back files:
+    ``{"path", "error"}``), ``burned_in`` (files that may carry burned-in text: held back unless
+    ``allow_burned_in``); paths are relative to ``in_dir``. ``mapping_csv`` (only if given, written 0600)
+    receives the original -> new identifiers and file names; it is identifying and must be stored securely.
     """
-    pydicom = __import__("pydicom")
     src, dst = Path(in_dir).resolve(), Path(out_dir).resolve()
     if not src.is_dir():
         raise DataError(f"cannot de-identify {src}: not a folder")
@@ -524,79 +733,62 @@ def deidentify(
     summary: dict = {"in_dir": str(src), "out_dir": str(dst), "written": 0, "skipped": [], "errors": [],
                      "burned_in": [], "burned_in_written": bool(allow_burned_in)}
     studies: set[str] = set()
-    needles: dict[str, str] = {}
-    allowed_by_file: dict[str, set[str]] = {}
+    written: dict[str, tuple[str, set[str]]] = {}  # output rel -> (input rel, allowed values)
+    patients: dict[str, str] = {}  # original patient identifier -> the input file it came first from
     file_map: list[tuple[str, str]] = []
     dst.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".medsight-deid-", dir=dst.parent))
+    work = Path(tempfile.mkdtemp(prefix=".medsight-deid-", dir=dst.parent))  # 0700
     try:
         from medsight import progress
 
         for f in progress.track(files, "de-identifying"):
             rel = f.relative_to(src)
-            needles.update({k: v for k, v in _path_needles(rel).items() if k not in needles})
             if f.name.upper() == "DICOMDIR" or not is_dicom_file(f):
                 summary["skipped"].append(str(rel))  # a DICOMDIR indexes identifying data; rebuild it instead
                 continue
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    ds = pydicom.dcmread(f, force=True)
-                if len(ds) == 0:
-                    raise ValueError("empty dataset")
-                _ = list(ds)  # parse every element now, so a broken file fails here
+                c = clean_file(f, ctx, rel, keep_private=keep_private, budget=budget)
             except Exception as e:
-                summary["errors"].append({"path": str(rel), "error": f"not a readable DICOM file ({type(e).__name__})"})
+                summary["errors"].append({"path": str(rel), "error": _reason(e)})
+                continue
+            if c.study:
+                studies.add(c.study)
+            if not c.patient_key.startswith("study:"):
+                patients.setdefault(c.patient_key, str(rel))
+            if c.burned_in is not None:
+                summary["burned_in"].append(str(rel))
+                if not allow_burned_in:
+                    continue
+            target = work / c.out_rel
+            if target.exists():
+                summary["errors"].append({"path": str(rel), "error": "another input file has the same SOP Instance UID; not written"})
                 continue
             try:
-                rec = _Record()
-                _ensure_transfer_syntax(ds)  # a file without file meta: the syntax it was read with
-                reason = burned_in_reason(ds)
-                patient_key = str(ds.get("PatientID", "") or ds.get("PatientName", "") or "")
-                if not patient_key:
-                    patient_key = "study:" + str(ds.get("StudyInstanceUID", "") or rel)
-                old_meta = getattr(ds, "file_meta", None)
-                if old_meta is not None:
-                    for elem in old_meta:
-                        if elem.keyword not in ("TransferSyntaxUID", "MediaStorageSOPClassUID", "ImplementationClassUID",
-                                                "FileMetaInformationVersion", "FileMetaInformationGroupLength"):
-                            rec.needle_elem(elem)
-                old_sop = ds.get("SOPInstanceUID") or (old_meta.get("MediaStorageSOPInstanceUID") if old_meta is not None else None)
-                if "StudyInstanceUID" in ds:
-                    studies.add(str(ds.StudyInstanceUID))
-                study = ds.get("StudyInstanceUID") or f"no-study:{patient_key}"
-                series = ds.get("SeriesInstanceUID") or f"no-series:{study}"
-                _clean(ds, ctx, patient_key, rec, keep_private)
-                sop_uid = ctx.uid(str(old_sop)) if old_sop else ctx.uid(f"file:{rel}")
-                if "SOPInstanceUID" in ds:
-                    ds.SOPInstanceUID = sop_uid
-                out_rel = Path(ctx.pseudonym(patient_key), ctx.uid(str(study)), ctx.uid(str(series)), sop_uid + ".dcm")
-                if reason is not None:
-                    summary["burned_in"].append(str(rel))
-                    if not allow_burned_in:
-                        continue
-                target = work / out_rel
-                if target.exists():
-                    summary["errors"].append({"path": str(rel), "error": "another input file has the same SOP Instance UID; not written"})
-                    continue
-                ds.file_meta = _file_meta(ds, old_meta, sop_uid)
-                rec.allowed.update({ctx.pseudonym(patient_key), sop_uid, str(ds.file_meta.get("MediaStorageSOPClassUID", "")),
-                                    str(ds.file_meta.TransferSyntaxUID), implementation_class_uid()})
-                _set_method(ds, keep_private)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    ds.save_as(target, enforce_file_format=True)
-                except BaseException:
-                    target.unlink(missing_ok=True)  # never leave a half-written file to be verified and kept
-                    raise
-                summary["written"] += 1
-                file_map.append((str(rel), out_rel.as_posix()))
-                allowed_by_file[out_rel.as_posix()] = rec.allowed
-                needles.update({k: v for k, v in rec.needles.items() if k not in needles})
+                _save_private(c.ds, target)
             except Exception as e:
-                needles.update({k: v for k, v in rec.needles.items() if k not in needles})
-                summary["errors"].append({"path": str(rel), "error": f"cannot de-identify ({type(e).__name__})"})
-        verify(work, needles, allowed_by_file)
+                summary["errors"].append({"path": str(rel), "error": f"cannot write its output ({type(e).__name__})"})
+                continue
+            out_rel = c.out_rel.as_posix()
+            hit = find_leak(target, out_rel, c.record.needles, c.record.allowed)
+            if hit is not None:
+                target.unlink(missing_ok=True)
+                where = "its output path" if hit[2] else "its output"
+                summary["errors"].append({"path": str(rel), "error": f"verifier: {_a(hit[1])} from this file survived in {where}; not written"})
+                continue
+            written[out_rel] = (str(rel), c.record.allowed)
+            file_map.append((str(rel), out_rel))
+        # run-wide: no output holds another input's original patient identifier
+        run_needles = {k: "patient identifier" for k in patients if len(k.strip()) >= 3}
+        index = _index(run_needles)
+        for out_rel, (src_rel, allowed) in sorted(written.items()):
+            hit = find_leak(work / out_rel, out_rel, run_needles, allowed, index) if run_needles else None
+            if hit is not None:
+                (work / out_rel).unlink(missing_ok=True)
+                del written[out_rel]
+                file_map.remove((src_rel, out_rel))
+                summary["errors"].append({"path": src_rel, "error": f"verifier: a patient identifier of {patients[hit[0]]} "
+                                                                "survived in its output; not written"})
+        summary["written"] = len(written)
         if dst.exists():
             dst.rmdir()  # empty (checked above)
         os.replace(work, dst)
@@ -629,4 +821,4 @@ def _write_mapping(mp: Path, ctx: _Context, file_map: list[tuple[str, str]]) -> 
         w.writerow(["uid", old, new])
     for old, new in file_map:
         w.writerow(["file", old, new])
-    return atomic_write_text(mp, buf.getvalue())
+    return atomic_write_text(mp, buf.getvalue(), private=True)  # re-identifies the outputs: 0600

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from medsight.data.io import READABLE_SUFFIXES, file_format, is_readable_file, read_image, resolve_window
+from medsight.data.readers import file_format, is_readable_file, read_image, readable_suffixes, resolve_window
 from medsight.data.preprocess import INTENSITY_MODES, convert_channels, make_recipe, preprocess_array
 from medsight.errors import DataError, choices_message
 
@@ -33,7 +33,7 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
 
 
 def _is_image_file(p: Path) -> bool:
-    return is_readable_file(p)  # data.io answers "can this file be read"
+    return is_readable_file(p)  # the readers' registry answers "can this file be read"
 
 
 def _class_samples(class_dir: Path) -> list[Path]:
@@ -74,7 +74,7 @@ def scan_class_folders(root: str | os.PathLike) -> list[dict]:
             for f in _class_samples(class_dir):
                 records.append({"path": str(f), "label": class_dir.name, "split": split, "patient_id": None})
     if not records:
-        raise DataError(f"cannot scan {r}: no image files found (looked for {', '.join(READABLE_SUFFIXES)} and suffix-less DICOM)")
+        raise DataError(f"cannot scan {r}: no image files found (looked for {', '.join(readable_suffixes())} and suffix-less DICOM)")
     return records
 
 

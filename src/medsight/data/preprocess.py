@@ -21,7 +21,8 @@ from typing import Iterable
 
 import numpy as np
 
-from medsight.data.io import FILE_WINDOW, DecodeBudget, apply_window, budget_for, read_image, read_image_bytes, resolve_window
+from medsight.data.readers import (FILE_WINDOW, DecodeBudget, apply_window, budget_for, read_image, read_image_bytes,
+                                   resolve_window)
 from medsight.errors import DataError, choices_message
 
 INTENSITY_MODES = ("auto", "range", "minmax", "percentile", "none")
@@ -98,10 +99,21 @@ def convert_channels(arr: np.ndarray, channels: int | None, name: object) -> np.
     raise DataError(f"cannot convert {name}: it has {c} channels, the recipe expects {channels}")
 
 
+def resize(x, size: tuple[int, ...]):
+    """Resize a (B, C, *spatial) float tensor batch; area for downsampling, (bi/tri)linear for upsampling.
+    The one resampler: the recipe's resize step, the service's display image and heatmap use it."""
+    import torch.nn.functional as F
+
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    down = all(s <= t for s, t in zip(size, x.shape[2:]))
+    mode = "area" if down else ("bilinear" if len(size) == 2 else "trilinear")
+    kw = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(x, size=tuple(size), mode=mode, **kw)
+
+
 def _resize(arr: np.ndarray, size: list[int]) -> np.ndarray:
     import torch
-
-    from medsight.augment import resize
 
     if list(arr.shape[1:]) == list(size):
         return arr

@@ -217,7 +217,8 @@ def run_qc(
     ``layout`` (folders): ``auto`` (a class tree when it looks like one, else raw), ``classes`` or ``raw``.
     ``allow_leakage``: duplicates across splits are recorded under ``leakage_accepted`` (counts) instead of
     failing the report."""
-    from medsight.data.io import PRIVATE_KEYS, read_image
+    from medsight.data.readers import TOOL_BUDGET, read_image
+    from medsight.data.readers.dicom import PRIVATE_KEYS
     from medsight.errors import choices_message
 
     if layout not in LAYOUTS:
@@ -245,7 +246,7 @@ def run_qc(
                 arr = _arrays_as_chw(arrays[i]).astype(np.float32)
                 meta = {"spacing": None}
             else:
-                arr, meta = read_image(rec["path"])
+                arr, meta = read_image(rec["path"], budget=TOOL_BUDGET)  # the budget deid uses; bombs refused
         except DataError as e:
             unreadable.append({"index": i, "path": str(rec.get("path")), "split": rec.get("split"), "error": str(e)})
             continue

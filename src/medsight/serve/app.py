@@ -1,15 +1,23 @@
 """FastAPI service for one bundle: health, model card, prediction (+ Grad-CAM overlay) and a web page.
 
 Uploads are read into memory (never written to disk), bounded by ``max_upload_mb`` (413) and by a body read
-timeout (408), and decoded by ``medsight.data.io.read_image_bytes``. Bad input is a 4xx with a one-line JSON
+timeout (408), and decoded by ``Predictor.read_bytes``. Bad input is a 4xx with a one-line JSON
 ``detail``, never a 500: 415 for a file type we do not read, 422 for a corrupt / unreadable / oversized-in-pixels
 file or a malformed form field.
 
-Admission control: form parsing runs off the event loop; decoding + inference run on a pool of ``workers``
-threads (default: the core count) behind a bounded queue. A request that finds ``workers + queue`` predictions
-already admitted is refused at once with 503 + ``Retry-After``; one that waits in the queue past its deadline
-gets 503, one whose prediction runs past the deadline gets 504. ``/healthz`` is answered on the event loop and
-never waits on inference.
+The service goes through :class:`medsight.predict.Predictor` only: decoding (within the model's budget),
+preprocessing, prediction, the "needs review" decision and its reasons (:mod:`medsight.review`), the Grad-CAM
+and display images and the model card all come from it, so ``medsight predict`` and the MLflow model report the
+same fields for the same file. :class:`Service` holds the state and the handlers (testable without HTTP);
+:func:`create_app` only routes to them.
+
+Admission control: an upload's body is received first (holding no slot; ``body_timeout_s``), the form is parsed
+off the event loop, and only then is an admission slot taken: decoding + inference run on a pool of ``workers``
+threads (default: the core count) behind a queue (default :data:`DEFAULT_QUEUE`). 503 + ``Retry-After`` only
+when the expected wait (jobs ahead x the mean job time / workers) would pass the deadline, or the queue is
+full; a job still queued at its deadline gets 503, one whose prediction runs past it gets 504. ``/healthz`` is
+answered on the event loop and never waits on inference. Connection-level limits (header and keep-alive idle
+timeouts, a connection limit, quiet descriptor exhaustion) are set by :mod:`medsight.serve.server`.
 
 Every response carries security headers (nosniff, a CSP without external sources, ``frame-ancestors 'none'``,
 ``Referrer-Policy: no-referrer``); ``allowed_hosts`` refuses other ``Host`` headers (DNS rebinding). ``/docs``
@@ -32,8 +40,8 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -57,9 +65,9 @@ _MAX_PART_HEADER_BYTES = 8 * 1024
 FORM_FIELDS = ("file", "clinical")
 #: the display image returned with ?explain=true: the upload at its own resolution, longest side capped
 DISPLAY_MAX_SIDE = 1024
-#: a result is flagged for review when a probability is this close to its threshold (binary, multilabel) or
-#: the two most likely classes are this close (multiclass, ordinal), or when the scan is out of distribution
-REVIEW_MARGIN = 0.1
+#: predictions waiting beyond the workers, by default: 64 concurrent clients on 2 cores wait instead of getting 503
+#: (waiting is still bounded by the deadline: a request whose expected wait passes it gets 503 + Retry-After)
+DEFAULT_QUEUE = 64
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -72,14 +80,6 @@ SECURITY_HEADERS = [
     (b"cross-origin-opener-policy", b"same-origin"),
     (b"cross-origin-resource-policy", b"same-origin"),
 ]
-
-
-def _looks_supported(head: bytes, name: str) -> bool:
-    """Is this a format the reader understands (so a failure is 422, not 415)? The service's ONLY format
-    sniffing call site: the magic numbers live in ``medsight.data.io.sniff_format``."""
-    from medsight.data.io import sniff_format
-
-    return sniff_format(head[:600], name) not in (None, "gzip")
 
 
 class UploadError(Exception):
@@ -350,10 +350,13 @@ class _App(FastAPI):
         return _Edge(super().build_middleware_stack(), self.edge_hosts)
 
 
+
 class Admission:
-    """At most ``workers`` decode + inference jobs run at once; at most ``queue`` more wait. ``try_enter``
-    takes a slot (False: full), ``run`` runs a job in the pool and frees the slot when the job ends, which may
-    be after its caller stopped waiting: a slot is only free when its thread is."""
+    """At most ``workers`` decode + inference jobs run at once; at most ``queue`` more wait. A request is admitted
+    only once its whole body has arrived (a slow upload holds no slot). ``try_enter`` takes a slot: refused when
+    ``workers + queue`` are admitted or when the expected wait (jobs ahead x the running mean job time / workers)
+    would pass the deadline; ``run`` runs a job in the pool and frees the slot when the job ends, which may be
+    after its caller stopped waiting: a slot is only free when its thread is."""
 
     def __init__(self, workers: int, queue: int):
         if workers < 1 or queue < 0:
@@ -363,14 +366,23 @@ class Admission:
         self.active = 0
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="medsight-infer")
-        self._ewma = 0.05  # seconds per job, for Retry-After
+        self._ewma = 0.05  # seconds per job: expected waits and Retry-After
 
-    def try_enter(self) -> bool:
+    def expected_wait(self, active: int | None = None) -> float:
+        """Seconds a request admitted now would wait before its job starts."""
+        ahead = max(0, (self.active if active is None else active) - self.workers + 1)
+        return self._ewma * ahead / self.workers
+
+    def try_enter(self, deadline_s: float | None = None) -> str | None:
+        """Take a slot; None when admitted, else why not (for the 503)."""
         with self._lock:
             if self.active >= self.capacity:
-                return False
+                return f"{self.capacity} predictions already admitted"
+            wait = self.expected_wait()
+            if deadline_s is not None and wait > deadline_s:
+                return f"the expected wait of {wait:.1f} s passes the {deadline_s:g} s deadline"
             self.active += 1
-            return True
+            return None
 
     def leave(self) -> None:
         with self._lock:
@@ -412,42 +424,148 @@ def _b64png(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _image_png(x: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    img = x[:, x.shape[1] // 2] if x.ndim == 4 else x  # 3D: middle slice
-    img = img[0] if img.shape[0] == 1 else np.moveaxis(img[:3], 0, -1)
-    buf = io.BytesIO()
-    Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _metrics_summary(path: Path) -> dict:
-    try:
-        raw = json.loads((path / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    out: dict = {}
-    for split, vals in raw.items():
-        if isinstance(vals, dict):
-            out[split] = {k: (float(v["value"]) if isinstance(v.get("value"), (int, float)) else None)
-                          for k, v in vals.items() if isinstance(v, dict) and "value" in v
-                          and (v["value"] is None or isinstance(v["value"], (int, float)))}
+def response_fields(r, rid: str, temperature: float, images: dict | None = None) -> dict:
+    """A Prediction (and its PNG images) -> the ``POST /v1/predict`` JSON body. Every field of the result comes
+    from the Predictor, the review decision and its reasons included."""
+    out = {"request_id": rid, "probabilities": r.probabilities, "predicted": r.predicted,
+           "decision": r.decision, "threshold": r.threshold, "calibrated": r.calibrated,
+           "temperature": temperature, "model_version": r.model_version,
+           "ood_score": r.ood_score, "ood_flag": r.ood_flag, "review": r.review,
+           "review_reasons": list(r.review_reasons), "positive_class": r.positive_class}
+    if r.member_spread is not None:
+        out["member_spread"] = r.member_spread
+    for key, field in (("heatmap", "heatmap_png"), ("colormap", "colormap_png"), ("image", "image_png"),
+                       ("display", "display_png"), ("display_heatmap", "display_heatmap_png"),
+                       ("colorbar", "colorbar_png")):
+        if images and key in images:
+            out[field] = _b64png(images[key])
+    if images and "display_size" in images:
+        out["display_size"] = images["display_size"]
     return out
 
 
-def review_reasons(r, task: str, classes: list[str], margin: float = REVIEW_MARGIN,
-                   ood_threshold: float | None = None) -> list[str]:
-    """Why a prediction should not be read as a verdict: out of distribution, or too close to call."""
-    reasons = []
-    if r.ood_flag:
-        reasons.append("the scan does not look like the training data (out-of-distribution score "
-                       f"{r.ood_score:.1f}" + (f" > {ood_threshold:.1f})" if ood_threshold is not None else ")"))
-    from medsight.tasks import kind_of
+class Service:
+    """The service's state for one bundle and its handlers, callable without HTTP: :meth:`health`,
+    :meth:`model_info`, :meth:`check_length`, :meth:`parse`, :meth:`infer` (decode + predict + review through the
+    Predictor; raises :class:`UploadError`) and :meth:`admit_and_run`. ``create_app`` only routes to them."""
 
-    return reasons + kind_of(task).review_reasons(r.probabilities, r.threshold, classes, margin)
+    def __init__(self, predictor: Predictor, *, api_key: str | None = None, max_upload_mb: float = 50,
+                 workers: int | None = None, queue: int | None = None, deadline_s: float = 30.0,
+                 body_timeout_s: float = 60.0):
+        self.predictor = predictor
+        self.api_key = api_key
+        self.max_upload_mb = max_upload_mb
+        self.limit = int(max_upload_mb * 1024 * 1024)
+        self.deadline_s = deadline_s
+        self.body_timeout_s = body_timeout_s
+        workers = workers or os.cpu_count() or 1
+        self.gate = Admission(workers, DEFAULT_QUEUE if queue is None else queue)
+        self.receiving = 0  # uploads whose body is still arriving (they hold no admission slot)
+        self.info = ModelInfo(**predictor.model_card(), max_upload_mb=max_upload_mb)
+
+    # --- plain handlers -----------------------------------------------------------------------------------
+    def health(self) -> Health:
+        return Health(model_version=self.predictor.version, auth_required=bool(self.api_key), busy=self.gate.active,
+                      capacity=self.gate.capacity, receiving=self.receiving)
+
+    def model_info(self) -> ModelInfo:
+        return self.info
+
+    def check_length(self, content_length: str | None) -> None:
+        if content_length is None:
+            return
+        if not content_length.isdigit():
+            raise UploadError(400, f"invalid Content-Length {content_length[:20]!r}")
+        if int(content_length) > self.limit + _MULTIPART_SLACK:
+            raise UploadError(413, f"upload of {int(content_length)} bytes is larger than the "
+                                   f"{self.max_upload_mb:g} MB limit")
+
+    def parse(self, body: bytes | list[bytes], content_type: str) -> tuple[str, bytes, dict | None]:
+        name, data, fields = parse_form(body, content_type)
+        clinical = parse_clinical(fields["clinical"]) if "clinical" in fields else None
+        if len(data) > self.limit:
+            raise UploadError(413, f"{name} is {len(data)} bytes, larger than the {self.max_upload_mb:g} MB limit")
+        if not data:
+            raise UploadError(422, f"{name} is empty (0 bytes)")
+        return name, data, clinical
+
+    def infer(self, data: bytes, name: str, explain: bool = False, rid: str = "", clinical: dict | None = None) -> dict:
+        """One upload -> the response body (a dict). 415 for a type the readers do not read, 422 for a corrupt
+        file or unusable clinical values."""
+        pred = self.predictor
+        try:
+            arr, meta = pred.read_bytes(data, name)  # decoded within the model's budget, fixed before decoding
+            x = pred.preprocess(arr, meta, name)
+        except DataError as e:
+            raise UploadError(422 if pred.readable(data, name) else 415, str(e).splitlines()[0]) from None
+        except Exception as e:  # a reader bug on hostile input is still bad input, not a server error
+            raise UploadError(422, f"cannot read {name}: {type(e).__name__}") from None
+        try:
+            r = pred.predict_array(x, name, explain=explain, clinical=clinical)
+        except DataError as e:  # missing or wrongly typed clinical columns
+            raise UploadError(422, str(e).splitlines()[0]) from None
+        images = None
+        if explain and r.heatmap is not None:
+            heat = r.heatmap
+            images = {"heatmap": pred.overlay(x, heat), "colormap": pred.overlay(x, heat, 1.0),
+                      "image": _image_png(x), **pred.display(arr, meta, heat, name, DISPLAY_MAX_SIDE)}
+        return response_fields(r, rid, pred.temperature, images)
+
+    # --- HTTP plumbing ------------------------------------------------------------------------------------
+    async def read_body(self, request: Request) -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.body_timeout_s
+        chunks, size = [], 0
+        stream = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), max(end - loop.time(), 0.001))
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise UploadError(408, f"upload not received within {self.body_timeout_s:g} s") from None
+            size += len(chunk)
+            if size > self.limit + _MULTIPART_SLACK:
+                raise UploadError(413, f"upload is larger than the {self.max_upload_mb:g} MB limit")
+            chunks.append(chunk)
+        return chunks  # parsed chunk by chunk off the event loop: never joined here
+
+    def _serialise(self, *args) -> bytes:
+        return json.dumps(self.infer(*args)).encode()  # serialised in the worker, off the event loop
+
+    async def predict(self, request: Request, explain: bool) -> Response:
+        """``POST /v1/predict``: receive the body (no slot held), parse it, then take an admission slot and run."""
+        rid = request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex[:12]
+        try:
+            self.check_length(request.headers.get("content-length"))
+            self.receiving += 1
+            try:
+                body = await self.read_body(request)
+            finally:
+                self.receiving -= 1
+            start = time.monotonic()
+            name, data, clinical = await run_in_threadpool(self.parse, body, request.headers.get("content-type", ""))
+            del body
+            why = self.gate.try_enter(self.deadline_s - (time.monotonic() - start))
+            if why is not None:
+                raise self.gate.busy(why)
+            out = await self.gate.run(self.deadline_s - (time.monotonic() - start), self._serialise, data, name,
+                                      explain, rid, clinical)
+        except UploadError as e:  # one access-log line (status, no reason: the reason may name the file)
+            return e.response()
+        except ClientDisconnect:
+            return Response(status_code=400)  # nobody is listening; logged by _Edge
+        return Response(out, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+#: the display image returned with ?explain=true: the upload at its own resolution, longest side capped
+DISPLAY_MAX_SIDE = 1024
+
+
+def _image_png(x) -> bytes:
+    from medsight.predict import image_png
+
+    return image_png(x)
 
 
 def _predictor(bundle_path, backend: str, threads: int | None) -> Predictor:
@@ -459,54 +577,61 @@ def _predictor(bundle_path, backend: str, threads: int | None) -> Predictor:
     return Predictor(b, backend=backend, threads=threads or default_threads(b))
 
 
+def _key_check(api_key: str | None):
+    if not api_key:
+        def no_key() -> None:
+            return None
+        return no_key
+    key_header = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey",
+                              description="the server's API key")
+    bearer = HTTPBearer(auto_error=False, scheme_name="bearer", description="the server's API key as a bearer token")
+
+    def check_key(key: str | None = Security(key_header),
+                  cred: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
+        got = key if key is not None else (cred.credentials if cred is not None else None)
+        if got is None or not secrets.compare_digest(got.encode(), api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key (send X-API-Key or Authorization: Bearer)",
+                                headers={"WWW-Authenticate": "Bearer"})
+    return check_key
+
+
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary",
+                            "description": "PNG/JPEG/TIFF/BMP, DICOM or NIfTI scan"},
+                   "clinical": {"type": "string", "maxLength": MAX_FIELD_BYTES,
+                                "description": "flat JSON object of clinical column values (required by "
+                                               f"image + clinical models; at most {MAX_FIELD_BYTES // 1024} KB)"}}}}}}}
+
+
 def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_upload_mb: float = 50,
                backend: str = "onnx", threads: int | None = None, predictor: Predictor | None = None,
                workers: int | None = None, queue: int | None = None, deadline_s: float = 30.0,
                body_timeout_s: float = 60.0, allowed_hosts=None) -> FastAPI:
     """The service for one bundle. ``api_key`` (when set) is required on /v1/* as ``X-API-Key`` or
     ``Authorization: Bearer``. ``backend``: 'onnx' or 'torch'. ``workers`` concurrent predictions (default: the
-    core count) with ``queue`` more waiting (default: 2 x workers); ``deadline_s`` per prediction (queue wait
-    included); ``body_timeout_s`` to receive an upload. ``allowed_hosts``: accepted ``Host`` names (``"*"``,
+    core count) with ``queue`` more waiting (default :data:`DEFAULT_QUEUE`); ``deadline_s`` per prediction (queue
+    wait included); ``body_timeout_s`` to receive an upload. ``allowed_hosts``: accepted ``Host`` names (``"*"``,
     ``"*.example.org"`` allowed); None accepts any (the CLI passes the loopback names for loopback binds)."""
     pred = predictor if predictor is not None else _predictor(bundle_path, backend, threads)
     # the reader's libraries log decode failures at ERROR with tracebacks; the service reports them as one 4xx
     # line per request instead (and a traceback could quote the file)
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-    bundle = pred.bundle
-    limit = int(max_upload_mb * 1024 * 1024)
-    workers = workers or os.cpu_count() or 1
-    gate = Admission(workers, 2 * workers if queue is None else queue)
-    ood_threshold = float(pred.ood["threshold"]) if pred.ood is not None else None
-    info = ModelInfo.from_bundle(bundle, calibrated=pred.calibrated, model_version=pred.version,
-                                 metrics=_metrics_summary(bundle.path), max_upload_mb=max_upload_mb,
-                                 review_margin=REVIEW_MARGIN, ood_threshold=ood_threshold)
-
+    svc = Service(pred, api_key=api_key, max_upload_mb=max_upload_mb, workers=workers, queue=queue,
+                  deadline_s=deadline_s, body_timeout_s=body_timeout_s)
+    info = svc.info
     app = _App(title="medsight", version=__version__, docs_url=None, redoc_url=None,
                swagger_ui_oauth2_redirect_url=None,
                description=f"Medical image classifier `{info.name}` ({info.task}: {', '.join(info.classes)}). "
                            "Upload a PNG/JPEG/TIFF, DICOM or NIfTI scan to /v1/predict.")
     app.edge_hosts = None if allowed_hosts is None else normalise_hosts(allowed_hosts)
     app.state.predictor = pred
-    app.state.admission = gate
-    app.router.on_shutdown.append(gate.shutdown)
-
-    if api_key:
-        key_header = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey",
-                                  description="the server's API key")
-        bearer = HTTPBearer(auto_error=False, scheme_name="bearer",
-                            description="the server's API key as a bearer token")
-
-        def check_key(key: str | None = Security(key_header),
-                      cred: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
-            got = key if key is not None else (cred.credentials if cred is not None else None)
-            if got is None or not secrets.compare_digest(got.encode(), api_key.encode()):
-                raise HTTPException(401, "missing or wrong API key (send X-API-Key or Authorization: Bearer)",
-                                    headers={"WWW-Authenticate": "Bearer"})
-    else:
-        def check_key() -> None:
-            return None
-
-    errors = {401: {"model": ErrorResponse}} if api_key else {}
+    app.state.service = svc
+    app.state.admission = svc.gate
+    app.router.on_shutdown.append(svc.gate.shutdown)
+    app.router.on_startup.append(quiet_accept_errors)
+    check_key = _key_check(api_key)
+    errors: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse}} if api_key else {}
 
     @app.get("/", include_in_schema=False)
     def index():
@@ -520,147 +645,31 @@ def create_app(bundle_path: str | Path, *, api_key: str | None = None, max_uploa
 
     @app.get("/healthz", response_model=Health)
     async def healthz():  # on the event loop: never queued behind inference
-        return Health(model_version=pred.version, auth_required=bool(api_key), busy=gate.active,
-                      capacity=gate.capacity)
+        return svc.health()
 
     @app.get("/v1/model", response_model=ModelInfo, responses=errors, dependencies=[Depends(check_key)])
     async def model_info():
-        return info
-
-    def display(arr: np.ndarray, meta_: dict, heat: np.ndarray, name: str) -> dict:
-        """The upload as the reader windowed/normalised it, at its own resolution (longest side capped), and
-        the heatmap resampled onto it; for volumes the middle axial slice."""
-        import torch
-
-        from medsight.explain import overlay_png
-        from medsight.data.preprocess import apply_recipe
-        from medsight.augment import resize
-
-        r = pred.recipe
-        native = [int(s) for s in arr.shape[1:]]
-        if arr.ndim == 4 and len(r["size"]) == 2 and arr.shape[1] == 1:
-            native = native[1:]
-        if len(native) == 2:
-            s = min(1.0, DISPLAY_MAX_SIDE / max(native))
-            native = [max(1, round(v * s)) for v in native]
-        # the bundle's own recipe, at the scan's own size and channels
-        img = apply_recipe(arr, meta_, {**r, "size": native, "channels": None}, name=name)
-        if img.ndim == 4:  # volume: middle axial slice, in-plane size capped
-            img, heat = img[:, img.shape[1] // 2], heat[heat.shape[0] // 2]
-            h, w = img.shape[1:]
-            s = min(1.0, DISPLAY_MAX_SIDE / max(h, w))
-            if s < 1:
-                img = resize(torch.from_numpy(np.ascontiguousarray(img))[None], (round(h * s), round(w * s)))[0].numpy()
-        hh = resize(torch.from_numpy(np.ascontiguousarray(heat, dtype=np.float32))[None, None], tuple(img.shape[1:]))
-        hh = np.clip(hh[0, 0].numpy(), 0, 1)
-        bar = np.tile(np.linspace(0, 1, 256, dtype=np.float32), (12, 1))
-        return {"display_png": _b64png(_image_png(img)),
-                "display_heatmap_png": _b64png(overlay_png(img, hh, alpha=1.0)),
-                "display_size": [int(img.shape[2]), int(img.shape[1])],
-                "colorbar_png": _b64png(overlay_png(np.zeros((1, 12, 256), np.float32), bar, alpha=1.0))}
-
-    def infer(data: bytes, name: str, explain: bool, rid: str, clinical: dict | None = None) -> bytes:
-        from medsight.data.io import read_image_bytes
-
-        window = pred.recipe.get("window")
-        try:
-            arr, meta_ = read_image_bytes(data, name, window=tuple(window) if isinstance(window, list) else window,
-                                          budget=pred.budget)  # fixed from the model's input, before decoding
-            x = pred.preprocess(arr, meta_, name)
-        except DataError as e:
-            status = 422 if _looks_supported(data, name) else 415
-            raise UploadError(status, str(e).splitlines()[0]) from None
-        except Exception as e:  # a reader bug on hostile input is still bad input, not a server error
-            raise UploadError(422, f"cannot read {name}: {type(e).__name__}") from None
-        try:
-            r = pred.predict_array(x, name, explain=explain, clinical=clinical)
-        except DataError as e:  # missing or wrongly typed clinical columns
-            raise UploadError(422, str(e).splitlines()[0]) from None
-        reasons = review_reasons(r, info.task, info.classes, ood_threshold=ood_threshold)
-        out = {"request_id": rid, "probabilities": r.probabilities, "predicted": r.predicted,
-               "decision": r.decision, "threshold": r.threshold, "calibrated": r.calibrated,
-               "temperature": pred.temperature, "model_version": r.model_version,
-               "ood_score": r.ood_score, "ood_flag": r.ood_flag, "review": bool(reasons), "review_reasons": reasons,
-               "positive_class": r.positive_class}
-        if r.member_spread is not None:
-            out["member_spread"] = r.member_spread
-        if explain:
-            out["heatmap_png"] = _b64png(pred.overlay(x, r.heatmap))
-            out["colormap_png"] = _b64png(pred.overlay(x, r.heatmap, 1.0))
-            out["image_png"] = _b64png(_image_png(x))
-            out.update(display(arr, meta_, r.heatmap, name))
-        return json.dumps(out).encode()  # serialised here, off the event loop
-
-    upload_body = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["file"],
-        "properties": {"file": {"type": "string", "format": "binary",
-                                "description": "PNG/JPEG/TIFF/BMP, DICOM or NIfTI scan"},
-                       "clinical": {"type": "string", "maxLength": MAX_FIELD_BYTES,
-                                    "description": "flat JSON object of clinical column values (required by "
-                                                   f"image + clinical models; at most {MAX_FIELD_BYTES // 1024} KB)"}}}}}}}
-
-    async def read_body(request: Request) -> list[bytes]:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + body_timeout_s
-        chunks, size = [], 0
-        stream = request.stream().__aiter__()
-        while True:
-            try:
-                chunk = await asyncio.wait_for(stream.__anext__(), max(end - loop.time(), 0.001))
-            except StopAsyncIteration:
-                break
-            except asyncio.TimeoutError:
-                raise UploadError(408, f"upload not received within {body_timeout_s:g} s") from None
-            size += len(chunk)
-            if size > limit + _MULTIPART_SLACK:
-                raise UploadError(413, f"upload is larger than the {max_upload_mb:g} MB limit")
-            chunks.append(chunk)
-        return chunks  # parsed chunk by chunk off the event loop: never joined here
-
-    def parse(body: list[bytes], content_type: str) -> tuple[str, bytes, dict | None]:
-        name, data, fields = parse_form(body, content_type)
-        clinical = parse_clinical(fields["clinical"]) if "clinical" in fields else None
-        if len(data) > limit:
-            raise UploadError(413, f"{name} is {len(data)} bytes, larger than the {max_upload_mb:g} MB limit")
-        if not data:
-            raise UploadError(422, f"{name} is empty (0 bytes)")
-        return name, data, clinical
+        return svc.model_info()
 
     @app.post("/v1/predict", response_model=PredictResponse, dependencies=[Depends(check_key)],
-              openapi_extra=upload_body,
+              openapi_extra=UPLOAD_BODY,
               responses={**errors, 408: {"model": ErrorResponse, "description": "upload not received in time"},
                          413: {"model": ErrorResponse, "description": "upload too large"},
                          415: {"model": ErrorResponse, "description": "unsupported file type"},
                          422: {"model": ErrorResponse, "description": "corrupt or unreadable file, malformed form"},
-                         503: {"model": ErrorResponse, "description": "queue full (see Retry-After) or queue "
-                                                                       "wait past the deadline"},
+                         503: {"model": ErrorResponse, "description": "the expected wait would pass the deadline "
+                                                                       "(see Retry-After)"},
                          504: {"model": ErrorResponse, "description": "prediction past the deadline"}})
     async def predict(request: Request, explain: bool = Query(False, description="add Grad-CAM overlays and the "
                                                                                   "scan at its own resolution")):
-        rid = request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex[:12]
-        if not gate.try_enter():
-            return gate.busy(f"{gate.capacity} predictions already admitted").response()
-        handed_over = False
-        try:
-            cl = request.headers.get("content-length")
-            if cl is not None:
-                if not cl.isdigit():
-                    raise UploadError(400, f"invalid Content-Length {cl[:20]!r}")
-                if int(cl) > limit + _MULTIPART_SLACK:
-                    raise UploadError(413, f"upload of {int(cl)} bytes is larger than the {max_upload_mb:g} MB limit")
-            body = await read_body(request)
-            start = time.monotonic()
-            name, data, clinical = await run_in_threadpool(parse, body, request.headers.get("content-type", ""))
-            del body
-            handed_over = True
-            out = await gate.run(deadline_s - (time.monotonic() - start), infer, data, name, explain, rid, clinical)
-        except UploadError as e:  # one access-log line (status, no reason: the reason may name the file)
-            return e.response()
-        except ClientDisconnect:
-            return Response(status_code=400)  # nobody is listening; logged by _Edge
-        finally:
-            if not handed_over:
-                gate.leave()
-        return Response(out, media_type="application/json", headers={"Cache-Control": "no-store"})
+        return await svc.predict(request, explain)
 
     return app
+
+
+def quiet_accept_errors() -> None:
+    """Descriptor exhaustion (``accept()`` failing with EMFILE/ENFILE) is one log line per minute, without a
+    traceback, instead of asyncio's traceback per retry; other loop errors go to the default handler."""
+    from medsight.serve.server import install_loop_handler
+
+    install_loop_handler(asyncio.get_running_loop())

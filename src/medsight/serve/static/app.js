@@ -48,15 +48,15 @@
       }
       box.hidden = clinicalColumns.length === 0;
       $("model-info").textContent = m.name + " · " + m.task + " · classes: " + m.classes.map((c) => "\u201c" + c + "\u201d").join(", ") +
-        " · threshold " + (m.threshold === null ? "default" : JSON.stringify(m.threshold)) +
+        " · threshold " + (m.threshold === null ? "default" : m.threshold_display) +
         " · " + m.model_version;
-      const margin = m.review_margin;
       const near = m.task === "binary" || m.task === "multilabel"
-        ? "a probability is within " + margin + " of its threshold"
-        : "the two most likely classes are within " + margin + " of each other";
+        ? "a probability is too close to its threshold to call"
+        : "the two most likely classes are too close to call";
       $("rule").textContent = "A result is shown as \u201cnot reliable: needs review\u201d instead of a prediction when " +
         (m.ood_threshold !== null && m.ood_threshold !== undefined ? "the scan does not look like the training data " +
-          "(out-of-distribution score above " + m.ood_threshold.toFixed(1) + ") or when " : "") + near + ".";
+          "(out-of-distribution score above " + m.ood_threshold.toFixed(1) + "; then no class is given) or when " : "") +
+        near + " (" + m.review.description + ").";
     } catch (e) {
       $("model-info").textContent = "cannot reach the server";
     }
@@ -79,12 +79,15 @@
   }
 
   function fmt(p) { return p.toFixed(4); }
+  // thresholds as displayed everywhere: 3 significant digits (the API carries the exact value)
+  function sig3(x) { return String(parseFloat(Number(x).toPrecision(3))); }
 
   function showResult(res) {
     const review = res.review === true || res.ood_flag === true;
     const reasons = res.review_reasons || [];
     if (res.ood_flag === true && reasons.length === 0) reasons.push("the scan does not look like the training data");
-    const predicted = Array.isArray(res.predicted) ? (res.predicted.join(", ") || "none") : res.predicted;
+    const predicted = res.predicted === null || res.predicted === undefined ? "no verdict"
+      : (Array.isArray(res.predicted) ? (res.predicted.join(", ") || "none") : res.predicted);
     $("result").dataset.review = String(review);
     $("result").dataset.predicted = predicted;
     if (review) {
@@ -104,7 +107,7 @@
       // binary: name the positive class (from the API, else the model's class list) and its probability
       const pos = res.positive_class || (model && model.classes && model.classes[1]) || names[1];
       $("positive").textContent = "Probability of \u201c" + pos + "\u201d: " + fmt(res.probabilities[pos]) +
-        " (threshold " + (typeof res.threshold === "number" ? res.threshold.toFixed(3) : JSON.stringify(res.threshold)) + ")";
+        " (threshold " + (typeof res.threshold === "number" ? sig3(res.threshold) : JSON.stringify(res.threshold)) + ")";
     }
     $("pred-meta").textContent = (review ? "model output: " + predicted + " · " : "") +
       (res.calibrated ? "calibrated (T=" + res.temperature.toFixed(3) + ")" : "uncalibrated") +
