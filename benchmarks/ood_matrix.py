@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 # recipe -> epochs used here (the recipe's own epochs are in its YAML); sized for ~60-90 s per run on one thread
 EPOCHS = {"breastmnist": 20, "breastmnist_64": 15, "breastmnist_r18": 4, "pneumoniamnist": 12,
@@ -47,7 +48,7 @@ def set_label(name: str, size: int) -> str:
 
 def synthetic(kind: str, n: int, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """``n`` synthetic model inputs (C, *S) in [0, 1]."""
-    c, sp = shape[0], shape[1:]
+    sp = shape[1:]
     if kind == "constant_0":
         return np.zeros((n, *shape), np.float32)
     if kind == "constant_1":
@@ -99,9 +100,10 @@ def run_recipe(recipe: str, epochs: int, root: str, n_syn: int, workdir: Path) -
     from medsight.config import load_config
     from medsight.data.sources import load_medmnist
     from medsight.errors import DataError
-    from medsight.ood import (fit_combined_detector, fit_ood_threshold, last_linear, load_ood,
+    from medsight.ood import (fit_combined_detector, last_linear, load_ood,
                               logits_and_features, mahalanobis_from_features, mahalanobis_state, ood_flags,
                               save_ood, score_from_outputs, component_scores)
+    from ood_baselines import fit_ood_threshold  # tests/: the features-only baseline's threshold
     from medsight.train import fit
 
     cfg = load_config(None, {"train.epochs": epochs, "train.threads": 1, "train.device": "cpu", "train.seed": 0,

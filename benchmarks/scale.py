@@ -259,7 +259,7 @@ def to_markdown(r: dict) -> str:
                      f"{x['pss_tree_mb']:.0f} | splits {x['splits']}, stored {x['dtype']} |")
     if "second_over_first" in p:
         L.append(f"| second / first | {100 * p['second_over_first']:.2f}% | | | |")
-    for n, t in sorted(r.get("train", {}).items(), key=lambda kv: int(kv[0])):
+    for _, t in sorted(r.get("train", {}).items(), key=lambda kv: int(kv[0])):
         L.append(f"| train 1 epoch, streamed: {t['epoch_images']} of the {t['train_split']} train images | "
                  f"{t['seconds']:.0f} (epoch {t['epoch_seconds']:.0f}) | {t['rss_main_mb']:.0f} | "
                  f"{t['pss_tree_mb']:.0f} | {t['img_s']} img/s; process total incl. loading the whole folder from "

@@ -8,6 +8,7 @@ Writes shift.json / shift.png / shift.html / ood.npz / results.json into --out a
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,10 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from medsight.fusion import synthetic_xor as make_xor
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from fusion_training import fit_fusion, fusion_logits  # noqa: E402 - test helpers, not part of the product
+from fusion_training import synthetic_xor as make_xor  # noqa: E402
+from ood_baselines import energy_score, msp_score  # noqa: E402
 
 
 def main() -> None:
@@ -32,7 +36,7 @@ def main() -> None:
     from medsight.bundle import load_bundle
     from medsight.config import load_config
     from medsight.data.sources import load_medmnist
-    from medsight.fusion import FusionClassifier, TabularEncoder, fit_fusion, fusion_logits
+    from medsight.fusion import FusionClassifier, TabularEncoder
     from medsight.models import create_model
     from medsight.pipeline import run_training
     from medsight.shift import evaluate_shift, plot_shift, shift_table_html
@@ -75,8 +79,8 @@ def main() -> None:
     ind = ood.detect(bundle.model, test.images, det)
     oo = ood.detect(bundle.model, breast.splits["test"].images, det)
     y = np.r_[np.zeros(len(test)), np.ones(len(breast.splits["test"]))]
-    aurocs = {"mahalanobis": roc_auc_score(y, np.r_[ind["ood_score"], oo["ood_score"]])}
-    for name, fn in (("energy", ood.energy_score), ("msp", ood.msp_score)):
+    aurocs = {"combined": roc_auc_score(y, np.r_[ind["ood_score"], oo["ood_score"]])}
+    for name, fn in (("energy", energy_score), ("msp", msp_score)):
         aurocs[name] = roc_auc_score(y, np.r_[fn(ind["logits"]), fn(oo["logits"])])
     results["ood"] = {"auroc": aurocs, "threshold": det["threshold"],
                       "flag_rate_in_distribution": float(ind["ood_flag"].mean()),

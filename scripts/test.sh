@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # Install (if needed) and run the tests: `bash scripts/test.sh` runs the whole suite; any arguments go to pytest
 # instead (`bash scripts/test.sh tests/test_cli.py -x`, `bash scripts/test.sh -m "not slow"`).
+# Lanes (markers set by tests/conftest.py from what each test needs):
+#   bash scripts/test.sh -m unit               the fast lane: no real data, no servers, no browser, nothing slow;
+#                                              under a minute on 2 cores and it imports every medsight module
+#   bash scripts/test.sh -m "not slow"         everything but the long end-to-end runs
+#   bash scripts/test.sh -m realdata           what needs $MEDSIGHT_DATA_DIR / the sample scans
+#   bash scripts/test.sh -m network_service    what starts a server (MLflow, ...)
 # Real-data tests read $MEDSIGHT_DATA_DIR (default ../shared/data/medmnist) and fail when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -23,6 +23,69 @@ if "MEDSIGHT_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["MEDSIGHT_CACHE_DIR"], True)
 
 
+# --- lanes: markers that tell the truth -----------------------------------------------------------------------
+# Every test gets the markers of what it needs, from the fixtures it uses (directly or through other fixtures),
+# so a new test is classified without anyone remembering to mark it:
+#   realdata         needs the real MedMNIST files or sample scans (fixtures below, or listed in REALDATA)
+#   network_service  starts a server process it talks to over loopback (MLflow, ...)
+#   browser          drives chromium (test_browser.py marks itself)
+#   slow             marked by hand (@pytest.mark.slow), or measured at over ~5 s on 2 cores (SLOW below)
+#   unit             none of the above: the fast lane, `bash scripts/test.sh -m unit` (under 60 s on 2 cores)
+REALDATA_FIXTURES = {"medmnist_dir", "samples_dir", "breast", "served_bundle", "breast_files"}
+NETWORK_FIXTURES = {"mlflow_server"}
+# Tests that read the real data without those fixtures (found by running the unit lane with MEDSIGHT_DATA_DIR
+# pointing at an empty folder): "file.py::test_name" (parametrized ids included) or "file.py" for every test in it.
+REALDATA: set[str] = set()
+# Unmarked tests measured at over ~5 s with the 2 cores shared (load ~14; about 1 s and more on a quiet machine;
+# pytest --durations=0 -m unit): training runs, ensembles, subprocess starts, connection timeouts. They run in the
+# full suite, not in the unit lane.
+SLOW: set[str] = {
+    "data/test_deid.py::test_corpus_zero_values_survive",
+    "test_consistency.py::test_every_path_gives_the_same_probabilities[3d-binary-ensemble]",
+    "test_consistency.py::test_every_path_gives_the_same_probabilities[multiclass-ensemble]",
+    "test_consistency.py::test_every_path_gives_the_same_probabilities[2d-binary-ensemble]",
+    "test_consistency.py::test_every_path_gives_the_same_probabilities[2d-binary-pretrained]",
+    "test_consistency.py::test_every_command_on_an_image_plus_clinical_bundle",
+    "test_fusion.py::test_fusion_bundle_in_predictor_cli_and_service",
+    "test_tracking.py::test_unreachable_server_warns_and_the_bundle_is_written",
+    "test_tracking.py::test_required_unreachable_server_is_one_line_exit_2",
+    "test_tracking.py::test_silent_server_check_takes_seconds_not_minutes",
+    "test_cli.py::test_tiny_train_and_evaluate_in_process",
+    "test_cli.py::test_unknown_dataset_in_a_real_process",
+    "test_pretrained.py::test_fine_tuning_run_records_the_weights_and_trains_the_backbone_slower",
+    "test_pretrained.py::test_medicalnet_has_no_published_digest_so_the_first_one_is_pinned",
+    "test_augment.py::test_training_with_mixup_is_reproducible_and_changes_the_weights",
+    # the next ones by CPU seconds (scripts/lane_modules.py), about 1-2 s each: room under the minute
+    "test_autorecipe.py::test_a_new_set_of_a_known_shape_gets_a_sensible_recipe_saved_in_the_bundle",
+    "test_explain.py::test_find_target_layer_variants",
+    "test_export.py::test_export_parity_dynamic_batch[resnet18-2-28]",
+    "test_streaming.py::test_predict_workers_memory_stays_bounded",
+    "test_cli.py::test_usage_errors_in_a_real_process",
+    "test_metrics.py::test_bootstrap_ci_coverage",
+    "data/test_deid.py::test_verifier_catches_a_leak_in_the_corpus",
+}
+LANE_MARKERS = ("realdata", "network_service", "browser", "slow")
+
+
+def _listed(item, names: set[str]) -> bool:
+    rel = item.nodeid.split("::", 1)[0].removeprefix("tests/")
+    base = rel + "::" + item.nodeid.split("::", 1)[1].split("[", 1)[0] if "::" in item.nodeid else rel
+    return rel in names or base in names or item.nodeid.removeprefix("tests/") in names
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & REALDATA_FIXTURES or _listed(item, REALDATA):
+            item.add_marker(pytest.mark.realdata)
+        if used & NETWORK_FIXTURES:
+            item.add_marker(pytest.mark.network_service)
+        if _listed(item, SLOW):
+            item.add_marker(pytest.mark.slow)
+        if not any(item.get_closest_marker(m) for m in LANE_MARKERS):
+            item.add_marker(pytest.mark.unit)
+
+
 def _medmnist_dir() -> Path:
     env = os.environ.get("MEDSIGHT_DATA_DIR")
     return Path(env) if env else REPO.parent / "shared" / "data" / "medmnist"

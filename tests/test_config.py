@@ -1,4 +1,5 @@
 import pytest
+from pydantic import ValidationError
 
 from medsight.config import RunConfig, dump_config, load_config
 from medsight.errors import ConfigError
@@ -53,5 +54,5 @@ def test_bad_files(tmp_path):
 
 
 def test_runconfig_is_strict():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="nope"):
         RunConfig.model_validate({"nope": {}})

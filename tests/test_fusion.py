@@ -12,8 +12,8 @@ from torch import nn
 
 from medsight.config import load_config
 from medsight.errors import ConfigError, DataError
-from medsight.fusion import (FUSION_MODES, synthetic_xor, FusionClassifier, TabularEncoder, encode_tabular, fit_fusion, fit_tabular,
-                             fusion_logits, fusion_meta, model_with_tab)
+from fusion_training import fit_fusion, fit_tabular, fusion_logits, synthetic_xor
+from medsight.fusion import FUSION_MODES, FusionClassifier, TabularEncoder, encode_tabular, fusion_meta, model_with_tab
 from medsight.models import create_model
 from medsight.tasks import Task
 
@@ -45,42 +45,48 @@ def test_rows_and_columns_agree_and_spec_roundtrips_through_json():
     assert spec["feature_names"] == enc.feature_names
 
 
-def test_encoder_errors_name_the_column():
+@pytest.mark.parametrize("case", range(17), ids=['column-age-expected-a-number-got-abc-row', 'column-age-expected-a-number-got-true', 'column-age-expected-a-finite-number', 'column-age-expected-a-number-got-list', 'column-sex-expected-a-category', 'column-sex-is-missing-in-row-0-required-', 'column-sex-is-missing-required-age-sex', 'column-sex-has-2-values-but-column-age-h', 'column-age-expected-a-list-of-values-got', 'row-0-expected-a-dict', 'list-of-row-dicts-or-a-dict-of-columns', 'column-age-has-no-numeric-values', 'no-training-rows', 'at-least-one-numeric-or-categorical-colu', 'listed-twice-age', 'not-a-tabular-encoder-spec', 'spec-is-malformed'])
+def test_encoder_refusals_name_the_column(case):
     enc = TabularEncoder.fit(ROWS, numeric=["age"], categorical=["sex"])
-    with pytest.raises(DataError, match=r"column 'age': expected a number, got 'abc' \(row 1\)"):
-        enc.transform([{"age": 3, "sex": "F"}, {"age": "abc", "sex": "F"}])
-    with pytest.raises(DataError, match="column 'age': expected a number, got True"):
-        enc.transform([{"age": True, "sex": "F"}])
-    with pytest.raises(DataError, match="column 'age': expected a finite number"):
-        enc.transform([{"age": float("inf"), "sex": "F"}])
-    with pytest.raises(DataError, match="column 'age': expected a number, got list"):
-        enc.transform([{"age": [1], "sex": "F"}])
-    with pytest.raises(DataError, match="column 'sex': expected a category"):
-        enc.transform([{"age": 1, "sex": 2.5}])
-    with pytest.raises(DataError, match=r"column 'sex' is missing in row 0 \(required: age, sex\)"):
-        enc.transform([{"age": 1}])
-    with pytest.raises(DataError, match=r"column 'sex' is missing \(required: age, sex\)"):
-        enc.transform({"age": [1]})
-    with pytest.raises(DataError, match="column 'sex' has 2 values, but column 'age' has 1"):
-        enc.transform({"age": [1], "sex": ["F", "M"]})
-    with pytest.raises(DataError, match="column 'age': expected a list of values, got str"):
-        enc.transform({"age": "12", "sex": ["F"]})
-    with pytest.raises(DataError, match="row 0: expected a dict"):
-        enc.transform([[1, "F"]])
-    with pytest.raises(DataError, match="list of row dicts or a dict of columns"):
-        enc.transform("age=1")
-    with pytest.raises(DataError, match="column 'age' has no numeric values"):
-        TabularEncoder.fit([{"age": None}], numeric=["age"])
-    with pytest.raises(DataError, match="no training rows"):
-        TabularEncoder.fit([], numeric=["age"])
-    with pytest.raises(ConfigError, match="at least one numeric or categorical column"):
-        TabularEncoder.fit(ROWS)
-    with pytest.raises(ConfigError, match="listed twice: age"):
-        TabularEncoder.fit(ROWS, numeric=["age"], categorical=["age"])
-    with pytest.raises(DataError, match="not a tabular encoder spec"):
-        encode_tabular(ROWS, {"numeric": []})
-    with pytest.raises(DataError, match="spec is malformed"):
-        TabularEncoder.from_dict({"format": "medsight-tabular/1", "numeric": [{"name": "age"}]})
+    refusals = [
+        (DataError, r"column 'age': expected a number, got 'abc' \(row 1\)",
+         lambda: enc.transform([{"age": 3, "sex": "F"}, {"age": "abc", "sex": "F"}])),
+        (DataError, "column 'age': expected a number, got True",
+         lambda: enc.transform([{"age": True, "sex": "F"}])),
+        (DataError, "column 'age': expected a finite number",
+         lambda: enc.transform([{"age": float("inf"), "sex": "F"}])),
+        (DataError, "column 'age': expected a number, got list",
+         lambda: enc.transform([{"age": [1], "sex": "F"}])),
+        (DataError, "column 'sex': expected a category",
+         lambda: enc.transform([{"age": 1, "sex": 2.5}])),
+        (DataError, r"column 'sex' is missing in row 0 \(required: age, sex\)",
+         lambda: enc.transform([{"age": 1}])),
+        (DataError, r"column 'sex' is missing \(required: age, sex\)",
+         lambda: enc.transform({"age": [1]})),
+        (DataError, "column 'sex' has 2 values, but column 'age' has 1",
+         lambda: enc.transform({"age": [1], "sex": ["F", "M"]})),
+        (DataError, "column 'age': expected a list of values, got str",
+         lambda: enc.transform({"age": "12", "sex": ["F"]})),
+        (DataError, "row 0: expected a dict",
+         lambda: enc.transform([[1, "F"]])),
+        (DataError, "list of row dicts or a dict of columns",
+         lambda: enc.transform("age=1")),
+        (DataError, "column 'age' has no numeric values",
+         lambda: TabularEncoder.fit([{"age": None}], numeric=["age"])),
+        (DataError, "no training rows",
+         lambda: TabularEncoder.fit([], numeric=["age"])),
+        (ConfigError, "at least one numeric or categorical column",
+         lambda: TabularEncoder.fit(ROWS)),
+        (ConfigError, "listed twice: age",
+         lambda: TabularEncoder.fit(ROWS, numeric=["age"], categorical=["age"])),
+        (DataError, "not a tabular encoder spec",
+         lambda: encode_tabular(ROWS, {"numeric": []})),
+        (DataError, "spec is malformed",
+         lambda: TabularEncoder.from_dict({"format": "medsight-tabular/1", "numeric": [{"name": "age"}]})),
+    ]
+    error, message, call = refusals[case]
+    with pytest.raises(error, match=message):
+        call()
 
 
 def _image_model(width=0.5, side=16):
@@ -111,40 +117,46 @@ def test_fusion_modes_forward_and_gradcam_reachability(mode):
     assert last_conv.weight.grad is not None and last_conv.weight.grad.abs().sum() > 0
 
 
-def test_fusion_model_errors():
-    with pytest.raises(ConfigError, match="unknown fusion mode 'sum'"):
-        FusionClassifier(_image_model(), 3, 1, "sum")
-    with pytest.raises(ConfigError, match="needs n_tab >= 1"):
-        FusionClassifier(_image_model(), 0, 1, "concat")
-    with pytest.raises(ConfigError, match="needs an image model"):
-        FusionClassifier(None, 3, 1, "film")
-    with pytest.raises(ConfigError, match="no final nn.Linear"):
-        FusionClassifier(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), 3, 1)
-    with pytest.raises(ConfigError, match="num_outputs and hidden"):
-        FusionClassifier(_image_model(), 3, 0)
+@pytest.mark.parametrize("case", range(15), ids=['unknown-fusion-mode-sum', 'needs-n-tab-1', 'needs-an-image-model', 'no-final-nn-linear', 'num-outputs-and-hidden', 'tabular-input-must-have-shape-n-3', 'tabular-vector-must-have-3-features', 'bound-tabular-input-has-2-rows-the-image', 'needs-images', 'needs-the-encoded-tabular-rows', 'needs-a-medsight-tasks-task', 'needs-3-outputs-the-model-has-1', 'train-3-images-but-4-labels', 'val-2-tabular-rows-but-4-labels', 'tabular-array-must-be-n-3'])
+def test_fusion_model_refusals(case):
     m = FusionClassifier(_image_model(), 3, 1)
-    with pytest.raises(DataError, match=r"tabular input must have shape \(N, 3\)"):
-        m(torch.rand(2, 1, 16, 16), torch.rand(2, 4))
-    with pytest.raises(DataError, match="tabular vector must have 3 features"):
-        m.model_with_tab(np.zeros(4))
-    with pytest.raises(DataError, match="bound tabular input has 2 rows; the image batch has 3"):
-        m.model_with_tab(np.zeros((2, 3)))(torch.rand(3, 1, 16, 16))
-    with pytest.raises(DataError, match="needs images"):
-        fusion_logits(m, None, np.zeros((2, 3)))
-    with pytest.raises(DataError, match="needs the encoded tabular rows"):
-        fusion_logits(m, np.zeros((2, 1, 16, 16), np.uint8), None)
     task = Task("binary", 2)
     x, t, y = np.zeros((4, 1, 16, 16), np.uint8), np.zeros((4, 3), np.float32), np.array([0, 1, 0, 1])
-    with pytest.raises(ConfigError, match="needs a medsight.tasks.Task"):
-        fit_fusion(m, "binary", (x, t, y), (x, t, y))
-    with pytest.raises(ConfigError, match="needs 3 outputs, the model has 1"):
-        fit_fusion(m, Task("multiclass", 3), (x, t, y), (x, t, y))
-    with pytest.raises(DataError, match="train: 3 images but 4 labels"):
-        fit_fusion(m, task, (x[:3], t, y), (x, t, y))
-    with pytest.raises(DataError, match="val: 2 tabular rows but 4 labels"):
-        fit_fusion(m, task, (x, t, y), (x, t[:2], y))
-    with pytest.raises(DataError, match=r"tabular array must be \(N, 3\)"):
-        fit_fusion(m, task, (x, t[:, :2], y), (x, t, y))
+    refusals = [
+        (ConfigError, "unknown fusion mode 'sum'",
+         lambda: FusionClassifier(_image_model(), 3, 1, "sum")),
+        (ConfigError, "needs n_tab >= 1",
+         lambda: FusionClassifier(_image_model(), 0, 1, "concat")),
+        (ConfigError, "needs an image model",
+         lambda: FusionClassifier(None, 3, 1, "film")),
+        (ConfigError, "no final nn.Linear",
+         lambda: FusionClassifier(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), 3, 1)),
+        (ConfigError, "num_outputs and hidden",
+         lambda: FusionClassifier(_image_model(), 3, 0)),
+        (DataError, r"tabular input must have shape \(N, 3\)",
+         lambda: m(torch.rand(2, 1, 16, 16), torch.rand(2, 4))),
+        (DataError, "tabular vector must have 3 features",
+         lambda: m.model_with_tab(np.zeros(4))),
+        (DataError, "bound tabular input has 2 rows; the image batch has 3",
+         lambda: m.model_with_tab(np.zeros((2, 3)))(torch.rand(3, 1, 16, 16))),
+        (DataError, "needs images",
+         lambda: fusion_logits(m, None, np.zeros((2, 3)))),
+        (DataError, "needs the encoded tabular rows",
+         lambda: fusion_logits(m, np.zeros((2, 1, 16, 16), np.uint8), None)),
+        (ConfigError, "needs a medsight.tasks.Task",
+         lambda: fit_fusion(m, "binary", (x, t, y), (x, t, y))),
+        (ConfigError, "needs 3 outputs, the model has 1",
+         lambda: fit_fusion(m, Task("multiclass", 3), (x, t, y), (x, t, y))),
+        (DataError, "train: 3 images but 4 labels",
+         lambda: fit_fusion(m, task, (x[:3], t, y), (x, t, y))),
+        (DataError, "val: 2 tabular rows but 4 labels",
+         lambda: fit_fusion(m, task, (x, t, y), (x, t[:2], y))),
+        (DataError, r"tabular array must be \(N, 3\)",
+         lambda: fit_fusion(m, task, (x, t[:, :2], y), (x, t, y))),
+    ]
+    error, message, call = refusals[case]
+    with pytest.raises(error, match=message):
+        call()
 
 
 make_xor = synthetic_xor
@@ -238,7 +250,7 @@ def test_fusion_end_to_end_from_a_manifest(tmp_path):
     b = load_bundle(out)
     assert b.fusion["columns"] == ["age", "site"] and b.fusion["tabular"]
     logits = split_logits(b, data, "test")
-    from medsight.fusion import encode_tabular, fusion_logits
+    from medsight.fusion import encode_tabular
 
     again = fusion_logits(result.model, data.splits["test"].images,
                           encode_tabular(data.splits["test"].clinical, b.fusion["tabular"]))
@@ -257,7 +269,7 @@ def test_fusion_bundle_in_predictor_cli_and_service(tmp_path):
 
     from medsight.cli import main
     from medsight.config import load_config
-    from medsight.errors import ConfigError, DataError
+    from medsight.errors import DataError
     from medsight.pipeline import run_training
     from medsight.predict import Predictor
     from medsight.serve.app import create_app

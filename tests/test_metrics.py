@@ -240,12 +240,18 @@ def test_threshold_rules():
     y, p = _binary(n=400, seed=5, round_to=3)
     fpr, tpr, thr = skm.roc_curve(y, p)
     t = M.choose_threshold(y, p, "youden")
-    assert t == pytest.approx(thr[np.argmax(tpr - fpr)])
+    edge = thr[np.argmax(tpr - fpr)]  # sklearn's edge: the lowest score called positive at the optimum
+    below = p[p < edge].max()  # the next score down: every threshold in (below, edge] decides alike
+    assert below < t <= edge
+    logit = lambda v: np.log(v / (1 - v))  # noqa: E731
+    assert logit(t) == pytest.approx((logit(below) + logit(edge)) / 2)  # the logit-midpoint, never the edge
+    m = M.compute_metrics("binary", y, p, threshold=t)
+    assert m["sensitivity"] + m["specificity"] - 1 == pytest.approx(np.max(tpr - fpr))
     for target in (0.95, 0.8):
         t = M.choose_threshold(y, p, f"sens={target}")
         m = M.compute_metrics("binary", y, p, threshold=t)
         assert m["sensitivity"] >= target
-        higher = p[p > t].min()  # the next candidate up loses the target
+        higher = np.nextafter(p[p >= t].min(), 1)  # just above the lowest case called positive: loses the target
         assert M.compute_metrics("binary", y, p, threshold=higher)["sensitivity"] < target
     t = M.choose_threshold(y, p, "spec=0.90")
     assert M.compute_metrics("binary", y, p, threshold=t)["specificity"] >= 0.9
@@ -258,7 +264,38 @@ def test_threshold_rules():
     assert M.choose_threshold(y, np.stack([1 - p, p], 1), "youden") == M.choose_threshold(y, p, "youden")
     # spec=1 with the top score negative: nothing may be called positive
     t = M.choose_threshold([0, 1, 0], [0.9, 0.5, 0.1], "spec=1")
-    assert t > 0.9
+    assert 0.9 < t < 1
+
+
+def test_tied_optimum_takes_the_logit_midpoint_not_the_edge():
+    """A perfectly separated validation split: every threshold between the highest negative and the lowest positive
+    is optimal; the rule takes the midpoint on the logit scale (the old edge rule gave the lowest positive's score,
+    0.0111 for BreastMNIST, so every negative call sat within 0.1 of it)."""
+    y = np.array([0] * 40 + [1] * 10)
+    p = np.r_[np.linspace(0.0001, 0.002, 40), np.linspace(0.0111, 0.9, 10)]
+    for rule in ("youden", "f1"):
+        t = M.choose_threshold(y, p, rule)
+        assert 0.002 < t < 0.0111
+        assert np.log(t / (1 - t)) == pytest.approx((np.log(0.002 / 0.998) + np.log(0.0111 / 0.9889)) / 2)
+    d = M.operating_point_detail(y, p, "youden", n_boot=50)
+    assert d["optimal_range"] == [pytest.approx(0.002), pytest.approx(0.0111)]
+    assert d["threshold"] == pytest.approx(M.choose_threshold(y, p, "youden"))
+    assert d["ci"][0] <= d["threshold"] <= d["ci"][1] and d["n_pos"] == 10 and d["n_neg"] == 40
+    assert "midpoint" in d["placement"]
+    # 10 positives: too few to place a threshold well, said in words
+    assert any("only 10 positive case(s)" in w for w in d["warnings"]), d["warnings"]
+
+
+def test_wide_separating_gap_is_warned_and_well_placed_split_is_not():
+    y = np.array([0] * 200 + [1] * 200)
+    sep = np.r_[np.full(200, 0.01), np.full(200, 0.99)] + np.r_[np.linspace(0, 0.005, 200), -np.linspace(0, 0.005, 200)]
+    d = M.operating_point_detail(y, sep, "youden", n_boot=50)
+    assert any("equally well" in w for w in d["warnings"]) and 0.1 < d["threshold"] < 0.9
+    rng = np.random.default_rng(3)
+    z = np.r_[rng.normal(-1, 1, 200), rng.normal(1, 1, 200)]
+    d = M.operating_point_detail(y, 1 / (1 + np.exp(-z)), "youden", n_boot=100)
+    assert d["warnings"] == [] and d["ci"][0] < d["threshold"] < d["ci"][1]
+    assert M.operating_point_detail(y, sep, "0.3")["ci"] is None
 
 
 def test_threshold_multilabel_and_errors():
@@ -312,39 +349,45 @@ def test_reliability_and_ece_known_values():
 # ---------------------------------------------------------------------------------- validation
 
 
-def test_validation_errors():
+@pytest.mark.parametrize("case", range(17), ids=['unknown-task-nope-allowed-binary-multicl', 'threshold-must-be-in', 'one-number', 'not-multiclass', 'multilabel-threshold', 'n-boot', 'alpha', 'n-bins', 'samples', '0-samples', '0-1', 'nan-or-inf', 'n-n-1-or-n-2', 'ints-in-0-3', 'n-k', 'shape-of-probs', 'multilabel-y-true-must-be-0-1'])
+def test_validation_refusals(case):
     y, p = _binary(n=20)
-    with pytest.raises(ConfigError, match="unknown task 'nope'; allowed: binary, multiclass, multilabel, ordinal"):
-        M.compute_metrics("nope", y, p)
-    with pytest.raises(ConfigError, match="threshold must be in"):
-        M.compute_metrics("binary", y, p, threshold=1.5)
-    with pytest.raises(ConfigError, match="one number"):
-        M.compute_metrics("binary", y, p, threshold=[0.5, 0.5])
-    with pytest.raises(ConfigError, match="not multiclass"):
-        M.compute_metrics("multiclass", *_multiclass(n=20), threshold=0.5)
-    with pytest.raises(ConfigError, match="multilabel threshold"):
-        M.compute_metrics("multilabel", np.zeros((5, 3)), np.full((5, 3), 0.5), threshold=[0.5, 0.5])
-    with pytest.raises(ConfigError, match="n_boot"):
-        M.bootstrap_ci("binary", y, p, n_boot=0)
-    with pytest.raises(ConfigError, match="alpha"):
-        M.bootstrap_ci("binary", y, p, alpha=1.5)
-    with pytest.raises(ConfigError, match="n_bins"):
-        M.reliability_curve("binary", y, p, n_bins=0)
-    with pytest.raises(DataError, match="samples"):
-        M.compute_metrics("binary", y[:5], p)
-    with pytest.raises(DataError, match="0 samples"):
-        M.compute_metrics("binary", [], [])
-    with pytest.raises(DataError, match="0/1"):
-        M.compute_metrics("binary", y + 1, p)
-    with pytest.raises(DataError, match="nan or inf"):
-        M.compute_metrics("binary", y, np.full(len(y), np.nan))
-    with pytest.raises(DataError, match=r"\(N,\), \(N, 1\) or \(N, 2\)"):
-        M.compute_metrics("binary", y, np.zeros((len(y), 3)))
-    with pytest.raises(DataError, match="ints in 0..3"):
-        M.compute_metrics("multiclass", np.full(20, 4), _multiclass(n=20)[1])
-    with pytest.raises(DataError, match=r"\(N, K\)"):
-        M.compute_metrics("multiclass", y, p)
-    with pytest.raises(DataError, match="shape of probs"):
-        M.compute_metrics("multilabel", y, np.zeros((20, 2)))
-    with pytest.raises(DataError, match="multilabel y_true must be 0/1"):
-        M.compute_metrics("multilabel", np.full((20, 2), 2), np.zeros((20, 2)))
+    refusals = [
+        (ConfigError, "unknown task 'nope'; allowed: binary, multiclass, multilabel, ordinal",
+         lambda: M.compute_metrics("nope", y, p)),
+        (ConfigError, "threshold must be in",
+         lambda: M.compute_metrics("binary", y, p, threshold=1.5)),
+        (ConfigError, "one number",
+         lambda: M.compute_metrics("binary", y, p, threshold=[0.5, 0.5])),
+        (ConfigError, "not multiclass",
+         lambda: M.compute_metrics("multiclass", *_multiclass(n=20), threshold=0.5)),
+        (ConfigError, "multilabel threshold",
+         lambda: M.compute_metrics("multilabel", np.zeros((5, 3)), np.full((5, 3), 0.5), threshold=[0.5, 0.5])),
+        (ConfigError, "n_boot",
+         lambda: M.bootstrap_ci("binary", y, p, n_boot=0)),
+        (ConfigError, "alpha",
+         lambda: M.bootstrap_ci("binary", y, p, alpha=1.5)),
+        (ConfigError, "n_bins",
+         lambda: M.reliability_curve("binary", y, p, n_bins=0)),
+        (DataError, "samples",
+         lambda: M.compute_metrics("binary", y[:5], p)),
+        (DataError, "0 samples",
+         lambda: M.compute_metrics("binary", [], [])),
+        (DataError, "0/1",
+         lambda: M.compute_metrics("binary", y + 1, p)),
+        (DataError, "nan or inf",
+         lambda: M.compute_metrics("binary", y, np.full(len(y), np.nan))),
+        (DataError, r"\(N,\), \(N, 1\) or \(N, 2\)",
+         lambda: M.compute_metrics("binary", y, np.zeros((len(y), 3)))),
+        (DataError, "ints in 0..3",
+         lambda: M.compute_metrics("multiclass", np.full(20, 4), _multiclass(n=20)[1])),
+        (DataError, r"\(N, K\)",
+         lambda: M.compute_metrics("multiclass", y, p)),
+        (DataError, "shape of probs",
+         lambda: M.compute_metrics("multilabel", y, np.zeros((20, 2)))),
+        (DataError, "multilabel y_true must be 0/1",
+         lambda: M.compute_metrics("multilabel", np.full((20, 2), 2), np.zeros((20, 2)))),
+    ]
+    error, message, call = refusals[case]
+    with pytest.raises(error, match=message):
+        call()

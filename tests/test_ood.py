@@ -3,7 +3,6 @@ PPCA), persistence and refusal of malformed files, error paths, and on real data
 BreastMNIST, a BreastMNIST model flags PneumoniaMNIST chest X-rays, noise and blank images."""
 
 import functools
-import inspect
 import io
 import json
 
@@ -13,6 +12,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+import ood_baselines as base
 from beyond_helpers import pneumonia, pneumonia_model, root_of
 from medsight import ood
 from medsight.errors import ConfigError, DataError, MedsightError
@@ -21,48 +21,54 @@ from medsight.errors import ConfigError, DataError, MedsightError
 def test_energy_binary_uses_two_class_logits():
     z = torch.tensor([[-3.0], [0.0], [4.0]])
     expect = -torch.logsumexp(torch.cat([torch.zeros_like(z), z], 1), 1).numpy()
-    np.testing.assert_allclose(ood.energy_score(z), expect, rtol=1e-6)
-    np.testing.assert_allclose(ood.energy_score(z.reshape(-1)), expect, rtol=1e-6)  # (N,) accepted
+    np.testing.assert_allclose(base.energy_score(z), expect, rtol=1e-6)
+    np.testing.assert_allclose(base.energy_score(z.reshape(-1)), expect, rtol=1e-6)  # (N,) accepted
     # confident predictions (large |z| with z > 0) have lower energy = less OOD
-    assert ood.energy_score(z)[2] < ood.energy_score(z)[1]
+    assert base.energy_score(z)[2] < base.energy_score(z)[1]
 
 
 def test_energy_multiclass_and_temperature():
     z = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
-    np.testing.assert_allclose(ood.energy_score(z), -torch.logsumexp(z, 1).numpy(), rtol=1e-6)
-    np.testing.assert_allclose(ood.energy_score(z, 2.0), -2 * torch.logsumexp(z / 2, 1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(base.energy_score(z), -torch.logsumexp(z, 1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(base.energy_score(z, 2.0), -2 * torch.logsumexp(z / 2, 1).numpy(), rtol=1e-6)
     # multilabel: per-output two-class energies, summed
-    per = ood.energy_score(z, task="multilabel")
-    np.testing.assert_allclose(per, sum(ood.energy_score(z[:, k:k + 1]) for k in range(3)), rtol=1e-6)
-    with pytest.raises(ConfigError, match="temperature must be > 0"):
-        ood.energy_score(z, 0)
-    with pytest.raises(ConfigError, match="unknown task 'survival'"):
-        ood.energy_score(z, task="survival")
-    with pytest.raises(DataError, match="logits must have shape"):
-        ood.energy_score(torch.zeros(2, 2, 2))
+    per = base.energy_score(z, task="multilabel")
+    np.testing.assert_allclose(per, sum(base.energy_score(z[:, k:k + 1]) for k in range(3)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda z: base.energy_score(z, 0), ConfigError, "temperature must be > 0"),
+    (lambda z: base.energy_score(z, task="survival"), ConfigError, "unknown task 'survival'"),
+    (lambda z: base.energy_score(torch.zeros(2, 2, 2)), DataError, "logits must have shape"),
+], ids=["temperature", "task", "shape"])
+def test_energy_refusals(call, error, message):
+    with pytest.raises(error, match=message):
+        call(torch.zeros(2, 3))
 
 
 def test_msp():
     z = torch.tensor([[10.0, 0.0], [0.0, 0.0]])
-    s = ood.msp_score(z)
+    s = base.msp_score(z)
     assert s[0] < 1e-3 and s[1] == pytest.approx(0.5)
-    assert ood.msp_score(torch.tensor([[0.0]]))[0] == pytest.approx(0.5)
+    assert base.msp_score(torch.tensor([[0.0]]))[0] == pytest.approx(0.5)
 
 
 def test_threshold_and_flags():
     s = np.arange(101, dtype=float)
-    assert ood.fit_ood_threshold(s, 0.95) == pytest.approx(95.0)
+    assert base.fit_ood_threshold(s, 0.95) == pytest.approx(95.0)
     assert ood.ood_flags([94, 95, 96], 95.0).tolist() == [False, False, True]
-    with pytest.raises(ConfigError, match=r"quantile must be in \(0, 1\)"):
-        ood.fit_ood_threshold(s, 1.0)
-    with pytest.raises(DataError, match="no validation scores"):
-        ood.fit_ood_threshold([], 0.9)
-    with pytest.raises(DataError, match="NaN"):
-        ood.fit_ood_threshold([1.0, float("nan")])
-    with pytest.raises(ConfigError, match="threshold must be a finite number"):
-        ood.ood_flags([1.0], None)
-    with pytest.raises(ConfigError, match="threshold must be a finite number"):
-        ood.ood_flags([1.0], float("inf"))
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: base.fit_ood_threshold(np.arange(101.0), 1.0), ConfigError, r"quantile must be in \(0, 1\)"),
+    (lambda: base.fit_ood_threshold([], 0.9), DataError, "no validation scores"),
+    (lambda: base.fit_ood_threshold([1.0, float("nan")]), DataError, "NaN"),
+    (lambda: ood.ood_flags([1.0], None), ConfigError, "threshold must be a finite number"),
+    (lambda: ood.ood_flags([1.0], float("inf")), ConfigError, "threshold must be a finite number"),
+], ids=["quantile", "empty", "nan", "no-threshold", "inf-threshold"])
+def test_threshold_and_flag_refusals(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
 
 
 def test_mahalanobis_formula_on_known_gaussians():
@@ -78,37 +84,39 @@ def _tiny():
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1))
 
 
-def test_fit_mahalanobis_hooks_the_last_linear_and_errors():
+def test_mahalanobis_state_hooks_the_last_linear():
     m = _tiny()
     x = torch.rand(30, 1, 4, 4)
     y = np.arange(30) % 2
-    st = ood.fit_mahalanobis(m, x, y)
+    st = base.fit_mahalanobis(m, x, y)
     assert st["layer"] == "3" and st["means"].shape == (2, 8) and st["precision"].shape == (8, 8)
     assert st["classes"].tolist() == [0, 1]
-    one = ood.fit_mahalanobis(m, x, None)
+    one = base.fit_mahalanobis(m, x, None)
     assert one["means"].shape == (1, 8)
-    multi = ood.fit_mahalanobis(m, x, np.eye(3)[np.arange(30) % 3])  # multilabel -> class-agnostic
+    multi = base.fit_mahalanobis(m, x, np.eye(3)[np.arange(30) % 3])  # multilabel -> class-agnostic
     assert multi["means"].shape == (1, 8)
-    s = ood.ood_scores(m, x, state=st)
+    s = base.mahalanobis_scores(m, x, st)
     assert s.shape == (30,) and np.isfinite(s).all()
-    with pytest.raises(DataError, match="30 images but 29 labels"):
-        ood.fit_mahalanobis(m, x, y[:-1])
-    with pytest.raises(DataError, match="at least 2 training images"):
-        ood.fit_mahalanobis(m, x[:1], y[:1])
-    with pytest.raises(ConfigError, match="has no final nn.Linear"):
-        ood.fit_mahalanobis(nn.Sequential(nn.Conv2d(1, 1, 3)), x, y)
-    with pytest.raises(ConfigError, match="unknown OOD score 'knn'"):
-        ood.ood_scores(m, x, score="knn")
-    with pytest.raises(ConfigError, match="needs a fitted state"):
-        ood.ood_scores(m, x)
-    with pytest.raises(ConfigError, match="no layer 'fc'"):
-        ood.logits_and_features(m, x, layer="fc")
-    with pytest.raises(ConfigError, match="batch_size"):
-        ood.logits_and_features(m, x, batch_size=0)
-    with pytest.raises(DataError, match="no images"):
-        ood.logits_and_features(m, x[:0])
-    with pytest.raises(ConfigError, match="unknown OOD score"):
-        ood.fit_ood_detector(m, x, y, x, score="odin")
+    det = ood.fit_ood_detector(m, x[:20], y[:20], x[20:])  # the product's features component is the same state
+    np.testing.assert_allclose(det["means"], base.fit_mahalanobis(m, x[:20], y[:20])["means"])
+
+
+_X, _Y = torch.rand(30, 1, 4, 4), np.arange(30) % 2
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m: ood.mahalanobis_state(np.zeros((30, 8)), _Y[:-1]), DataError, "30 images but 29 labels"),
+    (lambda m: ood.mahalanobis_state(np.zeros((1, 8)), _Y[:1]), DataError, "at least 2 training images"),
+    (lambda m: ood.mahalanobis_state(np.zeros(8)), DataError, r"features must have shape \(N, D\)"),
+    (lambda m: ood.fit_ood_detector(nn.Sequential(nn.Conv2d(1, 1, 3)), _X, _Y, _X), ConfigError,
+     "has no final nn.Linear"),
+    (lambda m: ood.logits_and_features(m, _X, layer="fc"), ConfigError, "no layer 'fc'"),
+    (lambda m: ood.logits_and_features(m, _X, batch_size=0), ConfigError, "batch_size"),
+    (lambda m: ood.logits_and_features(m, _X[:0]), DataError, "no images"),
+], ids=["labels", "too-few", "feature-shape", "no-linear", "no-layer", "batch-size", "no-images"])
+def test_feature_refusals(call, error, message):
+    with pytest.raises(error, match=message):
+        call(_tiny())
 
 
 def test_detector_persistence(tmp_path):
@@ -116,6 +124,7 @@ def test_detector_persistence(tmp_path):
     x = torch.rand(40, 1, 4, 4)
     y = np.arange(40) % 2
     det = ood.fit_ood_detector(m, x[:30], y[:30], x[30:])
+    assert det["score"] == "combined" and det["format"] == ood.FORMAT_COMBINED
     ref = ood.detect(m, x, det)
     p = ood.save_ood(tmp_path / "ood.npz", det)
     back = ood.load_ood(p)
@@ -123,12 +132,18 @@ def test_detector_persistence(tmp_path):
     js = json.loads(json.dumps(ood.detector_to_json(det)))  # bundle.json-compatible
     np.testing.assert_allclose(ood.detect(m, x, ood.detector_from_json(js))["ood_score"], ref["ood_score"])
     assert ref["ood_flag"].dtype == bool and ref["logits"].shape == (40, 1)
-    energy = ood.fit_ood_detector(m, x[:30], y[:30], x[30:], score="energy")
-    assert "means" not in energy and np.isfinite(energy["threshold"])
-    with pytest.raises(DataError, match="not an OOD detector"):
-        ood.detector_from_json({"score": "energy"})
-    with pytest.raises(DataError, match="unknown OOD score in detector"):
-        ood.detector_from_json({"format": ood.FORMAT, "score": "x"})
+
+
+@pytest.mark.parametrize("obj, message", [
+    ({"score": "combined"}, "not an OOD detector"),
+    ({"format": "medsight-ood/2", "score": "x"}, "unknown OOD score in detector"),
+], ids=["no-format", "unknown-score"])
+def test_detector_from_json_refusals(obj, message):
+    with pytest.raises(DataError, match=message):
+        ood.detector_from_json(obj)
+
+
+def test_missing_or_unreadable_ood_npz_is_one_line(tmp_path):
     with pytest.raises(DataError, match="not found"):
         ood.load_ood(tmp_path / "none.npz")
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
@@ -136,14 +151,20 @@ def test_detector_persistence(tmp_path):
         ood.load_ood(tmp_path / "bad.npz")
 
 
-def test_default_detector_is_combined_and_bare_states_keep_their_score():
-    assert inspect.signature(ood.fit_ood_detector).parameters["score"].default == "combined"
+@pytest.mark.parametrize("score", ["mahalanobis", "energy", "msp"])
+def test_a_retired_single_score_detector_is_refused_in_one_line(tmp_path, score):
+    """ood.npz files of the single-score detectors (format medsight-ood/1) name the file and say what to do."""
     m = _tiny()
     x = torch.rand(30, 1, 4, 4)
-    st = ood.fit_mahalanobis(m, x, np.arange(30) % 2)  # no "score" key: scored as Mahalanobis
-    np.testing.assert_allclose(ood.ood_scores(m, x, state=st), ood.ood_scores(m, x, score="mahalanobis", state=st))
-    with pytest.raises(ConfigError, match="score='combined' needs a fitted state"):
-        ood.ood_scores(m, x, score="combined", state=st)
+    old = {"format": ood.RETIRED_FORMAT, "score": score, "quantile": 0.95, "temperature": 1.0, "task": "binary",
+           "threshold": 1.5}
+    if score == "mahalanobis":
+        old.update(base.fit_mahalanobis(m, x, np.arange(30) % 2))
+    p = ood.save_ood(tmp_path / "ood.npz", old)
+    with pytest.raises(DataError, match=rf"OOD detector {p} is a single-score detector \(medsight-ood/1, "
+                                        rf"'{score}'\).*retrain the bundle") as e:
+        ood.load_ood(p)
+    assert "\n" not in str(e.value)
 
 
 def test_pneumonia_model_flags_breast_ultrasound(medmnist_dir):
@@ -161,9 +182,9 @@ def test_pneumonia_model_flags_breast_ultrasound(medmnist_dir):
     assert auroc >= 0.95, auroc
     assert ind["ood_flag"].mean() < 0.15  # ~5 % false alarms by construction (95th percentile of val)
     assert out["ood_flag"].mean() > 0.9
-    # the logit-based scores are much weaker here, which is why the default is Mahalanobis
+    # the logit-based scores are much weaker here, which is why the detector scores features and inputs
     z_in, z_out = ind["logits"], out["logits"]
-    energy_auroc = roc_auc_score(y, np.r_[ood.energy_score(z_in), ood.energy_score(z_out)])
+    energy_auroc = roc_auc_score(y, np.r_[base.energy_score(z_in), base.energy_score(z_out)])
     assert energy_auroc < auroc
 
 
@@ -315,7 +336,7 @@ def _rewrite(path, det_arrays: dict, meta) -> None:
     (lambda a, m: m.update(input_shape=[1, 16]), "is malformed: input_shape must be"),
     (lambda a, m: m.update(pix_grid=[4, 4]), r"is malformed: pix_grid \[4, 4\] does not match"),
     (lambda a, m: m.update(components=["features", "colour"]), "is malformed: components must be"),
-    (lambda a, m: m.update(format="medsight-ood/1"), "a combined detector must have format"),
+    (lambda a, m: m.update(format="medsight-ood/1"), "is a single-score detector .*retrain the bundle"),
     (lambda a, m: m.update(format="other/9"), "not an OOD detector"),
     (lambda a, m: a.update(means=np.array([{"code": 1}], dtype=object)), "cannot read OOD detector .*Object arrays"),
     (lambda a, m: a.update(meta_is="[1, 2]"), "cannot read OOD detector .*not a JSON object"),
@@ -351,7 +372,6 @@ def test_detect_and_score_from_outputs_agree_with_a_model():
     onnx_like = ood.score_from_outputs(logits.detach().numpy(), feats.detach().numpy(), det, x=x.numpy())
     np.testing.assert_allclose(r["ood_score"], onnx_like, rtol=1e-6)
     assert set(r["components"]) == set(ood.COMPONENTS) and r["ood_flag"].tolist() == (onnx_like > 1).tolist()
-    np.testing.assert_allclose(ood.ood_scores(m, x, state=det), r["ood_score"])
 
 
 # --------------------------------------------------------------------------------------------- real data
@@ -381,13 +401,13 @@ def test_breast_detector_flags_chest_xrays_noise_and_blanks(medmnist_dir):
     model, data = _breast_model(root)
     tr, va, te = (data.splits[s] for s in ("train", "val", "test"))
     det = ood.fit_ood_detector(model, tr.images, tr.labels, va.images)  # TRAIN fit, VAL thresholds
-    old = ood.fit_ood_detector(model, tr.images, tr.labels, va.images, score="mahalanobis")
+    old = base.mahalanobis_detector(model, tr.images, tr.labels, va.images)  # features alone, val 95th percentile
     pneu = load_medmnist("pneumoniamnist", 28, root=root, download_missing=False).splits["test"].images
     own = ood.detect(model, te.images, det)["ood_flag"].mean()
     assert own <= 0.05, own
     flagged = ood.detect(model, pneu, det)["ood_flag"].mean()
     assert flagged >= 0.95, flagged
-    assert ood.detect(model, pneu, old)["ood_flag"].mean() < flagged  # features alone: 8-51 % in our runs
+    assert base.mahalanobis_flags(model, pneu, old).mean() < flagged  # features alone: 8-51 % in our runs
     rng = np.random.default_rng(0)
     probes = {"constant 0": np.zeros((20, 1, 28, 28), np.float32), "constant 1": np.ones((20, 1, 28, 28), np.float32),
               "uniform noise": rng.random((20, 1, 28, 28), dtype=np.float32),

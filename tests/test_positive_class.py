@@ -31,7 +31,7 @@ def test_every_binary_medmnist_set_has_a_positive_class():
 
 
 def test_breastmnist_malignant_is_class_1(medmnist_dir):
-    ds = load_dataset("breastmnist", root=medmnist_dir, download_missing=False)
+    ds = load_dataset("breastmnist", root=medmnist_dir, download=False)
     assert ds.classes == ["normal, benign", "malignant"] and ds.positive_class == "malignant"
     assert ds.positive_class_source == "MedMNIST default for breastmnist"
     raw = _raw_labels(medmnist_dir, "breastmnist", "test")  # 0 = malignant in the official file
@@ -41,11 +41,11 @@ def test_breastmnist_malignant_is_class_1(medmnist_dir):
 
 
 def test_pneumonia_keeps_its_order_and_override_by_name_or_index(medmnist_dir):
-    ds = load_dataset("pneumoniamnist", root=medmnist_dir, download_missing=False)
+    ds = load_dataset("pneumoniamnist", root=medmnist_dir, download=False)
     assert ds.classes == ["normal", "pneumonia"]
     np.testing.assert_array_equal(ds.splits["val"].labels, _raw_labels(medmnist_dir, "pneumoniamnist", "val"))
-    by_name = load_dataset("breastmnist", root=medmnist_dir, download_missing=False, positive_class="normal, benign")
-    by_index = load_dataset("breastmnist", root=medmnist_dir, download_missing=False, positive_class=1)
+    by_name = load_dataset("breastmnist", root=medmnist_dir, download=False, positive_class="normal, benign")
+    by_index = load_dataset("breastmnist", root=medmnist_dir, download=False, positive_class=1)
     for ds in (by_name, by_index):  # index 1 of the file's own order is "normal, benign"
         assert ds.classes == ["malignant", "normal, benign"]
         assert ds.positive_class_source == "set by data.positive_class"
@@ -54,7 +54,7 @@ def test_pneumonia_keeps_its_order_and_override_by_name_or_index(medmnist_dir):
 
 def test_bad_positive_class_lists_the_classes(medmnist_dir):
     with pytest.raises(ConfigError, match=r"'tumour'.*'malignant' \(or 0\).*'normal, benign' \(or 1\)"):
-        load_dataset("breastmnist", root=medmnist_dir, download_missing=False, positive_class="tumour")
+        load_dataset("breastmnist", root=medmnist_dir, download=False, positive_class="tumour")
 
 
 def test_positive_class_on_multiclass_is_refused(tmp_path):
@@ -110,7 +110,7 @@ def test_breastmnist_training_metrics_are_for_malignant(tmp_path, breast):
 def test_align_to_an_older_bundles_class_order(medmnist_dir):
     from medsight.errors import DataError
 
-    ds = load_dataset("breastmnist", root=medmnist_dir, download_missing=False)
+    ds = load_dataset("breastmnist", root=medmnist_dir, download=False)
     ds.align_to(["malignant", "normal, benign"])  # a bundle trained before the positive class moved to index 1
     assert ds.classes == ["malignant", "normal, benign"] and ds.positive_class_source == "as the model was trained"
     np.testing.assert_array_equal(ds.splits["test"].labels, _raw_labels(medmnist_dir, "breastmnist", "test"))

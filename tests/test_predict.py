@@ -226,7 +226,7 @@ def test_write_predictions_streams_rows_before_a_crash(predictors, breast_files,
     for suffix in (".csv", ".jsonl"):
         out = tmp_path / f"rows{suffix}"
         with pytest.raises(RuntimeError, match="crash after three files"):
-            write_predictions(produce(), out, p.classes, on_row=lambda r: seen.append(len(out.read_text().splitlines())))
+            write_predictions(produce(), out, p.classes, on_row=lambda r, out=out: seen.append(len(out.read_text().splitlines())))
         lines = out.read_text().splitlines()
         if suffix == ".csv":
             assert [Path(r["file"]).name for r in csv.DictReader(lines)] == [f.name for f in breast_files["png"][:3]]
@@ -247,4 +247,4 @@ def test_cli_predict_escapes_markup_in_paths_and_exits_1_on_failures(served_bund
     assert "[red]bad[x].png" in got.err and got.err.count("error:") == 1 and "Traceback" not in got.err
     assert "1 of 2 files could not be used" in got.out
     assert main(["predict", str(served_bundle), str(d / "[bold]a[1].png"), "--out", str(tmp_path / "ok[1].jsonl")]) == 0
-    assert "1 predictions written to " + str(tmp_path / "ok[1].jsonl") in capsys.readouterr().out
+    assert "1 prediction written to " + str(tmp_path / "ok[1].jsonl") in capsys.readouterr().out

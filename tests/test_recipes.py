@@ -59,6 +59,27 @@ def test_bench_quick_smoke(tmp_path):
     assert "| breastmnist |" in (tmp_path / "medmnist.md").read_text()
 
 
+def test_bench_results_table_and_unknown_dataset(tmp_path):
+    """The benchmark's table and files from a result (no training), and an unknown key refused before any work."""
+    from medsight.bench import run_benchmark, write_results
+    from medsight.errors import ConfigError
+
+    result = {"meta": {"device": "cpu", "device_name": "x86_64", "threads": 2, "amp": "off", "torch": "2.x",
+                       "quick": False},
+              "rows": [{"dataset": "breastmnist", "method": "medsight recipe", "auc": (0.9, 0.01), "acc": (0.85, None),
+                        "epochs_run": 3, "epochs_recipe": 30, "wall_s": 12.0, "train_s_full_est": 120.0,
+                        "images_per_s": 900.0, "peak_mem_mb": 300.0},
+                       {"dataset": "breastmnist", "method": "paper: ResNet-18 (28)", "auc": (0.901, None),
+                        "acc": (0.863, None)}]}
+    md, js = write_results(result, tmp_path)
+    text = md.read_text()
+    assert "| breastmnist | medsight recipe | 0.900 ± 0.010 | 0.850 | 3/30 | 12.0 | 120.0 | 900 | 300 |" in text
+    assert "| breastmnist | paper: ResNet-18 (28) | 0.901 | 0.863 | 100 | - | - | - | - |" in text
+    assert json.loads(js.read_text())["rows"][0]["method"] == "medsight recipe"
+    with pytest.raises(ConfigError, match="unknown benchmark dataset 'nosuch'"):
+        run_benchmark(["nosuch"], [0], device="cpu", log=lambda m: None)
+
+
 def test_youden_threshold_and_flip_tta_are_chosen_on_val_and_stored(tmp_path):
     from tests.conftest import make_npz
 

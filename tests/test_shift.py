@@ -99,7 +99,7 @@ class _Mean(nn.Module):
         return (x.mean(dim=tuple(range(1, x.dim()))) - 0.5)[:, None] * self.w
 
 
-def test_evaluate_shift_structure_3d_and_errors():
+def test_evaluate_shift_structure_3d():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 40)
     x = (rng.random((40, 1, 10, 10, 10)) * 0.3 + 0.35 * y[:, None, None, None, None]) * 255
@@ -110,33 +110,46 @@ def test_evaluate_shift_structure_3d_and_errors():
     row = r["corruptions"]["intensity_shift"][1]
     assert row["drop"]["auc"] == pytest.approx(r["clean"]["auc"] - row["metrics"]["auc"])
     json.dumps(r)  # JSON-able as is
+
+
+@pytest.mark.parametrize("case", range(13), ids=['40-images-but-39-labels', 'no-images', 'shape', 'batch-size', 'jpeg', 'unknown-corruption', 'no-corruptions', 'no-severities', 'severity', 'unknown-task', 'task-must-be', 'not-a-shift-result', 'not-a-shift-result-2'])
+def test_evaluate_shift_refusals(case):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 40)
+    x = (rng.random((40, 1, 10, 10, 10)) * 0.3 + 0.35 * y[:, None, None, None, None]) * 255
+    x = x.astype(np.uint8)
     m = _Mean()
-    with pytest.raises(DataError, match="40 images but 39 labels"):
-        evaluate_shift(m, "binary", x, y[:-1])
-    with pytest.raises(DataError, match="no images"):
-        evaluate_shift(m, "binary", x[:0], y[:0])
-    with pytest.raises(DataError, match="shape"):
-        evaluate_shift(m, "binary", x[:, 0, 0], y)
-    with pytest.raises(ConfigError, match="batch_size"):
-        evaluate_shift(m, "binary", x, y, batch_size=0)
-    with pytest.raises(ConfigError, match="jpeg"):
-        evaluate_shift(m, "binary", x, y, corruptions=["jpeg"])
-    with pytest.raises(ConfigError, match="unknown corruption"):
-        evaluate_shift(m, "binary", x, y, corruptions=["fog"])
-    with pytest.raises(ConfigError, match="no corruptions"):
-        evaluate_shift(m, "binary", x, y, corruptions=[])
-    with pytest.raises(ConfigError, match="no severities"):
-        evaluate_shift(m, "binary", x, y, severities=())
-    with pytest.raises(ConfigError, match="severity"):
-        evaluate_shift(m, "binary", x, y, severities=(0,))
-    with pytest.raises(ConfigError, match="unknown task"):
-        evaluate_shift(m, "regression", x, y)
-    with pytest.raises(ConfigError, match="task must be"):
-        evaluate_shift(m, 3, x, y)
-    with pytest.raises(DataError, match="not a shift result"):
-        plot_shift({"clean": {}})
-    with pytest.raises(DataError, match="not a shift result"):
-        shift_table_html([])
+    refusals = [
+        (DataError, "40 images but 39 labels",
+         lambda: evaluate_shift(m, "binary", x, y[:-1])),
+        (DataError, "no images",
+         lambda: evaluate_shift(m, "binary", x[:0], y[:0])),
+        (DataError, "shape",
+         lambda: evaluate_shift(m, "binary", x[:, 0, 0], y)),
+        (ConfigError, "batch_size",
+         lambda: evaluate_shift(m, "binary", x, y, batch_size=0)),
+        (ConfigError, "jpeg",
+         lambda: evaluate_shift(m, "binary", x, y, corruptions=["jpeg"])),
+        (ConfigError, "unknown corruption",
+         lambda: evaluate_shift(m, "binary", x, y, corruptions=["fog"])),
+        (ConfigError, "no corruptions",
+         lambda: evaluate_shift(m, "binary", x, y, corruptions=[])),
+        (ConfigError, "no severities",
+         lambda: evaluate_shift(m, "binary", x, y, severities=())),
+        (ConfigError, "severity",
+         lambda: evaluate_shift(m, "binary", x, y, severities=(0,))),
+        (ConfigError, "unknown task",
+         lambda: evaluate_shift(m, "regression", x, y)),
+        (ConfigError, "task must be",
+         lambda: evaluate_shift(m, 3, x, y)),
+        (DataError, "not a shift result",
+         lambda: plot_shift({"clean": {}})),
+        (DataError, "not a shift result",
+         lambda: shift_table_html([])),
+    ]
+    error, message, call = refusals[case]
+    with pytest.raises(error, match=message):
+        call()
 
 
 def test_pneumonia_model_under_shift(medmnist_dir):

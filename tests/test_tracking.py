@@ -355,7 +355,8 @@ def test_unreachable_server_warns_and_the_bundle_is_written(tmp_path):
                                                "--set", "train.n_boot=0"),
                          capture_output=True, text=True, env=_subproc.env(MLFLOW_TRACKING_URI=uri), timeout=300)
     assert res.returncode == 0, res.stderr
-    warn = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
+    # (a threshold placed on the tiny set's 4 positive validation cases has its own warning, not about tracking)
+    warn = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:") and not ln.startswith("warning: threshold:")]
     assert warn == [f"warning: MLflow tracking server {uri} cannot be used (MlflowException: connection refused); "
                     "the training goes on without tracking"], res.stderr
     assert "Traceback" not in res.stderr and "Retrying" not in res.stderr

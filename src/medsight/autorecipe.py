@@ -21,6 +21,8 @@ one consistent gain, at three times the CPU, and is what the packaged 28 px reci
 
 Every setting the user gave explicitly (``--epochs``, ``--set``, a YAML key) wins over the rule (a model chosen
 with ``--model`` keeps its own width, stem and dropout); the chosen settings are written into the run's ``config.yaml`` and ``bundle.json`` (``auto_recipe``).
+After :func:`apply`, the recipe's ``reasons`` name only what the rule set; the settings kept as given are listed with
+where each came from (``--epochs``, ``recipe X``, ``config Y``), in the summary, the report and ``bundle.json``.
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ class DataFacts:
 @dataclass
 class AutoRecipe:
     settings: dict[str, Any]  # dotted config keys -> values
-    reasons: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # every line of the rule; after apply(): what it applied
+    parts: dict[str, str] = field(default_factory=dict)  # the rule's sentences by topic (size, model, epochs, augment)
+    given: dict[str, str] = field(default_factory=dict)  # after apply(): keys the user set -> where from
 
 
 def facts_of(data) -> DataFacts:
@@ -105,21 +109,65 @@ def choose(facts: DataFacts, size: int | None = None) -> AutoRecipe:
         "augment.translate": 0.05 if d == 2 else 0.0,
     }
     shown = "x".join([str(side)] * d)
-    reasons = [
-        f"automatic recipe (no --recipe or --config): cnn6 x{width:g} for {d}D {shown} input with "
-        f"{facts.channels} channel(s), first conv stride {1 if stem == 'small' else 2}, dropout 0.3",
-        f"{epochs} epochs of batch {batch}: {facts.n_train} training images give {steps_per_epoch} steps per epoch; "
-        f"{TARGET_STEPS} steps would take {by_steps} epochs, the CPU budget of {BUDGET[d]} image passes at 28 px "
-        f"allows {by_budget}, kept within {MIN_EPOCHS}..{MAX_EPOCHS}",
-        ("augmentation: left-right flips, rotation 15 deg, zoom 10%, shift 5%, brightness/contrast 10%; "
-         "test-time left-right flip" if d == 2 else
-         "augmentation: flips along every axis, brightness/contrast 10%; test-time flips along every axis"),
-    ]
+    parts = {
+        "model": f"model cnn6 x{width:g} for {d}D {shown} input with {facts.channels} channel(s), first conv stride "
+                 f"{1 if stem == 'small' else 2}, dropout 0.3",
+        "epochs": f"at most {epochs} epochs of batch {batch} (early stopping may end it sooner): {facts.n_train} "
+                  f"training images give {steps_per_epoch} steps per epoch; {TARGET_STEPS} steps would take "
+                  f"{by_steps} epochs, the CPU budget of {BUDGET[d]} image passes at 28 px (the training time the "
+                  f"rule allows, about 3-4 CPU-minutes) allows {by_budget}, kept within {MIN_EPOCHS}..{MAX_EPOCHS}",
+        "augment": ("augmentation: left-right flips, rotation 15 deg, zoom 10%, shift 5%, brightness/contrast 10%"
+                    if d == 2 else "augmentation: flips along every axis, brightness/contrast 10%"),
+        "tta": "test-time left-right flip" if d == 2 else "test-time flips along every axis",
+        "schedule": "Adam, learning rate 0.001, weight decay 0.0001, cosine schedule, best epoch by validation AUC",
+    }
     if size is not None:
         s["data.size"] = size
-        reasons.insert(0, f"input size {shown}: the smallest of {', '.join(map(str, SIZES[d]))} that holds 90% "
-                       f"of the files' median size ({'x'.join(map(str, facts.native_median or []))})")
-    return AutoRecipe(settings=s, reasons=reasons)
+        parts["size"] = (f"input size {shown}: the smallest of {', '.join(map(str, SIZES[d]))} that holds 90% "
+                         f"of the files' median size ({'x'.join(map(str, facts.native_median or []))})")
+    reasons = [f"automatic recipe (no --recipe or --config): {parts[k]}" if i == 0 else parts[k]
+               for i, k in enumerate(k for k in ("size", "model", "epochs", "augment", "tta", "schedule") if k in parts)]
+    return AutoRecipe(settings=s, reasons=reasons, parts=parts)
+
+
+#: which of the rule's keys each sentence is about
+_TOPICS = {"size": ("data.size",), "model": ("model.name", "model.width", "model.stem", "model.dropout"),
+           "epochs": ("train.epochs", "train.batch_size"),
+           "augment": tuple(f"augment.{k}" for k in ("enabled", "flip", "brightness", "contrast", "noise", "gamma",
+                                                     "rotate", "scale", "translate")),
+           "tta": ("train.tta_flip",),
+           "schedule": ("train.optimizer", "train.lr", "train.weight_decay", "train.schedule", "train.monitor")}
+
+
+def _shown(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def describe_applied(recipe: AutoRecipe, applied: dict[str, Any], given: dict[str, str]) -> list[str]:
+    """The summary's lines about the rule: a topic's sentence only when the rule set every key of it, the keys it
+    set of a topic it only partly decided (``train.batch_size = 64``), and the settings kept as given (``given``:
+    key -> ``"10 (from --epochs)"``)."""
+    lines: list[str] = []
+    for topic, topic_keys in _TOPICS.items():
+        keys = [k for k in topic_keys if k in recipe.settings]
+        mine = [k for k in keys if k in applied]
+        if not mine:
+            continue
+        if len(mine) == len(keys) and topic in recipe.parts:
+            lines.append(recipe.parts[topic])
+        else:
+            lines.append("; ".join(f"{k} = {_shown(applied[k])}" for k in mine))
+    head = "automatic recipe (no --recipe or --config)"
+    if lines:
+        lines[0] = f"{head}: {lines[0]}"
+    else:
+        lines.append(f"{head}: every setting it covers was given, so it set none")
+    kept = [f"{k} = {v}" for k, v in given.items()]
+    if kept:
+        lines.append("kept as given, not from the rule: " + "; ".join(kept))
+    return lines
 
 
 def explicit_keys(cfg) -> set[str]:
@@ -136,11 +184,23 @@ def apply(cfg, recipe: AutoRecipe) -> dict[str, Any]:
     left at that model's defaults too."""
     given = explicit_keys(cfg)
     own_model = "model.name" in given
+    sources = getattr(cfg, "_sources", None)
+    sources = sources if isinstance(sources, dict) else {}
     applied = {}
+    kept: dict[str, str] = {}
     for key, value in recipe.settings.items():
         if key in given or (own_model and key.startswith("model.")):
+            if key in given:
+                kept[key] = sources.get(key, "the config")
+            else:
+                kept[key] = f"model {cfg.model.name}'s own default"
             continue
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
         applied[key] = value
+    for key in applied:  # the summary names where each setting came from
+        sources[key] = "the automatic recipe"
+    recipe.given = kept
+    now = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in kept}
+    recipe.reasons = describe_applied(recipe, applied, {k: f"{_shown(now[k])} (from {src})" for k, src in kept.items()})
     return applied

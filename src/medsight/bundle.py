@@ -226,6 +226,9 @@ class BundleMeta(BundleCard):
     model: ModelSpec
     input: InputSpec
     preprocessing: Recipe
+    threshold_detail: Optional[dict[str, Any]] = Field(None, description="how the threshold was placed and how sure "
+                                                       "it is: metrics.operating_point_detail (rule, placement, "
+                                                       "optimal_range, ci, n_boot, warnings)")
     best_epoch: Optional[int] = None
     monitor: Optional[str] = None
     train_seconds: Optional[float] = None

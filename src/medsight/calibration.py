@@ -4,7 +4,8 @@
   (so every task type, ordinal included, is calibrated through the same activation that serves it);
 - ``choose_calibration``: the temperature (kept only when it lowers validation ECE) and the operating threshold by
   a stated rule (``youden``, ``f1``, ``sens=0.95``, ``spec=0.9`` or a fixed number) for binary and multilabel
-  tasks; multiclass and ordinal decide by argmax.
+  tasks, placed at the logit-midpoint of the range of thresholds that meet the rule best (robust on a small or
+  well-separated validation split), with its bootstrap interval; multiclass and ordinal decide by argmax.
 
 The result is a plain dict (``temperature``, ``threshold``, ``threshold_rule``, ``calibration``) that the
 pipeline puts into ``bundle.json`` once; nothing here writes files.
@@ -55,12 +56,15 @@ def fit_temperature(task: Task, logits, y_true) -> float:
 
 
 def choose_calibration(task: Task, logits_val, y_val, *, operating_point: str | float | None = "youden",
-                       calibrate: bool = True) -> dict:
+                       calibrate: bool = True, n_boot_threshold: int = 200) -> dict:
     """Temperature and operating threshold from the validation split's logits and labels.
 
     Returns ``{"temperature", "threshold", "threshold_rule", "calibration": {split, ece_before, ece_after, ...}}``
     ready to merge into ``bundle.json``. ``threshold_rule`` is the rule as given (``"youden"``, ``"0.5"``, ...);
-    ``None`` for argmax tasks."""
+    ``None`` for argmax tasks. Threshold tasks also get ``threshold_detail``
+    (:func:`medsight.metrics.operating_point_detail`): where the rule puts the threshold when many tie (the
+    logit-midpoint of the optimal range, never its edge), its 95% interval over ``n_boot_threshold`` resamples
+    of the validation cases, and warnings when the split is too small or too separable to place it well."""
     logits = torch.as_tensor(np.asarray(logits_val, dtype=np.float32))
     y = np.asarray(y_val)
     _check(task, logits, y)
@@ -73,11 +77,15 @@ def choose_calibration(task: Task, logits_val, y_val, *, operating_point: str | 
         if M.expected_calibration_error(task.name, y, task.probabilities(logits, t).numpy()) < ece_before:
             temperature = t
     probs = task.probabilities(logits, temperature).numpy()
-    threshold, rule = None, None
+    threshold, rule, detail = None, None, None
     if task.uses_threshold and operating_point is not None:
         rule = str(operating_point)
         M.parse_operating_point(rule)
         threshold = task.as_threshold(M.choose_threshold(y, probs, rule))
+        detail = M.operating_point_detail(y, probs, rule, n_boot=n_boot_threshold)
     summary = {"split": "val", "temperature": temperature, "ece_before": ece_before,
                "ece_after": M.expected_calibration_error(task.name, y, probs)}
-    return {"temperature": temperature, "threshold": threshold, "threshold_rule": rule, "calibration": summary}
+    out = {"temperature": temperature, "threshold": threshold, "threshold_rule": rule, "calibration": summary}
+    if detail is not None:
+        out["threshold_detail"] = detail
+    return out

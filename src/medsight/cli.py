@@ -1,4 +1,5 @@
-"""`medsight` command line. Entry points set up logging and progress; library code stays quiet.
+"""`medsight` command line: parses arguments, calls the library, prints. What it prints is rendered by
+:mod:`medsight.console` (tables, progress bars, the one logging set-up); library code stays quiet.
 
 Every user error (MedsightError) is printed as one line on stderr with exit code 2, without a traceback.
 """
@@ -8,19 +9,71 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from medsight.console import Opts as _Opts
+from medsight.console import RichSink as _RichSink
+from medsight.console import TrainingProgress as _Progress
+from medsight.console import console, current_sink, metrics_table, out_console, shift_table
+from medsight.console import info as _info
+from medsight.console import is_main_process as _is_main_process
+from medsight.console import show_tracking_warnings as _show_tracking_warnings
 from medsight.errors import MedsightError
+
+def _plain_help_markers() -> None:
+    """Help without typer's type markers: no ``<bool>`` beside a flag, ``PATH`` / ``INTEGER`` / ``TEXT`` instead of
+    ``<path>`` / ``<int>`` / ``<str>``, ``FILES...`` instead of ``<list[Path]>``, and ``BUNDLE`` (not ``{bundle}``)
+    in usage lines. Only the help text changes; parsing is typer's own. Older typer versions without these hooks
+    are left as they are."""
+    try:
+        from typer import core as tc
+    except ImportError:  # pragma: no cover
+        return
+    base = getattr(tc, "_TyperParameter", None)
+    if base is None or getattr(base, "_medsight_plain", False) or not hasattr(base, "display_type"):
+        return
+    words = {"str": "TEXT", "int": "INTEGER", "float": "NUMBER", "path": "PATH", "Path": "PATH", "file": "FILE",
+             "directory": "FOLDER", "int range": "INTEGER", "float range": "NUMBER"}
+    original = base.display_type
+
+    def display_type(self, ctx):
+        if getattr(self, "is_flag", False):
+            return None
+        label = str(original(self, ctx)).strip("<>")
+        if label.startswith("list[") and label.endswith("]"):
+            label = label[5:-1]
+        return words.get(label, label if "|" in label else label.upper())
+
+    base.display_type = display_type
+    opt = getattr(tc, "TyperOption", None)
+    if opt is not None and hasattr(opt, "display_type_rich"):
+        rich_original = opt.display_type_rich
+
+        def display_type_rich(self, ctx):
+            if getattr(self, "is_flag", False):
+                return None
+            return rich_original(self, ctx)
+
+        opt.display_type_rich = display_type_rich
+    arg = getattr(tc, "TyperArgument", None)
+    if arg is not None and hasattr(arg, "_usage_display_name"):
+        def _usage_display_name(self):
+            name = str(getattr(self, "display_name_raw", None) or self.name).upper()
+            name = name if self.required else f"[{name}]"
+            return name + ("..." if self.nargs != 1 else "")
+
+        arg._usage_display_name = _usage_display_name
+    base._medsight_plain = True
+
+
+_plain_help_markers()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="medsight: train, evaluate, explain and serve medical image classifiers.")
-console = Console(stderr=True)
-out_console = Console()
 
 
 def _version(value: bool) -> None:
@@ -29,24 +82,6 @@ def _version(value: bool) -> None:
 
         out_console.print(f"medsight {__version__}", highlight=False)
         raise typer.Exit(0)
-
-
-def _configure_logging(level: int, fmt: str = "%(levelname)s %(name)s: %(message)s") -> None:
-    """Library loggers (``medsight.*``) to stderr at ``level``; main() restores the previous state."""
-    import logging
-
-    log = logging.getLogger("medsight")
-    for h in [h for h in log.handlers if getattr(h, "_medsight_cli", False)]:
-        log.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler._medsight_cli = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter(fmt))
-    # tracking warnings have their own one-line printer (_show_tracking_warnings) once it is installed
-    handler.addFilter(lambda r: not (r.name == "medsight.tracking" and any(
-        getattr(h, "medsight_cli", False) for h in logging.getLogger("medsight.tracking").handlers)))
-    log.addHandler(handler)
-    log.setLevel(level)
-    log.propagate = False
 
 
 @app.callback()
@@ -59,224 +94,51 @@ def _global_options(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging; tracebacks for unexpected errors"),
 ):
     """medsight: train, evaluate, explain and serve medical image classifiers."""
-    import logging
+    from medsight.console import setup_logging
 
     if quiet and verbose:
         raise MedsightError("--quiet and --verbose exclude each other")
     _Opts.quiet, _Opts.verbose = quiet, verbose
-    if ctx.invoked_subcommand == "serve":  # a server logs one INFO line per request (no patient data), timestamped
-        _configure_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO,
-                           "%(asctime)s %(levelname)s %(name)s %(message)s")
-    else:
-        _configure_logging(logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING)
+    setup_logging(quiet=quiet, verbose=verbose, server=ctx.invoked_subcommand == "serve")
 
 
-def _is_main_process() -> bool:
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-class _Opts:
-    """Global options of this invocation (set by the app callback, reset by main())."""
-
-    quiet = False
-    verbose = False
+def _plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 prediction``, ``2 predictions``, ``1 entry``, ``0 entries``."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
-def _info(message: str) -> None:
-    """A line about what was done (files written, where the server listens); --quiet drops it."""
-    if not _Opts.quiet:
-        out_console.print(message, highlight=False, soft_wrap=True)
-
-
-class _RichSink:
-    """Renders medsight.progress steps as Rich bars on stderr: only on a terminal, never with --quiet, only on
-    rank 0. One rich Progress serves every step (and the training bar), started with the first step, stopped
-    (and erased) with the last."""
-
-    def __init__(self) -> None:
-        from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
-        from rich.text import Text
-
-        class Count(ProgressColumn):  # "12/40"; nothing for a step of unknown length
-            def render(self, task):
-                def n(x):
-                    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
-
-                return Text("" if task.total is None else f"{n(task.completed)}/{n(task.total)}", style="green")
-
-        self.console = console
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), Count(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                                 transient=True)
-        self.tasks: dict = {}
-
-    @property
-    def enabled(self) -> bool:
-        """Asked at each step: --quiet is only known once the global options are parsed."""
-        return self.console.is_terminal and not _Opts.quiet and _is_main_process()
-
-    def start(self, key, description, total) -> None:
-        if not self.enabled:
-            return
-        if not self.tasks:
-            self.progress.start()
-        self.tasks[key] = self.progress.add_task(description, total=total, info="")
-
-    def advance(self, key, amount) -> None:
-        if key in self.tasks:
-            self.progress.advance(self.tasks[key], amount)
-
-    def update(self, key, **fields) -> None:
-        if key in self.tasks:
-            self.progress.update(self.tasks[key], **fields)
-
-    def finish(self, key) -> None:
-        if key in self.tasks:
-            self.progress.remove_task(self.tasks.pop(key))
-            if not self.tasks:
-                self.progress.stop()
-
-    def close(self) -> None:
-        for key in list(self.tasks):
-            self.finish(key)
-
-    def print(self, line: str) -> None:
-        """A line above the bars (or plain on stderr when they are off)."""
-        if not _Opts.quiet:
-            self.console.print(line, highlight=False, soft_wrap=True)  # above the bars while they are live
-
-
-def _sink() -> "_RichSink | None":
-    from medsight import progress
-
-    s = progress.get_sink()
-    return s if isinstance(s, _RichSink) else None
-
-
-class _Progress:
-    """Training bar fed by the trainer's callback events, drawn through the invocation's progress sink."""
-
-    def __init__(self, enabled: bool = True):
-        from medsight import progress
-
-        self.enabled = _is_main_process()  # epoch lines are printed either way; the bar only when asked
-        self.show_bar = enabled
-        self.sink = _sink()
-        self.task = None
-        self.progress = progress
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        if self.task is not None:
-            self.task.close()
-            self.task = None
-
-    def _print(self, line: str) -> None:
-        if self.sink is not None:
-            self.sink.print(line)
-        elif not _Opts.quiet:
-            console.print(line, highlight=False)
-
-    def __call__(self, event: str, info: dict) -> None:
-        if not self.enabled:
-            return
-        if event == "start":
-            self.total = info["epochs"]
-            if self.show_bar:
-                self.task = self.progress.task(f"epoch {info['start_epoch'] + 1}/{info['epochs']}", total=info["steps"])
-        elif event == "step" and self.task is not None and self.sink is not None:
-            self.sink.update(self.task.key, completed=info["step"], total=info["steps"],
-                             description=f"epoch {info['epoch'] + 1}/{self.total}", info=f"loss {info['loss']:.4f}")
-        elif event == "epoch":
-            auc = info.get("val_auc")
-            line = (f"epoch {info['epoch']:>3}  train_loss {info['train_loss']:.4f}  val_loss {info['val_loss']:.4f}"
-                    + (f"  val_auc {auc:.4f}" if auc is not None else "")
-                    + (f"  val_acc {info['val_accuracy']:.4f}" if "val_accuracy" in info else "")
-                    + ("  *" if info.get("improved") else ""))
-            self._print(line)
-            if self.task is not None and self.sink is not None:
-                self.sink.update(self.task.key, completed=0)
-        elif event == "early_stop":
-            self._print(f"early stop at epoch {info['epoch']} (best epoch {info['best_epoch']})")
-        elif event == "pretrained":
-            self._print(f"pretrained weights {info['source']}: {info['filled']} of {info['weight_tensors']} weight "
-                        f"tensors loaded (sha256 {info['sha256'][:12]}), head {info['head']} trained from scratch")
-        elif event == "member":
-            self._print(f"ensemble member {info['member']}/{info['members']} done (best epoch {info['best_epoch']})")
-        elif event == "resumed":
-            self._print(f"resuming at epoch {info['epoch'] + 1}")
-        elif event == "summary":
-            for line in info["lines"]:
-                self._print(escape(line))
-        elif event == "warnings":  # shown even with --quiet: they change how the results may be read
-            for line in info["lines"]:
-                console.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
-
-
-def _show_tracking_warnings() -> None:
-    """Tracking problems (logged by medsight.tracking, never fatal to the run) as one 'warning:' line each."""
-    import logging
-
-    class WarningLines(logging.Handler):
-        medsight_cli = True
-
-        def emit(self, record):
-            console.print(f"[yellow]warning:[/yellow] {record.getMessage()}", highlight=False, soft_wrap=True)
-
-    lg = logging.getLogger("medsight.tracking")
-    if not any(getattr(h, "medsight_cli", False) for h in lg.handlers):
-        lg.addHandler(WarningLines(logging.WARNING))
+def _check_inputs(paths) -> None:
+    """Inputs named on the command line must exist: a missing one is bad input (exit 2, one line), before any work.
+    Files that exist but cannot be read are per-file refusals later (exit 1)."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        more = f" (and {_plural(len(missing) - 1, 'other')})" if len(missing) > 1 else ""
+        raise MedsightError(f"input not found: {missing[0]}{more}")
 
 
 def result_meta(path) -> dict:
     return json.loads((Path(path) / "bundle.json").read_text())
 
 
-def metrics_table(metrics: dict, title: str = "metrics") -> Table:
-    """Rows = metrics (named with the positive class they are about), columns = splits; values with their 95% CI
-    when present; an undefined value shows its reason."""
-    from medsight.summary import metric_label
-
-    splits = [s for s in metrics if isinstance(metrics[s], dict)]
-    positive = next((metrics[s].get("positive_class") for s in splits if metrics[s].get("positive_class")), None)
-    names: list[str] = []
-    for s in splits:
-        names += [k for k, v in metrics[s].items() if isinstance(v, dict) and k not in names
-                  and (isinstance(v.get("value"), (int, float)) or (v.get("value") is None and v.get("reason")))]
-    table = Table(title=title)
-    table.add_column("metric")
-    for s in splits:
-        table.add_column(s, justify="right")
-    for n in names:
-        cells = []
-        for s in splits:
-            v = metrics[s].get(n)
-            if not isinstance(v, dict) or v.get("value") is None:
-                cells.append(escape(f"undefined: {v['reason']}") if isinstance(v, dict) and v.get("reason") else "-")
-                continue
-            ci = v.get("ci")
-            cells.append(f"{v['value']:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else ""))
-        table.add_row(escape(metric_label(n, positive)), *cells)
-    return table
-
-
 @app.command()
 def train(
-    data: Optional[str] = typer.Option(None, help="MedMNIST name (breastmnist, ...), .npz, class-per-folder tree or CSV"),
+    data: Optional[str] = typer.Option(None, help="what to train on (required unless --config, --recipe or --resume "
+                                       "names it): a MedMNIST name (breastmnist, ...), an .npz, a class-per-folder "
+                                       "tree or a CSV manifest"),
     model: Optional[str] = typer.Option(None, help="registered model name (see `medsight models`)"),
-    epochs: Optional[int] = typer.Option(None),
+    epochs: Optional[int] = typer.Option(None, help="most epochs to train; early stopping on validation may end "
+                                         "sooner (default: from the automatic recipe, else 30)"),
     out: Path = typer.Option(Path("runs/run"), help="bundle folder to write"),
     config: Optional[Path] = typer.Option(None, help="YAML config; flags override it"),
     recipe: Optional[str] = typer.Option(None, help="packaged recipe (breastmnist, breastmnist_64, pneumoniamnist, "
                                          "adrenalmnist3d) or a YAML path: defaults, then --config, then flags"),
-    seed: Optional[int] = typer.Option(None),
-    size: Optional[int] = typer.Option(None, help="input size (MedMNIST: 28, 64, 128, 224)"),
-    batch_size: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None, help="random seed of weights, batch order, augmentation and "
+                                       "dropout (default: 0)"),
+    size: Optional[int] = typer.Option(None, help="input side in pixels (MedMNIST: 28, 64, 128, 224; default: the "
+                                       "data's own size, or the automatic recipe's for files)"),
+    batch_size: Optional[int] = typer.Option(None, help="training images per optimiser step (default: from the "
+                                             "automatic recipe, else 32)"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (default: 0.001)"),
     task: Optional[str] = typer.Option(None, help="override the task type: binary, multiclass, multilabel, ordinal"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints/last.pt"),
@@ -284,7 +146,7 @@ def train(
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="turn augmentation on or off"),
     operating_point: Optional[str] = typer.Option(None, help="threshold rule on val: youden, f1, sens=0.95, spec=0.9, or a number"),
     set_: List[str] = typer.Option([], "--set", help="any config value, e.g. --set train.schedule=step"),
-    progress: bool = typer.Option(True, help="show a progress bar"),
+    progress: bool = typer.Option(True, help="show a progress bar (on a terminal)"),
     auto: Optional[bool] = typer.Option(None, "--auto/--no-auto", help="choose every setting not given from the "
                                         "data (model, epochs, augmentation, input size for files); default: on "
                                         "unless --recipe, --config or --resume is given"),
@@ -297,7 +159,7 @@ def train(
 ):
     """Train a model and write a bundle (weights, config, preprocessing, history, metrics)."""
     from medsight.config import load_config
-    from medsight.pipeline import run_training
+    from medsight.pipeline import end_distributed, resume_config, run_training
 
     overrides = {"data.name": data, "model.name": model, "train.epochs": epochs, "train.seed": seed,
                  "data.size": size, "train.batch_size": batch_size, "train.lr": lr, "data.task": task,
@@ -319,24 +181,35 @@ def train(
 
         overrides[k.strip()] = yaml.safe_load(v)
     if resume and config is None and recipe is None:
-        from medsight.bundle import staging_dir
-
-        for c in (staging_dir(out) / "config.yaml", out / "config.yaml"):
-            if c.is_file():  # continue the same run: its resolved config, then any flags given now
-                config = c
-                break
-    cfg = load_config(config, overrides, recipe=recipe)
+        config = resume_config(out)  # continue the same run: its resolved config, then any flags given now
+    labels = {"data.name": "--data", "model.name": "--model", "train.epochs": "--epochs", "train.seed": "--seed",
+              "data.size": "--size", "train.batch_size": "--batch-size", "train.lr": "--lr", "data.task": "--task",
+              "train.device": "--device", "train.operating_point": "--operating-point",
+              "augment.enabled": "--augment" if augment else "--no-augment", "train.ensemble": "--ensemble",
+              "track.enabled": "--track", "track.required": "--track-required", "auto": "--auto"}
+    for item in set_:
+        labels[item.split("=", 1)[0].strip()] = f"--set {item.strip()}"
+    cfg = load_config(config, overrides, recipe=recipe, labels=labels)
+    if "name" not in cfg.data.model_fields_set:  # no silent default dataset
+        raise _click_exceptions("UsageError")[0](
+            "Missing option '--data': what to train on (a MedMNIST name such as breastmnist, an .npz, a folder or a "
+            "CSV manifest), or a --config / --recipe that names it")
     if cfg.track.enabled:
         _show_tracking_warnings()
-    with _Progress(progress) as bar:
-        out_path, result, metrics = run_training(cfg, out, resume=resume, overwrite=overwrite, callback=bar)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        with _Progress(progress) as bar:
+            out_path, result, metrics = run_training(cfg, out, resume=resume, overwrite=overwrite, callback=bar)
+    except KeyboardInterrupt as e:
+        _interrupted_training(out)
+        e.medsight_reported = True  # type: ignore[attr-defined]
+        raise
+    end_distributed()
     if _is_main_process():
+        ran = len(result.history)
+        stop = (f", stopped early at epoch {ran} of {cfg.train.epochs} (patience {cfg.train.patience})"
+                if result.stopped_early else "")
         out_console.print(metrics_table(metrics, title=f"{cfg.model.name} on {cfg.data.name} "
-                                                       f"(best epoch {result.best_epoch}, {result.seconds:.1f}s)"))
+                                                       f"(best epoch {result.best_epoch}{stop}, {result.seconds:.1f}s)"))
         from medsight.bundle import decision_text
 
         _info(f"bundle written to {out_path} ({decision_text(result_meta(out_path))})")
@@ -348,12 +221,31 @@ def train(
                 _info(f"tracked as MLflow run {side['run_id']} on {side['tracking_uri']}")
 
 
+def _interrupted_training(out: Path) -> None:
+    """Ctrl-C during `train`: where the unfinished run is and how to go on (the bundle in OUT, if any, is intact)."""
+    from medsight.bundle import staging_dir
+
+    sink = current_sink()
+    if sink is not None:
+        sink.close()
+    stage = staging_dir(out)
+    ck = stage / "checkpoints" / "last.pt"
+    if ck.is_file():
+        console.print(f"interrupted: the unfinished run is in {stage} (checkpoint after the last finished epoch: {ck}); "
+                      f"continue it with: medsight train --out {out} --resume", highlight=False, markup=False,
+                      soft_wrap=True)
+    else:
+        console.print(f"interrupted before the first epoch finished: nothing to resume in {stage}; "
+                      + (f"{out} is unchanged" if out.exists() else f"nothing was written to {out}"),
+                      highlight=False, markup=False, soft_wrap=True)
+
+
 @app.command()
 def evaluate(
     bundle: Path = typer.Argument(..., help="bundle folder written by `medsight train`"),
     data: Optional[str] = typer.Option(None, help="dataset (default: the one the bundle was trained on)"),
     split: List[str] = typer.Option(["test"], help="split(s) to evaluate"),
-    size: Optional[int] = typer.Option(None),
+    size: Optional[int] = typer.Option(None, help="input side in pixels (default: the bundle's own)"),
     operating_point: Optional[str] = typer.Option(
         None, help="re-choose the threshold on the val split: youden, f1, sens=0.95, spec=0.9, or a number"),
     n_boot: int = typer.Option(1000, help="bootstrap resamples for 95% CIs (0 = none)"),
@@ -361,7 +253,6 @@ def evaluate(
     shift: bool = typer.Option(False, help="also run the seeded corruption battery (robustness to distribution shift)"),
     shift_severities: str = typer.Option("1,3,5", help="severities 1..5, comma separated"),
     shift_corruptions: Optional[str] = typer.Option(None, help="comma-separated corruption names (default: all)"),
-    tta: bool = typer.Option(False, help="flip test-time augmentation in the shift battery"),
     json_out: bool = typer.Option(False, "--json", help="print metrics as JSON"),
     track: bool = typer.Option(False, help="log the metrics and report to MLflow: a child run of the bundle's "
                                "training run (its tracking.json), else a new run"),
@@ -371,9 +262,6 @@ def evaluate(
     from medsight.evaluate import evaluate_bundle
     from medsight.pipeline import load_data_for_bundle
 
-    if tta:
-        raise MedsightError("--tta is gone: the shift battery uses the bundle's own test-time augmentation "
-                            "(train with --set train.tta_flip=[2] for left-right flips)")
     b = load_bundle(bundle)
     ds = load_data_for_bundle(b, data, size)
     r = evaluate_bundle(b, ds, tuple(split), n_boot=n_boot, operating_point=operating_point, report=report,
@@ -404,17 +292,6 @@ def evaluate(
             _info(f"tracked as MLflow run {t.run_id}")
 
 
-def shift_table(res: dict, split_name: str) -> Table:
-    key = res["primary"]
-    table = Table(title=f"{key} under corruption ({split_name}; clean {res['clean'][key]:.3f})")
-    table.add_column("corruption")
-    for v in res["severities"]:
-        table.add_column(f"severity {v}", justify="right")
-    for name, rows in res["corruptions"].items():
-        table.add_row(name, *[f"{r['metrics'][key]:.3f} ({-r['drop'][key]:+.3f})" for r in rows])
-    return table
-
-
 @app.command()
 def explain(
     bundle: Path = typer.Argument(..., help="bundle folder"),
@@ -431,6 +308,7 @@ def explain(
     from medsight.fusion import read_clinical_csv
     from medsight.predict import Predictor
 
+    _check_inputs(files)
     predictor = Predictor(bundle)
     clinical = read_clinical_csv(clinical_csv) if clinical_csv is not None else None
     failures = 0
@@ -473,16 +351,68 @@ def models():
     out_console.print(table)
 
 
+_CLUSTER_HELP = "run on a Dask cluster: tcp://HOST:8786 (a running `dask scheduler`) or local:N (N worker processes here)"
+
+
+def _executor(cluster: Optional[str]):
+    """--cluster SPEC -> a Dask executor (its dashboard link shown when one runs); None -> this process."""
+    import logging
+
+    from medsight.executor import make_executor
+
+    if cluster is not None and not _Opts.verbose:  # Dask logs tracebacks of lost connections; the CLI says one line
+        try:
+            import distributed  # noqa: F401 - its logging set-up first, then quieted
+        except ImportError:
+            pass  # make_executor names the extra to install
+        for name in ["distributed", *[n for n in logging.root.manager.loggerDict if n.startswith("distributed.")]]:
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    ex = make_executor(cluster)
+    if ex.dashboard_link:
+        _info(f"Dask dashboard: {ex.dashboard_link}")
+    return ex
+
+
+def _rate_line(st: dict) -> str:
+    return (f"{st['done_now']} files in {st['seconds']:.1f}s ({st['rate']:.1f} files/s) on {st['workers']} "
+            f"worker(s) of {st['executor']}" + (f"; {st['done_before']} done by an earlier run" if st["done_before"] else ""))
+
+
+def _predict_on_cluster(bundle, inputs, out, cluster, backend, batch_size, heatmaps, clinical_csv) -> None:
+    from medsight.cluster import predict_files
+    from medsight.predict import expand_inputs
+
+    if out is None or heatmaps is not None or clinical_csv is not None:
+        raise MedsightError("--cluster needs --out (rows and their manifest go there) and does not take --heatmaps "
+                            "or --clinical-csv")
+    files = expand_inputs(inputs)
+    if not files:
+        raise MedsightError(f"no image files found in {', '.join(map(str, inputs))}")
+    with _executor(cluster) as ex:
+        st = predict_files(bundle, files, out, executor=ex, backend=backend, batch_size=batch_size)
+    _info(_rate_line(st))
+    if st["errors"]:
+        out_console.print(f"{_plural(st['files'], 'prediction')} written to {escape(str(out))}; {st['errors']} of {st['files']} "
+                          "files could not be used (see the error column)", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    out_console.print(f"{_plural(st['files'], 'prediction')} written to {escape(str(out))}, no errors", highlight=False,
+                      soft_wrap=True)
+
+
 @app.command()
 def qc(
     data: str = typer.Argument(..., help="class-per-folder tree, CSV manifest, .npz, or a MedMNIST name"),
     near_dup: int = typer.Option(4, help="max perceptual-hash Hamming distance for near duplicates"),
     size: int = typer.Option(28, help="MedMNIST size when DATA is a name"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON, every finding "
+                                             "listed"),
     layout: str = typer.Option("auto", help="folders: auto, classes (class-per-folder tree) or raw (any unlabelled "
                                "flat or nested dump)"),
     allow_leakage: bool = typer.Option(False, "--allow-leakage", help="accept duplicates across splits: record "
                                        "them (counts) and exit 0"),
+    out: Optional[Path] = typer.Option(None, help="also write one row per file to this CSV, resumably (a manifest "
+                                       "beside it records finished files: re-run the same command after a crash)"),
+    cluster: Optional[str] = typer.Option(None, help=_CLUSTER_HELP + " (needs --out)"),
 ):
     """Data quality report: unreadable files, duplicates within/across splits, balance, outliers, missing labels;
     for raw DICOM dumps also series counts and how many files carry identifying headers (counts only)."""
@@ -492,8 +422,23 @@ def qc(
     from medsight.utils import write_json
 
     source = str(medmnist_path(data, size)) if data.lower() in INFO else data
-    report = run_qc(source, near_dup_threshold=near_dup, layout=layout, allow_leakage=allow_leakage)
+    if cluster is not None and out is None:
+        raise MedsightError("qc --cluster needs --out ROWS.csv: one row per file, and the manifest that makes the "
+                            "run resumable beside it")
+    with _executor(cluster) as ex:
+        status: dict = {}
+        facts = None
+        if out is not None:
+            from medsight.cluster import qc_facts
+
+            facts = qc_facts(out, executor=ex, status=status)
+        report = run_qc(source, near_dup_threshold=near_dup, layout=layout, allow_leakage=allow_leakage, facts=facts,
+                        max_examples=None if json_path else 20)  # the JSON file lists every finding
     out_console.print(render_qc(report))
+    if status.get("out"):
+        _info(f"{status['files']} file rows written to {escape(status['out'])} ({_rate_line(status)})")
+    elif out is not None:
+        _info(f"{escape(data)} holds arrays, not files: checked in this process, no file rows written to {escape(str(out))}")
     if json_path:
         write_json(json_path, report, private=True)  # file paths and errors of patient files: 0600
     if not report.get("ok", True):
@@ -509,6 +454,8 @@ def deid(
     keep_private: bool = typer.Option(False, help="keep private tags (removed by default)"),
     allow_burned_in: bool = typer.Option(False, help="also write images that may carry burned-in text (US/SC/XC/OT/ES, "
                                                      "Secondary Capture, BurnedInAnnotation YES); they are listed either way"),
+    cluster: Optional[str] = typer.Option(None, help=_CLUSTER_HELP + "; needs --secret-env; published batch by "
+                                          "batch, each verified first, resumable"),
 ):
     """De-identify DICOM files by allow-list (PS3.15 Basic Profile or stricter), then verify no original value survived."""
     import os
@@ -520,14 +467,26 @@ def deid(
         secret = os.environ.get(secret_env)
         if secret is None:
             raise MedsightError(f"--secret-env {secret_env}: that environment variable is not set")
-    summary = deidentify(in_dir, out_dir, mapping_csv=mapping, secret=secret, keep_private=keep_private,
-                         allow_burned_in=allow_burned_in)
+    if cluster is not None:
+        from medsight.cluster import deid_files
+
+        with _executor(cluster) as ex:
+            summary = deid_files(in_dir, out_dir, secret=secret or b"", executor=ex, mapping_csv=mapping,
+                                 keep_private=keep_private, allow_burned_in=allow_burned_in)
+        _info(_rate_line(summary))
+    else:
+        summary = deidentify(in_dir, out_dir, mapping_csv=mapping, secret=secret, keep_private=keep_private,
+                             allow_burned_in=allow_burned_in)
     errors = summary.get("errors") or []
     burned = summary.get("burned_in") or []
     held = 0 if summary.get("burned_in_written") else len(burned)
-    out_console.print(f"de-identified {summary.get('written', 0)} files into {out_dir}; verified: no original identifying "
-                      f"value in headers, preamble or codestream segments ({len(summary.get('skipped') or [])} skipped, "
-                      f"{held} held back for burned-in text, {len(errors)} held back with an error)")
+    lenient = summary.get("warnings") or 0
+    out_console.print(f"de-identified {_plural(summary.get('written', 0), 'file')} into {out_dir}; verified: no "
+                      f"original identifying value in headers, preamble or codestream segments ({len(summary.get('skipped') or [])} "
+                      f"skipped, {held} held back for burned-in text, {_plural(len(errors), 'error')})"
+                      + ("" if _Opts.quiet or not lenient else
+                         f"; {_plural(lenient, 'non-standard value')} read leniently (not shown: they may identify)"),
+                      highlight=False, soft_wrap=True)
     for e in errors:
         out_console.print(f"  error: {e['path']}: {e['error']}")
     for p in burned:
@@ -551,6 +510,8 @@ def predict(
                                           "none for one batch, else up to 4); memory stays bounded by two batches"),
     clinical_csv: Optional[Path] = typer.Option(None, help="image + clinical models: CSV with a 'path' column "
                                                             "(file path or name) and the model's clinical columns"),
+    cluster: Optional[str] = typer.Option(None, help=_CLUSTER_HELP + "; needs --out (.csv, .json, .jsonl or "
+                                          ".parquet), resumable: re-run the same command after a crash"),
 ):
     """Predict files with a bundle: probabilities, the decision at the bundle's threshold, and an OOD flag.
 
@@ -562,8 +523,11 @@ def predict(
     from medsight.predict import (OUTPUT_SUFFIXES, Predictor, default_threads, default_workers, expand_inputs,
                                   write_predictions)
 
+    if cluster is not None:
+        return _predict_on_cluster(bundle, inputs, out, cluster, backend, batch_size, heatmaps, clinical_csv)
     if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise MedsightError(f"--out must end in .csv or .json (or .jsonl for JSON lines), got {out.name!r}")
+    _check_inputs(inputs)
     b = load_bundle(bundle)
     predictor = Predictor(b, backend=backend, threads=default_threads(b))
     from medsight.fusion import read_clinical_csv
@@ -582,16 +546,19 @@ def predict(
 
     if out is not None:
         n, n_err = write_predictions(results, out, classes, on_row=report_error)
-        summary = f"{n} predictions written to {escape(str(out))}"
+        summary = f"{_plural(n, 'prediction')} written to {escape(str(out))}"
     else:
         rows = []
         for p in results:
             report_error(p)
             rows.append(p)
         n, n_err = len(rows), sum(not p.ok for p in rows)
-        from medsight.review import NO_VERDICT, threshold_text
+        from medsight.review import NO_VERDICT
+        from medsight.summary import threshold_rule_sentence
 
-        table = Table(title=escape(f"{bundle} ({predictor.version}, threshold {threshold_text(predictor.threshold)})"))
+        decided = (threshold_rule_sentence(b.meta.threshold_rule, predictor.threshold)
+                   if predictor.threshold is not None else "decision by argmax")
+        table = Table(title=escape(f"{bundle} ({predictor.version}, {decided})"))
         table.add_column("file")
         for c in classes:
             table.add_column(escape(f"p({c})"), justify="right")
@@ -612,11 +579,12 @@ def predict(
             if p.ok and p.review:
                 out_console.print(escape(f"needs review: {p.file}: " + "; ".join(p.review_reasons)),
                                   highlight=False, soft_wrap=True)
-        summary = f"{n} predictions"
+        summary = _plural(n, "prediction")
     if heatmaps is not None:
         out_console.print(f"heatmaps written to {escape(str(heatmaps))}", highlight=False, soft_wrap=True)
     if n_err:
-        out_console.print(f"{summary}; {n_err} of {n} files could not be used (see the error column)", highlight=False, soft_wrap=True)
+        out_console.print(f"{summary}; {n_err} of {_plural(n, 'file')} could not be used (see the error column)",
+                          highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     out_console.print(f"{summary}, no errors", highlight=False, soft_wrap=True)
 
@@ -642,8 +610,9 @@ def export(
 @app.command()
 def serve(
     bundle: Path = typer.Argument(..., help="bundle folder written by `medsight train`"),
-    host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8000),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface; then set an API "
+                             "key)"),
+    port: int = typer.Option(8000, help="TCP port to listen on"),
     api_key: Optional[str] = typer.Option(None, envvar="MEDSIGHT_API_KEY",
                                           help="require this key (X-API-Key or Authorization: Bearer); env MEDSIGHT_API_KEY"),
     api_key_file: Optional[Path] = typer.Option(None, help="read the API key from this file (first line)"),
@@ -658,13 +627,10 @@ def serve(
     body_timeout: float = typer.Option(60.0, min=0.1, help="seconds to receive an upload (408 after)"),
 ):
     """Serve a bundle: REST API (/v1/predict, /v1/model, /healthz, /docs) and a web page at /."""
-    import logging
-
     from medsight.serve.app import bind_warning, create_app, default_allowed_hosts, resolve_api_key
 
     key = resolve_api_key(api_key, api_key_file)
     hosts = default_allowed_hosts(host) if allowed_hosts is None else [h for h in allowed_hosts.split(",") if h.strip()]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     sys.setswitchinterval(0.001)  # hand the GIL to the event loop (/healthz, uploads) more often than every 5 ms
     application = create_app(bundle, api_key=key, max_upload_mb=max_upload_mb, backend=backend, threads=threads,
                              workers=workers, queue=queue, deadline_s=deadline, body_timeout_s=body_timeout,
@@ -705,7 +671,7 @@ def bench_medmnist(
     import contextlib
 
     keys = [k.strip() for d in datasets for k in d.split(",") if k.strip()]
-    tracked = contextlib.nullcontext()
+    tracked: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if track:
         from medsight.tracking import parent_run
 
@@ -743,7 +709,8 @@ def cache_ls(cache_dir: Optional[Path] = typer.Option(None, "--dir", help=_CACHE
                       f"{r['bytes'] / 1e6:.1f}", r["created"] or "-",
                       "ok" if r["ok"] else escape(f"corrupt: {r['problem']} (rebuilt on next use)"))
     out_console.print(table)
-    out_console.print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB", highlight=False)
+    out_console.print(f"{_plural(len(rows), 'entry', 'entries')}, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB",
+                      highlight=False)
 
 
 @cache_app.command("clear")
@@ -753,8 +720,14 @@ def cache_clear(cache_dir: Optional[Path] = typer.Option(None, "--dir", help=_CA
     from medsight.data.cache import clear, resolve_dir
 
     n, freed = clear(cache_dir, key)
-    out_console.print(f"removed {n} entries ({freed / 1e6:.1f} MB) from {resolve_dir(cache_dir)}", highlight=False,
+    out_console.print(f"removed {_plural(n, 'entry', 'entries')} ({freed / 1e6:.1f} MB) from {resolve_dir(cache_dir)}",
+                      highlight=False,
                       soft_wrap=True)
+
+
+from medsight.node.cli import node_app  # noqa: E402 - the DICOM node's command group (imports stay light)
+
+app.add_typer(node_app, name="node")
 
 
 def _click_exceptions(*names: str) -> tuple:
@@ -775,7 +748,7 @@ def _click_exceptions(*names: str) -> tuple:
     return tuple(found)
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
@@ -802,8 +775,10 @@ def _usage_error(e: Exception, args: list[str] | None = None) -> int:
     """A click/typer usage error as one line on stderr: the message and where to find help."""
     ctx = getattr(e, "ctx", None)
     if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
-        text = ctx.get_help()  # typer's rich help prints itself (stdout) and returns ""; plain click returns it
-        if text:
+        # the exception's constructor asked for the help: typer's rich help printed itself then (the message is
+        # empty); plain click returned it as the message. Printed once either way.
+        text = str(getattr(e, "message", "") or "")
+        if text.strip():
             out_console.print(text, highlight=False, markup=False)
         return 2  # as click >= 8.2 does: a group without its command is a usage error, with the help as message
     try:
@@ -819,12 +794,10 @@ def _usage_error(e: Exception, args: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code. Usage errors and MedsightError: one line on stderr, exit 2;
     an unexpected exception: one line, exit 1 (its traceback only with --verbose)."""
-    import logging
-
     from medsight import progress
+    from medsight.console import restore_logging, save_logging
 
-    log = logging.getLogger("medsight")
-    saved = (log.level, log.propagate, list(log.handlers))
+    saved = save_logging()
     _Opts.quiet = _Opts.verbose = False
     sink = _RichSink()
     previous = progress.set_sink(sink)
@@ -837,9 +810,10 @@ def main(argv: list[str] | None = None) -> int:
 
         console.print("[red]error:[/red] " + escape(str(e).replace("\n", " ")), highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         sink.close()
-        console.print("interrupted")
+        if not getattr(e, "medsight_reported", False):
+            console.print("interrupted")
         return 130
     except _click_exceptions("Exit") as e:
         code = getattr(e, "exit_code", 0)
@@ -870,10 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sink.close()
         progress.set_sink(previous)
-        for h in [h for h in log.handlers if getattr(h, "_medsight_cli", False)]:
-            log.removeHandler(h)
-        log.setLevel(saved[0])
-        log.propagate = saved[1]
+        restore_logging(saved)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,15 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from medsight.errors import ConfigError, choices_message
 from medsight.tasks import KINDS, TASK_TYPES
 
+
+#: early stopping by default: epochs without a validation improvement (> MIN_DELTA) before training stops
+PATIENCE = 10
+MIN_DELTA = 1e-3
 
 #: images per batch in every evaluation pass (validation, calibration, metrics, OOD, shift, predict)
 EVAL_BATCH_SIZE = 256
@@ -97,7 +101,12 @@ class TrainConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     class_weights: Literal["none", "balanced"] = "none"
     monitor: Literal["auc", "loss", "accuracy", "balanced_accuracy", "f1"] = "auc"
-    patience: Optional[int] = Field(None, ge=1, description="early stopping: epochs without improvement")
+    patience: Optional[int] = Field(PATIENCE, ge=1, description="early stopping on validation: stop after this many "
+                                    "epochs in a row without an improvement of train.monitor by more than "
+                                    "train.min_delta (the best epoch's weights are kept); train.epochs stays the "
+                                    "ceiling; null = always run every epoch")
+    min_delta: float = Field(MIN_DELTA, ge=0, description="early stopping: the smallest gain of train.monitor that "
+                             "counts as an improvement (loss: a drop by more than this)")
     ema: float = Field(0.0, ge=0, lt=1, description="EMA decay of weights (0 = off)")
     mixup: float = Field(0.0, ge=0, le=10, description="mixup: each training batch is blended with itself reversed, "
                          "weight lam ~ Beta(a, a), loss blended the same way (0 = off)")
@@ -150,6 +159,16 @@ class RunConfig(_Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     track: TrackConfig = Field(default_factory=TrackConfig)
+    #: where each explicitly given dotted key came from ("--epochs", "recipe breastmnist", "config run.yaml"), filled
+    #: by load_config; the training summary names it (not saved in config.yaml)
+    _sources: dict = PrivateAttr(default_factory=dict)
+
+    def __eq__(self, other: object) -> bool:  # two configs are equal when their settings are (not their origins)
+        if not isinstance(other, RunConfig):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as pydantic's own models
 
 
 def _format_validation_error(e: ValidationError, source: str) -> str:
@@ -203,23 +222,37 @@ def _read_yaml(p: Path) -> dict:
     return raw
 
 
+def _dotted(raw: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in raw.items():
+        key = f"{prefix}{k}"
+        out += _dotted(v, key + ".") if isinstance(v, dict) and key.count(".") < 1 else [key]
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
-                recipe: str | None = None) -> RunConfig:
+                recipe: str | None = None, labels: dict[str, str] | None = None) -> RunConfig:
     """Defaults <- recipe <- YAML file <- overrides (dotted keys like ``train.epochs``). Errors are one-line
-    ConfigErrors."""
+    ConfigErrors. ``labels``: how the caller names each override's origin (``{"train.epochs": "--epochs"}``);
+    the origins end up in ``cfg._sources``."""
     raw: dict = {}
     source = "defaults"
+    origins: dict[str, str] = {}
     if recipe is not None:
         rp = recipe_path(recipe)
         raw = _read_yaml(rp)
         source = f"recipe {rp.name}"
+        origins.update({k: f"recipe {rp.stem}" for k in _dotted(raw)})
     if path is not None:
         p = Path(path)
         source = str(p)
-        raw = _deep_update(raw, _read_yaml(p))
+        upd = _read_yaml(p)
+        raw = _deep_update(raw, upd)
+        origins.update({k: f"config {p.name}" for k in _dotted(upd)})
     for key, value in (overrides or {}).items():
         if value is None:
             continue
+        origins[key] = (labels or {}).get(key) or f"--set {key}"
         node: dict = {}
         cur = node
         parts = key.split(".")
@@ -229,9 +262,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raw = _deep_update(raw, node)
         source = f"{source} + options" if "options" not in source else source
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from e
+    cfg._sources = origins
+    return cfg
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -118,8 +118,9 @@ def calibration_report(bundle: Bundle, data: Dataset, splits=("val", "test"), *,
         after = bundle.task.probabilities(logits, bundle.temperature).numpy()
         out[f"ece_before_{s}"] = M.expected_calibration_error(task, y, before)
         out[f"ece_after_{s}"] = M.expected_calibration_error(task, y, after)
-        out["curves"][f"{s} uncalibrated"] = M.reliability_curve(task, y, before)
-        out["curves"][f"{s} T={bundle.temperature:.2f}"] = M.reliability_curve(task, y, after)
+        # the diagram: bins of equal size (enough cases each), not the 15 equal-width bins of the ECE
+        out["curves"][f"{s} uncalibrated"] = M.reliability_curve_equal_count(task, y, before)
+        out["curves"][f"{s} T={bundle.temperature:.2f}"] = M.reliability_curve_equal_count(task, y, after)
     first = next((s for s in splits if f"ece_before_{s}" in out), None)
     if first:
         out["ece_before"], out["ece_after"] = out[f"ece_before_{first}"], out[f"ece_after_{first}"]
@@ -184,13 +185,45 @@ def gallery(bundle: Bundle, data: Dataset, split: str, probs: np.ndarray, n: int
         if float(h.max()) <= 0:
             where += f"; flat heatmap: no region stands out for {shown}"
         items.append({"image": img, "heatmap": h, "correct": bool(ok),
-                      "caption": f"{split} #{i}: true {truth}, predicted {shown} ({pv}){where}"})
+                      "caption": f"{case_name(data, split, i)}: true {truth}, predicted {shown} ({pv}){where}"})
     return items
+
+
+def case_name(data: Dataset, split: str, i: int) -> str:
+    """How the report names case ``i`` of ``split``: its file (folders, manifests: the path relative to the data) or
+    id column, else its position in the split's arrays (``test-50``, as in ``cases_<split>.csv``)."""
+    ids = getattr(data.split(split), "ids", None)
+    if ids is not None and i < len(ids) and ids[i] not in (None, "", f"{split}-{i}"):
+        return str(ids[i])
+    return f"{split}-{i} (image {i} of the {split} split's arrays, as in cases_{split}.csv)"
+
+
+def bundle_ood_flags(bundle: Bundle, data: Dataset, splits) -> dict | str:
+    """The bundle's own OOD detector (``ood.npz``) run over ``splits``: ``{split: {"flagged": [{"case", "score"}],
+    "n", "threshold"}}``, or a sentence saying why it cannot be run."""
+    path = bundle.path / "ood.npz"
+    if not path.is_file():
+        return "the bundle has no out-of-distribution detector (ood.npz; trained with train.ood false)"
+    if bundle.meta.fusion is not None:
+        return "the detector of an image + clinical model is run by predict and serve, per file, not over a split"
+    from medsight.ood import detect, load_ood
+
+    det = load_ood(path)
+    out = {}
+    for s in splits:
+        if s not in data.splits:
+            continue
+        r = detect(bundle.model, data.split(s).images, det)
+        score, flag = np.asarray(r["ood_score"], dtype=np.float64), np.asarray(r["ood_flag"], dtype=bool)
+        out[s] = {"flagged": [{"case": case_name(data, s, int(i)), "score": float(score[i])}
+                              for i in np.flatnonzero(flag)],
+                  "n": int(len(flag)), "threshold": float(det["threshold"])}
+    return out
 
 
 def write_bundle_report(bundle: Bundle, data: Dataset, results: dict, splits=("val", "test"),
                         extra_sections=None, path: Path | None = None, *, facts: list[str] | None = None,
-                        ood_flags: dict | None = None, cache: LogitsCache | None = None) -> Path:
+                        ood_flags: dict | str | None = None, cache: LogitsCache | None = None) -> Path:
     """``report.html`` for a bundle. ``facts``: lines from :func:`medsight.summary.describe_training` (default:
     those the data alone can tell); ``ood_flags``: ``{split: {"flagged": [{"case", "score"}], "n", "threshold"}}``
     when the bundle's detector was run, else the report says the section is not available."""
@@ -205,10 +238,21 @@ def write_bundle_report(bundle: Bundle, data: Dataset, results: dict, splits=("v
     last = list(split_data)[-1]
     if facts is None:
         facts = list(bundle.meta.training_summary) or describe_training(data, None)
+    if ood_flags is None:  # the bundle's own detector, when it has one (else the report says why not)
+        ood_flags = bundle_ood_flags(bundle, data, tuple(split_data))
+    from medsight.summary import threshold_lines, warn_degenerate
+
+    detail = bundle.meta.threshold_detail
+    if detail is not None and detail.get("rule") != bundle.meta.threshold_rule:
+        detail = None  # a threshold re-chosen by another rule: the stored placement is not about it
+    threshold_warnings = threshold_lines({**bundle.meta.model_dump(), "threshold_detail": detail})[1] if detail else []
+    warnings = threshold_warnings + warn_degenerate({s: results[s] for s in split_data}, bundle.classes,
+                                                    bundle.positive_class)
     html = build_report(
         title=f"{bundle.meta.model.name} on {bundle.meta.data} - {bundle.path.name}",
         task=bundle.task.name, class_names=bundle.classes, splits=split_data, threshold=bundle.threshold,
         threshold_rule=bundle.meta.threshold_rule,
+        threshold_detail=detail, warnings=warnings,
         positive_class=bundle.positive_class,
         history=read_history(bundle), calibration=calibration_report(bundle, data, tuple(split_data), cache=cache),
         gallery=gallery(bundle, data, last, split_data[last]["probs"]),

@@ -41,7 +41,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from medsight.config import EVAL_BATCH_SIZE
 from medsight.errors import ConfigError, DataError, choices_message
 
 FORMAT = "medsight-tabular/1"
@@ -150,8 +149,8 @@ class TabularEncoder:
                              "std": std if std > 1e-12 else 1.0})
         cat_spec = []
         for c in categorical:
-            vals = {_category(v, c, i) for i, v in enumerate(cols[c])} - {None}
-            cat_spec.append({"name": c, "categories": sorted(vals)})
+            seen = {v for i, x in enumerate(cols[c]) if (v := _category(x, c, i)) is not None}
+            cat_spec.append({"name": c, "categories": sorted(seen)})
         return cls(num_spec, cat_spec)
 
     @property
@@ -210,11 +209,6 @@ class TabularEncoder:
         return cls(num, cat)
 
 
-def fit_tabular(data, *, numeric: Sequence[str] = (), categorical: Sequence[str] = ()) -> dict:
-    """Fit a :class:`TabularEncoder` on the training rows and return its JSON-able spec."""
-    return TabularEncoder.fit(data, numeric=numeric, categorical=categorical).to_dict()
-
-
 def encode_tabular(data, spec: dict | TabularEncoder) -> np.ndarray:
     """Rows (list of dicts) or columns (dict of lists) -> float32 (N, n_features) with the fitted ``spec``."""
     enc = spec if isinstance(spec, TabularEncoder) else TabularEncoder.from_dict(spec)
@@ -258,14 +252,15 @@ class FusionClassifier(nn.Module):
             raise ConfigError(f"fusion mode {mode!r} needs an image model")
         self.mode, self.n_tab, self.num_outputs = mode, int(n_tab), int(num_outputs)
         self.hidden, self.dropout = int(hidden), float(dropout)
-        self.image = None
+        self.image: nn.Module | None = None
         d = 0
         if mode != "tabular":
+            assert image_model is not None  # refused above
             self.image = copy.deepcopy(image_model)
             d = _strip_last_linear(self.image)
         self.image_features = d
         h = hidden
-        self.tab = None
+        self.tab: nn.Module | None = None
         if mode != "image":
             self.tab = nn.Sequential(nn.Linear(n_tab, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU())
         if mode == "concat":
@@ -289,15 +284,19 @@ class FusionClassifier(nn.Module):
         self.head = nn.Sequential(*layers)
 
     def set_input_stats(self, mean, std) -> None:
-        if self.image is not None and hasattr(self.image, "set_input_stats"):
-            self.image.set_input_stats(mean, std)
+        set_stats = getattr(self.image, "set_input_stats", None)
+        if callable(set_stats):
+            set_stats(mean, std)
 
     def forward(self, x: torch.Tensor | None, tab: torch.Tensor | None) -> torch.Tensor:
         if self.mode == "tabular":
+            assert self.tab is not None  # every mode but "image" has the tabular encoder
             return self.head(self.tab(tab))
+        assert self.image is not None  # every mode but "tabular" has the image backbone
         f = self.image(x).flatten(1)
         if self.mode == "image":
             return self.head(f)
+        assert self.tab is not None
         if tab is None or tab.dim() != 2 or tab.shape[1] != self.n_tab:
             raise DataError(f"tabular input must have shape (N, {self.n_tab}), got "
                             f"{None if tab is None else tuple(tab.shape)}")
@@ -317,6 +316,8 @@ class FusionClassifier(nn.Module):
 
 class TabBound(nn.Module):
     """``FusionClassifier`` with a fixed tabular vector: ``forward(x)``; the backbone is ``self.fusion.image``."""
+
+    tab: torch.Tensor  # a registered buffer
 
     def __init__(self, fusion: FusionClassifier, tab):
         super().__init__()
@@ -361,93 +362,6 @@ def build_fusion(meta: dict, image_model: nn.Module | None) -> FusionClassifier:
 def model_with_tab(model: FusionClassifier, tab) -> TabBound:
     """Function form of :meth:`FusionClassifier.model_with_tab`."""
     return model.model_with_tab(tab)
-
-
-# --------------------------------------------------------------------------------------------- training
-@torch.inference_mode()
-def fusion_logits(model: FusionClassifier, images, tab, *, batch_size: int = EVAL_BATCH_SIZE,
-                  device: str | torch.device | None = None) -> torch.Tensor:
-    """Logits for stored images (uint8 or float in [0, 1]) + encoded tabular rows; float32 on the CPU."""
-    from medsight.inference import run_logits
-
-    if images is None and model.mode != "tabular":
-        raise DataError(f"fusion mode {model.mode!r} needs images")
-    if tab is None and model.mode != "image":
-        raise DataError(f"fusion mode {model.mode!r} needs the encoded tabular rows")
-    if images is None:  # tabular only: a placeholder the model ignores
-        images = np.zeros((len(tab), 1, 1, 1), np.uint8)
-    if tab is None:
-        tab = np.zeros((len(images), 0), np.float32)
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    return run_logits(model, images, device=dev, batch_size=batch_size, tab=tab)
-
-
-def _check_split(name, images, tab, labels, model) -> int:
-    n = len(labels)
-    if images is not None and model.mode != "tabular" and len(images) != n:
-        raise DataError(f"{name}: {len(images)} images but {n} labels")
-    if model.mode != "image":
-        if tab is None or len(tab) != n:
-            raise DataError(f"{name}: {0 if tab is None else len(tab)} tabular rows but {n} labels")
-        if np.asarray(tab).ndim != 2 or np.asarray(tab).shape[1] != model.n_tab:
-            raise DataError(f"{name}: tabular array must be (N, {model.n_tab}), got {np.asarray(tab).shape}")
-    if n == 0:
-        raise DataError(f"{name}: no samples")
-    return n
-
-
-def fit_fusion(model: FusionClassifier, task, train: tuple, val: tuple, *, cfg=None,
-               device: str | torch.device | None = None, callback=None):
-    """Train ``model`` on ``train = (images, tab, labels)``; pick the epoch by ``cfg.train.monitor`` on ``val``.
-
-    The training loop is :func:`medsight.train.fit` itself (the tabular rows go in as the model's second input),
-    so optimiser, schedule, augmentation, class weights, EMA and epoch selection behave exactly as for images.
-    ``images``: stored (N, C, *S) uint8 or float in [0, 1] (may be None for ``mode='tabular'``); ``tab``: the
-    encoded (N, n_tab) array (ignored by ``mode='image'``); ``labels`` as in :class:`medsight.data.sources.Split`.
-    ``task``: a :class:`medsight.tasks.Task`; ``cfg``: a :class:`medsight.config.RunConfig` (default ``RunConfig()``)."""
-    from medsight.config import RunConfig
-    from medsight.data.dataset import Dataset, Split
-    from medsight.tasks import Task
-    from medsight.train import fit
-
-    if not isinstance(task, Task):
-        raise ConfigError(f"fit_fusion needs a medsight.tasks.Task, got {type(task).__name__}")
-    if task.num_outputs != model.num_outputs:
-        raise ConfigError(f"task {task.name} needs {task.num_outputs} outputs, the model has {model.num_outputs}")
-    cfg = (cfg or RunConfig()).model_copy(deep=True)
-    if device is not None:
-        cfg.train.device = str(device)
-    splits, tabs = {}, {}
-    for name, (images, tab, labels) in (("train", train), ("val", val)):
-        n = _check_split(name, images, tab, labels, model)
-        if images is None:  # tabular only: a placeholder the model ignores
-            images = np.zeros((n, 1, 1, 1), np.uint8)
-        splits[name] = Split(images=np.asarray(images), labels=np.asarray(labels))
-        tabs[name] = np.zeros((n, 0), np.float32) if tab is None else np.asarray(tab, dtype=np.float32)
-    data = Dataset(name="fusion", task=task.name, classes=[str(i) for i in range(task.num_classes)],
-                   spatial_dims=splits["train"].images.ndim - 2, splits=splits)
-    return fit(cfg, data, model=model, tab=tabs, callback=callback)  # a medsight.train.FitResult
-
-
-def synthetic_xor(n: int, seed: int, side: int = 16):
-    """A synthetic image + clinical task for tests and demos: label = (bright blob in the image) XOR (age > 60),
-    with 5 % label noise; sex and bmi are irrelevant and 5 % of ages are missing. Either modality alone carries no
-    information about the label. Returns (uint8 images (n, 1, side, side), clinical rows, labels)."""
-    rng = np.random.default_rng(seed)
-    img = rng.normal(0.35, 0.08, size=(n, 1, side, side))
-    blob = rng.random(n) < 0.5
-    yy, xx = np.mgrid[:side, :side]
-    for i in np.where(blob)[0]:
-        cy, cx = rng.integers(4, side - 4, 2)
-        img[i, 0] += 0.45 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 1.5 ** 2))
-    img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-    age = rng.uniform(30, 90, n)
-    y = (blob ^ (age > 60)).astype(np.int64)
-    flip = rng.random(n) < 0.05
-    y[flip] = 1 - y[flip]
-    rows = [{"age": None if rng.random() < 0.05 else round(float(a), 1), "sex": str(rng.choice(["F", "M"])),
-             "bmi": float(rng.normal(25, 4))} for a in age]
-    return img, rows, y
 
 
 def read_clinical_csv(path) -> dict[str, dict]:

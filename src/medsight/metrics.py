@@ -343,36 +343,66 @@ def parse_operating_point(spec) -> tuple[str, float | None]:
     return parse_operating_point(v)
 
 
-def _threshold_one(y: np.ndarray, p: np.ndarray, rule: str, target: float | None) -> float:
-    if rule == "fixed":
-        return float(target)
+#: probabilities are clipped to [_P_EPS, 1 - _P_EPS] before the logit when a threshold is placed
+_P_EPS = 1e-6
+
+
+def _logit(p):
+    p = np.clip(np.asarray(p, dtype=np.float64), _P_EPS, 1 - _P_EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
+
+
+def _candidates(y: np.ndarray, p: np.ndarray):
+    """Distinct scores in descending order (decision ``p >= t``) with the true and false positives at each."""
     n_pos = int(y.sum())
     if n_pos == 0 or n_pos == y.size:
         raise DataError("choosing an operating point needs both classes in the validation labels")
-    # candidate thresholds: distinct scores, decision is p >= t
     order = np.argsort(-p, kind="stable")
     ps, ys = p[order], y[order]
     last = np.r_[ps[:-1] != ps[1:], True]
     tp = np.cumsum(ys)[last].astype(np.float64)
     fp = np.cumsum(1 - ys)[last].astype(np.float64)
-    thr = ps[last]
-    n_neg = y.size - n_pos
+    return ps[last], tp, fp, n_pos, y.size - n_pos
+
+
+def _optimal_interval(y: np.ndarray, p: np.ndarray, rule: str, target: float | None) -> tuple[float, float]:
+    """The range ``(lo, hi]`` of thresholds that meet ``rule`` best on (y, p): every threshold in it makes the same
+    (best) decisions. Candidate ``i`` (the i-th highest distinct score) decides alike for every t in
+    ``(score[i+1], score[i]]``; when several candidates tie on the rule (a small or well-separated split), the
+    widest run of adjacent tied candidates on the logit scale is taken."""
+    thr, tp, fp, n_pos, n_neg = _candidates(y, p)
+    lower = np.r_[thr[1:], 0.0]  # t in (lower[i], thr[i]] decides as candidate i
     tpr, fpr = tp / n_pos, fp / n_neg
-    if rule == "youden":
-        i = int(np.argmax(tpr - fpr))
-    elif rule == "f1":
-        i = int(np.argmax(2 * tp / (tp + fp + n_pos)))
+    if rule in ("youden", "f1"):
+        score = tpr - fpr if rule == "youden" else 2 * tp / (tp + fp + n_pos)
+        best = np.flatnonzero(score >= score.max() - 1e-12)
     elif rule == "sens":
-        # highest threshold (best specificity) that reaches the target sensitivity
-        i = int(np.argmax(tpr >= target - 1e-12))
+        # the highest threshold (best specificity) that reaches the target sensitivity
+        best = np.array([int(np.argmax(tpr >= float(target or 0) - 1e-12))])
     elif rule == "spec":
-        ok = np.flatnonzero(1 - fpr >= target - 1e-12)
+        ok = np.flatnonzero(1 - fpr >= float(target or 0) - 1e-12)
         if ok.size == 0:  # even the highest score is too many false positives: predict none
-            return float(np.nextafter(thr[0], np.inf))
-        i = int(ok[-1])  # lowest threshold (best sensitivity) that keeps the target specificity
+            return float(thr[0]), 1.0
+        best = np.array([int(ok[-1])])  # the lowest threshold (best sensitivity) that keeps the target specificity
     else:  # pragma: no cover - parse_operating_point guards this
         raise ConfigError(f"bad operating point {rule!r}; {OPERATING_POINT_HELP}")
-    return float(thr[i])
+    runs = np.split(best, np.flatnonzero(np.diff(best) > 1) + 1)
+    spans = [(float(lower[r[-1]]), float(thr[r[0]])) for r in runs]
+    return max(spans, key=lambda s: float(_logit(s[1]) - _logit(s[0])))
+
+
+def _threshold_one(y: np.ndarray, p: np.ndarray, rule: str, target: float | None) -> float:
+    if rule == "fixed":
+        return float(target)
+    lo, hi = _optimal_interval(y, p, rule, target)
+    # the midpoint of the optimal range on the logit scale: as far from the nearest validation case on either side
+    # as the range allows (never its edge, which sits on a validation case's own score)
+    t = float(_sigmoid((_logit(lo) + _logit(hi)) / 2))
+    return min(max(t, np.nextafter(lo, 1.0)), hi)
 
 
 def choose_threshold(y_true, probs, rule="youden"):
@@ -382,6 +412,10 @@ def choose_threshold(y_true, probs, rule="youden"):
     threshold with sensitivity >= 0.95, i.e. the best specificity there), ``'spec=0.90'``
     (lowest threshold with specificity >= 0.90, i.e. the best sensitivity there), or a fixed
     number in (0,1). Decisions are ``prob >= threshold``.
+
+    Many thresholds make the same decisions on a finite split; the one returned is the **midpoint, on the logit
+    scale, of the range of thresholds that meet the rule best** (for tied optima, the widest such range), so it sits
+    between the validation cases on either side instead of on one of them (:data:`THRESHOLD_PLACEMENT`).
 
     Choose it on the **validation** split only and apply it unchanged to the test split; choosing
     it on the test split inflates every threshold-dependent metric.
@@ -402,6 +436,80 @@ def choose_threshold(y_true, probs, rule="youden"):
     if not np.isin(y, (0, 1)).all():
         raise DataError("binary y_true must be 0/1")
     return _threshold_one(y.astype(np.int64), p, kind, target)
+
+
+THRESHOLD_PLACEMENT = ("the midpoint, on the logit scale, of the range of thresholds that meet the rule best on "
+                       "the validation split")
+#: fewer validation cases than this in either class: the threshold rests on too few cases (summary warning)
+MIN_CLASS_CASES = 30
+#: a 95% bootstrap interval of the threshold wider than this on the logit scale (a factor of about 7 in the odds)
+#: is reported as uncertain
+WIDE_LOGIT = 2.0
+
+
+def _detail_one(y: np.ndarray, p: np.ndarray, kind: str, target, n_boot: int, seed: int) -> dict:
+    lo, hi = _optimal_interval(y, p, kind, target)
+    thr = _threshold_one(y, p, kind, target)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    boots = []
+    for _ in range(n_boot):  # stratified: every resample keeps both classes at the split's own counts
+        idx = np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)]
+        boots.append(_threshold_one(y[idx], p[idx], kind, target))
+    ci = [float(_sigmoid(v)) for v in np.percentile(_logit(boots), [2.5, 97.5])] if boots else [None, None]
+    return {"threshold": thr, "optimal_range": [lo, hi], "ci": ci, "n_pos": int(pos.size), "n_neg": int(neg.size)}
+
+
+def operating_point_detail(y_true, probs, rule="youden", *, n_boot: int = 200, seed: int = 0) -> dict:
+    """How well the validation split places the threshold of ``rule``.
+
+    Returns ``{"rule", "placement", "threshold", "optimal_range", "ci", "n_boot", "n_pos", "n_neg", "warnings"}``
+    (multi-label: lists per class for the numbers): ``optimal_range`` is the range of thresholds that meet the rule
+    best (the threshold is its logit-midpoint), ``ci`` the 95% interval of the threshold over ``n_boot``
+    class-stratified resamples of the validation cases, ``warnings`` sentences for a split too small (fewer than
+    :data:`MIN_CLASS_CASES` cases of a class) or too separable (a wide optimal range, or a wide interval) to place
+    a threshold well. A fixed threshold has no range, interval or warnings."""
+    kind, target = parse_operating_point(rule)
+    y = np.asarray(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    out: dict[str, Any] = {"rule": str(rule), "placement": None if kind == "fixed" else THRESHOLD_PLACEMENT,
+                           "n_boot": 0 if kind == "fixed" else int(n_boot), "warnings": []}
+    if kind == "fixed":
+        return {**out, "threshold": float(target or 0), "optimal_range": None, "ci": None}
+    multilabel = y.ndim == 2 and y.shape[1] > 1
+    cols: list[tuple[int | None, np.ndarray, np.ndarray]]
+    if multilabel:
+        cols = [(c, y[:, c].astype(np.int64), p[:, c]) for c in range(y.shape[1])]
+    else:
+        cols = [(None, y.reshape(-1).astype(np.int64), binary_positive_probs(p))]
+    details = []
+    for c, yc, pc in cols:
+        d = _detail_one(yc, pc, kind, target, n_boot, seed)
+        details.append(d)
+        where = "" if c is None else f"label {c}: "
+        small = min(d["n_pos"], d["n_neg"])
+        if small < MIN_CLASS_CASES:
+            which = "positive" if d["n_pos"] <= d["n_neg"] else "negative"
+            out["warnings"].append(
+                f"{where}the validation split has only {small} {which} case(s) (fewer than {MIN_CLASS_CASES}): the "
+                "threshold rests on few cases; a larger validation split would place it better")
+        lo, hi = d["optimal_range"]
+        if float(_logit(hi) - _logit(lo)) > WIDE_LOGIT:
+            out["warnings"].append(
+                f"{where}every threshold from {lo:.3g} to {hi:.3g} meets the rule equally well on the validation "
+                f"split (it separates the classes there with a wide gap), so the split cannot say where in that range "
+                f"the threshold belongs; medsight takes the logit-midpoint {d['threshold']:.3g}")
+        clo, chi = d["ci"]
+        if clo is not None and float(_logit(chi) - _logit(clo)) > WIDE_LOGIT:
+            out["warnings"].append(
+                f"{where}the threshold is uncertain: over {n_boot} resamples of the validation cases it ranges "
+                f"{clo:.3g} to {chi:.3g} (95%)")
+    if multilabel:
+        for k in ("threshold", "optimal_range", "ci", "n_pos", "n_neg"):
+            out[k] = [d[k] for d in details]
+    else:
+        out.update({k: details[0][k] for k in ("threshold", "optimal_range", "ci", "n_pos", "n_neg")})
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,6 +541,28 @@ def reliability_curve(task: str, y_true, probs, n_bins: int = 15) -> dict[str, l
     return {"edges": edges.tolist(), "accuracy": acc.tolist(), "confidence": cf.tolist(), "count": count.tolist()}
 
 
+#: the fewest cases an equal-count reliability bin holds (the report's diagram)
+MIN_BIN_CASES = 25
+
+
+def reliability_curve_equal_count(task: str, y_true, probs, *, min_count: int = MIN_BIN_CASES,
+                                  max_bins: int = 10) -> dict[str, Any]:
+    """Reliability bins that each hold about the same number of cases, at least ``min_count`` (fewer bins on a
+    small split; one bin when the split has fewer than ``2 * min_count`` cases): the cases sorted by confidence
+    and cut into equal shares, so no bin is made of two cases and the curve does not zig-zag. Same keys as
+    :func:`reliability_curve` (``edges``: each bin's lowest and the last bin's highest confidence), plus
+    ``binning = "equal-count"`` and ``min_count``. ECE keeps its equal-width definition."""
+    conf, outcome = _calibration_pairs(task, y_true, probs)
+    n = len(conf)
+    n_bins = int(max(1, min(max_bins, n // max(1, int(min_count)))))
+    order = np.argsort(conf, kind="stable")
+    chunks = [c for c in np.array_split(order, n_bins) if len(c)]
+    edges = ([float(conf[chunks[0]].min())] + [float(conf[c].max()) for c in chunks]) if chunks else [0.0, 1.0]
+    return {"edges": edges, "accuracy": [float(outcome[c].mean()) for c in chunks],
+            "confidence": [float(conf[c].mean()) for c in chunks], "count": [int(len(c)) for c in chunks],
+            "binning": "equal-count", "min_count": int(min_count)}
+
+
 def expected_calibration_error(task: str, y_true, probs, n_bins: int = 15) -> float:
     """ECE = sum over bins of (bin share) * |observed frequency - mean confidence|."""
     rc = reliability_curve(task, y_true, probs, n_bins=n_bins)
@@ -449,7 +579,9 @@ __all__ = [
     "compute_metrics",
     "evaluate_predictions",
     "expected_calibration_error",
+    "operating_point_detail",
     "parse_operating_point",
     "reliability_curve",
+    "reliability_curve_equal_count",
     "to_jsonable",
 ]

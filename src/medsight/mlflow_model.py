@@ -1,6 +1,9 @@
 """A medsight bundle as an MLflow pyfunc model: ``predict`` runs :class:`medsight.predict.Predictor`.
 
-    save_pyfunc("runs/breast", "model")                         # or logged by `medsight train --track`
+This module is the model's loader (MLflow imports it when the model is loaded); the saving side is
+:func:`medsight.tracking.save_pyfunc`, which names this module by its path and does not import it.
+
+    save_pyfunc("runs/breast", "model")                         # medsight.tracking; or `medsight train --track`
     mlflow.pyfunc.load_model("runs:/<run id>/model").predict(pd.DataFrame({"path": ["scan.dcm"]}))
     mlflow models serve -m runs:/<run id>/model --env-manager local    # medsight must be installed there
 
@@ -23,16 +26,15 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from pathlib import Path
 
-import mlflow.pyfunc
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 from medsight.errors import DataError
+from medsight.tracking import PYFUNC_BUNDLE_KEY as BUNDLE_KEY
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 MAX_B64_CHARS = 4 * ((MAX_UPLOAD_BYTES + 2) // 3)
-BUNDLE_KEY = "bundle"
 
 
 def _cell(v) -> str | None:
@@ -57,7 +59,7 @@ def decode_b64(text: str, name: str) -> bytes:
         raise DataError(f"{name}: image_b64 is not valid base64 ({e})") from None
 
 
-class MedsightModel(mlflow.pyfunc.PythonModel):
+class MedsightModel(PythonModel):
     """pyfunc wrapper: the bundle travels as the model's artefact ``bundle``; a Predictor is built on load."""
 
     def load_context(self, context) -> None:
@@ -99,42 +101,3 @@ class MedsightModel(mlflow.pyfunc.PythonModel):
         row["predicted"] = ";".join(pred.predicted) if isinstance(pred.predicted, list) else pred.predicted
         row["decision"] = json.dumps(pred.decision) if isinstance(pred.decision, list) else pred.decision
         return row
-
-
-MODEL_CODE = ('"""medsight bundle as an MLflow pyfunc model (see medsight.mlflow_model)."""\n'
-              "import mlflow.models\n\nfrom medsight.mlflow_model import MedsightModel\n\n"
-              "mlflow.models.set_model(MedsightModel())\n")
-
-
-def signature():
-    """Input columns (all optional; see the module doc). Outputs are not enforced by MLflow, so not declared."""
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
-
-    return ModelSignature(inputs=Schema([ColSpec("string", "path", required=False),
-                                         ColSpec("string", "image_b64", required=False),
-                                         ColSpec("string", "name", required=False)]))
-
-
-def save_pyfunc(bundle_dir: str | Path, path: str | Path) -> Path:
-    """Write the bundle as an MLflow pyfunc model folder at ``path`` (the bundle copied in as an artefact, without
-    ``checkpoints/``). The model is saved as code (MLflow's "models from code": a two-line script that imports
-    :class:`MedsightModel`), not as a pickle; requirements are given, not inferred (inference would load the
-    model in a subprocess)."""
-    import shutil
-    import tempfile
-
-    from medsight import __version__
-    from medsight.bundle import load_bundle
-
-    b = load_bundle(bundle_dir)  # refuses a folder that is not a bundle, with its one-line error
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "bundle"
-        shutil.copytree(b.path, copy, ignore=shutil.ignore_patterns("checkpoints", "tracking.json", ".*"))
-        code = Path(tmp) / "medsight_model.py"
-        code.write_text(MODEL_CODE)
-        mlflow.pyfunc.save_model(
-            str(path), python_model=str(code), artifacts={BUNDLE_KEY: str(copy)},
-            signature=signature(), pip_requirements=[f"medsight=={__version__}", "mlflow>=3,<4"],
-            metadata={"medsight_version": __version__, "task": b.task.name, "classes": b.classes})
-    return Path(path)

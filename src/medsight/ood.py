@@ -2,7 +2,7 @@
 
 Every score is oriented the same way: **higher = more out-of-distribution**.
 
-- ``"combined"`` (default): three component scores, each fitted on the *training* split, each with its own
+- ``"combined"``: three component scores, each fitted on the *training* split, each with its own
   threshold calibrated on the *validation* split; an image is flagged when ANY component exceeds its threshold:
 
   * ``features``: Mahalanobis distance of the penultimate features (the input of the model's last ``nn.Linear``)
@@ -25,11 +25,10 @@ Every score is oriented the same way: **higher = more out-of-distribution**.
   (:func:`score_from_outputs` with ``x``).
   ``benchmarks/ood_matrix.py`` measures every packaged recipe against the other MedMNIST sets and synthetic
   images (``benchmarks/results/ood_matrix.md``).
-- ``"mahalanobis"``: the feature component alone, threshold at the ``quantile`` (0.95) of validation scores
-  (the detector of bundles written before the combined one; still loaded and scored).
-- ``"energy"``: ``-T * logsumexp(logits / T)`` (Liu et al. 2020); a binary single-logit model is scored as
-  the two-class logits ``[0, z]`` (multilabel / ordinal: summed per output).
-- ``"msp"``: ``1 - max softmax probability`` (Hendrycks & Gimpel 2017).
+
+The single-score detectors of earlier versions (features-only Mahalanobis, energy, MSP; file format
+``medsight-ood/1``) are retired: an ``ood.npz`` in that format is refused in one line. The baselines the benchmarks
+compare against live in ``tests/ood_baselines.py``.
 
 A fitted detector (:func:`fit_ood_detector`, or :func:`fit_combined_detector` from arrays) is a dict of numpy
 arrays and scalars; :func:`save_ood` / :func:`load_ood` store it as ``ood.npz`` in a bundle (no pickles; a
@@ -42,6 +41,7 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,54 +51,10 @@ from medsight.errors import ConfigError, DataError, choices_message
 from medsight.config import EVAL_BATCH_SIZE
 from medsight.inference import last_linear, run_model
 
-SCORES = ("combined", "mahalanobis", "energy", "msp")
-FORMAT = "medsight-ood/1"  # single-score detectors ("mahalanobis", "energy", "msp")
+SCORES = ("combined",)
+RETIRED_FORMAT = "medsight-ood/1"  # the single-score detectors of earlier versions: refused on load
 FORMAT_COMBINED = "medsight-ood/2"  # the combined detector
 COMPONENTS = ("features", "intensity", "pixels")
-
-
-# --------------------------------------------------------------------------------------------- logit scores
-def _logits_2d(logits) -> torch.Tensor:
-    z = torch.as_tensor(logits, dtype=torch.float32)
-    if z.dim() == 1:
-        z = z[:, None]
-    if z.dim() != 2:
-        raise DataError(f"logits must have shape (N,) or (N, K), got {tuple(z.shape)}")
-    return z
-
-
-def _per_output(task: str | None, z: torch.Tensor) -> bool:
-    """True when each output is its own two-class problem (binary, multilabel, ordinal)."""
-    if task is None:
-        return z.shape[1] == 1
-    from medsight.tasks import kind_of
-
-    return kind_of(task).per_output_sigmoid
-
-
-def energy_score(logits, temperature: float = 1.0, task: str | None = None) -> np.ndarray:
-    """``-T * logsumexp(logits / T)`` per row (higher = more OOD). Single-logit / per-output tasks use ``[0, z]``.
-
-    ``task=None`` treats one column as binary and several as multiclass."""
-    if temperature <= 0:
-        raise ConfigError(f"energy temperature must be > 0, got {temperature}")
-    z = _logits_2d(logits) / temperature
-    if _per_output(task, z):
-        pair = torch.stack([torch.zeros_like(z), z], dim=-1)  # (N, K, 2)
-        e = -temperature * torch.logsumexp(pair, dim=-1).sum(dim=1)
-    else:
-        e = -temperature * torch.logsumexp(z, dim=1)
-    return e.numpy()
-
-
-def msp_score(logits, task: str | None = None) -> np.ndarray:
-    """``1 - max softmax probability`` per row (higher = more OOD); per-output tasks use the mean over outputs
-    of ``1 - max(sigmoid(z), 1 - sigmoid(z))``."""
-    z = _logits_2d(logits)
-    if _per_output(task, z):
-        p = torch.sigmoid(z)
-        return (1 - torch.maximum(p, 1 - p)).mean(dim=1).numpy()
-    return (1 - torch.softmax(z, dim=1).max(dim=1).values).numpy()
 
 
 # --------------------------------------------------------------------------------------------- features
@@ -113,6 +69,7 @@ def logits_and_features(model: nn.Module, images, *, batch_size: int = EVAL_BATC
                     tta_flip=tta_flip)
     if len(out.logits) == 0:
         raise DataError("no images to score")
+    assert out.features is not None  # asked for with features=True
     return out.logits, out.features
 
 
@@ -146,7 +103,7 @@ def _class_labels(labels, n: int) -> np.ndarray:
         return np.zeros(n, dtype=np.int64)
     y = np.asarray(labels).reshape(-1).astype(np.int64)
     if len(y) != n:
-        raise DataError(f"fit_mahalanobis: {n} images but {len(y)} labels")
+        raise DataError(f"Mahalanobis state: {n} images but {len(y)} labels")
     return y
 
 
@@ -161,7 +118,7 @@ def mahalanobis_state(features, labels=None, *, shrinkage: float = 1e-3) -> dict
     n, d = f.shape
     y = _class_labels(labels, n)
     if n < 2:
-        raise DataError(f"fit_mahalanobis needs at least 2 training images, got {n}")
+        raise DataError(f"Mahalanobis state needs at least 2 training images, got {n}")
     classes = np.unique(y)
     means = np.stack([f[y == c].mean(axis=0) for c in classes])
     centred = f - means[np.searchsorted(classes, y)]
@@ -170,16 +127,6 @@ def mahalanobis_state(features, labels=None, *, shrinkage: float = 1e-3) -> dict
     precision = np.linalg.pinv(cov, hermitian=True)
     return {"means": means.astype(np.float64), "precision": precision.astype(np.float64),
             "classes": classes.astype(np.int64)}
-
-
-def fit_mahalanobis(model: nn.Module, train_images, labels=None, *, batch_size: int = EVAL_BATCH_SIZE,
-                    device: str | torch.device | None = None, shrinkage: float = 1e-3) -> dict:
-    """:func:`mahalanobis_state` of the penultimate features of the TRAINING split, plus the ``layer`` name.
-
-    ``labels``: (N,) class indices; ``None`` or multilabel (N, K) labels fit one class-agnostic mean."""
-    layer, _ = last_linear(model)
-    _, f = logits_and_features(model, train_images, batch_size=batch_size, device=device, layer=layer)
-    return {"layer": layer, **mahalanobis_state(f.numpy(), labels, shrinkage=shrinkage)}
 
 
 def mahalanobis_from_features(features, state: dict) -> np.ndarray:
@@ -474,57 +421,10 @@ def fit_combined_detector(train_features, train_labels, train_inputs, val_featur
 
 
 # --------------------------------------------------------------------------------------------- one entry point
-def ood_scores(model: nn.Module, images, *, score: str | None = None, state: dict | None = None,
-               temperature: float = 1.0, task: str | None = None, batch_size: int = EVAL_BATCH_SIZE,
-               device: str | torch.device | None = None, return_logits: bool = False):
-    """OOD score per image (higher = more OOD). ``score='combined'`` needs a detector from
-    :func:`fit_ood_detector`; ``'mahalanobis'`` a state from :func:`fit_mahalanobis` (or a detector); ``None``:
-    the state's own score (a bare :func:`fit_mahalanobis` state: ``'mahalanobis'``). With
-    ``return_logits=True`` returns ``(scores, logits)`` so a predictor gets both from one forward pass."""
-    if score is None:
-        score = state.get("score", "mahalanobis") if state is not None else "mahalanobis"
-    if score not in SCORES:
-        raise ConfigError(choices_message("OOD score", score, SCORES))
-    if score in ("combined", "mahalanobis"):
-        if state is None or "means" not in state and score == "mahalanobis" or \
-                score == "combined" and state.get("score") != "combined":
-            raise ConfigError(f"score={score!r} needs a fitted state: call fit_ood_detector(model, train_images, "
-                              "labels, val_images)" + (" or fit_mahalanobis(...)" if score == "mahalanobis" else "")
-                              + " first")
-        logits, feats = logits_and_features(model, images, batch_size=batch_size, device=device,
-                                            layer=state.get("layer"))
-        if score == "combined":
-            s = score_from_outputs(logits, feats.numpy(), state, x=images)
-        else:
-            s = mahalanobis_from_features(feats.numpy(), state)
-    else:
-        logits, _ = logits_and_features(model, images, batch_size=batch_size, device=device)
-        s = energy_score(logits, temperature, task) if score == "energy" else msp_score(logits, task)
-    return (s, logits) if return_logits else s
-
-
 def score_from_outputs(logits, features, detector: dict, x=None) -> np.ndarray:
-    """The detector's score from outputs already computed (e.g. by ONNX Runtime with a features output).
-    The combined detector also needs ``x``, the preprocessed model input batch (N, C, *S)."""
-    if detector["score"] == "combined":
-        return combined_score(component_scores(features, x, detector), detector["thresholds"])
-    if detector["score"] == "mahalanobis":
-        return mahalanobis_from_features(features, detector)
-    if detector["score"] == "energy":
-        return energy_score(logits, detector.get("temperature", 1.0), detector.get("task"))
-    return msp_score(logits, detector.get("task"))
-
-
-def fit_ood_threshold(val_scores, quantile: float = 0.95) -> float:
-    """The ``quantile`` of in-distribution VALIDATION scores: scores above it are flagged as OOD."""
-    if not 0 < quantile < 1:
-        raise ConfigError(f"OOD quantile must be in (0, 1), got {quantile}")
-    s = np.asarray(val_scores, dtype=np.float64).reshape(-1)
-    if s.size == 0:
-        raise DataError("fit_ood_threshold: no validation scores")
-    if not np.isfinite(s).all():
-        raise DataError("fit_ood_threshold: validation scores contain NaN or infinite values")
-    return float(np.quantile(s, quantile))
+    """The detector's score from outputs already computed (e.g. by ONNX Runtime with a features output) and
+    ``x``, the preprocessed model input batch (N, C, *S). ``logits`` are not used by the combined detector."""
+    return combined_score(component_scores(features, x, detector), detector["thresholds"])
 
 
 def ood_flags(scores, threshold: float) -> np.ndarray:
@@ -534,54 +434,34 @@ def ood_flags(scores, threshold: float) -> np.ndarray:
     return np.asarray(scores, dtype=np.float64) > float(threshold)
 
 
-def fit_ood_detector(model: nn.Module, train_images, train_labels, val_images, *, score: str = "combined",
-                     quantile: float = 0.95, false_alarm: float = 0.03, temperature: float = 1.0,
+def fit_ood_detector(model: nn.Module, train_images, train_labels, val_images, *, false_alarm: float = 0.03,
                      task: str | None = None, batch_size: int = EVAL_BATCH_SIZE,
                      device: str | torch.device | None = None, train_tab=None, val_tab=None,
                      tta_flip=()) -> dict:
-    """Everything a predictor needs: the score's state (fitted on TRAIN) and the flag threshold (fitted on VAL).
-    ``*_tab`` (encoded clinical rows) and ``tta_flip`` make the features those the model serves with.
-
-    ``combined``: per-component thresholds at the quantile that flags at most ``false_alarm`` of validation
-    (``quantile`` is then ignored; the chosen one is stored); single scores: the ``quantile`` of validation.
-    Use with :func:`detect`. Save with :func:`save_ood` (``ood.npz``) or :func:`detector_to_json`."""
-    if score not in SCORES:
-        raise ConfigError(choices_message("OOD score", score, SCORES))
-    if score == "combined":
-        layer, _ = last_linear(model)
-        _, ftr = logits_and_features(model, train_images, batch_size=batch_size, device=device, layer=layer,
-                                     tab=train_tab, tta_flip=tta_flip)
-        _, fva = logits_and_features(model, val_images, batch_size=batch_size, device=device, layer=layer,
-                                     tab=val_tab, tta_flip=tta_flip)
-        det = fit_combined_detector(ftr.numpy(), train_labels, train_images, fva.numpy(), val_images,
-                                    false_alarm=false_alarm, layer=layer)
-        det.update({"temperature": float(temperature), "task": task})
-        return det
-    det: dict = {"format": FORMAT, "score": score, "quantile": float(quantile), "temperature": float(temperature),
-                 "task": task}
-    if score == "mahalanobis":
-        det.update(fit_mahalanobis(model, train_images, train_labels, batch_size=batch_size, device=device))
-    val = ood_scores(model, val_images, score=score, state=det, temperature=temperature, task=task,
-                     batch_size=batch_size, device=device)
-    det["threshold"] = fit_ood_threshold(val, quantile)
+    """Everything a predictor needs: the combined detector's components (fitted on TRAIN) and their thresholds
+    (the quantile that flags at most ``false_alarm`` of VAL). ``*_tab`` (encoded clinical rows) and ``tta_flip``
+    make the features those the model serves with. Use with :func:`detect`. Save with :func:`save_ood`
+    (``ood.npz``) or :func:`detector_to_json`."""
+    layer, _ = last_linear(model)
+    _, ftr = logits_and_features(model, train_images, batch_size=batch_size, device=device, layer=layer,
+                                 tab=train_tab, tta_flip=tta_flip)
+    _, fva = logits_and_features(model, val_images, batch_size=batch_size, device=device, layer=layer,
+                                 tab=val_tab, tta_flip=tta_flip)
+    det = fit_combined_detector(ftr.numpy(), train_labels, train_images, fva.numpy(), val_images,
+                                false_alarm=false_alarm, layer=layer)
+    det["task"] = task
     return det
 
 
 def detect(model: nn.Module, images, detector: dict, *, batch_size: int = EVAL_BATCH_SIZE,
            device: str | torch.device | None = None) -> dict:
-    """``{"ood_score": (N,), "ood_flag": (N,) bool, "logits": (N, K) tensor}`` from one forward pass; the
-    combined detector adds ``"components"``: ``{name: (N,) score}``."""
-    if detector.get("score") == "combined":
-        logits, feats = logits_and_features(model, images, batch_size=batch_size, device=device,
-                                            layer=detector.get("layer"))
-        comps = component_scores(feats.numpy(), images, detector)
-        s = combined_score(comps, detector["thresholds"])
-        return {"ood_score": s, "ood_flag": ood_flags(s, detector["threshold"]), "logits": logits,
-                "components": comps}
-    s, logits = ood_scores(model, images, score=detector["score"], state=detector,
-                           temperature=detector.get("temperature", 1.0), task=detector.get("task"),
-                           batch_size=batch_size, device=device, return_logits=True)
-    return {"ood_score": s, "ood_flag": ood_flags(s, detector["threshold"]), "logits": logits}
+    """``{"ood_score": (N,), "ood_flag": (N,) bool, "logits": (N, K) tensor, "components": {name: (N,) score}}``
+    from one forward pass."""
+    logits, feats = logits_and_features(model, images, batch_size=batch_size, device=device,
+                                        layer=detector.get("layer"))
+    comps = component_scores(feats.numpy(), images, detector)
+    s = combined_score(comps, detector["thresholds"])
+    return {"ood_score": s, "ood_flag": ood_flags(s, detector["threshold"]), "logits": logits, "components": comps}
 
 
 # --------------------------------------------------------------------------------------------- persistence
@@ -601,20 +481,15 @@ def _check_detector(det: dict) -> str | None:
     """What is wrong with a detector read from a file (None: nothing)."""
     if not _finite_number(det.get("threshold")):
         return f"threshold must be a finite number, got {det.get('threshold')!r}"
-    score = det["score"]
-    if score in ("combined", "mahalanobis") and (score == "mahalanobis" or "features" in det.get("components", ())):
+    comps = det.get("components")
+    if not isinstance(comps, list) or not comps or any(c not in COMPONENTS for c in comps):
+        return f"components must be a non-empty list of {', '.join(COMPONENTS)}, got {comps!r}"
+    if "features" in comps:
         m, p, c = det.get("means"), det.get("precision"), det.get("classes")
         if m is None or p is None or c is None:
             return "the features component needs 'means', 'precision' and 'classes'"
         if m.ndim != 2 or p.shape != (m.shape[1], m.shape[1]) or c.shape != (m.shape[0],):
             return f"means {m.shape}, precision {p.shape} and classes {c.shape} do not fit together"
-    if score != "combined":
-        return None
-    if det.get("format") != FORMAT_COMBINED:
-        return f"a combined detector must have format {FORMAT_COMBINED!r}"
-    comps = det.get("components")
-    if not isinstance(comps, list) or not comps or any(c not in COMPONENTS for c in comps):
-        return f"components must be a non-empty list of {', '.join(COMPONENTS)}, got {comps!r}"
     thr = det.get("thresholds")
     if not isinstance(thr, dict) or sorted(thr) != sorted(comps) or \
             not all(_finite_number(v) and v > 0 for v in thr.values()):
@@ -647,8 +522,11 @@ def _check_detector(det: dict) -> str | None:
 def detector_from_json(obj: dict, *, source: object = "detector") -> dict:
     """A detector from :func:`detector_to_json` output (or a file's contents), checked: a malformed one raises
     one :class:`DataError` line naming ``source``."""
-    if not isinstance(obj, dict) or obj.get("format") not in (FORMAT, FORMAT_COMBINED):
-        raise DataError(f"not an OOD detector: expected format {FORMAT!r} or {FORMAT_COMBINED!r}")
+    if isinstance(obj, dict) and obj.get("format") == RETIRED_FORMAT:
+        raise DataError(f"OOD detector {source} is a single-score detector ({RETIRED_FORMAT}, {obj.get('score')!r}) "
+                        "of an earlier medsight, no longer scored; retrain the bundle for the combined detector")
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT_COMBINED:
+        raise DataError(f"not an OOD detector: expected format {FORMAT_COMBINED!r}")
     if obj.get("score") not in SCORES:
         raise DataError(choices_message("OOD score in detector", obj.get("score"), SCORES))
     det = dict(obj)
@@ -673,7 +551,7 @@ def save_ood(path: str | Path, det: dict) -> Path:
 
     from medsight.utils import atomic_write_bytes
 
-    arrays = {k: np.asarray(v) for k, v in det.items() if k in _ARRAYS}
+    arrays: dict[str, Any] = {k: np.asarray(v) for k, v in det.items() if k in _ARRAYS}
     rest = {k: v for k, v in det.items() if k not in _ARRAYS}
     buf = io.BytesIO()
     np.savez(buf, meta=np.array(json.dumps(rest)), **arrays)

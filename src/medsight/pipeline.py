@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from medsight.bundle import (Bundle, is_nonempty_dir, make_meta, publish, recover, save_weights, staging_dir,
                              write_meta)
@@ -24,14 +25,9 @@ from medsight.utils import atomic_write_text, write_json
 
 
 def load_data_for(cfg: RunConfig) -> Dataset:
-    d = cfg.data
-    data = load_dataset(d.name, size=d.size, root=d.root, download_missing=d.download, task=d.task, window=d.window,
-                        label_columns=d.label_columns, clinical_columns=d.clinical_columns, intensity=d.intensity,
-                        seed=cfg.train.seed, positive_class=d.positive_class, allow_leakage=d.allow_leakage,
-                        cache_dir=d.cache_dir, stream=d.stream, memory_budget_gb=d.memory_budget_gb,
-                        workers=d.workers)
-    if d.task is not None and d.task != data.task:
-        data.task = d.task
+    data = load_dataset(cfg.data, seed=cfg.train.seed)
+    if cfg.data.task is not None and cfg.data.task != data.task:
+        data.task = cfg.data.task
     return data
 
 
@@ -61,6 +57,24 @@ def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> tuple[Path, Pat
             shutil.rmtree(stage)  # a stale, unfinished run
         stage.mkdir(parents=True)
     return stage, resume_from
+
+
+def resume_config(out_dir: str | Path) -> Path | None:
+    """The resolved config of the run ``--resume`` continues: the unfinished run's (staging folder), else the
+    published bundle's; None when neither exists."""
+    out = Path(out_dir)
+    for c in (staging_dir(out) / "config.yaml", out / "config.yaml"):
+        if c.is_file():
+            return c
+    return None
+
+
+def end_distributed() -> None:
+    """Tear down the process group :func:`medsight.train.fit` set up for a distributed run (no-op otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_training(cfg: RunConfig, out_dir: str | Path, *, data: Dataset | None = None, resume: bool = False,
@@ -134,7 +148,7 @@ def _apply_auto(cfg: RunConfig, data: Dataset) -> tuple[Dataset, dict]:
     applied = autorecipe.apply(cfg, recipe)
     if size is not None and size != min(data.input_size):
         data = load_data_for(cfg)  # the files again, at the rule's input size (cfg.data.size is now set)
-    return data, {"rule": "medsight.autorecipe", "applied": applied, "reasons": recipe.reasons}
+    return data, {"rule": "medsight.autorecipe", "applied": applied, "given": recipe.given, "reasons": recipe.reasons}
 
 
 def training_summary(cfg: RunConfig, data: Dataset) -> list[str]:
@@ -152,7 +166,7 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
                    auto: dict | None = None) -> dict:
     """Calibrate on val, fit the OOD detector, score the splits and write every file of the bundle into
     ``stage``, each once."""
-    extra = {"train_seconds": round(result.seconds, 2)}
+    extra: dict[str, Any] = {"train_seconds": round(result.seconds, 2)}
     if cfg.train.tta_flip:
         extra["tta_flip"] = list(cfg.train.tta_flip)
     meta = make_meta(model_spec=result.model_spec, task=data.task, classes=data.classes, recipe=data.recipe,
@@ -179,6 +193,14 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
     meta["review"] = fit_review(bundle.task, split_probs(bundle, data, "val", cache=cache),
                                 bundle.threshold)  # medsight.review
     bundle = Bundle.draft(stage, meta, result.model)
+    from medsight.summary import outcome_line, threshold_lines
+
+    after, threshold_warnings = threshold_lines(meta)
+    after = [outcome_line(result, cfg)] + after  # how training ended, where the threshold sits and how sure it is
+    meta["training_summary"] = list(summary) + after
+    meta["warnings"] = threshold_warnings
+    if callback is not None:
+        callback("summary", {"lines": after})
     if cfg.train.ood:
         from medsight.ood import fit_bundle_detector, save_ood
 
@@ -208,7 +230,7 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
         meta["training_summary"] += shares  # the report's facts
         if callback is not None:
             callback("summary", {"lines": shares})
-        meta["warnings"] = warn_degenerate(metrics, bundle.classes, bundle.positive_class)
+        meta["warnings"] = threshold_warnings + warn_degenerate(metrics, bundle.classes, bundle.positive_class)
         if meta["warnings"] and callback is not None:
             callback("warnings", {"lines": meta["warnings"]})
     write_meta(stage, meta)
@@ -236,7 +258,7 @@ def infer_categorical(rows: list[dict], columns: list[str]) -> list[str]:
     for c in columns:
         for r in rows:
             v = r.get(c)
-            if _is_missing(v):
+            if v is None or _is_missing(v):
                 continue
             try:
                 float(v)
@@ -257,7 +279,7 @@ def _fusion_parts(cfg: RunConfig, data: Dataset):
     if train.clinical is None:
         raise ConfigError(f"data.clinical_columns is set but {data.name} carries no clinical values "
                           "(use a CSV manifest with those columns)")
-    cols = list(cfg.data.clinical_columns)
+    cols = list(cfg.data.clinical_columns or [])
     cats = cfg.data.categorical_columns or infer_categorical(train.clinical, cols)
     unknown = sorted(set(cats) - set(cols))
     if unknown:

@@ -179,7 +179,7 @@ class Predictor:
         except Exception as e:
             raise MedsightError(f"cannot load ONNX model {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
-    def _run_one(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _run_one(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Batch of one through a preallocated, per-thread IO binding (no per-call allocation by ORT)."""
         slot = getattr(self._local, "slot", None)
         if slot is None:

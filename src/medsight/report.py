@@ -34,6 +34,7 @@ td.l,th.l{text-align:left}.ci{color:#666;font-size:.85em}
 .note{color:#555;font-size:.9em}
 .warn{background:#fff4e5;border-left:4px solid #e69500;padding:6px 10px;margin:8px 0}
 ul.facts{margin:4px 0;padding-left:20px}ul.facts li{margin:2px 0}
+dl.glossary{font-size:.85em;columns:2 420px}dl.glossary dt{margin-top:4px}dl.glossary dd{margin:0 0 4px 12px;color:#444}
 """
 
 
@@ -206,9 +207,16 @@ def plot_reliability(curves: Mapping[str, Mapping], title: str = "reliability") 
         conf = np.asarray(rc["confidence"], dtype=np.float64)
         acc = np.asarray(rc["accuracy"], dtype=np.float64)
         ok = ~(np.isnan(conf) | np.isnan(acc))
-        line = ax.plot(conf[ok], acc[ok], "o-", ms=3, label=str(name))[0]
-        edges = np.asarray(rc.get("edges") or np.linspace(0, 1, len(conf) + 1), dtype=np.float64)
         count = np.asarray(rc.get("count") or [], dtype=np.float64)
+        line = ax.plot(conf[ok], acc[ok], "o-", ms=3, label=str(name))[0]
+        if count.size == conf.size:  # the binomial standard error of each point: wide where a bin is small
+            se = np.sqrt(np.clip(acc * (1 - acc), 0, None) / np.maximum(count, 1))
+            ax.errorbar(conf[ok], acc[ok], yerr=se[ok], fmt="none", ecolor=line.get_color(), alpha=0.5, lw=1)
+            if rc.get("binning") == "equal-count":
+                for x, yv, c in zip(conf[ok], acc[ok], count[ok]):
+                    ax.annotate(f"{int(c)}", (x, yv), textcoords="offset points", xytext=(3, -9), fontsize=6,
+                                color=line.get_color())
+        edges = np.asarray(rc.get("edges") or np.linspace(0, 1, len(conf) + 1), dtype=np.float64)
         if count.size == len(edges) - 1:
             width = np.diff(edges) / n
             axc.bar(edges[:-1] + i * width, count, width=width, align="edge", color=line.get_color(), alpha=0.8)
@@ -410,11 +418,29 @@ def _facts(lines: Sequence[str]) -> str:
     return f'<ul class="facts">{"".join(items)}</ul>'
 
 
-def _ood_section(ood_flags: Mapping[str, Any] | None) -> str:
+def _placement(detail: Mapping[str, Any] | None) -> str:
+    """`` (placed at ...; 95% interval over N resamples of the validation cases: a to b)``, escaped."""
+    if not detail or not detail.get("placement"):
+        return ""
+    text = f" (placed at {detail['placement']}"
+    ci = detail.get("ci")
+    if ci:
+        pairs = ci if isinstance(ci[0], (list, tuple)) else [ci]
+        shown = ", ".join(f"{lo:.3g} to {hi:.3g}" for lo, hi in pairs if lo is not None)
+        if shown:
+            text += f"; 95% interval over {detail.get('n_boot')} resamples of the validation cases: {shown}"
+    return _esc(text + ")")
+
+
+def _ood_section(ood_flags: Mapping[str, Any] | str | None) -> str:
+    """The flagged cases per split; ``None``: no detector results; a string: why they are not available."""
     if ood_flags is None:
-        return ('<p class="note">Not available: this report was given no out-of-distribution results (the bundle '
-                "has no detector, or its scores were not computed for these splits).</p>")
-    parts = []
+        return ('<p class="note">Not available: this report was given no out-of-distribution results.</p>')
+    if isinstance(ood_flags, str):
+        return f'<p class="note">Not available: {_esc(ood_flags)}.</p>'
+    parts = ['<p class="note">A case is flagged out-of-distribution (OOD) when it does not look like the training '
+             "images (its detector score is above a threshold set so that about 3% of validation cases are "
+             "flagged); its class verdict should not be trusted.</p>"]
     for split, info in ood_flags.items():
         flagged = list(info.get("flagged") or [])
         n = info.get("n")
@@ -430,6 +456,60 @@ def _ood_section(ood_flags: Mapping[str, Any] | None) -> str:
             more = f'<p class="note">and {len(flagged) - 50} more</p>' if len(flagged) > 50 else ""
             parts.append("<table>" + "".join(rows) + "</table>" + more)
     return "".join(parts)
+
+
+#: the technical terms the report uses, in plain words (shown beside the figures)
+GLOSSARY: tuple[tuple[str, str], ...] = (
+    ("ROC AUC", "area under the ROC curve: the chance that a random positive case gets a higher score than a "
+                "random negative one (0.5 = guessing, 1 = perfect ranking); it does not depend on the threshold"),
+    ("PR AUC", "area under the precision-recall curve: how well the positive class is found among the cases "
+               "called positive, averaged over thresholds; compare it with the prevalence, not with 0.5"),
+    ("Sensitivity / specificity", "the share of positive cases called positive / of negative cases called "
+                                  "negative, at the decision threshold"),
+    ("PPV / NPV", "positive / negative predictive value: of the cases called positive (negative), the share "
+                  "that truly are; they depend on how common the positive class is"),
+    ("F1", "the harmonic mean of PPV and sensitivity"),
+    ("Balanced accuracy", "the mean of the per-class sensitivities (not flattered by a common class)"),
+    ("Threshold", "a case is called positive when its probability is at least this value"),
+    ("Youden's J", "sensitivity + specificity - 1; the rule 'youden' picks the threshold that maximises it on the "
+                   "validation split. Many thresholds often tie on a small split: medsight takes the midpoint, on "
+                   "the log-odds scale, of the range that ties, never its edge"),
+    ("95% CI (bootstrap)", "the range the metric would likely take on another sample like this one: the metric "
+                           "recomputed on many resamples (1000 by default, drawn with replacement) of the cases, "
+                           "middle 95%"),
+    ("Calibration, ECE", "whether a predicted probability of 0.8 comes true about 80% of the time; the expected "
+                         "calibration error is the average gap between predicted and observed frequency (0 = "
+                         "perfect)"),
+    ("Temperature", "a single number T that all logits are divided by before the probability is computed, fitted "
+                    "on the validation split to make probabilities honest; it never changes the ranking or AUC"),
+    ("Reliability diagram", "cases grouped by predicted probability (each group of about the same size, at least "
+                            f"{M.MIN_BIN_CASES} cases where the split allows), the observed frequency of each group "
+                            "against its mean prediction; bars give the standard error, the number of cases is "
+                            "printed beside each point; points on the diagonal are well calibrated"),
+    ("OOD (out-of-distribution)", "a scan that does not look like the training images (another body part, "
+                                  "modality or device); its class verdict should not be trusted"),
+    ("Grad-CAM", "a heatmap of the image regions that raised the predicted class's score most; it shows where the "
+                 "model looked, not why, and is not a segmentation"),
+    ("Early stopping, patience", "training stops when the validation metric has not improved for 'patience' "
+                                 "epochs in a row; the weights of the best validation epoch are kept"),
+    ("CPU budget", "the automatic recipe caps training at a number of image passes (images x epochs) so that a run "
+                   "takes a few minutes on one CPU; more images mean fewer epochs"),
+    ("Validation / test split", "validation cases choose the epoch, the temperature and the threshold; test cases "
+                                "are used only to measure, so their metrics are not tuned to them"),
+)
+
+
+#: beside each split's figures: how to read them, in a sentence (the terms are in the glossary)
+_FIGURE_NOTE = ('<p class="note">ROC curve: sensitivity against 1 - specificity as the threshold moves (the area under '
+                "it is the ROC AUC; for a binary task the dot is the decision threshold). Precision-recall curve: PPV "
+                "against sensitivity. Confusion matrix: cases by true (rows) and predicted (columns) class, with row "
+                'percentages. <a href="#glossary">Terms</a></p>')
+
+
+def glossary_html() -> str:
+    """The glossary as a definition list."""
+    items = "".join(f"<dt><b>{_esc(t)}</b></dt><dd>{_esc(d)}</dd>" for t, d in GLOSSARY)
+    return f'<dl class="glossary">{items}</dl>'
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,8 +531,9 @@ def build_report(
     gallery: Sequence[Mapping[str, Any]] | None = None,
     facts: Sequence[str] | None = None,
     warnings: Sequence[str] | None = None,
-    ood_flags: Mapping[str, Any] | None = None,
+    ood_flags: Mapping[str, Any] | str | None = None,
     extra_sections: Sequence[tuple[str, str]] | None = None,
+    threshold_detail: Mapping[str, Any] | None = None,
 ) -> str:
     """Self-contained HTML report.
 
@@ -467,8 +548,11 @@ def build_report(
     ``gallery``: list of ``{"image", "heatmap", "caption", "correct"}`` (or ``"png"`` bytes instead of the arrays).
     ``facts``: sentences about the data and the run (:func:`medsight.summary.describe_training`).
     ``warnings``: default :func:`medsight.summary.warn_degenerate` of the metrics.
-    ``ood_flags``: ``{split: {"flagged": [{"case", "score"}], "n", "threshold"}}``; ``None`` = not available.
+    ``ood_flags``: ``{split: {"flagged": [{"case", "score"}], "n", "threshold"}}``; ``None`` = not available; a
+    string: why not (e.g. the bundle has no detector).
     ``extra_sections``: ``(title, html)`` pairs appended verbatim; the html must be trusted.
+    ``threshold_detail``: :func:`medsight.metrics.operating_point_detail` as stored in ``bundle.json``: how the
+    threshold was placed and its 95% interval over validation resamples, stated beside the decision.
     """
     from medsight.summary import quoted, split_line, threshold_rule_sentence, warn_degenerate
 
@@ -486,8 +570,10 @@ def build_report(
     if positive_class is not None:
         parts.append(f"positive class: <b>{_esc(positive_class)}</b> (sensitivity, PPV and the threshold are about "
                      f"{_esc(positive_class)})")
-    parts.append("decision: " + _esc(kind.decision_words(threshold_rule_sentence(threshold_rule, threshold))))
+    parts.append("decision: " + _esc(kind.decision_words(threshold_rule_sentence(threshold_rule, threshold)
+                                                         + _placement(threshold_detail))))
     parts.append("intervals are 95% percentile bootstrap CIs")
+    parts.append('technical terms are explained under <a href="#glossary">Terms used in this report</a>')
     body.append(f'<p class="note">{" · ".join(parts)}</p>')
 
     computed: dict[str, Mapping[str, Any]] = {}
@@ -520,6 +606,7 @@ def build_report(
         if cm is not None:
             figs.append(_img(plot_confusion(cm, class_names, f"confusion matrix, {name}"), f"confusion matrix, {name}"))
         body.append(f'<div class="figs">{"".join(figs)}</div>')
+        body.append(_FIGURE_NOTE)
         table = per_class_table(m, class_names)
         if table:
             body.append(f"<h3>Per class ({_esc(name)})</h3>{table}")
@@ -537,7 +624,12 @@ def build_report(
                 curves[label] = calibration[key]
         if curves:
             what = f"P({positive_class})" if positive_class else kind.confidence_words
-            body.append(f'<p class="note">Binned {_esc(what)} against how often it came true; bars: cases per bin.</p>')
+            equal = any((c or {}).get("binning") == "equal-count" for c in curves.values())
+            how = (f"cases sorted by {_esc(what)} and cut into groups of equal size (at least "
+                   f"{M.MIN_BIN_CASES} cases each where the split allows; the count is printed beside each point)"
+                   if equal else f"{_esc(what)} in equal-width bins")
+            body.append(f'<p class="note">Reliability: {how}, against how often it came true; error bars: one '
+                        "standard error; bottom panel: cases per bin. ECE (above) uses 15 equal-width bins.</p>")
             body.append(f'<div class="figs">{_img(plot_reliability(curves), "reliability diagram")}</div>')
 
     if history:
@@ -557,6 +649,9 @@ def build_report(
     for sec_title, sec_html in extra_sections or ():
         body.append(f"<h2>{_esc(sec_title)}</h2>{sec_html}")
 
+    body.append('<h2 id="glossary">Terms used in this report</h2>')
+    body.append(glossary_html())
+
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>"
@@ -573,8 +668,10 @@ def write_report(path: str | os.PathLike, html_text: str) -> Path:
 
 
 __all__ = [
+    "GLOSSARY",
     "build_report",
     "counts_table",
+    "glossary_html",
     "plot_case",
     "row_percentages",
     "metrics_table",

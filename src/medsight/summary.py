@@ -110,8 +110,8 @@ def describe_training(dataset, cfg, device: Any = None, threads: int | None = No
     lines += _size_lines(dataset)
     if cfg is not None:
         op = str(cfg.train.operating_point)
-        lines.append(f"model: {cfg.model.name}, {cfg.train.epochs} epoch(s), batch {cfg.train.batch_size}, "
-                     f"seed {cfg.train.seed}")
+        lines.append(model_line(cfg))
+        lines.append(stopping_line(cfg))
         from medsight.tasks import kind_of
 
         if kind_of(task).uses_threshold:
@@ -119,6 +119,78 @@ def describe_training(dataset, cfg, device: Any = None, threads: int | None = No
     if device is not None:
         lines.append(f"device: {device}" + (f", {threads} CPU thread(s)" if threads else ""))
     return lines
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _src(cfg, *keys: str) -> str:
+    """`` (from --epochs)`` when the first of ``keys`` the config's origins know was given explicitly."""
+    sources = getattr(cfg, "_sources", None) or {}
+    for k in keys:
+        if k in sources:
+            return f" (from {sources[k]})"
+    return ""
+
+
+def model_line(cfg) -> str:
+    """The model and schedule that run, exactly as in the run's config.yaml, each given value with its origin."""
+    m, t = cfg.model, cfg.train
+    return (f"model: {m.name}{_src(cfg, 'model.name')}, width {m.width:g}, dropout {m.dropout:g}"
+            f"{_src(cfg, 'model.dropout')}; at most {_plural(t.epochs, 'epoch')}{_src(cfg, 'train.epochs')} of batch "
+            f"{t.batch_size}{_src(cfg, 'train.batch_size')}, {t.optimizer} learning rate {t.lr:g}"
+            f"{_src(cfg, 'train.lr')}, {t.schedule} schedule, seed {t.seed}{_src(cfg, 'train.seed')}; augmentation "
+            f"{'on' if cfg.augment.enabled else 'off'}{_src(cfg, 'augment.enabled')}")
+
+
+def stopping_line(cfg) -> str:
+    """Early stopping as configured, in words."""
+    t = cfg.train
+    monitor = "loss" if t.monitor == "loss" else METRIC_NAMES.get(t.monitor, t.monitor)
+    if t.patience is None:
+        return (f"early stopping: off (train.patience null{_src(cfg, 'train.patience')}); every one of the "
+                f"{_plural(t.epochs, 'epoch')} runs, the epoch with the best validation {monitor} is kept")
+    gain = f"a drop by more than {t.min_delta:g}" if t.monitor == "loss" else f"a gain of more than {t.min_delta:g}"
+    return (f"early stopping: training stops after {_plural(t.patience, 'epoch')} in a row without {gain} in "
+            f"validation {monitor} (train.patience{_src(cfg, 'train.patience')}, train.min_delta); "
+            f"{t.epochs} epochs at most; the epoch with the best validation {monitor} is kept")
+
+
+def outcome_line(result, cfg) -> str:
+    """How training ended: the epoch it stopped at and the best epoch (from a FitResult)."""
+    run = len(getattr(result, "history", []) or [])
+    best = getattr(result, "best_epoch", None)
+    ensemble = (getattr(result, "extra", None) or {}).get("ensemble")
+    if ensemble:
+        ran = ensemble.get("epochs_run") or []
+        return (f"training: the ensemble members ran {', '.join(map(str, ran))} epochs (at most {cfg.train.epochs} "
+                f"each, early stopping patience {cfg.train.patience}); their best epochs "
+                f"{', '.join(map(str, ensemble.get('best_epochs', [])))}, whose weights are kept")
+    if getattr(result, "stopped_early", False):
+        return (f"training: stopped early at epoch {run} of at most {cfg.train.epochs} ({cfg.train.patience} epochs "
+                f"without a gain on validation); best epoch {best}, whose weights are kept")
+    return f"training: ran {_plural(run, 'epoch')} of {cfg.train.epochs}; best epoch {best}, whose weights are kept"
+
+
+def threshold_lines(meta: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(summary lines, warnings) about a bundle's threshold: value (3 significant digits), the rule in words, how it
+    was placed, its 95% interval over validation resamples; warnings when the validation split is too small or too
+    separable to place it well (from ``threshold_detail``)."""
+    if meta.get("threshold") is None:
+        return [], []
+    d = meta.get("threshold_detail") or {}
+    said = threshold_rule_sentence(meta.get("threshold_rule"), meta.get("threshold"))
+    line = ("decision " if said.startswith("threshold ") else "decision threshold: ") + said
+    if d.get("placement"):
+        line += f"; placed at {d['placement']}"
+    ci = d.get("ci")
+    if ci:
+        pairs = ci if isinstance(ci[0], (list, tuple)) else [ci]  # multi-label: one interval per label
+        shown = ", ".join(f"{_thr(lo)} to {_thr(hi)}" for lo, hi in pairs if lo is not None)
+        if shown:
+            line += f"; 95% interval over {d.get('n_boot')} resamples of the validation cases: {shown}"
+    return [line], [f"threshold: {w}" for w in d.get("warnings", [])]
 
 
 def threshold_rule_sentence(rule: str | None, threshold=None) -> str:
@@ -184,5 +256,5 @@ def warn_degenerate(metrics: Mapping[str, Any], classes: Sequence[str] | None = 
     return out
 
 
-__all__ = ["class_counts", "describe_training", "metric_label", "split_line", "threshold_rule_sentence",
-           "warn_degenerate"]
+__all__ = ["class_counts", "describe_training", "metric_label", "model_line", "outcome_line", "split_line",
+           "stopping_line", "threshold_lines", "threshold_rule_sentence", "warn_degenerate"]

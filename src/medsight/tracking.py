@@ -13,8 +13,9 @@ directory; no server needed):
   (per class: ``<split>_class_<k>_<metric>``), e.g. ``test_auc``; the validation split's are ``final_val_...``,
   as ``val_auc`` etc. already name the per-epoch curves (the bundle's are at its best epoch and threshold);
 - artefacts: the bundle folder under ``bundle/`` (without ``checkpoints/``), ``report.html`` when present, and
-  the bundle as an MLflow pyfunc model under ``model/`` (``medsight.mlflow_model``), so
-  ``mlflow models serve -m runs:/<run id>/model --env-manager local`` serves it.
+  the bundle as an MLflow pyfunc model under ``model/`` (:func:`save_pyfunc`; the model's code is
+  ``medsight.mlflow_model``, named by module path, not imported here, so training never loads the serving stack),
+  so ``mlflow models serve -m runs:/<run id>/model --env-manager local`` serves it.
 
 The run id is written to ``<bundle>/tracking.json`` (the bundle itself stays as written; ``tracking.json`` is a
 side file that only ``train --track`` writes, without credentials). ``medsight evaluate --track`` logs a child
@@ -171,11 +172,11 @@ def data_hash(data) -> str:
             if not isinstance(arr, np.ndarray):  # rows on disk (dataset cache): the same bytes, a chunk at a time
                 h.update(f"{name}:{tuple(arr.shape)}:{arr.dtype.str};".encode())
                 for i in range(0, len(arr), 1024):
-                    h.update(memoryview(np.ascontiguousarray(arr[i:i + 1024])).cast("B"))
+                    h.update(np.ascontiguousarray(arr[i:i + 1024]).data.cast("B"))
                 continue
             a = np.ascontiguousarray(arr)
             h.update(f"{name}:{a.shape}:{a.dtype.str};".encode())
-            h.update(memoryview(a).cast("B"))
+            h.update(a.data.cast("B"))
     return h.hexdigest()[:16]
 
 
@@ -368,14 +369,12 @@ class Tracker:
                 self.log_file(p, artifact_path)
 
     def log_model(self, bundle_dir: Path, artifact_path: str = "model") -> None:
-        """The bundle as an MLflow pyfunc model (see :mod:`medsight.mlflow_model`)."""
+        """The bundle as an MLflow pyfunc model (:func:`save_pyfunc`)."""
         if self.failed:
             return
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 with _quiet_mlflow():
-                    from medsight.mlflow_model import save_pyfunc
-
                     local = save_pyfunc(bundle_dir, Path(tmp) / artifact_path)
             except Exception as e:  # noqa: BLE001
                 self.warn(f"the bundle cannot be saved as an MLflow model ({_why(e)})")
@@ -398,6 +397,53 @@ class Tracker:
 
         write_json(Path(bundle_dir) / TRACKING_FILE, {"run_id": self.run_id, "experiment_id": self.experiment_id,
                                                       "tracking_uri": safe_uri(self.uri), **extra})
+
+
+# --- the bundle as an MLflow pyfunc model ----------------------------------------------------------------------
+# The model is saved as code (MLflow's "models from code"): a two-line script naming the loader class by its module
+# path. The loader (medsight.mlflow_model.MedsightModel) builds a Predictor when MLflow loads the model; saving it
+# needs none of that, so it lives here and training does not import the serving stack.
+PYFUNC_LOADER = "medsight.mlflow_model"
+PYFUNC_BUNDLE_KEY = "bundle"  # the pyfunc artefact that holds the bundle folder
+MODEL_CODE = ('"""medsight bundle as an MLflow pyfunc model (see medsight.mlflow_model)."""\n'
+              f"import mlflow.models\n\nfrom {PYFUNC_LOADER} import MedsightModel\n\n"
+              "mlflow.models.set_model(MedsightModel())\n")
+
+
+def pyfunc_signature():
+    """Input columns (all optional; see :mod:`medsight.mlflow_model`). Outputs are not enforced by MLflow, so not
+    declared."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string", "path", required=False),
+                                         ColSpec("string", "image_b64", required=False),
+                                         ColSpec("string", "name", required=False)]))
+
+
+def save_pyfunc(bundle_dir: str | Path, path: str | Path) -> Path:
+    """Write the bundle as an MLflow pyfunc model folder at ``path`` (the bundle copied in as an artefact, without
+    ``checkpoints/``). The model is saved as code (a two-line script that imports
+    ``medsight.mlflow_model.MedsightModel`` when the model is loaded), not as a pickle; requirements are given, not
+    inferred (inference would load the model in a subprocess)."""
+    import shutil
+
+    import mlflow.pyfunc
+
+    from medsight.bundle import load_bundle
+
+    b = load_bundle(bundle_dir)  # refuses a folder that is not a bundle, with its one-line error
+    version = _version()
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "bundle"
+        shutil.copytree(b.path, copy, ignore=shutil.ignore_patterns("checkpoints", TRACKING_FILE, ".*"))
+        code = Path(tmp) / "medsight_model.py"
+        code.write_text(MODEL_CODE)
+        mlflow.pyfunc.save_model(
+            str(path), python_model=str(code), artifacts={PYFUNC_BUNDLE_KEY: str(copy)},
+            signature=pyfunc_signature(), pip_requirements=[f"medsight=={version}", "mlflow>=3,<4"],
+            metadata={"medsight_version": version, "task": b.task.name, "classes": b.classes})
+    return Path(path)
 
 
 def _version() -> str:

@@ -357,6 +357,7 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
     ckpt_dir = out / "checkpoints" if out else None
     history: list[dict] = []
     best_value, best_epoch, best_state, bad_epochs, start_epoch = -math.inf, -1, None, 0, 0
+    stop_ref = -math.inf  # the monitor value an epoch must beat by more than train.min_delta to reset the patience
     if resume:
         last = Path(resume_from) if resume_from is not None else (ckpt_dir / "last.pt" if ckpt_dir else None)
         if last is None or not last.is_file():
@@ -375,6 +376,7 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
             ema.load_state_dict(ck["ema"])
         history, best_value, best_epoch = ck["history"], ck["best_value"], ck["best_epoch"]
         best_state, bad_epochs, start_epoch = ck["best_state"], ck["bad_epochs"], ck["epoch"] + 1
+        stop_ref = ck.get("stop_ref", best_value)
         emit("resumed", {"epoch": start_epoch})
 
     t0 = time.perf_counter()
@@ -406,8 +408,10 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
                "lr": opt.param_groups[0]["lr"], "seconds": round(train_seconds, 3)}
         history.append(row)
         improved = value > best_value or best_epoch < 0
-        if improved:
-            best_value, best_epoch, best_state, bad_epochs = value, epoch + 1, _state_dict(eval_model), 0
+        if improved:  # any gain picks the weights kept ...
+            best_value, best_epoch, best_state = value, epoch + 1, _state_dict(eval_model)
+        if value > stop_ref + t.min_delta or stop_ref == -math.inf:  # ... only a real one resets the patience
+            stop_ref, bad_epochs = value, 0
         else:
             bad_epochs += 1
         if ckpt_dir is not None and dinfo.is_main:
@@ -415,12 +419,13 @@ def fit(cfg: RunConfig, data: Dataset, out_dir: str | Path | None = None, *, res
                 "epoch": epoch, "model": _state_dict(model), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                 "history": history, "best_value": best_value, "best_epoch": best_epoch, "best_state": best_state,
-                "bad_epochs": bad_epochs, "model_spec": spec, "config": cfg.model_dump(mode="json"),
+                "bad_epochs": bad_epochs, "stop_ref": stop_ref, "model_spec": spec, "config": cfg.model_dump(mode="json"),
             }, ckpt_dir / "last.pt")
         emit("epoch", {**row, "best_epoch": best_epoch, "improved": improved})
         if t.patience is not None and bad_epochs >= t.patience:
             stopped = True
-            emit("early_stop", {"epoch": epoch + 1, "best_epoch": best_epoch})
+            emit("early_stop", {"epoch": epoch + 1, "best_epoch": best_epoch, "patience": t.patience,
+                                "min_delta": t.min_delta, "monitor": t.monitor})
             break
     final = copy.deepcopy(ema.module if ema is not None else model).cpu().to(memory_format=torch.contiguous_format)
     if best_state is not None:
@@ -510,6 +515,7 @@ def fit_ensemble(cfg: RunConfig, data: Dataset, *, callback: Callback | None = N
             emit("member", {"member": k + 1, "members": n, "best_epoch": results[-1].best_epoch})
     history = [{"member": k + 1, **row} for k, r in enumerate(results) for row in r.history]
     info = {"members": n, "seeds": [c.train.seed for c in cfgs], "best_epochs": [r.best_epoch for r in results],
+            "epochs_run": [len(r.history) for r in results], "stopped_early": [r.stopped_early for r in results],
             "best_values": [r.best_value for r in results], "workers": workers}
     return FitResult(model=Ensemble([r.model for r in results]).eval(), history=history,
                      best_epoch=max(r.best_epoch for r in results),

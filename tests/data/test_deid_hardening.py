@@ -19,7 +19,7 @@ from medsight.data.deid import deidentify
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
-from _subproc import env, medsight_cmd
+from _subproc import env, medsight_cmd  # noqa: E402 (after the sys.path line)
 
 PLANT = b"Patient SMITH^JOHN MRN 12345 Acc A999"
 TOKENS = (b"SMITH", b"JOHN", b"12345", b"A999")

@@ -548,7 +548,25 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, DataError):
         msg = str(e).split(": ", 1)[-1]
         return re.sub(r"\((\w+): [^()]*\)", r"(\1)", msg)
-    return f"cannot de-identify ({type(e).__name__})"
+    return f"cannot de-identify ({_safe_reason(e)})"
+
+
+def _safe_reason(e: BaseException) -> str:
+    """Why a file failed, without any value from the file: the exception type, the attribute or key it concerned
+    (a DICOM keyword or a Python name, never a header value), else a fixed description."""
+    name = type(e).__name__
+    if isinstance(e, AttributeError) and getattr(e, "name", None):
+        return f"{name}: the dataset has no {e.name!r}"
+    if isinstance(e, AttributeError) and str(e):  # pydicom names missing elements by tag and keyword: kept, with
+        text = re.sub(r"'[^']*'|\"[^\"]*\"", "'...'", " ".join(str(e).split()))  # any quoted value masked
+        return f"{name}: {text[:200]}"
+    if isinstance(e, KeyError):
+        return f"{name}: a required element is missing"
+    if isinstance(e, (ValueError, TypeError)):
+        return f"{name}: an element holds a value of the wrong form"
+    if isinstance(e, (EOFError, OSError)):
+        return f"{name}: the file ends early or cannot be read"
+    return name
 
 
 def _strip_codestreams(ds) -> bool:
@@ -738,6 +756,10 @@ def deidentify(
     file_map: list[tuple[str, str]] = []
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".medsight-deid-", dir=dst.parent))  # 0700
+    # pydicom warns about non-standard values quoting the values themselves (UIDs, names): never shown, counted
+    lenient = warnings.catch_warnings(record=True)
+    caught = lenient.__enter__()
+    warnings.simplefilter("always")
     try:
         from medsight import progress
 
@@ -766,7 +788,7 @@ def deidentify(
             try:
                 _save_private(c.ds, target)
             except Exception as e:
-                summary["errors"].append({"path": str(rel), "error": f"cannot write its output ({type(e).__name__})"})
+                summary["errors"].append({"path": str(rel), "error": f"cannot write its output ({_safe_reason(e)})"})
                 continue
             out_rel = c.out_rel.as_posix()
             hit = find_leak(target, out_rel, c.record.needles, c.record.allowed)
@@ -795,6 +817,9 @@ def deidentify(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    finally:
+        lenient.__exit__(None, None, None)
+    summary["warnings"] = len(caught)
     summary["patients"] = len(ctx.patient_map)
     summary["studies"] = len(studies)
     summary["uids_remapped"] = len(ctx.uid_map)

@@ -19,13 +19,16 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
 from medsight.data.readers import file_format, is_readable_file, read_image, readable_suffixes, resolve_window
 from medsight.data.preprocess import INTENSITY_MODES, convert_channels, make_recipe, preprocess_array
 from medsight.errors import DataError, choices_message
+
+if TYPE_CHECKING:
+    from medsight.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -282,11 +285,9 @@ def records_from(path: str | os.PathLike, *, label_cols=None, clinical_cols=None
     raise DataError(f"{p} is neither a folder of class sub-folders nor a CSV manifest")
 
 
-def load_user_dataset(path: str | os.PathLike, *, size: int = 28, task: str | None = None, window=None,
-                      label_cols=None, clinical_cols=None, seed: int = 0, intensity: str = "auto",
-                      allow_leakage: bool = False, cache_dir=None, stream: str | bool = "auto",
-                      memory_budget_gb: float | None = None, workers: int | None = None):
-    """A class-per-folder tree or CSV manifest -> :class:`medsight.data.sources.Dataset`.
+def load_user_dataset(path: str | os.PathLike, data: DataConfig, *, seed: int = 0):
+    """A class-per-folder tree or CSV manifest -> :class:`medsight.data.sources.Dataset`, with the settings of
+    ``data`` (a :class:`medsight.config.DataConfig`; its ``name`` is not used: ``path`` is the resolved one).
 
     Splits come from the tree / manifest when given (all or none), else a stratified patient-level split
     (70/15/15, seeded); a leakage check refuses splits that share patients or identical images, unless
@@ -302,6 +303,9 @@ def load_user_dataset(path: str | os.PathLike, *, size: int = 28, task: str | No
     from medsight.data.dataset import Dataset, Split
     from medsight.data.splits import check_leakage, hashed_id, patient_split
 
+    size, task, window, intensity = data.size, data.task, data.window, data.intensity
+    label_cols, clinical_cols, allow_leakage = data.label_columns, data.clinical_columns, data.allow_leakage
+    cache_dir, stream, memory_budget_gb, workers = data.cache_dir, data.stream, data.memory_budget_gb, data.workers
     src = Path(path)
     records = records_from(src, label_cols=label_cols, clinical_cols=clinical_cols)
     if not records:

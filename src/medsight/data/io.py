@@ -15,7 +15,7 @@ from medsight.data.readers.dicom import PRIVATE_KEYS, list_dicom_series, read_di
 from medsight.data.readers.isolated import decode_isolated
 from medsight.data.readers.windowing import WindowArg
 
-__all__ = [
+__all__ = [  # noqa: F822 (READABLE_SUFFIXES is served live by __getattr__)
     "DEFAULT_BUDGET", "FILE_WINDOW", "MAX_2D_SOURCE_PIXELS", "MAX_ELEMENTS", "PRIVATE_KEYS", "READABLE_SUFFIXES",
     "TOOL_BUDGET", "WINDOWS", "DecodeBudget", "WindowArg", "apply_window", "budget_for", "decode_isolated",
     "file_format", "is_readable_file", "is_readable_name", "j2k_frame_size", "jpeg_frame_size", "list_dicom_series",

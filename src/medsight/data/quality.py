@@ -18,7 +18,7 @@ import logging
 import os
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -177,8 +177,11 @@ def _items_from_source(source, layout: str = "auto") -> tuple[list[dict], Iterat
         if p.suffix.lower() in (".csv", ".tsv"):
             return read_manifest(p), None, "manifest"
         if p.suffix.lower() == ".npz":
+            from medsight.data.sources import check_npz
+
+            check_npz(p)
             try:
-                with np.load(p) as z:
+                with np.load(p, allow_pickle=False) as z:
                     d = {s: (z[f"{s}_images"], z[f"{s}_labels"] if f"{s}_labels" in z else None) for s in ("train", "val", "test") if f"{s}_images" in z}
             except Exception as e:
                 raise DataError(f"cannot read {p}: {e}") from e
@@ -202,22 +205,60 @@ def _arrays_as_chw(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def file_facts(path, hash_size: int = 8) -> dict:
+    """What QC keeps of one file, JSON-serialisable and free of identifying values: ``{"file", "error"}`` when it
+    cannot be read, else also :func:`array_facts`. :func:`run_qc` aggregates these into its report."""
+    from medsight.data.readers import TOOL_BUDGET, read_image
+
+    try:
+        arr, meta = read_image(path, budget=TOOL_BUDGET)  # the budget deid uses; bombs refused before decoding
+    except DataError as e:
+        return {"file": str(path), "error": str(e)}
+    except Exception as e:  # defensive: QC must report, never crash
+        return {"file": str(path), "error": f"{type(e).__name__}: {e}"}
+    return {"file": str(path), "error": None, **array_facts(arr, meta, hash_size)}
+
+
+def array_facts(arr: np.ndarray, meta: dict, hash_size: int = 8) -> dict:
+    """Content hash, perceptual hash, shape, spacing, median; for DICOM the modality, a digest of the series UID
+    (never the UID) and the names of the identifying headers present (never their values)."""
+    import hashlib
+
+    from medsight.data.readers.dicom import PRIVATE_KEYS
+
+    dicom = None
+    if meta.get("format") == "dicom":
+        private = meta.get("private") or {}
+        uid = private.get("SeriesInstanceUID")
+        dicom = {"series": hashlib.sha256(str(uid).encode()).hexdigest()[:16] if uid else None,
+                 "modality": str(meta.get("modality") or "?"),
+                 "phi": [k for k in PRIVATE_KEYS if k not in ("StudyInstanceUID", "SeriesInstanceUID") and private.get(k)]}
+    try:
+        ph = _phash(arr, hash_size)
+    except Exception:  # pragma: no cover - degenerate arrays
+        ph = None
+    sp = meta.get("spacing")
+    return {"hash": image_hash(arr), "phash": ph, "shape": [int(s) for s in arr.shape],
+            "spacing": [float(s) for s in sp] if sp else None, "median": float(np.median(arr)), "dicom": dicom}
+
+
 def run_qc(
     source,
     *,
     near_dup_threshold: int = 4,
     hash_size: int = 8,
     outlier_z: float = 3.5,
-    max_examples: int = 20,
+    max_examples: int | None = 20,
     layout: str = "auto",
     allow_leakage: bool = False,
+    facts: Callable[[list[dict]], Sequence[dict]] | None = None,
 ) -> dict:
     """Run every check and return a JSON-serialisable report (see docs/data.md for the keys).
 
     ``layout`` (folders): ``auto`` (a class tree when it looks like one, else raw), ``classes`` or ``raw``.
     ``allow_leakage``: duplicates across splits are recorded under ``leakage_accepted`` (counts) instead of
-    failing the report."""
-    from medsight.data.readers import TOOL_BUDGET, read_image
+    failing the report. ``facts``: a function giving :func:`file_facts` for the file records, in order (e.g.
+    computed on a cluster, :mod:`medsight.cluster`); by default each file is read here."""
     from medsight.data.readers.dicom import PRIVATE_KEYS
     from medsight.errors import choices_message
 
@@ -240,38 +281,34 @@ def run_qc(
     shapes: list[tuple | None] = [None] * n
     spacings: list[tuple | None] = [None] * n
     medians = np.full(n, np.nan)
-    for i, rec in enumerate(progress.track(records, "QC: reading images")):
-        try:
-            if arrays is not None:
-                arr = _arrays_as_chw(arrays[i]).astype(np.float32)
-                meta = {"spacing": None}
-            else:
-                arr, meta = read_image(rec["path"], budget=TOOL_BUDGET)  # the budget deid uses; bombs refused
-        except DataError as e:
-            unreadable.append({"index": i, "path": str(rec.get("path")), "split": rec.get("split"), "error": str(e)})
+    given = facts(records) if facts is not None and arrays is None else None
+    for i, rec in enumerate(progress.track(records, "QC: reading images") if given is None else records):
+        if given is not None:
+            f = given[i]
+        elif arrays is not None:
+            try:
+                f = {"error": None, **array_facts(_arrays_as_chw(arrays[i]).astype(np.float32), {"spacing": None},
+                                                  hash_size)}
+            except Exception as e:  # defensive: QC must report, never crash
+                f = {"error": f"{type(e).__name__}: {e}"}
+        else:
+            f = file_facts(rec["path"], hash_size)
+        if f["error"] is not None:
+            unreadable.append({"index": i, "path": str(rec.get("path")), "split": rec.get("split"), "error": f["error"]})
             continue
-        except Exception as e:  # defensive: QC must report, never crash
-            unreadable.append({"index": i, "path": str(rec.get("path")), "split": rec.get("split"), "error": f"{type(e).__name__}: {e}"})
-            continue
-        if meta.get("format") == "dicom":
+        d = f.get("dicom")
+        if d is not None:
             n_dicom += 1
-            private = meta.get("private") or {}
-            uid = private.get("SeriesInstanceUID")
-            series_of[i] = uid
-            series[uid or ""] += 1
-            modalities[str(meta.get("modality") or "?")] += 1
-            found = [k for k in PRIVATE_KEYS if k not in ("StudyInstanceUID", "SeriesInstanceUID") and private.get(k)]
-            phi.update(found)
-            phi_any += bool(found)
-        exact[image_hash(arr)].append(i)
-        try:
-            phashes[i] = _phash(arr, hash_size)
-        except Exception:  # pragma: no cover - degenerate arrays
-            phashes[i] = None
-        shapes[i] = tuple(int(s) for s in arr.shape)
-        sp = meta.get("spacing")
-        spacings[i] = tuple(float(s) for s in sp) if sp else None
-        medians[i] = float(np.median(arr))
+            series_of[i] = d["series"]
+            series[d["series"] or ""] += 1
+            modalities[d["modality"]] += 1
+            phi.update(d["phi"])
+            phi_any += bool(d["phi"])
+        exact[f["hash"]].append(i)
+        phashes[i] = f["phash"]
+        shapes[i] = tuple(f["shape"])
+        spacings[i] = tuple(f["spacing"]) if f["spacing"] else None
+        medians[i] = f["median"]
 
     def item(i: int) -> dict:
         return {"index": i, "path": str(records[i].get("path")), "split": records[i].get("split")}

@@ -13,6 +13,7 @@ import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +22,9 @@ from medsight.data.dataset import Dataset, Split, resolve_class  # noqa: F401 - 
 from medsight.data.medmnist import INFO, MedMNISTInfo
 from medsight.errors import DataError, choices_message
 from medsight.tasks import class_names_for, infer_task, kind_of
+
+if TYPE_CHECKING:
+    from medsight.config import DataConfig
 
 SPLITS = ("train", "val", "test")
 NPZ_KEYS = tuple(f"{s}_{k}" for s in SPLITS for k in ("images", "labels"))
@@ -107,11 +111,26 @@ def medmnist_info(name: str) -> MedMNISTInfo:
     return INFO[key]
 
 
+def check_npz(path: str | Path) -> None:
+    """Refuse, in medsight's own words, a file named .npz that is not a zip archive of arrays (numpy would advise
+    loading it "unsafely" with allow_pickle, which medsight never does)."""
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        return
+    with open(path, "rb") as f:
+        head = f.read(512)
+    what = ("empty" if not head else "a single .npy array, not an archive" if head.startswith(b"\x93NUMPY") else
+            "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "not a zip archive")
+    raise DataError(f"{path} is not an .npz archive (the file is {what}); an .npz is a zip of arrays, as written by "
+                    f"numpy.savez, with {', '.join(NPZ_KEYS[:2])}, ...")
+
+
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     """Read a MedMNIST-layout .npz; refuses missing keys or mismatched lengths with a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found")
+    check_npz(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in NPZ_KEYS if k not in z.files]
@@ -246,31 +265,38 @@ def load_medmnist(name: str, size: int = 28, root: str | Path | None = None, dow
     return ds
 
 
-def load_dataset(spec: str, *, size: int = 28, root: str | Path | None = None, download_missing: bool = True,
-                 task: str | None = None, window: str | None = None, label_columns=None, clinical_columns=None,
-                 intensity: str = "auto", seed: int = 0, positive_class: int | str | None = None,
-                 allow_leakage: bool = False, cache_dir=None, stream: str | bool = "auto",
-                 memory_budget_gb: float | None = None, workers: int | None = None) -> Dataset:
+def load_dataset(spec: str | DataConfig, *, seed: int = 0, **settings: Any) -> Dataset:
     """Resolve ``--data``: a MedMNIST name, an .npz path, a class-per-folder tree or a CSV manifest.
+
+    ``spec``: the run's :class:`medsight.config.DataConfig` (the pipeline passes ``cfg.data``), or its ``name``
+    with any other of its fields as keywords (``load_dataset("breastmnist", size=64, download=False)``);
+    ``seed``: the split seed for user data without given splits.
 
     This is the one place the positive class of a binary task is settled: ``positive_class`` (a name or an index
     in the data's own class order), else the MedMNIST default, else (user data) the second class in sorted order,
     which ``Dataset.positive_class_source`` then says was not chosen by anyone.
     """
+    from medsight.config import DataConfig
+
+    if isinstance(spec, DataConfig):
+        if settings:
+            raise TypeError(f"load_dataset: give the DataConfig or keywords, not both ({', '.join(settings)})")
+        d = spec
+    else:
+        d = DataConfig(name=str(spec), **{k: os.fspath(v) if isinstance(v, os.PathLike) else v
+                                          for k, v in settings.items()})
+    spec, positive_class = d.name, d.positive_class
     p = Path(spec).expanduser()
     if spec.lower() in INFO:
-        return load_medmnist(spec, size, root, download_missing, positive_class=positive_class,
-                             cache_dir=cache_dir, stream=stream, memory_budget_gb=memory_budget_gb)
+        return load_medmnist(spec, d.size, d.root, d.download, positive_class=positive_class,
+                             cache_dir=d.cache_dir, stream=d.stream, memory_budget_gb=d.memory_budget_gb)
     if p.suffix == ".npz":
-        ds = dataset_from_npz(p, task=task)
+        ds = dataset_from_npz(p, task=d.task)
         ds.split_origin = f"given in {p.name} (train/val/test arrays)"
     elif p.exists():
         from medsight.data import folders
 
-        ds = folders.load_user_dataset(p, size=size, task=task, window=window, label_cols=label_columns,
-                                       clinical_cols=clinical_columns, intensity=intensity, seed=seed,
-                                       allow_leakage=allow_leakage, cache_dir=cache_dir, stream=stream,
-                                       memory_budget_gb=memory_budget_gb, workers=workers)
+        ds = folders.load_user_dataset(p, d, seed=seed)
     else:
         raise DataError(f"--data {spec!r} is neither a MedMNIST name ({', '.join(sorted(INFO))}), "
                         "nor an existing .npz, folder or CSV manifest")

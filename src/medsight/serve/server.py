@@ -105,7 +105,7 @@ def _protocol(header_timeout_s: float, max_connections: int):
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
                 self.transport.close()
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport) -> None:
             super().connection_made(transport)
             while len(self.connections) > max_connections and idle:
                 oldest, _ = idle.popitem(last=False)
