@@ -10,7 +10,9 @@ import shutil
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from medsight.bundle import load_bundle, seal, staging_dir
 from medsight.config import load_config
