@@ -116,7 +116,7 @@ def test_mlflow_pyfunc_carries_the_same_review(served_bundle, fifty, predicted, 
     import mlflow.pyfunc
     import pandas as pd
 
-    from medsight.mlflow_model import save_pyfunc
+    from medsight.tracking import save_pyfunc
 
     model = mlflow.pyfunc.load_model(str(save_pyfunc(served_bundle, tmp_path / "model")))  # local: no server
     rows = model.predict(pd.DataFrame({"path": [str(f) for f in fifty]})).to_dict("records")

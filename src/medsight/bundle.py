@@ -127,6 +127,8 @@ class EnsembleInfo(_Part):
     members: int = Field(ge=1)
     seeds: list[int] = []
     best_epochs: list[int] = []
+    epochs_run: list[int] = []
+    stopped_early: list[bool] = []
     best_values: list[Optional[float]] = []
     workers: Optional[int] = None
     splits: Optional[dict[str, EnsembleSplit]] = None
@@ -147,6 +149,7 @@ class PretrainedInfo(_Part):
 class AutoRecipeInfo(_Part):
     rule: str
     applied: dict[str, Any] = Field(default_factory=dict, description="setting -> value the rule filled in")
+    given: dict[str, str] = Field(default_factory=dict, description="settings the user gave -> where from (kept)")
     reasons: list[str] = []
 
 
