@@ -57,14 +57,14 @@ def main(argv=None) -> int:
     for model, path in bundles:
         b = load_bundle(bundle_or_train(path, model or "simple_cnn", args.epochs))
         threads = args.threads or default_threads(b)
-        pngs = breast_pngs(32, int(b.meta["input"]["size"][-1]))
+        pngs = breast_pngs(32, int(b.meta.input.size[-1]))
         res = {}
         for backend in ("torch", "onnx"):
             p = Predictor(b, backend=backend, threads=threads)
             t = measure(p, pngs, args.n)
             m = measure_model(p, p.load_bytes(pngs[0], "bench.png")[None], args.n)
             res[backend] = (pct(t, 50), pct(t, 99), pct(m, 50))
-        name = f"{b.meta['model']['name']} {'x'.join(map(str, b.meta['input']['size']))}"
+        name = f"{b.meta.model.name} {'x'.join(map(str, b.meta.input.size))}"
         rows.append((name, threads, res))
 
     print(f"single-image latency, PNG bytes -> probabilities, n={args.n}, cpu_count={os.cpu_count()}")

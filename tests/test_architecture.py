@@ -110,3 +110,58 @@ def test_only_inference_runs_the_model_over_images():
     offenders = [str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
                  if p.name not in allowed and loop.search(p.read_text())]
     assert offenders == [], offenders
+
+
+def _literal_strings(node: ast.AST) -> set[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return {node.value}
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+    return set()
+
+
+def task_name_comparisons(source: str, names) -> list[int]:
+    """Lines of ``source`` that branch on a task-type name written as a string literal: ``==`` / ``!=`` / ``in`` /
+    ``not in`` (against a literal or a tuple, list or set of literals), ``match`` cases, and dict literals keyed by
+    task names (dispatch tables)."""
+    names = set(names)
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            hit = any(_literal_strings(x) & names for x in [node.left, *node.comparators])
+        elif isinstance(node, ast.MatchValue):
+            hit = bool(_literal_strings(node.value) & names)
+        elif isinstance(node, ast.Dict):
+            hit = any(k is not None and _literal_strings(k) & names for k in node.keys)
+        else:
+            hit = False
+        if hit:
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_the_task_name_check_sees_every_form():
+    src = ('if task == "binary": pass\nif "multilabel" != t: pass\nif t in ("ordinal", "x"): pass\n'
+           'if t not in ["multiclass"]: pass\nmatch t:\n    case "binary": pass\nd = {"ordinal": 1}\n'
+           'ok = t == "binaryish" or t == other\nlabel = "binary"\n')
+    assert task_name_comparisons(src, ("binary", "multiclass", "multilabel", "ordinal")) == [1, 2, 3, 4, 6, 7]
+
+
+def test_only_tasks_compares_task_names():
+    """What a task kind means lives in tasks.py (its TaskKind classes); everything else asks the kind."""
+    from medsight.tasks import TASK_TYPES
+
+    offenders = [f"{p.relative_to(SRC)}:{line}" for p in sorted(SRC.rglob("*.py")) if p != SRC / "tasks.py"
+                 for line in task_name_comparisons(p.read_text(), TASK_TYPES)]
+    assert offenders == [], f"task-type names compared outside tasks.py: {offenders}"
+
+
+def test_config_and_bundle_take_their_task_names_from_tasks():
+    from medsight.bundle import BundleMeta
+    from medsight.config import DataConfig
+    from medsight.tasks import KINDS, TASK_TYPES
+
+    assert TASK_TYPES == tuple(KINDS)
+    for name in TASK_TYPES:
+        assert DataConfig(task=name).task == name
+    assert all(name in BundleMeta.model_fields["task"].description for name in TASK_TYPES)

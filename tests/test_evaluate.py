@@ -30,7 +30,7 @@ def test_operating_point_chosen_on_val_and_stored(breast_run, breast):
     from medsight.metrics import choose_threshold
 
     b = load_bundle(breast_run)
-    assert b.meta["threshold_rule"] == "youden" and 0 < b.threshold < 1
+    assert b.meta.threshold_rule == "youden" and 0 < b.threshold < 1
     val_probs = split_probs(b, breast, "val")
     assert b.threshold == pytest.approx(float(choose_threshold(breast.splits["val"].labels, val_probs, "youden")))
     m = json.loads((breast_run / "metrics.json").read_text())

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from medsight.bundle import make_meta, save_bundle
+from medsight.data.preprocess import make_recipe
 from medsight.cli import main
 from medsight.errors import MedsightError
 from medsight.models import create_model
@@ -17,8 +18,8 @@ def make_bundle(out, name="simple_cnn", dims=2, size=28, channels=1, classes=("n
     model.set_input_stats([0.3] * channels, [0.2] * channels)
     spec = {"name": name, "spatial_dims": dims, "in_channels": channels, "num_outputs": n_out,
             "input_size": [size] * dims, "stem": "auto", "width": 1.0, "dropout": 0.0}
-    recipe = {"spatial_dims": dims, "channels": channels, "size": [size] * dims,
-              "intensity": {"mode": "range", "min": 0.0, "max": 255.0}}
+    recipe = make_recipe(size=[size] * dims, spatial_dims=dims, channels=channels, intensity="range",
+                         value_range=(0.0, 255.0))
     meta = make_meta(model_spec=spec, task=task, classes=list(classes), recipe=recipe, data_name="synthetic",
                      best_epoch=1, monitor="auc")
     return save_bundle(out, model.eval(), meta)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from medsight.bundle import load_bundle
+from medsight.bundle import load_bundle, write_meta
 from medsight.cli import main
 from medsight.errors import ConfigError, DataError
 from medsight.evaluate import split_logits
@@ -92,7 +92,7 @@ def test_temperature_and_threshold_come_from_the_bundle(served_bundle, breast_fi
     shutil.copytree(served_bundle, copy)
     meta = json.loads((copy / "bundle.json").read_text())
     meta["temperature"], meta["threshold"] = 2.0, 0.0
-    (copy / "bundle.json").write_text(json.dumps(meta))
+    write_meta(copy, meta)  # re-published with these values (a hand edit would be refused)
     p = Predictor(copy)
     results = p.predict_paths(breast_files["png"])
     b = load_bundle(copy)

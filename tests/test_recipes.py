@@ -91,6 +91,6 @@ def test_youden_threshold_and_flip_tta_are_chosen_on_val_and_stored(tmp_path):
                              "train.batch_size": 16, "train.operating_point": "youden", "train.tta_flip": [1]})
     out, _, metrics = run_training(cfg, tmp_path / "run")
     b = load_bundle(out)
-    assert isinstance(b.meta["threshold"], float) and 0.0 <= b.meta["threshold"] <= 1.0
-    assert b.meta["threshold_rule"] == "youden" and b.meta["tta_flip"] == [1]
+    assert isinstance(b.meta.threshold, float) and 0.0 <= b.meta.threshold <= 1.0
+    assert b.meta.threshold_rule == "youden" and b.meta.tta_flip == [1]
     assert set(metrics) >= {"val", "test"}

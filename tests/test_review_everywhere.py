@@ -139,11 +139,11 @@ def test_summary_and_report_state_the_share_flagged(served_bundle, breast):
     from medsight.review import share_flagged
 
     b = load_bundle(served_bundle)
-    lines = [s for s in b.meta["training_summary"] if s.startswith("share of")]
+    lines = [s for s in b.meta.training_summary if s.startswith("share of")]
     assert [s.split(":")[0] for s in lines] == ["share of validation cases flagged for review",
                                                "share of test cases flagged for review"]
     val_share, words = share_flagged(b, split_probs(b, breast, "val"))
-    assert val_share == pytest.approx(b.meta["review"]["val_share"]) and val_share <= 0.1
+    assert val_share == pytest.approx(b.meta.review.val_share) and val_share <= 0.1
     assert f"{val_share:.1%}" in lines[0] and words in lines[0]
     test_share, _ = share_flagged(b, split_probs(b, breast, "test"))
     assert test_share <= 0.15 and f"{test_share:.1%}" in lines[1]

@@ -569,7 +569,7 @@ def test_review_for_ood_and_near_threshold(client, served_bundle, breast_files):
     """The service applies the bundle's fitted rule (medsight.review): near on the logit scale, or OOD."""
     b = load_bundle(served_bundle)
     pos = b.classes[1]
-    rule = b.meta["review"]
+    rule = b.meta.review.model_dump()
     assert rule["rule"] == "logit_margin" and 0 < rule["margin"] <= np.log(4) and rule["val_share"] <= 0.1
     near = far = 0
     for f in breast_files["png"]:

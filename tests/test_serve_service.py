@@ -234,6 +234,10 @@ def test_a_bundle_from_before_the_rule_gets_the_stated_default(served_bundle, br
     shutil.copytree(served_bundle, old)
     meta = json.loads((old / "bundle.json").read_text())
     del meta["review"]
+    # as the last release wrote it: medsight-bundle/1, without the integrity manifest (a hand edit of a sealed
+    # bundle would be refused)
+    del meta["integrity"], meta["schema_version"]
+    meta["format"] = "medsight-bundle/1"
     (old / "bundle.json").write_text(json.dumps(meta))
     svc = Service(Predictor(old, backend="torch"), workers=1)
     info = svc.model_info()

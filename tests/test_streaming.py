@@ -210,7 +210,7 @@ def test_whole_job_streamed_equals_in_memory(tmp_path):
                                severities=(2,), seed=0)
         with np.load(out / "ood.npz") as z:
             ood = {k: z[k].tolist() for k in z.files}
-        outs[stream] = (res.extra["streamed"], metrics, b.meta["threshold"], b.meta["temperature"], b.meta["ood"],
+        outs[stream] = (res.extra["streamed"], metrics, b.meta.threshold, b.meta.temperature, b.meta.ood,
                         ood, shift)
     assert outs[False][0] is False and outs[True][0] is True
     assert outs[False][5]  # the OOD detector was fitted (on the training split's features)

@@ -64,7 +64,7 @@ def test_train_3d_and_predict_nifti(tmp_path, manifest, model, extra):
         torch.set_num_threads(threads)
     assert result.best_epoch == 1 and 0 <= metrics["test"]["auc"]["value"] <= 1
     bundle = load_bundle(out)
-    assert bundle.meta["input"] == {"spatial_dims": 3, "channels": 1, "size": [28, 28, 28]}
+    assert bundle.meta.input.model_dump() == {"spatial_dims": 3, "channels": 1, "size": [28, 28, 28]}
     files = [manifest.parent / ds.splits["test"].ids[i] for i in range(4)]
     preds = Predictor(bundle, backend="torch").predict_paths(files)
     p_split = bundle.task.probabilities(split_logits(bundle, ds, "test"), bundle.temperature).numpy()[:4]

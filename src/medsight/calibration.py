@@ -29,17 +29,7 @@ _EPS = 1e-7
 def nll(task: Task, logits, y_true, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of the labels under ``task.probabilities(logits, temperature)``."""
     p = task.probabilities(torch.as_tensor(np.asarray(logits, dtype=np.float32)), temperature).double().numpy()
-    y = np.asarray(y_true)
-    if task.name == "binary":
-        y = y.reshape(-1).astype(np.float64)
-        p = np.clip(p, _EPS, 1 - _EPS)
-        return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-    if task.name == "multilabel":
-        y = y.reshape(p.shape).astype(np.float64)
-        p = np.clip(p, _EPS, 1 - _EPS)
-        return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-    y = y.reshape(-1).astype(np.int64)
-    return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], _EPS, 1.0))))
+    return task.kind.nll(p, y_true, _EPS)
 
 
 def _check(task: Task, logits, y_true) -> None:
@@ -51,7 +41,7 @@ def _check(task: Task, logits, y_true) -> None:
         raise DataError(f"{task.name} logits must have shape (N, {task.num_outputs}), got {np.asarray(logits).shape}")
     if len(y) != len(z):
         raise DataError(f"{len(y)} labels but {len(z)} logits")
-    if task.name != "multilabel":
+    if not task.kind.indicator_labels:
         yi = y.reshape(-1)
         if len(yi) and (yi.min() < 0 or yi.max() >= task.num_classes):
             raise DataError(f"{task.name} labels must be ints in 0..{task.num_classes - 1}")

@@ -274,7 +274,7 @@ def evaluate(
     else:
         from medsight.bundle import decision_text
 
-        decided = decision_text({**b.meta, "threshold": r["threshold"], "threshold_rule": r["rule"]})
+        decided = decision_text(b.meta.model_copy(update={"threshold": r["threshold"], "threshold_rule": r["rule"]}))
         out_console.print(metrics_table(shown, title=f"{bundle} on {ds.name}: {decided}"))
     if r["shift"] is not None:
         out_console.print(shift_table(r["shift"], split[-1]))
@@ -287,7 +287,7 @@ def evaluate(
         _show_tracking_warnings()
         t = track_evaluation(bundle, r["metrics"], splits=split, data_name=ds.name, report=r["report_path"],
                              params={"data": ds.name, "splits": ",".join(split), "n_boot": n_boot,
-                                     "operating_point": operating_point or b.meta.get("threshold_rule")})
+                                     "operating_point": operating_point or b.meta.threshold_rule})
         if t is not None and not t.failed:
             _info(f"tracked as MLflow run {t.run_id}")
 
@@ -556,7 +556,7 @@ def predict(
         from medsight.review import NO_VERDICT
         from medsight.summary import threshold_rule_sentence
 
-        decided = (threshold_rule_sentence(b.meta.get("threshold_rule"), predictor.threshold)
+        decided = (threshold_rule_sentence(b.meta.threshold_rule, predictor.threshold)
                    if predictor.threshold is not None else "decision by argmax")
         table = Table(title=escape(f"{bundle} ({predictor.version}, {decided})"))
         table.add_column("file")

@@ -8,7 +8,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from medsight.errors import ConfigError
+from medsight.errors import ConfigError, choices_message
+from medsight.tasks import KINDS, TASK_TYPES
 
 
 #: early stopping by default: epochs without a validation improvement (> MIN_DELTA) before training stops
@@ -27,7 +28,7 @@ class DataConfig(_Strict):
     size: int = Field(28, gt=0, description="input side in pixels (MedMNIST: 28, 64, 128 or 224)")
     root: Optional[str] = Field(None, description="where MedMNIST files live; default $MEDSIGHT_DATA_DIR or ~/.medsight/data")
     download: bool = True
-    task: Optional[Literal["binary", "multiclass", "multilabel", "ordinal"]] = None
+    task: Optional[str] = Field(None, description=f"the task kind: {', '.join(TASK_TYPES)} (default: from the labels)")
     window: Optional[str] = Field(None, description="CT window: lung, bone, soft_tissue, brain, dicom (the file's own), or 'C,W'")
     intensity: Literal["auto", "range", "minmax", "percentile", "none"] = "auto"
     label_columns: Optional[list[str]] = Field(None, description="manifest label column(s); several = multi-label")
@@ -40,6 +41,13 @@ class DataConfig(_Strict):
         "order, stated in the training summary and the report")
     allow_leakage: bool = Field(False, description="train although splits share patients or identical images; the "
                                 "finding (counts) is recorded in the bundle and the report")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v):
+        if v is not None and v not in KINDS:
+            raise ValueError(choices_message("task", v, KINDS))
+        return v
 
 
     cache_dir: Optional[str] = Field(None, description="dataset cache: files decoded once, kept at their storage "

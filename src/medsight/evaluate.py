@@ -1,7 +1,8 @@
 """Evaluate a bundle like a clinician would.
 
 - ``split_logits``: a split's logits through :mod:`medsight.inference` (the bundle's TTA and clinical input),
-  computed once per bundle and dataset and shared by metrics, the report and its gallery;
+  computed once per model and dataset when the caller passes a :class:`LogitsCache` (``evaluate_bundle`` and the
+  pipeline do), shared by metrics, the report and its gallery;
 - ``evaluate_split``: metrics with bootstrap 95% CIs at the bundle's temperature and threshold (both chosen on
   the validation split by :mod:`medsight.calibration` before the bundle was written);
 - ``write_bundle_report``: the self-contained ``report.html`` (curves, confusion matrix, reliability, training
@@ -29,40 +30,56 @@ from medsight.inference import to_float
 def check_compatible(bundle: Bundle, data: Dataset) -> None:
     """Refuse data the bundle cannot score; put a binary dataset's classes in the bundle's order (the positive
     class at index 1, as the model was trained)."""
-    inp = bundle.meta["input"]
-    if data.in_channels != inp["channels"] or list(data.input_size) != list(inp["size"]):
+    inp = bundle.meta.input
+    if data.in_channels != inp.channels or list(data.input_size) != list(inp.size):
         raise MedsightError(
             f"data {data.name} has images of {data.in_channels} channel(s) x {list(data.input_size)}, but the model in "
-            f"{bundle.path} expects {inp['channels']} x {inp['size']}")
-    if data.task != bundle.meta["task"] or len(data.classes) != len(bundle.classes):
+            f"{bundle.path} expects {inp.channels} x {inp.size}")
+    if data.task != bundle.task.name or len(data.classes) != len(bundle.classes):
         raise MedsightError(f"data {data.name} is a {data.task} task with {len(data.classes)} classes; the model in "
-                            f"{bundle.path} is {bundle.meta['task']} with {len(bundle.classes)}")
-    if data.task == "binary" and list(data.classes) != bundle.classes and set(data.classes) == set(bundle.classes):
+                            f"{bundle.path} is {bundle.task.name} with {len(bundle.classes)}")
+    if bundle.task.kind.has_positive_class and list(data.classes) != bundle.classes \
+            and set(data.classes) == set(bundle.classes):
         data.align_to(bundle.classes)
 
 
-def split_logits(bundle: Bundle, data: Dataset, split: str, *, device="cpu") -> torch.Tensor:
-    """Logits of a split (the bundle's TTA and clinical input included), computed once per bundle and dataset."""
-    key = (id(data), split)
-    hit = bundle.logits_cache.get(key)
-    if hit is not None and hit[0] is data:
-        return hit[1]
+class LogitsCache(dict):
+    """Logits per (model, dataset, split), held by the caller (the bundle stays immutable): calibration, metrics,
+    the report and its gallery share one inference pass."""
+
+    def get_for(self, bundle: Bundle, data: Dataset, split: str):
+        hit = self.get((id(bundle.model), id(data), split))
+        return hit[2] if hit is not None and hit[0] is bundle.model and hit[1] is data else None
+
+    def put(self, bundle: Bundle, data: Dataset, split: str, logits: torch.Tensor) -> None:
+        self[(id(bundle.model), id(data), split)] = (bundle.model, data, logits)
+
+
+def split_logits(bundle: Bundle, data: Dataset, split: str, *, device="cpu",
+                 cache: LogitsCache | None = None) -> torch.Tensor:
+    """Logits of a split (the bundle's TTA and clinical input included); once per model and dataset with a
+    ``cache``."""
+    hit = None if cache is None else cache.get_for(bundle, data, split)
+    if hit is not None:
+        return hit
     check_compatible(bundle, data)
     logits = run_logits(bundle.model.to(device), data.split(split).images, device=torch.device(device),
                         tta_flip=bundle.tta_flip, tab=split_clinical_rows(bundle, data, split))
-    bundle.logits_cache[key] = (data, logits)
+    if cache is not None:
+        cache.put(bundle, data, split, logits)
     return logits
 
 
-def split_probs(bundle: Bundle, data: Dataset, split: str, *, temperature: float | None = None) -> np.ndarray:
+def split_probs(bundle: Bundle, data: Dataset, split: str, *, temperature: float | None = None,
+                cache: LogitsCache | None = None) -> np.ndarray:
     t = bundle.temperature if temperature is None else temperature
-    return bundle.task.probabilities(split_logits(bundle, data, split), t).numpy()
+    return bundle.task.probabilities(split_logits(bundle, data, split, cache=cache), t).numpy()
 
 
 def evaluate_split(bundle: Bundle, data: Dataset, split: str, *, n_boot: int = 1000, seed: int = 0,
-                   threshold="bundle") -> dict:
+                   threshold="bundle", cache: LogitsCache | None = None) -> dict:
     """Metrics with bootstrap 95% CIs at the bundle's temperature and threshold (or ``threshold``)."""
-    probs = split_probs(bundle, data, split)
+    probs = split_probs(bundle, data, split, cache=cache)
     y = data.split(split).labels
     thr = bundle.threshold if threshold == "bundle" else threshold
     return M.evaluate_predictions(bundle.task.name, y, probs, threshold=thr, n_boot=n_boot, seed=seed,
@@ -70,24 +87,25 @@ def evaluate_split(bundle: Bundle, data: Dataset, split: str, *, n_boot: int = 1
 
 
 def evaluate_splits(bundle: Bundle, data: Dataset, splits=("val", "test"), *, n_boot: int = 1000,
-                    threshold="bundle") -> dict:
+                    threshold="bundle", cache: LogitsCache | None = None) -> dict:
     from medsight import progress
 
-    return {s: evaluate_split(bundle, data, s, n_boot=n_boot, threshold=threshold)
+    return {s: evaluate_split(bundle, data, s, n_boot=n_boot, threshold=threshold, cache=cache)
             for s in progress.track([s for s in splits if s in data.splits], "metrics and bootstrap CIs per split")}
 
 
-def rechoose_threshold(bundle: Bundle, data: Dataset, operating_point: str):
+def rechoose_threshold(bundle: Bundle, data: Dataset, operating_point: str, *, cache: LogitsCache | None = None):
     """A threshold re-chosen on the validation split (at the bundle's temperature) by ``operating_point``, for
     ``evaluate --operating-point``; the bundle itself is not changed."""
     if not bundle.task.uses_threshold:
         raise MedsightError(f"--operating-point applies to binary and multilabel models; {bundle.path} is "
                             f"{bundle.task.name} and decides by argmax")
-    return bundle.task.as_threshold(M.choose_threshold(data.split("val").labels, split_probs(bundle, data, "val"),
-                                                       operating_point))
+    return bundle.task.as_threshold(M.choose_threshold(data.split("val").labels,
+                                                       split_probs(bundle, data, "val", cache=cache), operating_point))
 
 
-def calibration_report(bundle: Bundle, data: Dataset, splits=("val", "test")) -> dict:
+def calibration_report(bundle: Bundle, data: Dataset, splits=("val", "test"), *,
+                       cache: LogitsCache | None = None) -> dict:
     """ECE before / after temperature scaling and reliability curves, per split."""
     task = bundle.task.name
     out: dict = {"temperature": bundle.temperature, "curves": {}}
@@ -95,7 +113,7 @@ def calibration_report(bundle: Bundle, data: Dataset, splits=("val", "test")) ->
         if s not in data.splits:
             continue
         y = data.split(s).labels
-        logits = split_logits(bundle, data, s)
+        logits = split_logits(bundle, data, s, cache=cache)
         before = bundle.task.probabilities(logits).numpy()
         after = bundle.task.probabilities(logits, bundle.temperature).numpy()
         out[f"ece_before_{s}"] = M.expected_calibration_error(task, y, before)
@@ -131,40 +149,32 @@ def gallery(bundle: Bundle, data: Dataset, split: str, probs: np.ndarray, n: int
     from medsight.explain import heatmap_peak
 
     task = bundle.task
+    kind = task.kind
     y = data.split(split).labels
     pred = task.decide(probs, bundle.threshold)
-    if task.name == "multilabel":
-        correct = (pred == y).all(axis=1)
-        conf = np.abs(probs - 0.5).mean(axis=1)
-    else:
-        correct = pred == y.reshape(-1)
-        thr = 0.5 if bundle.threshold is None else float(np.asarray(bundle.threshold))
-        conf = np.abs(probs - thr) if probs.ndim == 1 else probs.max(axis=1)  # binary: distance from the threshold
+    correct = kind.gallery_correct(pred, y)
+    conf = kind.gallery_confidence(probs, bundle.threshold)
     picks = []
     for want in (True, False):
         idx = np.where(correct == want)[0]
         ranked = idx[np.argsort(-conf[idx], kind="stable")]
-        if task.name == "binary":  # both kinds of each: true and false positives as well as negatives
+        if kind.has_positive_class:  # both kinds of each: true and false positives as well as negatives
             pos, neg = [i for i in ranked if pred[i] == 1], [i for i in ranked if pred[i] == 0]
             ranked = [i for pair in zip(pos, neg) for i in pair] + pos[len(neg):] + neg[len(pos):]
         picks += [(int(i), want) for i in list(ranked)[:n]]
     if not picks:
         return []
     images = to_float(torch.as_tensor(data.split(split).images[[i for i, _ in picks]]))
-    class_idx = None if task.name == "multilabel" else [int(pred[i]) for i, _ in picks]
+    explained = [kind.explained_class(pred[i]) for i, _ in picks]
+    class_idx = None if any(c is None for c in explained) else explained
     heat = explain_batch(bundle.model, images, tab=_gallery_tab(bundle, data, split, [i for i, _ in picks]),
                          class_idx=class_idx)  # the heatmap explains the predicted class
     items = []
     for (i, ok), img, h in zip(picks, images.numpy(), heat):
         p = probs[i]
-        truth = bundle.classes[int(y[i])] if task.name != "multilabel" else str(y[i].astype(int).tolist())
-        shown = bundle.classes[int(pred[i])] if task.name != "multilabel" else str(pred[i].tolist())
-        if task.name == "binary":
-            pv = f"P({bundle.classes[1]})={float(p):.2f}"
-        elif task.name == "multilabel":
-            pv = f"max label p={float(np.max(p)):.2f}"
-        else:
-            pv = f"P({shown})={float(np.max(p)):.2f}"
+        truth = kind.shown_label(y[i], bundle.classes)
+        shown = kind.shown_label(pred[i], bundle.classes)
+        pv = kind.probability_caption(p, bundle.classes, shown)
         where = ""
         h = np.asarray(h, dtype=np.float32)
         img = np.asarray(img, dtype=np.float32)
@@ -194,7 +204,7 @@ def bundle_ood_flags(bundle: Bundle, data: Dataset, splits) -> dict | str:
     path = bundle.path / "ood.npz"
     if not path.is_file():
         return "the bundle has no out-of-distribution detector (ood.npz; trained with train.ood false)"
-    if bundle.meta.get("fusion"):
+    if bundle.meta.fusion is not None:
         return "the detector of an image + clinical model is run by predict and serve, per file, not over a split"
     from medsight.ood import detect, load_ood
 
@@ -213,7 +223,7 @@ def bundle_ood_flags(bundle: Bundle, data: Dataset, splits) -> dict | str:
 
 def write_bundle_report(bundle: Bundle, data: Dataset, results: dict, splits=("val", "test"),
                         extra_sections=None, path: Path | None = None, *, facts: list[str] | None = None,
-                        ood_flags: dict | str | None = None) -> Path:
+                        ood_flags: dict | str | None = None, cache: LogitsCache | None = None) -> Path:
     """``report.html`` for a bundle. ``facts``: lines from :func:`medsight.summary.describe_training` (default:
     those the data alone can tell); ``ood_flags``: ``{split: {"flagged": [{"case", "score"}], "n", "threshold"}}``
     when the bundle's detector was run, else the report says the section is not available."""
@@ -223,28 +233,28 @@ def write_bundle_report(bundle: Bundle, data: Dataset, results: dict, splits=("v
     split_data = {}
     for s in splits:
         if s in data.splits and s in results:
-            split_data[s] = {"y_true": data.split(s).labels, "probs": split_probs(bundle, data, s),
+            split_data[s] = {"y_true": data.split(s).labels, "probs": split_probs(bundle, data, s, cache=cache),
                              "metrics": results[s]}
     last = list(split_data)[-1]
     if facts is None:
-        facts = bundle.meta.get("training_summary") or describe_training(data, None)
+        facts = list(bundle.meta.training_summary) or describe_training(data, None)
     if ood_flags is None:  # the bundle's own detector, when it has one (else the report says why not)
         ood_flags = bundle_ood_flags(bundle, data, tuple(split_data))
     from medsight.summary import threshold_lines, warn_degenerate
 
-    detail = bundle.meta.get("threshold_detail")
-    if detail is not None and detail.get("rule") != bundle.meta.get("threshold_rule"):
+    detail = bundle.meta.threshold_detail
+    if detail is not None and detail.get("rule") != bundle.meta.threshold_rule:
         detail = None  # a threshold re-chosen by another rule: the stored placement is not about it
-    threshold_warnings = threshold_lines({**bundle.meta, "threshold_detail": detail})[1] if detail else []
+    threshold_warnings = threshold_lines({**bundle.meta.model_dump(), "threshold_detail": detail})[1] if detail else []
     warnings = threshold_warnings + warn_degenerate({s: results[s] for s in split_data}, bundle.classes,
                                                     bundle.positive_class)
     html = build_report(
-        title=f"{bundle.meta['model']['name']} on {bundle.meta['data']} - {bundle.path.name}",
+        title=f"{bundle.meta.model.name} on {bundle.meta.data} - {bundle.path.name}",
         task=bundle.task.name, class_names=bundle.classes, splits=split_data, threshold=bundle.threshold,
-        threshold_rule=bundle.meta.get("threshold_rule"),
+        threshold_rule=bundle.meta.threshold_rule,
         threshold_detail=detail, warnings=warnings,
         positive_class=bundle.positive_class,
-        history=read_history(bundle), calibration=calibration_report(bundle, data, tuple(split_data)),
+        history=read_history(bundle), calibration=calibration_report(bundle, data, tuple(split_data), cache=cache),
         gallery=gallery(bundle, data, last, split_data[last]["probs"]),
         facts=facts, ood_flags=ood_flags, extra_sections=extra_sections)
     return write_report(path or bundle.path / "report.html", html)
@@ -304,18 +314,19 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, splits=("test",), *, n_boot: 
     from medsight.utils import write_json
 
     check_compatible(bundle, data)
+    cache = LogitsCache()
     all_splits = tuple(dict.fromkeys(["val", *splits]))
-    threshold, rule = "bundle", bundle.meta.get("threshold_rule")
+    threshold, rule = "bundle", bundle.meta.threshold_rule
     if operating_point is not None:
-        threshold, rule = rechoose_threshold(bundle, data, operating_point), str(operating_point)
-    metrics = evaluate_splits(bundle, data, all_splits, n_boot=n_boot, threshold=threshold)
+        threshold, rule = rechoose_threshold(bundle, data, operating_point, cache=cache), str(operating_point)
+    metrics = evaluate_splits(bundle, data, all_splits, n_boot=n_boot, threshold=threshold, cache=cache)
     suffix = ""
-    if data.name != bundle.meta.get("data"):
+    if data.name != bundle.meta.data:
         suffix += "_" + re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(data.name)).name)
     if operating_point is not None:
         suffix += "_op-" + re.sub(r"[^A-Za-z0-9._-]+", "_", str(operating_point))
     metrics_path = write_json(bundle.path / f"metrics{suffix}.json", metrics)
-    cases = {s: write_cases(bundle, data, s, bundle.path / f"cases_{s}{suffix}.csv") for s in splits}
+    cases = {s: write_cases(bundle, data, s, bundle.path / f"cases_{s}{suffix}.csv", cache=cache) for s in splits}
     shift_out = bundle_shift(bundle, data, splits[-1], severities=shift_severities,
                              corruptions=shift_corruptions) if shift else None
     report_path = None
@@ -324,21 +335,20 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, splits=("test",), *, n_boot: 
         if operating_point is not None:  # the report states the re-chosen threshold; the bundle stays as it is
             import dataclasses
 
-            shown = dataclasses.replace(bundle, meta={**bundle.meta, "threshold": threshold,
-                                                      "threshold_rule": rule},
-                                        logits_cache=bundle.logits_cache)
+            shown = dataclasses.replace(bundle, meta=bundle.meta.model_copy(
+                update={"threshold": threshold, "threshold_rule": rule}))
         from medsight import progress
 
         with progress.task("report: curves, calibration, Grad-CAM gallery"):
             report_path = write_bundle_report(shown, data, metrics, splits=all_splits,
                                               extra_sections=[shift_out["section"]] if shift_out else None,
-                                              path=bundle.path / f"report{suffix}.html")
+                                              path=bundle.path / f"report{suffix}.html", cache=cache)
     return {"metrics": metrics, "threshold": bundle.threshold if threshold == "bundle" else threshold, "rule": rule,
             "metrics_path": metrics_path, "cases": cases, "shift": shift_out and shift_out["result"],
             "report_path": report_path}
 
 
-def write_cases(bundle: Bundle, data: Dataset, split: str, path: Path) -> Path:
+def write_cases(bundle: Bundle, data: Dataset, split: str, path: Path, *, cache: LogitsCache | None = None) -> Path:
     """One row per case of ``split``: its id, true label(s), the probability of each class (the bundle's temperature
     and TTA, as ``predict`` gives them) and the decision at the bundle's threshold."""
     import io
@@ -346,7 +356,7 @@ def write_cases(bundle: Bundle, data: Dataset, split: str, path: Path) -> Path:
     from medsight.utils import atomic_write_text
 
     s = data.split(split)
-    probs = split_probs(bundle, data, split)
+    probs = split_probs(bundle, data, split, cache=cache)
     task = bundle.task
     decision = task.decide(probs, bundle.threshold)
     p2 = task.class_table(probs)

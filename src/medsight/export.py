@@ -120,7 +120,7 @@ def onnx_bytes_for(bundle, opset: int = DEFAULT_OPSET, *, atol: float = PARITY_A
 
     optional_import("onnx")
     model = bundle.model.eval()
-    inp = bundle.meta["input"]
+    inp = bundle.meta.input.model_dump()
     shape = (int(inp["channels"]), *(int(s) for s in inp["size"]))
     gen = torch.Generator().manual_seed(0)
     n_tab = int(bundle.fusion["n_tab"]) if bundle.fusion else 0
@@ -128,7 +128,7 @@ def onnx_bytes_for(bundle, opset: int = DEFAULT_OPSET, *, atol: float = PARITY_A
     try:
         data = _export_bytes(model, example, opset, bundle.weights_sha256)
     except Exception as e:
-        raise MedsightError(f"ONNX export of {bundle.path} ({bundle.meta['model']['name']}) failed: "
+        raise MedsightError(f"ONNX export of {bundle.path} ({bundle.meta.model.name}) failed: "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     diff = parity_error(model, data, shape, n_tab=n_tab)
     if not diff <= atol:

@@ -1,6 +1,7 @@
 """Clinical metrics with bootstrap confidence intervals, operating points and calibration.
 
-Pure numpy / scipy / scikit-learn; no torch. Task types are plain strings:
+Pure numpy / scipy / scikit-learn; no torch. Task types are plain strings (their kinds, :mod:`medsight.tasks`,
+say what each means; the numeric core is :mod:`medsight.scoring`):
 
 ``binary``
     ``y_true`` (N,) in {0, 1}; ``probs`` (N,) = P(class 1), or (N, 1), or (N, 2) softmax.
@@ -38,23 +39,13 @@ from typing import Any
 import numpy as np
 
 
-from .errors import ConfigError, DataError, choices_message
+from .errors import ConfigError, DataError
 
-TASKS = ("binary", "multiclass", "multilabel", "ordinal")
-
-#: scalar metrics shared by every task (macro averages for multiclass / multilabel / ordinal)
-BASE_METRICS = (
-    "accuracy",
-    "auc",
-    "pr_auc",
-    "sensitivity",
-    "specificity",
-    "ppv",
-    "npv",
-    "f1",
-    "balanced_accuracy",
-)
-PER_CLASS_METRICS = ("sens", "spec", "ppv", "npv", "f1", "auc")
+from .scoring import BASE_METRICS, PER_CLASS_METRICS, binary_positive_probs, div as _div  # noqa: F401
+from .scoring import ap_batch as _ap_batch, auc_batch as _auc_batch  # noqa: F401  (tests use them)
+from .scoring import binary_reasons as _binary_reasons
+from .tasks import TASK_TYPES as TASKS
+from .tasks import TaskKind, kind_of
 
 OPERATING_POINT_HELP = "allowed: youden, f1, sens=<0..1>, spec=<0..1>, or a number in (0,1)"
 
@@ -64,15 +55,13 @@ OPERATING_POINT_HELP = "allowed: youden, f1, sens=<0..1>, spec=<0..1>, or a numb
 # --------------------------------------------------------------------------------------------
 
 
-def _check_task(task: str) -> str:
-    if task not in TASKS:
-        raise ConfigError(choices_message("task", task, TASKS))
-    return task
+def _check_task(task: str) -> TaskKind:
+    return kind_of(task)
 
 
 def _prepare(task: str, y_true, probs) -> tuple[np.ndarray, np.ndarray, int]:
     """Validate shapes; return (y, p, K). Binary: p is (N,) P(class 1), K=2."""
-    _check_task(task)
+    kind = _check_task(task)
     y = np.asarray(y_true)
     p = np.asarray(probs, dtype=np.float64)
     if y.shape[0] != p.shape[0]:
@@ -81,245 +70,20 @@ def _prepare(task: str, y_true, probs) -> tuple[np.ndarray, np.ndarray, int]:
         raise DataError("cannot compute metrics on 0 samples")
     if not np.all(np.isfinite(p)):
         raise DataError("probs contain nan or inf")
-    if task == "binary":
-        p = binary_positive_probs(p)
-        y = y.reshape(-1)
-        if not np.isin(y, (0, 1)).all():
-            raise DataError(f"binary y_true must be 0/1, got values {np.unique(y)[:10].tolist()}")
-        return y.astype(np.int64), p, 2
-    if p.ndim != 2:
-        raise DataError(f"{task} probs must be (N, K), got shape {p.shape}")
-    k = p.shape[1]
-    if task == "multilabel":
-        if y.shape != p.shape:
-            raise DataError(f"multilabel y_true must have the shape of probs {p.shape}, got {y.shape}")
-        if not np.isin(y, (0, 1)).all():
-            raise DataError("multilabel y_true must be 0/1")
-        return y.astype(np.int64), p, k
-    y = y.reshape(-1)
-    if y.shape[0] != p.shape[0] or (y.size and (y.min() < 0 or y.max() >= k)):
-        raise DataError(f"{task} y_true must be ints in 0..{k - 1}, got values {np.unique(y)[:10].tolist()}")
-    return y.astype(np.int64), p, k
-
-
-def binary_positive_probs(probs) -> np.ndarray:
-    """(N,), (N, 1) or (N, 2) binary probabilities -> (N,) P(class 1)."""
-    p = np.asarray(probs, dtype=np.float64)
-    if p.ndim == 1:
-        return p
-    if p.ndim == 2 and p.shape[1] == 1:
-        return p[:, 0]
-    if p.ndim == 2 and p.shape[1] == 2:
-        return p[:, 1]
-    raise DataError(f"binary probs must be (N,), (N, 1) or (N, 2), got shape {p.shape}")
+    return kind.prepare(y, p)
 
 
 def _check_threshold(threshold, task: str, k: int):
-    if threshold is None:
-        return 0.5
-    if task in ("multiclass", "ordinal"):
-        raise ConfigError(f"a threshold applies to binary and multilabel tasks, not {task} (argmax is used)")
-    t = np.asarray(threshold, dtype=np.float64)
-    if task == "binary" and t.ndim != 0:
-        raise ConfigError(f"binary threshold must be one number, got shape {t.shape}")
-    if task == "multilabel" and (t.ndim > 1 or (t.ndim == 1 and t.shape[0] != k)):
-        raise ConfigError(f"multilabel threshold must be one number or {k} numbers, got shape {t.shape}")
-    if not np.all((t > 0) & (t < 1)):
-        raise ConfigError(f"threshold must be in (0,1), got {threshold!r}")
-    return float(t) if t.ndim == 0 else t
-
-
-# --------------------------------------------------------------------------------------------
-# vectorised core: everything takes a (B, N) matrix of resampled rows
-# --------------------------------------------------------------------------------------------
-
-
-def _div(a, b):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.asarray(a, dtype=np.float64) / np.asarray(b, dtype=np.float64)
-    return np.where(np.asarray(b) == 0, np.nan, out)
-
-
-def _nanmean(a, axis=-1):
-    a = np.asarray(a, dtype=np.float64)
-    cnt = np.sum(~np.isnan(a), axis=axis)
-    s = np.nansum(a, axis=axis)
-    return _div(s, cnt)
-
-
-def _auc_ap_batch(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ROC AUC and average precision of each row from one descending sort.
-
-    scores, labels: (B, N). AUC is the Mann-Whitney statistic (a tied positive/negative pair
-    counts one half), identical to ``sklearn.roc_auc_score``; AP is sklearn's
-    ``average_precision_score`` (precision at each distinct threshold weighted by the recall
-    increment). Rows with one class only give nan AUC (and nan AP when no positive).
-    """
-    b, n = scores.shape
-    order = np.argsort(-scores, axis=1, kind="stable")
-    s = np.take_along_axis(scores, order, axis=1)
-    y = np.take_along_axis(labels, order, axis=1).astype(np.float64)
-    tp = np.cumsum(y, axis=1)
-    fp = np.arange(1, n + 1) - tp
-    ar = np.arange(n)
-    # tie groups: every position looks up the cumulative counts at its group's end / before its start
-    is_last = np.ones((b, n), dtype=bool)
-    is_last[:, :-1] = s[:, :-1] != s[:, 1:]
-    is_first = np.ones((b, n), dtype=bool)
-    is_first[:, 1:] = is_last[:, :-1]
-    group_end = np.minimum.accumulate(np.where(is_last, ar, n - 1)[:, ::-1], axis=1)[:, ::-1]
-    group_start = np.maximum.accumulate(np.where(is_first, ar, 0), axis=1)
-    fp_end = np.take_along_axis(fp, group_end, axis=1)
-    fp_before = np.where(group_start > 0, np.take_along_axis(fp, np.maximum(group_start - 1, 0), axis=1), 0.0)
-    n_pos = tp[:, -1]
-    n_neg = n - n_pos
-    # each positive beats the negatives below its group and ties half of those inside it
-    wins = (y * (n_neg[:, None] - 0.5 * (fp_end + fp_before))).sum(axis=1)
-    auc = _div(wins, n_pos * n_neg)
-    prec_end = np.take_along_axis(tp, group_end, axis=1) / (group_end + 1)
-    ap = _div((y * prec_end).sum(axis=1), n_pos)
-    return auc, ap
-
-
-def _auc_batch(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """ROC AUC of each row (see :func:`_auc_ap_batch`)."""
-    return _auc_ap_batch(scores, labels)[0]
-
-
-def _ap_batch(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Average precision of each row (see :func:`_auc_ap_batch`)."""
-    return _auc_ap_batch(scores, labels)[1]
-
-
-def _confusion_batch(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
-    """(B, N) true and predicted labels -> (B, K, K) confusion matrices (rows = truth)."""
-    b = y.shape[0]
-    flat = (np.arange(b)[:, None] * k * k + y * k + pred).ravel()
-    return np.bincount(flat, minlength=b * k * k).reshape(b, k, k)
-
-
-def _rates(tp, fp, tn, fn) -> dict[str, np.ndarray]:
-    sens = _div(tp, tp + fn)
-    spec = _div(tn, tn + fp)
-    return {
-        "sens": sens,
-        "spec": spec,
-        "ppv": _div(tp, tp + fp),
-        "npv": _div(tn, tn + fn),
-        "f1": _div(2 * tp, 2 * tp + fp + fn),
-    }
-
-
-def _binary_batch(y, p, thr) -> dict[str, np.ndarray]:
-    pred = (p >= thr).astype(np.int64)
-    cm = _confusion_batch(y, pred, 2)
-    tn, fp, fn, tp = cm[:, 0, 0], cm[:, 0, 1], cm[:, 1, 0], cm[:, 1, 1]
-    r = _rates(tp, fp, tn, fn)
-    auc, ap = _auc_ap_batch(p, y)
-    return {
-        "accuracy": _div(tp + tn, y.shape[1] * np.ones_like(tp)),
-        "auc": auc,
-        "pr_auc": ap,
-        "sensitivity": r["sens"],
-        "specificity": r["spec"],
-        "ppv": r["ppv"],
-        "npv": r["npv"],
-        "f1": r["f1"],
-        "balanced_accuracy": (r["sens"] + r["spec"]) / 2.0,
-        "_cm": cm,
-    }
-
-
-def _per_class_from_cm(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """(B, K, K) -> one-vs-rest rates, each (B, K)."""
-    n = cm.sum(axis=(1, 2))[:, None]
-    tp = np.diagonal(cm, axis1=1, axis2=2)
-    fn = cm.sum(axis=2) - tp
-    fp = cm.sum(axis=1) - tp
-    tn = n - tp - fn - fp
-    return _rates(tp, fp, tn, fn)
-
-
-def _multiclass_batch(y, p, k, ordinal: bool) -> dict[str, np.ndarray]:
-    # y: (B, N) ints, p: (B, N, K)
-    pred = np.argmax(p, axis=2)
-    cm = _confusion_batch(y, pred, k)
-    pc = _per_class_from_cm(cm)
-    aucs, aps = (np.stack(a, axis=1) for a in zip(*(_auc_ap_batch(p[:, :, c], y == c) for c in range(k))))
-    pc["auc"] = aucs
-    out = {
-        "accuracy": (pred == y).mean(axis=1),
-        "auc": _nanmean(aucs),
-        "pr_auc": _nanmean(aps),
-        "sensitivity": _nanmean(pc["sens"]),
-        "specificity": _nanmean(pc["spec"]),
-        "ppv": _nanmean(pc["ppv"]),
-        "npv": _nanmean(pc["npv"]),
-        "f1": _nanmean(pc["f1"]),
-        "balanced_accuracy": _nanmean(pc["sens"]),
-        "_cm": cm,
-        "_per_class": pc,
-    }
-    if ordinal:
-        out["mae"] = np.abs(pred - y).mean(axis=1).astype(np.float64)
-        out["qwk"] = _qwk_from_cm(cm)
-    return out
-
-
-def _qwk_from_cm(cm: np.ndarray) -> np.ndarray:
-    """Quadratic weighted Cohen's kappa from (B, K, K) confusion matrices."""
-    k = cm.shape[1]
-    cm = cm.astype(np.float64)
-    n = cm.sum(axis=(1, 2))
-    i = np.arange(k)
-    w = (i[:, None] - i[None, :]) ** 2 / max((k - 1) ** 2, 1)
-    expected = cm.sum(axis=2)[:, :, None] * cm.sum(axis=1)[:, None, :] / n[:, None, None]
-    return 1.0 - _div((w * cm).sum(axis=(1, 2)), (w * expected).sum(axis=(1, 2)))
-
-
-def _multilabel_batch(y, p, thr) -> dict[str, np.ndarray]:
-    # y, p: (B, N, K)
-    b, n, k = p.shape
-    thr = np.broadcast_to(np.asarray(thr, dtype=np.float64), (k,))
-    pred = (p >= thr).astype(np.int64)
-    tp = ((pred == 1) & (y == 1)).sum(axis=1)
-    fp = ((pred == 1) & (y == 0)).sum(axis=1)
-    fn = ((pred == 0) & (y == 1)).sum(axis=1)
-    tn = n - tp - fp - fn
-    pc = _rates(tp, fp, tn, fn)
-    aucs, aps = (np.stack(a, axis=1) for a in zip(*(_auc_ap_batch(p[:, :, c], y[:, :, c]) for c in range(k))))
-    pc["auc"] = aucs
-    cm = np.stack([np.stack([tn, fp], -1), np.stack([fn, tp], -1)], -2)  # (B, K, 2, 2)
-    return {
-        "accuracy": (pred == y).mean(axis=(1, 2)),
-        "subset_accuracy": (pred == y).all(axis=2).mean(axis=1),
-        "auc": _nanmean(aucs),
-        "pr_auc": _nanmean(aps),
-        "sensitivity": _nanmean(pc["sens"]),
-        "specificity": _nanmean(pc["spec"]),
-        "ppv": _nanmean(pc["ppv"]),
-        "npv": _nanmean(pc["npv"]),
-        "f1": _nanmean(pc["f1"]),
-        "balanced_accuracy": _nanmean((pc["sens"] + pc["spec"]) / 2.0),
-        "_cm": cm,
-        "_per_class": pc,
-    }
+    return kind_of(task).metric_threshold(threshold, k)
 
 
 def _batch_metrics(task: str, y: np.ndarray, p: np.ndarray, k: int, thr, idx: np.ndarray):
     """Metrics for each row of the (B, N) index matrix ``idx``."""
-    yb = y[idx]
-    pb = p[idx]
-    if task == "binary":
-        return _binary_batch(yb, pb, thr)
-    if task == "multilabel":
-        return _multilabel_batch(yb, pb, thr)
-    return _multiclass_batch(yb, pb, k, ordinal=(task == "ordinal"))
+    return kind_of(task).batch_metrics(y[idx], p[idx], k, thr)
 
 
 def _scalar_names(task: str) -> tuple[str, ...]:
-    extra = {"ordinal": ("mae", "qwk"), "multilabel": ("subset_accuracy",)}.get(task, ())
-    return BASE_METRICS + extra
+    return kind_of(task).metric_names
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,7 +113,7 @@ def compute_metrics(task: str, y_true, probs, *, threshold=None) -> dict[str, An
 
 def _resample_indices(task: str, y: np.ndarray, n_boot: int, rng: np.random.Generator, stratified: bool):
     n = y.shape[0]
-    if not stratified or task == "multilabel":
+    if not stratified or not kind_of(task).stratified_bootstrap:
         # multilabel rows carry several labels at once: there is no single stratum, resample rows
         return rng.integers(0, n, size=(n_boot, n))
     cols = []
@@ -469,27 +233,9 @@ def evaluate_predictions(
                     out["per_class"][str(c)][m]["reason"] = w
         else:
             out[name]["reason"] = why
-    if task == "binary" and positive_class is not None:
+    if kind_of(task).has_positive_class and positive_class is not None:
         out["positive_class"] = str(positive_class)
     return out
-
-
-def _binary_reasons(tn: int, fp: int, fn: int, tp: int, pos: str, neg: str) -> dict[str, str]:
-    """Why each binary rate is undefined, from the confusion counts (only the undefined ones)."""
-    why: dict[str, str] = {}
-    if tp + fn == 0:
-        why["sens"] = f"no {pos} case in the truth labels"
-    if tn + fp == 0:
-        why["spec"] = f"no {neg} case in the truth labels"
-    if tp + fp == 0:
-        why["ppv"] = f"no case predicted {pos}"
-    if tn + fn == 0:
-        why["npv"] = f"no case predicted {neg}"
-    if 2 * tp + fp + fn == 0:
-        why["f1"] = f"no {pos} case in the truth labels and none predicted {pos}"
-    if tp + fn == 0 or tn + fp == 0:
-        why["auc"] = f"the truth labels hold one class only (AUC needs both {pos} and {neg} cases)"
-    return why
 
 
 def undefined_reasons(task: str, point: dict, *, positive_class: str | None = None) -> dict[str, Any]:
@@ -499,13 +245,13 @@ def undefined_reasons(task: str, point: dict, *, positive_class: str | None = No
     reasons name the positive class (``positive_class``, else "positive"); a macro average is undefined when its
     metric is undefined for every class.
     """
-    _check_task(task)
+    kind = _check_task(task)
 
     def nan(v) -> bool:
         return isinstance(v, (float, np.floating)) and math.isnan(float(v))
 
     out: dict[str, Any] = {}
-    if task == "binary":
+    if kind.has_positive_class:
         (tn, fp), (fn, tp) = np.asarray(point["confusion_matrix"], dtype=np.int64).tolist()
         pos = "positive" if positive_class is None else str(positive_class)
         neg = "negative" if positive_class is None else f"non-{pos}"
@@ -526,13 +272,7 @@ def undefined_reasons(task: str, point: dict, *, positive_class: str | None = No
     cm = np.asarray(point["confusion_matrix"], dtype=np.int64)
     k = len(point.get("per_class") or {})
     for c in range(k):
-        if task == "multilabel":
-            (tn, fp), (fn, tp) = cm[c].tolist()
-        else:
-            tp = int(cm[c, c])
-            fn = int(cm[c].sum() - tp)
-            fp = int(cm[:, c].sum() - tp)
-            tn = int(cm.sum() - tp - fn - fp)
+        tn, fp, fn, tp = kind.per_class_counts(cm, c)
         why = _binary_reasons(tn, fp, fn, tp, f"class {c}", f"not-class-{c}")
         vals = point["per_class"][c]
         got = {m: why[m] for m in PER_CLASS_METRICS if nan(vals.get(m)) and m in why}
@@ -784,12 +524,7 @@ def _calibration_pairs(task: str, y_true, probs) -> tuple[np.ndarray, np.ndarray
     multiclass / ordinal: top-label confidence vs whether the argmax is correct.
     """
     y, p, k = _prepare(task, y_true, probs)
-    if task == "binary":
-        return p, y.astype(np.float64)
-    if task == "multilabel":
-        return p.ravel(), y.ravel().astype(np.float64)
-    pred = p.argmax(axis=1)
-    return p.max(axis=1), (pred == y).astype(np.float64)
+    return kind_of(task).calibration_pairs(y, p)
 
 
 def reliability_curve(task: str, y_true, probs, n_bins: int = 15) -> dict[str, list]:

@@ -586,7 +586,7 @@ def fit_bundle_detector(bundle, data) -> dict:
     from medsight.fusion import split_clinical_rows
 
     tr, va = data.split("train"), data.split("val")
-    return fit_ood_detector(bundle.model, tr.images, tr.labels if bundle.task.name != "multilabel" else None,
+    return fit_ood_detector(bundle.model, tr.images, None if bundle.task.kind.indicator_labels else tr.labels,
                             va.images, task=bundle.task.name, tta_flip=bundle.tta_flip,
                             train_tab=split_clinical_rows(bundle, data, "train"),
                             val_tab=split_clinical_rows(bundle, data, "val"))

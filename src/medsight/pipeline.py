@@ -18,7 +18,7 @@ from medsight.calibration import choose_calibration
 from medsight.config import RunConfig, dump_config
 from medsight.data.sources import Dataset, load_dataset
 from medsight.errors import ConfigError, MedsightError
-from medsight.evaluate import evaluate_splits, split_logits, split_probs
+from medsight.evaluate import LogitsCache, evaluate_splits, split_logits, split_probs
 from medsight.review import fit_review, share_line
 from medsight.train import Callback, FitResult, fit, write_history
 from medsight.utils import atomic_write_text, write_json
@@ -184,11 +184,15 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
                           "split_origin": getattr(data, "split_origin", None),
                           "native_size": getattr(data, "native_size", None), "leakage": getattr(data, "leakage", None)}
     meta["training_summary"] = summary
-    bundle = Bundle(path=stage, meta=meta, model=result.model)
+    cache = LogitsCache()  # one inference pass per split, shared by calibration, OOD and metrics
+    bundle = Bundle.draft(stage, meta, result.model)
     val = data.split("val")
-    meta.update(choose_calibration(bundle.task, split_logits(bundle, data, "val"), val.labels,
+    meta.update(choose_calibration(bundle.task, split_logits(bundle, data, "val", cache=cache), val.labels,
                                    operating_point=cfg.train.operating_point, calibrate=cfg.train.calibrate))
-    meta["review"] = fit_review(bundle.task, split_probs(bundle, data, "val"), bundle.threshold)  # medsight.review
+    bundle = Bundle.draft(stage, meta, result.model)  # with the chosen temperature and threshold
+    meta["review"] = fit_review(bundle.task, split_probs(bundle, data, "val", cache=cache),
+                                bundle.threshold)  # medsight.review
+    bundle = Bundle.draft(stage, meta, result.model)
     from medsight.summary import outcome_line, threshold_lines
 
     after, threshold_warnings = threshold_lines(meta)
@@ -210,7 +214,7 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
     if evaluate:
         from medsight.summary import warn_degenerate
 
-        metrics = evaluate_splits(bundle, data, ("val", "test"), n_boot=cfg.train.n_boot)
+        metrics = evaluate_splits(bundle, data, ("val", "test"), n_boot=cfg.train.n_boot, cache=cache)
         write_json(stage / "metrics.json", metrics)
         if meta.get("ensemble"):  # members beside the ensemble, and how much they disagree (in the report's summary)
             from medsight.evaluate import ensemble_summary
@@ -222,7 +226,7 @@ def _finish_bundle(cfg: RunConfig, data: Dataset, result: FitResult, fusion: dic
                     f"seed ensemble of {len(e['members'])} members, {s}: ensemble AUC "
                     f"{float((metrics[s].get('auc') or {}).get('value', float('nan'))):.3f}, members {aucs}; members' probabilities differ by "
                     f"{e['mean_spread']:.3f} (sd) on average, at most {e['max_spread']:.3f}")
-        shares = [share_line(bundle, split_probs(bundle, data, s), s)  # medsight.review
+        shares = [share_line(bundle, split_probs(bundle, data, s, cache=cache), s)  # medsight.review
                   for s in ("val", "test") if s in data.splits]
         meta["training_summary"] += shares  # the report's facts
         if callback is not None:

@@ -72,15 +72,16 @@ def default_threads(bundle: Bundle) -> int:
     """Intra-op threads for one inference: 1 for small models (thread hand-off costs more than it saves and
     concurrent requests already fill the cores), up to 4 for large ones."""
     n_params = sum(p.numel() for p in bundle.model.parameters())
-    size = int(np.prod(bundle.meta["input"]["size"]))
+    size = int(np.prod(bundle.meta.input.size))
     if n_params < 2_000_000 and size <= 64 * 64:
         return 1
     return max(1, min(4, os.cpu_count() or 1))
 
 
 def model_version(bundle: Bundle) -> str:
-    """``<model name>-<first 12 hex of sha256(model.pt)>``: changes whenever the weights change."""
-    return f"{bundle.meta['model']['name']}-{bundle.weights_sha256[:12]}"
+    """``<model name>-<12 hex>`` of the bundle's digest (bundle.json's every field, the sha256 of model.pt and the
+    other artefacts included): changes whenever the weights or a decision field change."""
+    return bundle.version
 
 
 def expand_inputs(items: Iterable[str | Path]) -> list[Path]:
@@ -112,7 +113,7 @@ class Predictor:
         self.threshold = self.bundle.threshold
         self.calibrated = abs(self.temperature - 1.0) > 1e-12
         self.version = model_version(self.bundle)
-        inp = self.bundle.meta["input"]
+        inp = self.bundle.meta.input.model_dump()
         self.input_shape = (int(inp["channels"]), *(int(s) for s in inp["size"]))
         #: decode limits for every file this predictor reads (sized for the model's input)
         self.budget = budget_for(inp)
@@ -120,7 +121,7 @@ class Predictor:
         self.model = self.bundle.model.eval()
         self.tta_flip = self.bundle.tta_flip
         #: seed ensembles: the number of members (None for one model); predictions carry the members' spread
-        self.members = int(self.bundle.meta["ensemble"]["members"]) if self.bundle.meta.get("ensemble") else None
+        self.members = int(self.bundle.meta.ensemble.members) if self.bundle.meta.ensemble else None
         self._explain_model: torch.nn.Module | None = None
         self._explain_lock = threading.Lock()
         self._session = None
@@ -128,7 +129,7 @@ class Predictor:
         #: the bundle's "needs review" rule (medsight.review): the same decision for every caller
         self.review_rule: ReviewRule = rule_from_meta(self.bundle.meta)
         self.ood = None
-        if self.bundle.meta.get("ood") and (self.bundle.path / "ood.npz").is_file():
+        if self.bundle.meta.ood and (self.bundle.path / "ood.npz").is_file():
             from medsight.ood import load_ood
 
             self.ood = load_ood(self.bundle.path / "ood.npz")
@@ -142,7 +143,7 @@ class Predictor:
                                     "fit this bundle; re-export it with `medsight export`")
             outs = self._session.get_outputs()
             self._out_name = outs[0].name
-            self._n_out = int(self.bundle.meta["model"]["num_outputs"])
+            self._n_out = int(self.bundle.meta.model.num_outputs)
             # model.onnx from `medsight export` carries the penultimate features as a second output
             self._feat = (outs[1].name, int(outs[1].shape[1])) if len(outs) > 1 else None
             # ... and, for a seed ensemble, the member logits (N, members, outputs) as a third
@@ -368,16 +369,17 @@ class Predictor:
         values (from ``metrics.json``), the review rule and the thresholds as displayed (3 significant digits)."""
         from medsight.bundle import decision_text
 
+        from medsight.bundle import BundleCard
+
         meta = self.bundle.meta
         return {
-            "name": meta["model"]["name"], "task": meta["task"], "classes": self.classes,
-            "input": {"spatial_dims": meta["input"]["spatial_dims"], "channels": meta["input"]["channels"],
-                      "size": list(meta["input"]["size"]), "preprocessing": self.recipe},
+            **{n: getattr(meta, n) for n in BundleCard.model_fields},  # task, classes, threshold, rule, ...
+            "name": meta.model.name, "classes": self.classes,
+            "input": {**meta.input.model_dump(), "preprocessing": self.recipe},
             "threshold": self.threshold, "threshold_display": threshold_text(self.threshold),
-            "threshold_rule": meta.get("threshold_rule"), "decision_rule": decision_text(meta),
+            "decision_rule": decision_text(meta),
             "positive_class": self.bundle.positive_class, "temperature": self.temperature,
-            "calibrated": self.calibrated, "model_version": self.version, "data": meta.get("data"),
-            "created": meta.get("created"), "medsight_version": meta.get("medsight_version"),
+            "calibrated": self.calibrated, "model_version": self.version,
             "metrics": _metrics_summary(self.bundle.path),
             "clinical_columns": list((self.fusion or {}).get("columns") or []),
             "review_margin": self.review_rule.margin, "review": self.review_rule.as_dict(),

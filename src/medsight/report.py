@@ -18,7 +18,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from . import metrics as M
-from .errors import ConfigError, DataError
+from .errors import DataError
+from .tasks import kind_of
 
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px;color:#222;max-width:1200px}
@@ -105,11 +106,7 @@ def _binary_curves(y: np.ndarray, p: np.ndarray):
 
 def _one_vs_rest(task: str, y: np.ndarray, p: np.ndarray, class_names: Sequence[str]):
     """[(name, y01, score)] curves to draw for the task."""
-    if task == "binary":
-        return [(class_names[1] if len(class_names) > 1 else "positive", y, M.binary_positive_probs(p))]
-    if task == "multilabel":
-        return [(class_names[c], y[:, c], p[:, c]) for c in range(p.shape[1])]
-    return [(class_names[c], (y == c).astype(int), p[:, c]) for c in range(p.shape[1])]
+    return kind_of(task).one_vs_rest(y, p, class_names)
 
 
 def plot_roc_pr(task, y_true, probs, class_names, threshold=None, title: str = "") -> bytes:
@@ -125,8 +122,8 @@ def plot_roc_pr(task, y_true, probs, class_names, threshold=None, title: str = "
         fpr, tpr, prec, rec = curves
         ax_roc.plot(fpr, tpr, lw=1.5, label=str(name))
         ax_pr.plot(rec, prec, lw=1.5, label=str(name))
-    if task == "binary" and threshold is not None:
-        m = M.compute_metrics("binary", y, p, threshold=threshold)
+    if kind_of(task).has_positive_class and threshold is not None:
+        m = M.compute_metrics(task, y, p, threshold=threshold)
         if math.isfinite(m["sensitivity"]) and math.isfinite(m["specificity"]):
             ax_roc.plot([1 - m["specificity"]], [m["sensitivity"]], "o", color="k", label=f"threshold {threshold:.3g}")
         if math.isfinite(m["sensitivity"]) and math.isfinite(m["ppv"]):
@@ -364,7 +361,7 @@ def counts_table(task: str, splits: Mapping[str, Any], class_names: Sequence[str
     counts = {s: class_counts(task, np.asarray(d["y_true"]), class_names) for s, d in splits.items()}
     sizes = {s: len(d["y_true"]) for s, d in splits.items()}
     head = "".join(f"<th>{_esc(s)}</th>" for s in splits)
-    rows = [f'<tr><th class="l">{"cases with label" if task == "multilabel" else "class"}</th>{head}</tr>']
+    rows = [f'<tr><th class="l">{kind_of(task).counts_heading}</th>{head}</tr>']
     for c in class_names:
         cells = "".join(f"<td>{counts[s][str(c)]}</td>" for s in splits)
         mark = " (positive)" if positive_class is not None and str(c) == positive_class else ""
@@ -559,26 +556,22 @@ def build_report(
     """
     from medsight.summary import quoted, split_line, threshold_rule_sentence, warn_degenerate
 
-    if task not in M.TASKS:
-        from .errors import choices_message
-
-        raise ConfigError(choices_message("task", task, M.TASKS))
+    kind_of(task)  # one line naming the known task kinds
     if not splits:
         raise DataError("build_report needs at least one split of predictions")
     class_names = [str(c) for c in class_names]
-    if task == "binary" and positive_class is None and len(class_names) == 2:
+    kind = kind_of(task)
+    if kind.has_positive_class and positive_class is None and len(class_names) == 2:
         positive_class = class_names[1]
-    if task != "binary":
+    if not kind.has_positive_class:
         positive_class = None
     body: list[str] = [f"<h1>{_esc(title)}</h1>"]
     parts = [f"task: {_esc(task)}", f"classes: {_esc(quoted(class_names))}"]
     if positive_class is not None:
         parts.append(f"positive class: <b>{_esc(positive_class)}</b> (sensitivity, PPV and the threshold are about "
                      f"{_esc(positive_class)})")
-    if task in ("binary", "multilabel"):
-        parts.append("decision: " + _esc(threshold_rule_sentence(threshold_rule, threshold)) + _placement(threshold_detail))
-    else:
-        parts.append("decision: the most probable class (argmax)")
+    parts.append("decision: " + _esc(kind.decision_words(threshold_rule_sentence(threshold_rule, threshold)
+                                                         + _placement(threshold_detail))))
     parts.append("intervals are 95% percentile bootstrap CIs")
     parts.append('technical terms are explained under <a href="#glossary">Terms used in this report</a>')
     body.append(f'<p class="note">{" · ".join(parts)}</p>')
@@ -608,7 +601,7 @@ def build_report(
         m = computed[name]
         body.append(f"<h2>{_esc(name)} split <span class='note'>(n = {len(y)})</span></h2>")
         body.append(f'<p class="note">{_esc(split_line(task, name, y, class_names, positive_class))}</p>')
-        figs = [_img(plot_roc_pr(task, y, p, class_names, threshold if task == "binary" else None, name), f"ROC and PR curves, {name}")]
+        figs = [_img(plot_roc_pr(task, y, p, class_names, threshold if kind.has_positive_class else None, name), f"ROC and PR curves, {name}")]
         cm = (m.get("confusion_matrix") or {}).get("value")
         if cm is not None:
             figs.append(_img(plot_confusion(cm, class_names, f"confusion matrix, {name}"), f"confusion matrix, {name}"))
@@ -630,7 +623,7 @@ def build_report(
             if calibration.get(key):
                 curves[label] = calibration[key]
         if curves:
-            what = f"P({positive_class})" if positive_class else "the top-class probability" if task in ("multiclass", "ordinal") else "each label's probability"
+            what = f"P({positive_class})" if positive_class else kind.confidence_words
             equal = any((c or {}).get("binning") == "equal-count" for c in curves.values())
             how = (f"cases sorted by {_esc(what)} and cut into groups of equal size (at least "
                    f"{M.MIN_BIN_CASES} cases each where the split allows; the count is printed beside each point)"

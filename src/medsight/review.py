@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -87,9 +87,13 @@ class ReviewRule:
                 f"margin fitted on the validation split{target}{share}")
 
 
-def rule_from_meta(meta: Mapping[str, Any]) -> ReviewRule:
-    """The bundle's rule: ``bundle.json`` ``review`` (the ONE place that reads it), or the default."""
-    raw = meta.get("review")
+def rule_from_meta(meta) -> ReviewRule:
+    """The bundle's rule: ``bundle.json`` ``review`` (the ONE place that reads it), or the default. ``meta``: a
+    :class:`medsight.bundle.BundleMeta` (or a bundle.json dict)."""
+    if isinstance(meta, Mapping):
+        raw = meta.get("review")
+    else:
+        raw = None if meta.review is None else meta.review.model_dump()
     if not isinstance(raw, Mapping) or raw.get("rule") != RULE or not isinstance(raw.get("margin"), (int, float)):
         return ReviewRule()
 

@@ -213,14 +213,14 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.T
 
 # --------------------------------------------------------------------------------------------- inference
 def _as_task(task, labels):
-    from medsight.tasks import Task
+    from medsight.tasks import Task, kind_of
 
     if isinstance(task, Task):
         return task
     if not isinstance(task, str):
         raise ConfigError(f"task must be a medsight.tasks.Task or a task name, got {type(task).__name__}")
     labels = np.asarray(labels)
-    if task == "multilabel":
+    if kind_of(task).indicator_labels:
         k = labels.reshape(len(labels), -1).shape[1]
     else:
         k = max(2, int(labels.max()) + 1) if len(labels) else 2

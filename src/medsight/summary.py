@@ -34,12 +34,9 @@ def metric_label(name: str, positive_class: str | None = None) -> str:
 
 def class_counts(task: str, labels, classes: Sequence[str]) -> dict[str, int]:
     """Cases per class (multi-label: cases carrying each label), in class order."""
-    y = np.asarray(labels)
-    if task == "multilabel":
-        y = y.reshape(len(y), -1)
-        return {str(c): int(y[:, i].sum()) for i, c in enumerate(classes)}
-    counts = np.bincount(y.reshape(-1).astype(np.int64), minlength=len(classes))
-    return {str(c): int(counts[i]) for i, c in enumerate(classes)}
+    from medsight.tasks import kind_of
+
+    return kind_of(task).class_counts(labels, classes)
 
 
 def quoted(names: Sequence[str]) -> str:
@@ -57,9 +54,9 @@ def split_line(task: str, name: str, labels, classes: Sequence[str], positive_cl
     n = len(labels)
     counts = class_counts(task, labels, classes)
     parts = ", ".join(f"{c} {k}" for c, k in counts.items())
-    line = f"{name}: {n} images ({parts})"
-    if task == "multilabel":
-        line = f"{name}: {n} images; cases per label: {parts}"
+    from medsight.tasks import kind_of
+
+    line = kind_of(task).split_counts_line(name, n, parts)
     if positive_class is not None:
         line += f"; prevalence of {positive_class} {_pct(counts[positive_class], n)}"
     return line
@@ -115,7 +112,9 @@ def describe_training(dataset, cfg, device: Any = None, threads: int | None = No
         op = str(cfg.train.operating_point)
         lines.append(model_line(cfg))
         lines.append(stopping_line(cfg))
-        if task in ("binary", "multilabel"):
+        from medsight.tasks import kind_of
+
+        if kind_of(task).uses_threshold:
             lines.append("decision threshold: " + threshold_rule_sentence(op))
     if device is not None:
         lines.append(f"device: {device}" + (f", {threads} CPU thread(s)" if threads else ""))

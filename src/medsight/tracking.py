@@ -442,7 +442,7 @@ def save_pyfunc(bundle_dir: str | Path, path: str | Path) -> Path:
         mlflow.pyfunc.save_model(
             str(path), python_model=str(code), artifacts={PYFUNC_BUNDLE_KEY: str(copy)},
             signature=pyfunc_signature(), pip_requirements=[f"medsight=={version}", "mlflow>=3,<4"],
-            metadata={"medsight_version": version, "task": b.meta["task"], "classes": b.classes})
+            metadata={"medsight_version": version, "task": b.task.name, "classes": b.classes})
     return Path(path)
 
 

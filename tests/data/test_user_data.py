@@ -49,7 +49,7 @@ def test_class_folder_png_tree_trains(tmp_path, breast_small, breast):
     assert ds.splits["train"].images.dtype == np.uint8
     assert np.array_equal(np.sort(ds.splits["train"].images.reshape(-1)), np.sort(breast_small["train"][0].reshape(-1)))
     out, result, metrics = run_training(_cfg(root), tmp_path / "run", data=ds)
-    assert load_bundle(out).meta["preprocessing"]["source"]["kind"] == "folder"
+    assert load_bundle(out).meta.preprocessing.source["kind"] == "folder"
     assert "auc" in metrics["test"] and len(order) == 40
 
 

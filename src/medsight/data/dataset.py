@@ -46,14 +46,17 @@ class Dataset:
     @property
     def positive_class(self) -> str | None:
         """The positive class of a binary task (always ``classes[1]``); ``None`` for other tasks."""
-        return self.classes[1] if self.task == "binary" and len(self.classes) == 2 else None
+        from medsight.tasks import kind_of
+
+        return self.classes[1] if kind_of(self.task).has_positive_class and len(self.classes) == 2 else None
 
     def set_positive_class(self, choice: int | str, source: str) -> None:
         """Make ``choice`` (a class name, or an index in the current class order) the positive class: it moves to
         index 1 and every split's labels are remapped (``y -> 1 - y``) when it was at index 0."""
         from medsight.errors import ConfigError
+        from medsight.tasks import kind_of
 
-        if self.task != "binary":
+        if not kind_of(self.task).has_positive_class:
             raise ConfigError(f"data.positive_class applies to binary tasks; {self.name} is a {self.task} task "
                               f"with classes {', '.join(self.classes)}")
         index = resolve_class(self.classes, choice)
@@ -70,7 +73,9 @@ class Dataset:
 
         if list(self.classes) == list(classes):
             return
-        if self.task == "binary" and list(self.classes) == list(classes)[::-1]:
+        from medsight.tasks import kind_of
+
+        if kind_of(self.task).has_positive_class and list(self.classes) == list(classes)[::-1]:
             self.set_positive_class(classes[1], "as the model was trained")
             return
         raise _DataError(f"data {self.name} has classes {self.classes}, the model expects {list(classes)}")

@@ -101,7 +101,9 @@ class MedMNISTInfo:
     @property
     def positive_class(self) -> str | None:
         """The default positive class of a binary set (``None`` for other tasks)."""
-        return POSITIVE_CLASS.get(self.name) if self.task == "binary" else None
+        from medsight.tasks import kind_of
+
+        return POSITIVE_CLASS.get(self.name) if kind_of(self.task).has_positive_class else None
 
     def filename(self, size: int) -> str:
         return f"{self.name}.npz" if size == 28 else f"{self.name}_{size}.npz"

@@ -18,6 +18,7 @@ from medsight.data.dataset import Dataset, Split, resolve_class  # noqa: F401 - 
 from medsight.data.download import download, md5sum  # noqa: F401 - re-exported
 from medsight.data.medmnist import INFO, MedMNISTInfo
 from medsight.errors import DataError, choices_message
+from medsight.tasks import class_names_for, infer_task, kind_of
 
 if TYPE_CHECKING:
     from medsight.config import DataConfig
@@ -164,10 +165,11 @@ def dataset_from_npz(path: str | Path, *, name: str | None = None, task: str | N
     if task is None:
         multi = lab.ndim == 2 and lab.shape[1] > 1
         n = int(max(np.max(v) for v in labels.values())) + 1
-        task = "multilabel" if multi else ("binary" if n <= 2 else "multiclass")
+        task = infer_task(multi, n)
+    kind = kind_of(task)
     if classes is None:
-        k = lab.shape[1] if task == "multilabel" else int(max(np.max(v) for v in labels.values())) + 1
-        classes = [str(i) for i in range(max(k, 2 if task == "binary" else 1))]
+        k = lab.shape[1] if kind.indicator_labels else int(max(np.max(v) for v in labels.values())) + 1
+        classes = class_names_for(task, k)
     splits = {}
     for s in SPLITS:
         images = _channel_first(arrays[f"{s}_images"], spatial_dims, path)
@@ -177,9 +179,8 @@ def dataset_from_npz(path: str | Path, *, name: str | None = None, task: str | N
             if lo < 0 or hi > 1:
                 raise DataError(f"{path}: {s}_images must be uint8 or float in [0, 1], got range [{lo:g}, {hi:g}]")
         y = labels[s]
-        y = y.reshape(len(y), -1).astype(np.float32) if task == "multilabel" else y.reshape(-1).astype(np.int64)
-        if task != "multilabel" and (y.min() < 0 or y.max() >= len(classes)):
-            raise DataError(f"{path}: {s}_labels outside 0..{len(classes) - 1}")
+        y = kind.encode_labels(y)
+        kind.check_labels(y, len(classes), f"{path}: {s}_labels")
         splits[s] = Split(images=images, labels=y, ids=[f"{s}-{i}" for i in range(len(y))])
     from medsight.data.preprocess import make_recipe
 
@@ -259,7 +260,7 @@ def load_dataset(spec: str | DataConfig, *, seed: int = 0, **settings: Any) -> D
                         "nor an existing .npz, folder or CSV manifest")
     if positive_class is not None:
         ds.set_positive_class(positive_class, "set by data.positive_class")
-    elif ds.task == "binary":
+    elif kind_of(ds.task).has_positive_class:
         ds.set_positive_class(1, "not set: the second class in sorted order (choose with data.positive_class)")
     return ds
 

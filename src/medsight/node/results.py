@@ -159,7 +159,7 @@ def build_sr(findings: Sequence[Finding], *, bundle, version: str, route: str, s
 
     sources = [ds for f in findings for ds in f.sources]
     root = ContainerContentItem(name=_c(C_ROOT))
-    items = [_text(_c(C_ALGO), bundle.meta["model"]["name"]), _text(_c(C_VERSION), version),
+    items = [_text(_c(C_ALGO), bundle.meta.model.name), _text(_c(C_VERSION), version),
              _text(_c(C_SHA), bundle.weights_sha256), _text(_c(C_ROUTE), route), _text(_c(C_COMMENT), CAPTION)]
     rule = decision_text(bundle.meta)
     for f in findings:

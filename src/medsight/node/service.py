@@ -285,7 +285,7 @@ class Node:
         headers = {}
         for sop, _, path in inst:
             headers[sop] = pydicom.dcmread(path, stop_before_pixels=True)
-        if int(p.bundle.meta["input"]["spatial_dims"]) == 3:
+        if int(p.bundle.meta.input.spatial_dims) == 3:
             folder = inst[0][2].parent
             return [Finding([headers[s] for s, _, _ in inst], p.predict_file(folder, explain=True))]
         findings, errors = [], []

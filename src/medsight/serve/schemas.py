@@ -6,6 +6,8 @@ from typing import Optional, Union
 
 from pydantic import BaseModel, Field
 
+from medsight import bundle as bundle_schema
+
 
 class Health(BaseModel):
     status: str = "ok"
@@ -17,10 +19,8 @@ class Health(BaseModel):
     receiving: int = Field(0, description="uploads whose body is still arriving (they hold no admission slot)")
 
 
-class InputSpec(BaseModel):
-    spatial_dims: int
-    channels: int
-    size: list[int]
+class InputSpec(bundle_schema.InputSpec):
+    """The bundle's input spec (bundle.json ``input``) and its preprocessing recipe."""
     preprocessing: dict = Field(description="the bundle's preprocessing recipe, applied to every upload")
 
 
@@ -34,25 +34,18 @@ class ReviewRuleInfo(BaseModel):
     description: str = Field(description="the rule in words")
 
 
-class ModelInfo(BaseModel):
-    name: str
-    task: str = Field(description="binary, multiclass, multilabel or ordinal")
-    classes: list[str]
+class ModelInfo(bundle_schema.BundleCard):
+    """The model card: the bundle's own fields (task, classes, threshold, threshold_rule, temperature, data, created,
+    medsight_version: :class:`medsight.bundle.BundleCard`, defined once there) and what the service adds."""
+    name: str = Field(description="the model architecture (bundle.json: model.name)")
     input: InputSpec
-    threshold: Optional[Union[float, list[float]]] = Field(description="operating threshold used for decisions")
     threshold_display: str = Field("-", description="the threshold as shown to people: 3 significant digits "
                                                     "(one per label); `threshold` is the exact stored value")
-    threshold_rule: Optional[str] = Field(None, description="the rule that chose the threshold on the validation "
-                                                            "split (youden, f1, sens=0.95, ...) or a fixed number")
     decision_rule: str = Field("", description="the threshold and how it was chosen, in words")
     positive_class: Optional[str] = Field(None, description="binary tasks: the class whose probability, sensitivity "
                                                             "and threshold are reported (the finding to detect)")
-    temperature: float = Field(description="calibration temperature applied to the logits")
     calibrated: bool
     model_version: str
-    data: Optional[str] = None
-    created: Optional[str] = None
-    medsight_version: Optional[str] = None
     metrics: dict[str, dict[str, Optional[float]]] = Field(
         default_factory=dict, description="per split, each metric's value (from metrics.json)")
     max_upload_mb: float
