@@ -85,7 +85,7 @@ def test_npz_wrong_keys(tmp_path):
 def test_npz_corrupt(tmp_path, tiny_npz):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(tiny_npz.read_bytes()[:300])
-    with pytest.raises(DataError, match="not a valid .npz"):
+    with pytest.raises(DataError, match="is not an .npz archive"):
         dataset_from_npz(bad)
     (tmp_path / "text.npz").write_text("hello")
     with pytest.raises(DataError, match="text.npz"):
