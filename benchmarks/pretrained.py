@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -43,7 +44,6 @@ CELLS = {("breastmnist", 28): {"epochs": 30, "stem": "small"},
 
 def run_cell(name: str, size: int, variant: str, seeds) -> dict:
     import torch
-
     from cpu_recipes import medsight_run
 
     torch.set_num_threads(1)
@@ -70,7 +70,7 @@ def _ms(rows, key):
 
 def _fmt(rows, key, digits=3):
     m, s = _ms(rows, key)
-    return f"{m:.{digits}f}" + ("" if s != s else f" ± {s:.{digits}f}")
+    return f"{m:.{digits}f}" + ("" if math.isnan(s) else f" ± {s:.{digits}f}")
 
 
 def table() -> str:

@@ -28,11 +28,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from medsight.config import load_config  # noqa: E402
-from medsight.tasks import Task  # noqa: E402
-from medsight.train import (DistInfo, autocast_ctx, build_model, build_optimizer, build_schedule,  # noqa: E402
-                            memory_format, train_one_epoch)
-from medsight.augment import BatchAugment  # noqa: E402
+from medsight.augment import BatchAugment
+from medsight.config import load_config
+from medsight.tasks import Task
+from medsight.train import (
+    DistInfo,
+    autocast_ctx,
+    build_model,
+    build_optimizer,
+    build_schedule,
+    memory_format,
+    train_one_epoch,
+)
 
 
 def sync(dev):
@@ -182,8 +189,9 @@ def bench(args, dev, amp: str, channels_last: bool, augment: bool, compile_: boo
 
 def bench_predict(args, dev, amp: str) -> dict:
     """A predict-style pass: eval mode, ``torch.inference_mode``, batches of 256 (medsight's evaluation batch)."""
-    from medsight.config import EVAL_BATCH_SIZE
     from torch.utils.flop_counter import FlopCounterMode
+
+    from medsight.config import EVAL_BATCH_SIZE
 
     cfg = load_config(None, {"model.name": args.model, "model.width": args.width, "model.stem": args.stem,
                              "train.amp": amp})
@@ -247,8 +255,8 @@ def main(argv=None) -> dict:
              + f" (best of 4, per {per}). FLOPs counted by FlopCounterMode"
              + (" and by hand (equal)" if a.model == "cnn6" and a.dims == 2 and a.stem == "small" else "")
              + f"; rates in images per {per}.", "",
-             "| variant | plain loop img/s | medsight loop img/s | ratio | GFLOP/s | % of matmul peak | "
-             "% of conv peak | CPU s / wall s |",
+             ("| variant | plain loop img/s | medsight loop img/s | ratio | GFLOP/s | % of matmul peak | "
+             "% of conv peak | CPU s / wall s |"),
              "|---|---|---|---|---|---|---|---|"]
     rows = {}
     for label, amp, cl, augm, comp in variants:
