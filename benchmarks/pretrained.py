@@ -35,6 +35,8 @@ VARIANTS = {
     "imagenet": {"model.pretrained": "imagenet", "train.backbone_lr": 0.1, "train.warmup_epochs": 1},
     "imagenet_lr1": {"model.pretrained": "imagenet", "train.backbone_lr": 1.0, "train.warmup_epochs": 1},
 }
+#: BatchNorm momentum variants (``<variant>_bnm01``): PyTorch's 0.1 instead of TensorFlow's 0.01
+BN_MOMENTUM = {"": None, "_bnm01": 0.1}
 #: epochs per cell, sized for about 3-5 CPU-minutes of one thread per run (training measured at ~98 images/s at
 #: 28 px with the stride-1 stem, ~84 images/s at 64 px with the stride-2 stem)
 CELLS = {("breastmnist", 28): {"epochs": 30, "stem": "small"},
@@ -46,9 +48,14 @@ def run_cell(name: str, size: int, variant: str, seeds) -> dict:
     import torch
     from cpu_recipes import medsight_run
 
+    import medsight.models
+
     torch.set_num_threads(1)
     cell = CELLS[(name, size)]
-    extra = {"model.name": MODEL, "model.stem": cell["stem"], "train.epochs": cell["epochs"], **VARIANTS[variant]}
+    base, bnm = _split(variant)
+    if bnm is not None:
+        medsight.models.LITE_BN_MOMENTUM = bnm
+    extra = {"model.name": MODEL, "model.stem": cell["stem"], "train.epochs": cell["epochs"], **VARIANTS[base]}
     if size != 28:
         extra["data.size"] = size
     rows = []
@@ -58,9 +65,20 @@ def run_cell(name: str, size: int, variant: str, seeds) -> dict:
         rows.append(r)
         print(f"{name} {size} {variant} seed {s}: {json.dumps(r)}", flush=True)
     return {"dataset": name, "size": size, "variant": variant, "model": MODEL, "extra": extra, "seeds": list(seeds),
+            "bn_momentum": medsight.models.LITE_BN_MOMENTUM,
             "runs": rows, "host": platform.node(), "cores": os.cpu_count(), "torch": torch.__version__,
             "load_at_start": os.getloadavg()[0],
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def _split(variant: str) -> tuple[str, float | None]:
+    for suffix, m in BN_MOMENTUM.items():
+        if suffix and variant.endswith(suffix):
+            return variant[: -len(suffix)], m
+    return variant, None
+
+
+ALL_VARIANTS = [v + suffix for suffix in BN_MOMENTUM for v in VARIANTS]
 
 
 def _ms(rows, key):
@@ -77,14 +95,16 @@ def table() -> str:
     lines = ["| data | method | seeds | val AUC | test AUC | test ACC | CPU s / run | wall s / run | best epoch |",
              "|---|---|---|---|---|---|---|---|---|"]
     for (name, size), cell in CELLS.items():
-        for variant in VARIANTS:
+        for variant in ALL_VARIANTS:
             f = RESULTS / f"pretrained_{name}_{size}_{variant}.json"
             if not f.is_file():
                 continue
             r = json.loads(f.read_text())
             rows = r["runs"]
+            base, _ = _split(variant)
             label = {"scratch": "from scratch", "imagenet": "ImageNet, backbone LR x0.1, 1 warm-up epoch",
-                     "imagenet_lr1": "ImageNet, one LR, 1 warm-up epoch"}[variant]
+                     "imagenet_lr1": "ImageNet, one LR, 1 warm-up epoch"}[base]
+            label += f", BN momentum {r.get('bn_momentum', 0.01):g}"
             lines.append(f"| {name} {size} px | {MODEL} {label}, {cell['epochs']} epochs, stem "
                          f"{'stride 1' if cell['stem'] == 'small' else 'stride 2'} | "
                          f"{', '.join(map(str, r['seeds']))} | {_fmt(rows, 'val_auc')} | {_fmt(rows, 'test_auc')} | "
@@ -108,7 +128,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("dataset", nargs="?")
     ap.add_argument("--size", type=int, default=28)
-    ap.add_argument("--variant", choices=sorted(VARIANTS), default="scratch")
+    ap.add_argument("--variant", choices=ALL_VARIANTS, default="scratch")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--table", action="store_true", help="print the table of every cell run so far")
     a = ap.parse_args()

@@ -256,8 +256,13 @@ class SameConv2d(nn.Conv2d):
         return super().forward(x)
 
 
+#: BatchNorm momentum of EfficientNet-Lite while training (not stored in the weights): TensorFlow's 0.01 (its
+#: decay 0.99), as the ImageNet weights were trained; a short fine-tuning run may prefer PyTorch's 0.1
+LITE_BN_MOMENTUM = 0.01
+
+
 def _lite_bn(c):
-    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)  # TensorFlow's BatchNorm settings, as the weights were trained
+    return nn.BatchNorm2d(c, eps=1e-3, momentum=LITE_BN_MOMENTUM)  # eps 1e-3: TensorFlow's, as the weights were trained
 
 
 class LiteBlock(nn.Module):
