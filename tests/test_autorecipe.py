@@ -147,3 +147,14 @@ def test_the_rule_notes_installed_imagenet_weights_but_keeps_cnn6(monkeypatch):
     assert not any("medsight[pretrained]" in line for line in missing.reasons)
     assert not any("medsight[pretrained]" in line
                    for line in choose(_facts(spatial_dims=3, stored_size=[28, 28, 28], n_train=1188)).reasons)
+
+
+def test_the_pretrained_note_is_dropped_when_the_user_chose_the_model_or_weights():
+    for given in ({"model.name": "efficientnet_lite0", "model.pretrained": "imagenet"}, {"model.pretrained": "x.pth"}):
+        cfg = load_config(None, {"data.name": "breastmnist", **given})
+        recipe = choose(_facts())
+        autorecipe.apply(cfg, recipe)
+        assert not any("medsight[pretrained]" in line for line in recipe.reasons)
+    recipe = choose(_facts())
+    autorecipe.apply(load_config(None, {"data.name": "breastmnist"}), recipe)
+    assert any("medsight[pretrained]" in line for line in recipe.reasons)

@@ -60,12 +60,15 @@ def pretrained_installed() -> bool:
         return False
 
 
+_PRETRAINED_NOTE_START = "ImageNet weights (medsight[pretrained])"
+
+
 def pretrained_note(spatial_dims: int) -> str | None:
     """The recipe's word on ImageNet weights when the extra is installed (2D data), else None."""
     if spatial_dims != 2 or not pretrained_installed():
         return None
-    return ("ImageNet weights (medsight[pretrained]) are installed but not used: on validation, EfficientNet-Lite0 "
-            "fine-tuned from them scored below cnn6 at this CPU budget (benchmarks/results/pretrained.md)")
+    return (_PRETRAINED_NOTE_START + " are installed but not used: on validation, EfficientNet-Lite0 fine-tuned from "
+            "them scored below cnn6 at this CPU budget (benchmarks/results/pretrained.md)")
 
 
 @dataclass
@@ -166,6 +169,8 @@ def apply(cfg, recipe: AutoRecipe) -> dict[str, Any]:
     left at that model's defaults too."""
     given = explicit_keys(cfg)
     own_model = "model.name" in given
+    if own_model or "model.pretrained" in given:  # the user chose the model / weights: the note is not about them
+        recipe.reasons[:] = [r for r in recipe.reasons if not r.startswith(_PRETRAINED_NOTE_START)]
     applied = {}
     for key, value in recipe.settings.items():
         if key in given or (own_model and key.startswith("model.")):
