@@ -274,6 +274,11 @@ def main(argv=None) -> dict:
                  f"{p['img_s']:.0f} | - | {p['gflops']:.1f} | {100 * p['gflops'] / peak32:.1f}% | "
                  f"{100 * p['gflops'] / conv32:.1f}% | {p['cpu_per_wall']:.2f} |")
     print(lines[-1], flush=True)
+    shared = cpu and min(r["cpu_per_wall"] for r in rows.values()) < 0.9
+    if shared:
+        lines.append("")
+        lines.append("The machine was shared while this ran (this process got well under one core: CPU s / wall s "
+                     "above); rates are per CPU-second of this process, so they are not wall-clock throughput.")
     table = "\n".join(lines) + "\n"
     print(table)
     if a.out:
