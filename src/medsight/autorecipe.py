@@ -21,8 +21,9 @@ one consistent gain, at three times the CPU, and is what the packaged 28 px reci
 
 **Pretrained weights** are not part of the rule, even when the ``medsight[pretrained]`` extra is installed: on
 BreastMNIST 28 px, validation split, EfficientNet-Lite0 fine-tuned from the packaged ImageNet weights at the same
-CPU budget (about 215 CPU-seconds) reached a validation AUC of 0.873 (0.693 from scratch), below the rule's cnn6
-(0.954 mean of 3 seeds at under half the CPU); ``benchmarks/results/pretrained.md``. When the package is installed
+CPU budget (about 215-240 CPU-seconds) reached a validation AUC of 0.873 (BatchNorm momentum 0.01) or 0.855 (0.1;
+from scratch 0.869), below the rule's cnn6 (0.954 mean of 3 seeds at under half the CPU); 64 px and PneumoniaMNIST
+agree (``benchmarks/results/pretrained.md``). When the package is installed
 the recipe's reasons say so (:func:`pretrained_note`); ``--model efficientnet_lite0 --set model.pretrained=imagenet``
 asks for them explicitly.
 
