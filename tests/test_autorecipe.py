@@ -131,3 +131,30 @@ def test_packaged_28px_recipes_are_the_rule_plus_a_seed_ensemble(name):
     for key, value in choose(_OFFICIAL[name]).settings.items():
         section, field = key.split(".")
         assert getattr(getattr(cfg, section), field) == value, key
+
+
+def test_the_rule_notes_installed_imagenet_weights_but_keeps_cnn6(monkeypatch):
+    """Validation (benchmarks/results/pretrained.md) did not favour the packaged ImageNet weights at the CPU budget:
+    the rule keeps cnn6 from scratch whether or not medsight[pretrained] is installed, and says so when it is."""
+    import sys
+
+    installed = choose(_facts())
+    assert installed.settings["model.name"] == "cnn6" and "model.pretrained" not in installed.settings
+    assert any("medsight[pretrained]" in line and "not used" in line for line in installed.reasons)
+    monkeypatch.setitem(sys.modules, autorecipe.PRETRAINED_PACKAGE, None)  # as if the extra were not installed
+    missing = choose(_facts())
+    assert missing.settings == installed.settings
+    assert not any("medsight[pretrained]" in line for line in missing.reasons)
+    assert not any("medsight[pretrained]" in line
+                   for line in choose(_facts(spatial_dims=3, stored_size=[28, 28, 28], n_train=1188)).reasons)
+
+
+def test_the_pretrained_note_is_dropped_when_the_user_chose_the_model_or_weights():
+    for given in ({"model.name": "efficientnet_lite0", "model.pretrained": "imagenet"}, {"model.pretrained": "x.pth"}):
+        cfg = load_config(None, {"data.name": "breastmnist", **given})
+        recipe = choose(_facts())
+        autorecipe.apply(cfg, recipe)
+        assert not any("medsight[pretrained]" in line for line in recipe.reasons)
+    recipe = choose(_facts())
+    autorecipe.apply(load_config(None, {"data.name": "breastmnist"}), recipe)
+    assert any("medsight[pretrained]" in line for line in recipe.reasons)

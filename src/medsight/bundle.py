@@ -137,6 +137,7 @@ class EnsembleInfo(_Part):
 class PretrainedInfo(_Part):
     source: str
     origin: str
+    file: Optional[str] = Field(None, description="the weights file's name (a package's or the download cache's)")
     sha256: Optional[str] = None
     head: Optional[str] = None
     loaded: Optional[int] = None

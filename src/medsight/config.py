@@ -69,7 +69,7 @@ class ModelConfig(_Strict):
     width: float = Field(1.0, gt=0, le=8)
     dropout: float = Field(0.0, ge=0, lt=1)
     pretrained: Optional[str] = Field(None, description="initial weights to fine-tune: imagenet (2D ResNet-18/34/50, "
-                                      "DenseNet-121, EfficientNet-B0), medicalnet (3D ResNet-18/34/50) or a path to a "
+                                      "DenseNet-121, EfficientNet-B0; EfficientNet-Lite0/1 offline from medsight[pretrained]), medicalnet (3D ResNet-18/34/50) or a path to a "
                                       "state dict; downloaded once, hash-checked, cached (medsight.pretrained)")
     pretrained_sha256: Optional[str] = Field(None, description="expected sha256 (or its leading hex digits) of the "
                                              "pretrained weights file")

