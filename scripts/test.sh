@@ -16,6 +16,7 @@ C=()
 [ -f constraints.txt ] && C=(-c constraints.txt)
 python -m pip install -q ${C[@]+"${C[@]}"} -e ".[dev]" >/dev/null
 export MEDSIGHT_DATA_DIR="${MEDSIGHT_DATA_DIR:-$(cd .. && pwd)/shared/data/medmnist}"
+export MEDSIGHT_SAMPLES_DIR="${MEDSIGHT_SAMPLES_DIR:-$(cd .. && pwd)/shared/data/samples}"
 if [ "$#" -eq 0 ]; then
   set -- tests
 fi

@@ -100,6 +100,21 @@ def medmnist_dir() -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _logging_isolated():
+    """A test that drives the CLI's typer app directly (not through ``cli.main``, which undoes its logging set-up)
+    must not leave the ``medsight`` logger detached from the root for the tests after it (caplog reads the root)."""
+    import logging
+
+    log = logging.getLogger("medsight")
+    saved = (log.level, log.propagate, list(log.handlers))
+    yield
+    log.setLevel(saved[0])
+    log.propagate = saved[1]
+    for h in [h for h in log.handlers if h not in saved[2]]:
+        log.removeHandler(h)
+
+
+@pytest.fixture(autouse=True)
 def _data_env(monkeypatch):
     """Point the product at the real data dir and never let a test reach the network."""
     monkeypatch.setenv("MEDSIGHT_DATA_DIR", str(_medmnist_dir()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import PASSWORD, USER, make_series
+from nodekit import PASSWORD, USER, make_series
 
 pytestmark = pytest.mark.realdata  # BreastMNIST images
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import yaml
-from conftest import NODE_AET, make_series, node_config, run_until
+from nodekit import NODE_AET, make_series, node_config, run_until
 
 pytestmark = pytest.mark.realdata  # BreastMNIST images and a bundle trained on them
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import make_series
+from nodekit import make_series
 
 pytestmark = pytest.mark.realdata  # BreastMNIST images and a bundle trained on them
 

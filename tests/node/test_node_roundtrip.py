@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from medsight.review import NO_VERDICT
-from conftest import make_series, node_config, run_until
+from nodekit import make_series, node_config, run_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _subproc import env, free_port, medsight_cmd

@@ -91,7 +91,7 @@ def test_dimse_tls_scp_and_scu(tmp_path, served_bundle, breast):
     import io
 
     import pydicom
-    from conftest import make_series
+    from nodekit import make_series
 
     from medsight.node.config import parse_config
     from medsight.node.service import Node

@@ -144,16 +144,15 @@ def test_result_uids_are_deterministic_and_review_adapter():
     assert a == result_uid("1.2.3", "m-abc", "sr") and a.startswith("2.25.")
     assert len({a, result_uid("1.2.3", "m-abd", "sr"), result_uid("1.2.4", "m-abc", "sr"),
                 result_uid("1.2.3", "m-abc", "sc")}) == 4
-    assert review_of(SimpleNamespace(ood_flag=None)) == (None, [])
-    flag, why = review_of(SimpleNamespace(ood_flag=True, ood_score=3.5))
-    assert flag is True and "3.5" in why[0]
-    assert review_of(SimpleNamespace(review=True, review_reasons=["low quality"], ood_flag=False)) == \
-        (True, ["low quality"])
+    # the SR carries medsight.review's decision as the Prediction holds it, reasons unchanged
+    assert review_of(SimpleNamespace(review=True, review_reasons=["too close to call"], ood_flag=False)) == \
+        (True, ["too close to call"])
+    assert review_of(SimpleNamespace(review=False, review_reasons=[], ood_flag=False)) == (False, [])
 
 
 @pytest.mark.realdata
 def test_check_instance_refuses_broken_input(breast):
-    from conftest import make_series
+    from nodekit import make_series
 
     from medsight.node.transport import BadInstance, check_instance
 
