@@ -41,6 +41,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from medsight import progress
 from medsight.errors import ConfigError, DataError, MedsightError
 from medsight.executor import LocalExecutor, batch_size_for, batches, bundle_fingerprint, cached_predictor
+from medsight.utils import private_dir
 
 MANIFEST_SUFFIX = ".manifest.sqlite"
 #: the row of a file that kept stopping the workers that read it (Dask ``KilledWorker`` after the batch was split)
@@ -53,19 +54,6 @@ def _private_file(path: Path) -> None:
     fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
     os.close(fd)
     os.chmod(path, 0o600)
-
-
-def private_dir(path: Path) -> Path:
-    """Create ``path`` and its missing parents, each 0700 (folders that already exist are left as they are)."""
-    path = Path(path)
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        d.mkdir(mode=0o700, exist_ok=True)
-    return path
 
 
 @contextlib.contextmanager

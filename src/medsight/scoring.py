@@ -139,6 +139,12 @@ def per_class_from_cm(cm: np.ndarray) -> dict[str, np.ndarray]:
     return rates(tp, fp, tn, fn)
 
 
+def macro_rates(pc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Macro averages (over classes or labels, NaN-aware) of the per-class rates."""
+    return {name: nanmean(pc[key]) for name, key in (("sensitivity", "sens"), ("specificity", "spec"),
+                                                      ("ppv", "ppv"), ("npv", "npv"), ("f1", "f1"))}
+
+
 def multiclass_batch(y, p, k, ordinal: bool) -> dict[str, np.ndarray]:
     # y: (B, N) ints, p: (B, N, K)
     pred = np.argmax(p, axis=2)
@@ -150,11 +156,7 @@ def multiclass_batch(y, p, k, ordinal: bool) -> dict[str, np.ndarray]:
         "accuracy": (pred == y).mean(axis=1),
         "auc": nanmean(aucs),
         "pr_auc": nanmean(aps),
-        "sensitivity": nanmean(pc["sens"]),
-        "specificity": nanmean(pc["spec"]),
-        "ppv": nanmean(pc["ppv"]),
-        "npv": nanmean(pc["npv"]),
-        "f1": nanmean(pc["f1"]),
+        **macro_rates(pc),
         "balanced_accuracy": nanmean(pc["sens"]),
         "_cm": cm,
         "_per_class": pc,
@@ -194,11 +196,7 @@ def multilabel_batch(y, p, thr) -> dict[str, np.ndarray]:
         "subset_accuracy": (pred == y).all(axis=2).mean(axis=1),
         "auc": nanmean(aucs),
         "pr_auc": nanmean(aps),
-        "sensitivity": nanmean(pc["sens"]),
-        "specificity": nanmean(pc["spec"]),
-        "ppv": nanmean(pc["ppv"]),
-        "npv": nanmean(pc["npv"]),
-        "f1": nanmean(pc["f1"]),
+        **macro_rates(pc),
         "balanced_accuracy": nanmean((pc["sens"] + pc["spec"]) / 2.0),
         "_cm": cm,
         "_per_class": pc,

@@ -25,10 +25,21 @@ PRIVATE_DIR_MODE = 0o700
 
 
 def private_dir(path: str | Path) -> Path:
-    """Create ``path`` (and missing parents) and make it 0700; the umask is neither read nor changed (an existing
-    folder that is ours is tightened; one we do not own is left as it is)."""
+    """Create ``path`` and its missing parents, each 0700, and make ``path`` itself 0700; the umask is neither read
+    nor changed (an existing folder that is ours is tightened; one we do not own is left as it is)."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=PRIVATE_DIR_MODE)
+        except FileExistsError:  # made by another process meanwhile
+            pass
+        else:
+            os.chmod(d, PRIVATE_DIR_MODE)  # mkdir's mode is masked by the umask
     try:
         if path.stat().st_uid == os.getuid():
             os.chmod(path, PRIVATE_DIR_MODE)

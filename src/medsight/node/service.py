@@ -84,7 +84,7 @@ class Node:
     def start(self) -> Node:
         import highdicom  # noqa: F401 - imported now, not inside the first job's timing
 
-        from medsight.node.worklist import _private_dir
+        from medsight.utils import private_dir as _private_dir
 
         _private_dir(self.cfg.workdir)
         fd = os.open(self.cfg.workdir / "node.lock", os.O_RDWR | os.O_CREAT, 0o600)

@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medsight.utils import private_dir
+
 STATES = ("received", "queued", "running", "sent", "failed")
 ACTIVE = ("received", "queued", "running")
 
@@ -95,25 +97,9 @@ class Job:
     arrived_at: float
 
 
-def _private_dir(path: Path) -> Path:
-    """mkdir -p with 0700 on every folder it creates (the umask is left alone: chmod after mkdir)."""
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir()
-        except FileExistsError:
-            pass
-        os.chmod(d, 0o700)
-    return path
-
-
 def write_private(path: Path, data: bytes) -> None:
     """Atomic write of a 0600 file (temp file in the same folder, fsync, rename)."""
-    _private_dir(path.parent)
+    private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -143,8 +129,8 @@ class Worklist:
                  clock=time.time):
         self.path = Path(path)
         self.store = Path(store)
-        _private_dir(self.path.parent)
-        _private_dir(self.store)
+        private_dir(self.path.parent)
+        private_dir(self.store)
         self.quota_bytes = int(quota_bytes)
         self.lease_s = float(lease_s)
         self.max_attempts = int(max_attempts)
