@@ -61,6 +61,19 @@ def trained(tmp_path_factory):
     return npz, out
 
 
+
+def _edited_copy(out, tmp_path, keys: tuple, value):
+    """A copy of the bundle whose bundle.json has ``value`` at ``keys`` (a hand edit, not republished)."""
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    meta = json.loads((copy / "bundle.json").read_text())
+    d = meta
+    for k in keys[:-1]:
+        d = d[k]
+    d[keys[-1]] = value
+    (copy / "bundle.json").write_text(json.dumps(meta))
+    return copy
+
 def test_crafted_checkpoint_runs_no_code_on_resume(trained, tmp_path):
     npz, _ = trained
     out = tmp_path / "run"
@@ -199,22 +212,14 @@ def test_a_hand_edit_is_refused_naming_the_field(trained, tmp_path, field, value
 
 def test_an_edited_recipe_field_is_refused(trained, tmp_path):
     _, out = trained
-    copy = tmp_path / "b"
-    shutil.copytree(out, copy)
-    meta = json.loads((copy / "bundle.json").read_text())
-    meta["preprocessing"]["window"] = [0.0, 100.0]
-    (copy / "bundle.json").write_text(json.dumps(meta))
+    copy = _edited_copy(out, tmp_path, ('preprocessing', 'window'), [0.0, 100.0])
     with pytest.raises(MedsightError, match="field 'preprocessing'"):
         load_bundle(copy)
 
 
 def test_an_edited_manifest_is_refused(trained, tmp_path):
     _, out = trained
-    copy = tmp_path / "b"
-    shutil.copytree(out, copy)
-    meta = json.loads((copy / "bundle.json").read_text())
-    meta["integrity"]["digest"] = "0" * 64
-    (copy / "bundle.json").write_text(json.dumps(meta))
+    copy = _edited_copy(out, tmp_path, ('integrity', 'digest'), "0" * 64)
     with pytest.raises(MedsightError, match="integrity.digest"):
         load_bundle(copy)
 

@@ -41,37 +41,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 from medsight import progress
 from medsight.errors import ConfigError, DataError, MedsightError
 from medsight.executor import LocalExecutor, batch_size_for, batches, bundle_fingerprint, cached_predictor
-from medsight.utils import private_dir
+from medsight.utils import atomic_private, private_dir, private_open
 
 MANIFEST_SUFFIX = ".manifest.sqlite"
 #: the row of a file that kept stopping the workers that read it (Dask ``KilledWorker`` after the batch was split)
 LOST = "cannot use {path}: it stopped the Dask workers that read it (skipped)"
-
-
-# --- private files -------------------------------------------------------------------------------------------------
-def _private_file(path: Path) -> None:
-    """Create ``path`` empty with mode 0600 if it does not exist (the umask can only take bits away)."""
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
-    os.close(fd)
-    os.chmod(path, 0o600)
-
-
-@contextlib.contextmanager
-def atomic_private(path: Path, suffix: str = "") -> Iterator[Path]:
-    """A temporary 0600 file beside ``path`` (same suffix) to write; renamed onto ``path`` when the block ends
-    without an error, removed otherwise."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.partial{suffix or path.suffix}"
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # --- the manifest --------------------------------------------------------------------------------------------------
@@ -93,7 +67,7 @@ class Manifest:
     def __init__(self, path: Path, job: dict, keys: Sequence[str]):
         self.path = Path(path)
         fresh = not self.path.exists()
-        _private_file(self.path)
+        private_open(self.path, "a").close()  # created 0600
         self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=60)
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)")

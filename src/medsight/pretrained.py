@@ -26,7 +26,6 @@ never loaded.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from medsight.errors import ConfigError, DataError
+from medsight.utils import sha256_file
 
 _TV = "https://download.pytorch.org/models/"
 _LM = "https://github.com/lukemelas/EfficientNet-PyTorch/releases/download/1.0/"
@@ -71,16 +71,8 @@ def cache_dir() -> Path:
     return (Path(env).expanduser() if env else Path.home() / ".cache" / "medsight") / "weights"
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check(path: Path, expected: str | None, what: str) -> str:
-    digest = sha256_of(path)
+    digest = sha256_file(path)
     if expected is not None and not digest.startswith(expected.lower()):
         raise DataError(f"{what} {path} has sha256 {digest[:16]}..., expected {expected}; refusing it")
     return digest

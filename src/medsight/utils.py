@@ -3,6 +3,7 @@ NaN."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -11,7 +12,7 @@ import os
 import random
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 
@@ -83,7 +84,10 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, private: bool = False) 
     The file gets the permissions a plain ``open()`` would give it (0666 less the umask, applied by the kernel at
     creation), or 0600 with ``private`` (files that may hold patient data)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if private:
+        private_dir(path.parent)  # missing folders of a private file are 0700 too
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temp_beside(path, PRIVATE_FILE_MODE if private else 0o666)
     try:
         if private:
@@ -98,6 +102,25 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, private: bool = False) 
             os.unlink(tmp)
         raise
     return path
+
+
+@contextlib.contextmanager
+def atomic_private(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary 0600 file beside ``path`` (same suffix) for a writer that wants a path (csv, pyarrow); fsynced
+    and renamed onto ``path`` when the block ends without an error, removed otherwise."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.partial{suffix or path.suffix}"  # the writer may read
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), PRIVATE_FILE_MODE)
+    os.fchmod(fd, PRIVATE_FILE_MODE)  # the format from the suffix
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def atomic_write_text(path: str | Path, text: str, *, private: bool = False) -> Path:

@@ -204,3 +204,16 @@ def test_deid_qc_and_predict_refuse_each_bomb_in_little_memory(name, tmp_path):
         assert got["err"], (kind, name, got)  # refused (deid: held back, or skipped when not DICOM)
         assert got["peak_mib"] < 1024, (kind, name, got)
         assert got["seconds"] < 10, (kind, name, got)
+
+
+def test_a_folder_no_reader_reads_is_one_line_naming_it(tmp_path, monkeypatch):
+    """A folder is an image only to a reader whose read_folder takes it (DICOM: one series); with none, the
+    refusal names the folder."""
+    from medsight.data.readers import registry
+    from medsight.errors import DataError
+
+    monkeypatch.setattr(registry, "readers", lambda: [])  # no registered reader reads folders
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    with pytest.raises(DataError, match=r"^cannot read .*scans: a folder, and no reader reads folders$"):
+        registry.read(folder)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from medsight import progress
 from medsight.errors import DataError
+from medsight.utils import sha256_file
 
 
 def md5sum(path: Path, chunk: int = 1 << 20) -> str:
@@ -37,13 +38,8 @@ def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0
                     bar.advance(len(block) / 1e6)
         if md5 is not None and (got := md5sum(Path(tmp))) != md5:
             raise DataError(f"downloaded {url} has MD5 {got}, expected {md5}; refusing it")
-        if sha256 is not None:
-            h = hashlib.sha256()
-            with open(tmp, "rb") as f:
-                while block := f.read(1 << 20):
-                    h.update(block)
-            if not h.hexdigest().startswith(sha256.lower()):
-                raise DataError(f"downloaded {url} has sha256 {h.hexdigest()[:16]}..., expected {sha256}; refusing it")
+        if sha256 is not None and not (got := sha256_file(tmp)).startswith(sha256.lower()):
+            raise DataError(f"downloaded {url} has sha256 {got[:16]}..., expected {sha256}; refusing it")
         os.replace(tmp, dest)
     except OSError as e:
         raise DataError(f"cannot download {url} to {dest}: {e}") from e

@@ -16,7 +16,7 @@ from pathlib import Path
 from medsight.errors import ConfigError, DataError
 from medsight.node.config import NodeConfig
 from medsight.node.transport import BadInstance, DicomWebClient, check_instance
-from medsight.node.worklist import write_private
+from medsight.utils import atomic_write_bytes
 
 KEYS = {"accession": "accession_number", "study": "study_uid"}
 
@@ -80,7 +80,7 @@ def export_cohort(cfg: NodeConfig, out_dir: str | Path, labels_csv: str | Path, 
                     continue
                 rel = f"{n:07d}.dcm"
                 n += 1
-                write_private(raw / rel, data)
+                atomic_write_bytes(raw / rel, data, private=True)
                 label_of[rel] = labels[k]
                 summary["instances"] += 1
         if not label_of:
@@ -100,7 +100,7 @@ def export_cohort(cfg: NodeConfig, out_dir: str | Path, labels_csv: str | Path, 
             lines.append(f"images/{new},{_csv(label)},{new.split('/')[0]}")
         if len(lines) == 1:
             raise DataError("node export: every retrieved instance was held back by de-identification")
-        write_private(out / "manifest.csv", ("\n".join(lines) + "\n").encode())
+        atomic_write_bytes(out / "manifest.csv", ("\n".join(lines) + "\n").encode(), private=True)
         summary.update(written=len(lines) - 1, held_back=len(deid["burned_in"]) + len(deid["errors"]),
                        patients=deid["patients"], manifest=str(out / "manifest.csv"))
         return summary

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from medsight.utils import private_dir
+from medsight.utils import atomic_write_bytes, private_dir, private_open
 
 STATES = ("received", "queued", "running", "sent", "failed")
 ACTIVE = ("received", "queued", "running")
@@ -97,22 +97,6 @@ class Job:
     arrived_at: float
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Atomic write of a 0600 file (temp file in the same folder, fsync, rename)."""
-    private_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def _h(uid: str) -> str:
     return hashlib.sha256(uid.encode()).hexdigest()[:24]
 
@@ -140,7 +124,7 @@ class Worklist:
         self._lock = threading.RLock()
         new = not self.path.exists()
         if new:  # create the file 0600 before SQLite opens it
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+            private_open(self.path, "a").close()  # created 0600
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -211,7 +195,7 @@ class Worklist:
                 if self.store_bytes() + len(data) > self.quota_bytes:
                     raise QuotaExceeded(f"store {self.store} is full ({self.quota_bytes} bytes)")
                 path = self.instance_path(series_uid, sop_uid)
-                write_private(path, data)  # the file first: a row never points at a missing file
+                atomic_write_bytes(path, data, private=True)  # the file first: a row never points at a missing file
             with self._tx() as db:
                 db.execute("INSERT INTO series(series_uid, study_uid, first_at, last_at) VALUES (?,?,?,?) "
                            "ON CONFLICT(series_uid) DO UPDATE SET last_at=excluded.last_at",
