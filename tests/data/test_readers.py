@@ -212,7 +212,7 @@ def test_a_folder_no_reader_reads_is_one_line_naming_it(tmp_path, monkeypatch):
     from medsight.data.readers import registry
     from medsight.errors import DataError
 
-    monkeypatch.setattr(registry, "readers", lambda: [])  # no registered reader reads folders
+    monkeypatch.setattr(registry, "readers", list)  # no registered reader reads folders
     folder = tmp_path / "scans"
     folder.mkdir()
     with pytest.raises(DataError, match=r"^cannot read .*scans: a folder, and no reader reads folders$"):
